@@ -1,0 +1,132 @@
+"""Field validators and the limits they enforce.
+
+Each check takes a decoded value and returns it (possibly normalised) or
+raises ``ProtocolError(INVALID)``. They are plain functions so that decoding
+a frame costs one call per field and nothing else.
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable
+from typing import Any
+
+from .errors import ErrorCode, ProtocolError
+
+Check = Callable[[Any, str], Any]
+
+MAX_FRAME_BYTES = 64 * 1024
+MAX_ID_CHARS = 128
+MAX_EVENT_CHARS = 64
+MAX_KEY_CHARS = 64
+MAX_VALUE_CHARS = 2048
+MAX_DATA_FIELDS = 32
+MAX_TOKEN_CHARS = 512
+MAX_VISITORS_PER_REQUEST = 1000
+MAX_REQUEST_ID = 2**53 - 1  # fits a JavaScript number exactly
+
+_ID_RE = re.compile(r"[A-Za-z0-9._:@+\-]{1,%d}" % MAX_ID_CHARS)
+_EVENT_RE = re.compile(r"[A-Za-z0-9._:\-]{1,%d}" % MAX_EVENT_CHARS)
+
+
+def invalid(field: str, why: str) -> ProtocolError:
+    return ProtocolError(ErrorCode.INVALID, f"{field}: {why}")
+
+
+def identifier(value: Any, field: str) -> str:
+    """Group, visitor, agent and connection IDs: short, printable, no spaces."""
+    if type(value) is not str or _ID_RE.fullmatch(value) is None:
+        raise invalid(field, f"must be 1-{MAX_ID_CHARS} characters of A-Z a-z 0-9 . _ : @ + -")
+    return value
+
+
+def event_name(value: Any, field: str) -> str:
+    if type(value) is not str or _EVENT_RE.fullmatch(value) is None:
+        raise invalid(field, f"must be 1-{MAX_EVENT_CHARS} characters of A-Z a-z 0-9 . _ : -")
+    return value
+
+
+def request_id(value: Any, field: str) -> int:
+    if type(value) is not int or not 0 <= value <= MAX_REQUEST_ID:
+        raise invalid(field, f"must be an integer from 0 to {MAX_REQUEST_ID}")
+    return value
+
+
+def boolean(value: Any, field: str) -> bool:
+    if type(value) is not bool:
+        raise invalid(field, "must be a boolean")
+    return value
+
+
+def non_negative_int(value: Any, field: str) -> int:
+    if type(value) is not int or value < 0:
+        raise invalid(field, "must be a non-negative integer")
+    return value
+
+
+def number(value: Any, field: str) -> float | int:
+    if type(value) not in (int, float):
+        raise invalid(field, "must be a number")
+    return value
+
+
+def token(value: Any, field: str) -> str:
+    if type(value) is not str or not 0 < len(value) <= MAX_TOKEN_CHARS:
+        raise invalid(field, f"must be a string of 1-{MAX_TOKEN_CHARS} characters")
+    return value
+
+
+def text(value: Any, field: str) -> str:
+    if type(value) is not str or len(value) > MAX_VALUE_CHARS:
+        raise invalid(field, f"must be a string of at most {MAX_VALUE_CHARS} characters")
+    return value
+
+
+_SCALARS = (str, int, float, bool, type(None))
+
+
+def flat_map(value: Any, field: str) -> dict[str, Any]:
+    """A map of short string keys to scalars: what presence data and signal
+    payloads are. Nested values are refused so that a map's size is bounded
+    by its field count and it can be merged field by field."""
+    if type(value) is not dict:
+        raise invalid(field, "must be a map")
+    if len(value) > MAX_DATA_FIELDS:
+        raise invalid(field, f"has more than {MAX_DATA_FIELDS} fields")
+    for key, item in value.items():
+        if type(key) is not str or not 0 < len(key) <= MAX_KEY_CHARS:
+            raise invalid(field, f"keys must be strings of 1-{MAX_KEY_CHARS} characters")
+        kind = type(item)
+        if kind not in _SCALARS:
+            raise invalid(f"{field}.{key}", "must be a string, number, boolean or nil")
+        if kind is str and len(item) > MAX_VALUE_CHARS:
+            raise invalid(f"{field}.{key}", f"is longer than {MAX_VALUE_CHARS} characters")
+        if kind is int and not -(2**63) <= item < 2**64:
+            raise invalid(f"{field}.{key}", "is out of range")
+    return value
+
+
+def one_of(*choices: str) -> Check:
+    allowed = frozenset(choices)
+
+    def check(value: Any, field: str) -> str:
+        if value not in allowed or type(value) is not str:
+            raise invalid(field, f"must be one of {', '.join(sorted(allowed))}")
+        return value
+
+    return check
+
+
+def list_of(item_check: Check, max_items: int = MAX_VISITORS_PER_REQUEST) -> Check:
+    def check(value: Any, field: str) -> list[Any]:
+        if type(value) is not list or len(value) > max_items:
+            raise invalid(field, f"must be a list of at most {max_items} items")
+        return [item_check(item, f"{field}[{i}]") for i, item in enumerate(value)]
+
+    return check
+
+
+def any_value(value: Any, field: str) -> Any:
+    """For structured fields the server produces (visitor states); clients
+    accept them as they come and the server never decodes them."""
+    return value

@@ -1,0 +1,87 @@
+"""Error values shared by server and clients.
+
+Errors are data: a stable string ``code`` a client can switch on, and a
+human-readable ``message`` it may show or log. Close codes tell a client
+whether reconnecting can help: 4000-4499 mean "try again (with backoff)",
+4500-4999 mean "do not reconnect until something changes" (a new token, a
+newer client).
+"""
+
+from __future__ import annotations
+
+from enum import IntEnum, StrEnum
+
+
+class ErrorCode(StrEnum):
+    # Frame-level problems: the frame was dropped, the connection lives on.
+    BAD_FRAME = "bad_frame"  # not msgpack, not a map, or a text frame
+    UNKNOWN_TYPE = "unknown_type"  # a map whose "type" we do not know
+    INVALID = "invalid"  # a known type with wrong, missing or oversized fields
+    TOO_LARGE = "too_large"  # a frame above the size limit
+    # Handshake and authorisation.
+    UNSUPPORTED_VERSION = "unsupported_version"
+    HANDSHAKE_REQUIRED = "handshake_required"
+    UNAUTHORIZED = "unauthorized"  # missing, forged or malformed credential
+    TOKEN_EXPIRED = "token_expired"
+    FORBIDDEN = "forbidden"  # authenticated, but not allowed (other group)
+    # Delivery.
+    VISITOR_OFFLINE = "visitor_offline"
+    AGENT_OFFLINE = "agent_offline"
+    SIGNAL_EXPIRED = "signal_expired"  # held for a reconnecting visitor; it never came back
+    DELIVERY_FAILED = "delivery_failed"  # the instance holding the visitor did not answer
+    BACKEND_UNAVAILABLE = "backend_unavailable"
+    RATE_LIMITED = "rate_limited"
+    INTERNAL = "internal"
+
+
+class CloseCode(IntEnum):
+    NORMAL = 1000
+    GOING_AWAY = 1001  # server shutting down: reconnect, probably elsewhere
+    MESSAGE_TOO_BIG = 1009  # frame above max_frame_bytes (sent by aiohttp)
+    # 4000-4499: reconnect with backoff.
+    HANDSHAKE_TIMEOUT = 4000
+    SLOW_CONSUMER = 4001
+    RECONNECT = 4002  # asked to move (drain); reconnect after a jittered delay
+    # 4500-4999: do not reconnect without a change.
+    UNAUTHORIZED = 4500
+    FORBIDDEN = 4501
+    UNSUPPORTED_VERSION = 4502
+    HANDSHAKE_FAILED = 4503
+
+    @property
+    def should_reconnect(self) -> bool:
+        return self < 4500
+
+
+def should_reconnect(close_code: int | None) -> bool:
+    """Whether a client should reconnect after a close with this code."""
+    if close_code is None:
+        return True
+    return not 4500 <= close_code <= 4999
+
+
+class HeraldError(Exception):
+    """Root of every error Herald raises on purpose."""
+
+
+class ProtocolError(HeraldError):
+    """A frame or request that breaks the protocol, carried as a value.
+
+    ``request_id`` ties the error to the request that caused it when the
+    frame was readable enough to find one.
+    """
+
+    def __init__(self, code: ErrorCode, message: str, request_id: int | None = None) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message
+        self.request_id = request_id
+
+
+class RequestFailed(HeraldError):
+    """The server answered a client's request with an error frame."""
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(f"{code}: {message}")
+        self.code = code
+        self.message = message

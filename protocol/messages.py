@@ -1,0 +1,233 @@
+"""The v1 message types, one dataclass each.
+
+Each field carries its validator in its metadata, so the class is the single
+source of truth for the codec, the SDK and PROTOCOL.md. Fields that default
+to ``None`` are optional and left out of the encoded frame when unset.
+Nested structures the server produces (visitor states) are plain dicts
+described by ``TypedDict``s: they are built once per change and packed
+as they are.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any, ClassVar, TypedDict, TypeVar
+
+from . import checks
+from .checks import Check
+
+PROTOCOL_VERSION = 1
+SUPPORTED_VERSIONS = (1,)
+
+
+class ConnectionState(TypedDict):
+    connection: str
+    data: dict[str, Any]
+    visible: bool
+    focused: bool
+    since: float  # unix seconds when this connection joined
+
+
+class VisitorState(TypedDict):
+    visitor: str
+    online: bool
+    version: int  # grows with every presence change of this visitor
+    connections: list[ConnectionState]
+
+
+def wire(check: Check, default: Any = dataclasses.MISSING) -> Any:
+    """Declare a message field and the check that validates it on decode."""
+    return dataclasses.field(default=default, metadata={"check": check})
+
+
+class Message:
+    """Base of every message; ``TYPE`` is the frame's "type" value."""
+
+    __slots__ = ()
+    TYPE: ClassVar[str]
+    SPEC: ClassVar[tuple[tuple[str, Check, bool], ...]]
+
+    def to_wire(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.TYPE}
+        for name, _check, _required in self.SPEC:
+            value = getattr(self, name)
+            if value is not None:
+                out[name] = value
+        return out
+
+
+MESSAGE_TYPES: dict[str, type[Message]] = {}
+
+M = TypeVar("M", bound=type[Message])
+
+
+def message(type_name: str) -> Any:
+    """Make a class a slotted dataclass, derive its decode spec, register it."""
+
+    def register(cls: M) -> M:
+        cls = dataclasses.dataclass(slots=True)(cls)
+        cls.TYPE = type_name
+        cls.SPEC = tuple(
+            (f.name, f.metadata["check"], f.default is dataclasses.MISSING)
+            for f in dataclasses.fields(cls)
+        )
+        MESSAGE_TYPES[type_name] = cls
+        return cls
+
+    return register
+
+
+# --- both directions -------------------------------------------------------
+
+
+@message("ping")
+class Ping(Message):
+    """Application-level liveness probe; the peer answers ``pong``."""
+
+
+@message("pong")
+class Pong(Message):
+    pass
+
+
+@message("signal")
+class Signal(Message):
+    """A named event with a flat map, relayed between agent and visitor.
+
+    Agent -> server: ``visitor`` is the target, ``to`` picks the focused
+    connection (default) or all of them, ``id`` asks for an ``ack``.
+    Visitor -> server: ``agent`` addresses one agent instead of every agent
+    watching. Server -> client: ``agent`` / ``visitor`` name the sender.
+    """
+
+    event: str = wire(checks.event_name)
+    data: dict[str, Any] | None = wire(checks.flat_map, None)
+    id: int | None = wire(checks.request_id, None)
+    visitor: str | None = wire(checks.identifier, None)
+    agent: str | None = wire(checks.identifier, None)
+    to: str | None = wire(checks.one_of("focused", "all"), None)
+    connection: str | None = wire(checks.identifier, None)
+
+
+# --- client -> server --------------------------------------------------------
+
+
+@message("hello")
+class Hello(Message):
+    """First frame on every connection. Visitors add group, visitor, token
+    and may add their first presence; agents are identified by their
+    session cookie and send versions only."""
+
+    versions: list[int] = wire(checks.list_of(checks.non_negative_int, 16))
+    group: str | None = wire(checks.identifier, None)
+    visitor: str | None = wire(checks.identifier, None)
+    token: str | None = wire(checks.token, None)
+    data: dict[str, Any] | None = wire(checks.flat_map, None)
+    visible: bool | None = wire(checks.boolean, None)
+
+
+@message("presence")
+class Presence(Message):
+    """Visitor -> server: merge ``data`` into this connection's presence data
+    (a nil value removes a field) and/or set its visibility."""
+
+    data: dict[str, Any] | None = wire(checks.flat_map, None)
+    visible: bool | None = wire(checks.boolean, None)
+
+
+@message("subscribe")
+class Subscribe(Message):
+    """Agent -> server: watch visitors of the agent's group by ID, or the
+    whole group. Answered by a ``snapshot`` with the same ``id``."""
+
+    id: int = wire(checks.request_id)
+    visitors: list[str] | None = wire(checks.list_of(checks.identifier), None)
+    group: bool | None = wire(checks.boolean, None)
+
+
+@message("unsubscribe")
+class Unsubscribe(Message):
+    id: int = wire(checks.request_id)
+    visitors: list[str] | None = wire(checks.list_of(checks.identifier), None)
+    group: bool | None = wire(checks.boolean, None)
+
+
+@message("lookup")
+class Lookup(Message):
+    """Agent -> server: one visitor's state, without subscribing."""
+
+    id: int = wire(checks.request_id)
+    visitor: str = wire(checks.identifier)
+
+
+# --- server -> client --------------------------------------------------------
+
+
+@message("welcome")
+class Welcome(Message):
+    protocol: int = wire(checks.non_negative_int)
+    connection: str = wire(checks.identifier)
+    role: str = wire(checks.one_of("visitor", "agent"))
+    group: str = wire(checks.identifier)
+    keepalive: float = wire(checks.number)  # seconds between server pings
+    visitor: str | None = wire(checks.identifier, None)
+    agent: str | None = wire(checks.identifier, None)
+    focused: bool | None = wire(checks.boolean, None)
+    server: str | None = wire(checks.text, None)
+
+
+@message("ack")
+class Ack(Message):
+    """A request succeeded. For an agent's signal, ``delivered`` counts the
+    visitor connections that received it."""
+
+    id: int = wire(checks.request_id)
+    delivered: int | None = wire(checks.non_negative_int, None)
+
+
+@message("error")
+class Error(Message):
+    code: str = wire(checks.text)
+    message: str = wire(checks.text)
+    id: int | None = wire(checks.request_id, None)
+
+
+@message("snapshot")
+class Snapshot(Message):
+    """The state of the visitors just subscribed to; changes follow."""
+
+    id: int = wire(checks.request_id)
+    visitors: list[VisitorState] = wire(checks.any_value)
+    group: bool | None = wire(checks.boolean, None)
+
+
+@message("visitor")
+class VisitorInfo(Message):
+    """Answer to ``lookup``."""
+
+    id: int = wire(checks.request_id)
+    state: VisitorState = wire(checks.any_value)
+
+
+PRESENCE_CHANGES = ("online", "offline", "data", "visibility", "connections")
+
+
+@message("presence_changed")
+class PresenceChanged(Message):
+    """Server -> agent: one visitor changed. ``change`` says what; ``state``
+    is the visitor's whole state after it, with a version one higher (or
+    more) than the last the agent saw."""
+
+    change: str = wire(checks.one_of(*PRESENCE_CHANGES))
+    state: VisitorState = wire(checks.any_value)
+
+
+@message("focus")
+class Focus(Message):
+    """Server -> visitor: this connection gained or lost focus (agents'
+    signals go to the focused connection of a visitor)."""
+
+    focused: bool = wire(checks.boolean)
+
+
+CLIENT_TYPES = frozenset({"hello", "ping", "pong", "signal", "presence", "subscribe", "unsubscribe", "lookup"})

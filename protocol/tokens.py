@@ -1,0 +1,68 @@
+"""Signed, expiring credentials for visitors and agents.
+
+A customer's back end holds its group's secret and mints these; Herald only
+verifies them. Both are ``"<expires>.<signature>"`` where ``expires`` is unix
+seconds and the signature is HMAC-SHA256 over a role-tagged message, so a
+visitor token can never pass as an agent key (or for another group or ID).
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import hmac
+import time
+from collections.abc import Iterable
+
+from .errors import ErrorCode, ProtocolError
+
+VISITOR = "visitor"
+AGENT = "agent"
+MAX_TOKEN_LIFETIME = 366 * 24 * 3600
+
+
+def _signature(secret: str, role: str, group: str, subject: str, expires: int) -> str:
+    payload = f"herald-v1\n{role}\n{group}\n{subject}\n{expires}".encode()
+    mac = hmac.new(secret.encode(), payload, hashlib.sha256).digest()
+    return base64.urlsafe_b64encode(mac).rstrip(b"=").decode()
+
+
+def make_token(secret: str, role: str, group: str, subject: str, ttl: float = 3600, now: float | None = None) -> str:
+    """Mint a token for ``subject`` (a visitor or agent ID) in ``group``."""
+    expires = int((time.time() if now is None else now) + ttl)
+    return f"{expires}.{_signature(secret, role, group, subject, expires)}"
+
+
+def visitor_token(secret: str, group: str, visitor: str, ttl: float = 3600) -> str:
+    return make_token(secret, VISITOR, group, visitor, ttl)
+
+
+def agent_key(secret: str, group: str, agent: str, ttl: float = 300) -> str:
+    """The login key an agent presents to ``POST /v1/agent/login``."""
+    return make_token(secret, AGENT, group, agent, ttl)
+
+
+def verify_token(
+    secrets: Iterable[str], role: str, group: str, subject: str, token: str, now: float | None = None
+) -> int:
+    """Return the token's expiry, or raise ``unauthorized``/``token_expired``.
+
+    Every candidate secret is compared in constant time, so a group can have
+    an old and a new secret during a rotation.
+    """
+    expires_text, _, signature = token.partition(".")
+    if not expires_text.isdigit() or len(expires_text) > 12 or not signature:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "malformed token")
+    expires = int(expires_text)
+    matched = False
+    for secret in secrets:
+        expected = _signature(secret, role, group, subject, expires)
+        matched |= hmac.compare_digest(expected.encode(), signature.encode())
+    if not matched:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "token signature does not match")
+    current = time.time() if now is None else now
+    if expires < current:
+        raise ProtocolError(ErrorCode.TOKEN_EXPIRED, "token has expired")
+    if expires > current + MAX_TOKEN_LIFETIME:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "token lifetime is too long")
+    return expires
