@@ -1,0 +1,69 @@
+"""Builds the aiohttp application: routes, sessions, hub and backend."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from protocol.errors import CloseCode
+
+from . import __version__, auth
+from .backend import Backend
+from .backend_memory import MemoryBackend
+from .config import Settings
+from .hub import Hub
+from .keys import HUB, SETTINGS
+from .ws_agent import agent_endpoint
+from .ws_visitor import visitor_endpoint
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(settings: Settings) -> Backend:
+    if settings.redis_url:
+        raise SystemExit("the Redis backend is not available in this version; leave redis_url empty")
+    return MemoryBackend()
+
+
+def make_app(settings: Settings, backend: Backend | None = None) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    app[SETTINGS] = settings
+    app[HUB] = Hub(settings, backend or make_backend(settings))
+    auth.setup_sessions(app, settings)
+    app.router.add_get("/v1/visitor", visitor_endpoint)
+    app.router.add_get("/v1/agent", agent_endpoint)
+    app.router.add_post("/v1/agent/login", auth.login)
+    app.router.add_post("/v1/agent/logout", auth.logout)
+    app.router.add_get("/healthz", health)
+    app.router.add_get("/readyz", ready)
+    app.cleanup_ctx.append(_run_hub)
+    app.on_shutdown.append(_close_connections)
+    return app
+
+
+async def _run_hub(app: web.Application) -> AsyncIterator[None]:
+    hub = app[HUB]
+    await hub.start()
+    log.info("herald %s instance %s ready", __version__, hub.instance)
+    yield
+    await hub.close()
+
+
+async def _close_connections(app: web.Application) -> None:
+    """Tell every client to reconnect (elsewhere) before the process stops."""
+    hub = app[HUB]
+    connections = list(hub.visitors.values()) + [a for agents in hub.watchers.values() for a in agents]
+    for conn in connections:
+        conn.close(CloseCode.GOING_AWAY, "server shutting down")
+    for conn in connections:
+        await conn.finish()
+
+
+async def health(request: web.Request) -> web.Response:
+    return web.json_response({"status": "ok", "version": __version__})
+
+
+async def ready(request: web.Request) -> web.Response:
+    return web.json_response({"ready": True, "instance": request.app[HUB].instance})

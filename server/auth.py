@@ -1,0 +1,132 @@
+"""Who may connect: visitor tokens, agent login sessions, Origin checks.
+
+Visitors prove their ID with a token their company's back end signed with
+the group's secret (see ``protocol.tokens``). Agents trade a signed login key
+for an encrypted, HttpOnly session cookie; the agent websocket needs it. A
+browser's Origin must be allowed by the group (or be Herald's own) wherever
+a cookie or a credential is presented, against cross-site websocket
+hijacking.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp_session import get_session, new_session
+from aiohttp_session import setup as setup_session_middleware
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+
+from protocol import checks, tokens
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import Hello
+
+from .config import ConfigError, GroupConfig, Settings
+from .keys import SETTINGS
+
+log = logging.getLogger(__name__)
+
+COOKIE_NAME = "HERALD_SESSION"
+
+
+def setup_sessions(app: web.Application, settings: Settings) -> None:
+    if settings.session_secret:
+        try:
+            key = base64.urlsafe_b64decode(settings.session_secret)
+        except ValueError:
+            raise ConfigError("session_secret must be url-safe base64") from None
+        if len(key) != 32:
+            raise ConfigError("session_secret must decode to 32 bytes")
+    else:
+        # Sessions then live as long as this process and only on this instance.
+        key = secrets.token_bytes(32)
+    storage = EncryptedCookieStorage(
+        key,
+        cookie_name=COOKIE_NAME,
+        max_age=settings.session_max_age,
+        httponly=True,
+        secure=settings.cookie_secure,
+        samesite=settings.cookie_samesite,
+    )
+    setup_session_middleware(app, storage)
+
+
+def error_response(status: int, code: ErrorCode | str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": str(code), "message": message}}, status=status)
+
+
+_STATUS = {ErrorCode.UNAUTHORIZED: 401, ErrorCode.TOKEN_EXPIRED: 401, ErrorCode.FORBIDDEN: 403}
+
+
+def origin_allowed(request: web.Request, group: GroupConfig) -> bool:
+    """No Origin (not a browser) or an allowed one; a browser page served by
+    Herald itself is always allowed."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return True
+    if origin in group.allowed_origins or "*" in group.allowed_origins:
+        return True
+    return origin == f"{request.scheme}://{request.host}"
+
+
+def verify_visitor(settings: Settings, hello: Hello) -> GroupConfig:
+    if hello.group is None or hello.visitor is None or hello.token is None:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "a visitor hello needs group, visitor and token")
+    group = settings.groups.get(hello.group)
+    if group is None:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
+    tokens.verify_token(group.secrets, tokens.VISITOR, group.id, hello.visitor, hello.token)
+    return group
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/agent/login`` with ``{"group", "agent", "key"}``."""
+    settings = request.app[SETTINGS]
+    try:
+        body: Any = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError
+        group_id = checks.identifier(body.get("group"), "group")
+        agent = checks.identifier(body.get("agent"), "agent")
+        key = checks.token(body.get("key"), "key")
+    except (ValueError, json.JSONDecodeError):
+        return error_response(400, ErrorCode.INVALID, "expected a JSON object with group, agent and key")
+    except ProtocolError as exc:
+        return error_response(400, exc.code, exc.message)
+    group = settings.groups.get(group_id)
+    if group is None:
+        return error_response(401, ErrorCode.UNAUTHORIZED, "unknown group or bad key")
+    if not origin_allowed(request, group):
+        return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    try:
+        tokens.verify_token(group.secrets, tokens.AGENT, group.id, agent, key)
+    except ProtocolError as exc:
+        log.info("agent login refused for %s/%s: %s", group_id, agent, exc.code)
+        return error_response(_STATUS.get(exc.code, 401), exc.code, exc.message)
+    session = await new_session(request)
+    expires = int(time.time()) + settings.session_max_age
+    session.update({"group": group.id, "agent": agent, "expires": expires})
+    log.info("agent %s/%s logged in", group.id, agent)
+    return web.json_response({"group": group.id, "agent": agent, "expires": expires})
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    session = await get_session(request)
+    session.invalidate()
+    return web.json_response({"ok": True})
+
+
+async def agent_identity(request: web.Request) -> tuple[GroupConfig, str] | None:
+    """The logged-in agent of this request's session, if still valid."""
+    settings = request.app[SETTINGS]
+    session = await get_session(request)
+    group = settings.groups.get(session.get("group", ""))
+    agent = session.get("agent")
+    if group is None or not isinstance(agent, str) or session.get("expires", 0) < time.time():
+        return None
+    return group, agent

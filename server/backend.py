@@ -1,0 +1,166 @@
+"""The one interface between an instance and everything shared.
+
+Two implementations sit beside this file: ``backend_memory`` (one process,
+the default) and, for clusters, a Redis one. The hub above never knows which
+it has. Contracts:
+
+* **Presence** operations are atomic per visitor. Each change raises the
+  visitor's ``version`` (also across an offline period: a visitor that comes
+  back gets a higher version than the offline it follows), so agents can
+  drop anything not newer than what they hold.
+* **Focus** is the connection with the highest ``active`` mark; a connection
+  becomes active when it joins, becomes visible, or publishes presence.
+* **Away**: when a visitor's last connection leaves it stays online with no
+  connections (nothing is announced) until ``expire_away`` with the same
+  ``away_since`` finds it still away and takes it offline.
+* **Bus**: ``publish`` reaches every instance subscribed to the topic, in
+  publish order per publisher, and returns how many instances that was.
+  Delivery happens through the ``BusHandler`` given to ``start``; the
+  backend never holds client connections.
+* **Held signals** are stored per visitor and taken exactly once: either by
+  ``take_held`` (the visitor came back) or by ``drop_held`` (the hold ran
+  out) — never both.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from protocol.messages import ConnectionState, VisitorState
+
+BusHandler = Callable[[str, bytes], None]
+
+
+@dataclass(slots=True)
+class ConnectionRecord:
+    connection: str
+    instance: str
+    data: dict[str, Any]
+    visible: bool
+    since: float
+    active: int = 0  # set by the backend: the visitor's version when last active
+
+
+@dataclass(slots=True)
+class VisitorRecord:
+    group: str
+    visitor: str
+    version: int
+    connections: dict[str, ConnectionRecord] = field(default_factory=dict)
+    away_since: int | None = None  # version at which the last connection left
+
+    @property
+    def online(self) -> bool:
+        return bool(self.connections) or self.away_since is not None
+
+    def focused(self) -> ConnectionRecord | None:
+        return max(self.connections.values(), key=lambda c: c.active, default=None)
+
+    def state(self) -> VisitorState:
+        focused = self.focused()
+        connections: list[ConnectionState] = [
+            {
+                "connection": c.connection,
+                "data": c.data,
+                "visible": c.visible,
+                "focused": c is focused,
+                "since": c.since,
+            }
+            for c in self.connections.values()
+        ]
+        return {"visitor": self.visitor, "online": self.online, "version": self.version, "connections": connections}
+
+
+def offline_state(visitor: str, version: int = 0) -> VisitorState:
+    return {"visitor": visitor, "online": False, "version": version, "connections": []}
+
+
+@dataclass(slots=True)
+class PresenceChange:
+    """What one presence operation did.
+
+    ``change`` is the word agents get (online, offline, data, visibility,
+    connections) or None when agents need not hear of it. The focus pair
+    lets the hub tell connections that gained or lost focus.
+    """
+
+    record: VisitorRecord | None
+    change: str | None
+    version: int
+    focus_before: ConnectionRecord | None = None
+    focus_after: ConnectionRecord | None = None
+
+    @property
+    def focus_moved(self) -> bool:
+        before = self.focus_before.connection if self.focus_before else None
+        after = self.focus_after.connection if self.focus_after else None
+        return before != after
+
+
+@dataclass(slots=True)
+class HeldSignal:
+    key: str  # unique; the reply to the agent's instance names it
+    reply_to: str  # instance ID of the agent's instance
+    frame: bytes  # the encoded Signal the visitor will get
+    to_all: bool
+
+
+class Backend(ABC):
+    instance_id: str
+
+    @abstractmethod
+    async def start(self, on_message: BusHandler) -> None: ...
+
+    @abstractmethod
+    async def close(self) -> None: ...
+
+    # -- presence --------------------------------------------------------
+    @abstractmethod
+    async def join(self, group: str, visitor: str, record: ConnectionRecord) -> PresenceChange: ...
+
+    @abstractmethod
+    async def update(
+        self, group: str, visitor: str, connection: str, data: dict[str, Any] | None, visible: bool | None
+    ) -> PresenceChange | None:
+        """Merge ``data`` (None values delete fields), set visibility.
+        None when the connection is unknown (it already left)."""
+
+    @abstractmethod
+    async def leave(self, group: str, visitor: str, connection: str) -> PresenceChange | None: ...
+
+    @abstractmethod
+    async def expire_away(self, group: str, visitor: str, away_since: int) -> PresenceChange | None: ...
+
+    @abstractmethod
+    async def visitor(self, group: str, visitor: str) -> VisitorState:
+        """The visitor's state; offline visitors come with their last version."""
+
+    @abstractmethod
+    async def visitor_record(self, group: str, visitor: str) -> VisitorRecord | None: ...
+
+    @abstractmethod
+    async def group_visitors(self, group: str) -> list[VisitorState]:
+        """Every online visitor of the group."""
+
+    # -- bus -------------------------------------------------------------
+    @abstractmethod
+    async def subscribe(self, topic: str) -> None: ...
+
+    @abstractmethod
+    async def unsubscribe(self, topic: str) -> None: ...
+
+    @abstractmethod
+    async def publish(self, topic: str, message: bytes) -> int: ...
+
+    # -- held signals ----------------------------------------------------
+    @abstractmethod
+    async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None: ...
+
+    @abstractmethod
+    async def take_held(self, group: str, visitor: str) -> list[HeldSignal]: ...
+
+    @abstractmethod
+    async def drop_held(self, group: str, visitor: str, key: str) -> bool: ...

@@ -1,0 +1,105 @@
+"""``herald serve`` and ``herald token``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import gc
+import logging
+import sys
+
+from protocol import tokens
+
+from . import __version__
+from .config import ConfigError, Settings, ensure_demo_group, load
+
+HELP = {
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "keepalive": "seconds between server pings; a client silent for 1.5x this is closed",
+    "handshake_timeout": "seconds a new connection has to send its hello",
+    "grace_period": "seconds before a visitor whose last connection closed is announced offline",
+    "signal_hold": "seconds a signal waits for a reconnecting visitor before it expires",
+    "delivery_timeout": "seconds to wait for another instance to confirm a delivery",
+    "max_frame_bytes": "largest accepted frame; bigger ones close the connection with 1009",
+    "max_queue": "outbound frames queued per connection before it is closed as a slow consumer",
+    "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
+    "session_max_age": "seconds an agent login lasts",
+    "cookie_secure": "mark the session cookie Secure (set it behind HTTPS)",
+    "cookie_samesite": "SameSite of the session cookie: Strict, Lax or None",
+    "redis_url": "Redis URL for cluster mode; empty keeps the embedded memory backend",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+}
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="TOML file with settings and [groups.<id>] tables")
+    serve.add_argument(
+        "--group", action="append", default=[], metavar="ID=SECRET", help="add a group (repeatable)"
+    )
+    for field in dataclasses.fields(Settings):
+        if field.name != "groups":
+            serve.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=HELP[field.name])
+
+
+def _token_parser(sub: argparse._SubParsersAction) -> None:
+    token = sub.add_parser("token", help="mint a visitor token or agent login key (for trying Herald)")
+    token.add_argument("role", choices=[tokens.VISITOR, tokens.AGENT])
+    token.add_argument("--group", required=True)
+    token.add_argument("--id", required=True, help="the visitor or agent ID")
+    token.add_argument("--secret", required=True, help="the group's secret")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="herald", description="Herald presence and signalling server")
+    parser.add_argument("--version", action="version", version=f"herald {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _token_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "token":
+        print(tokens.make_token(args.secret, args.role, args.group, args.id, args.ttl))
+        return
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "group")}
+    if args.group:
+        flags["groups"] = ",".join(args.group)
+    try:
+        settings = load(args.config, flags=flags)
+    except ConfigError as exc:
+        sys.exit(f"herald: {exc}")
+    serve(settings)
+
+
+def serve(settings: Settings) -> None:
+    from aiohttp import web
+
+    from .app import make_app
+
+    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    demo = ensure_demo_group(settings)
+    if demo is not None:
+        print(
+            "\n  DEMO MODE: no group is configured, so this server made a demo group for trying it out.\n"
+            f"  group: {demo.id}\n  secret: {demo.secrets[0]}   (random, new at every start)\n"
+            f"  visitor token: herald token visitor --group {demo.id} --id <visitor> --secret <secret>\n"
+            "  Configure real groups with --group ID=SECRET, HERALD_GROUPS or a TOML file.\n",
+            flush=True,
+        )
+    try:
+        import uvloop  # optional: herald[fast]
+
+        uvloop.install()
+    except ImportError:
+        pass
+    app = make_app(settings)
+    # Long-lived objects made so far never need collecting; keeping them out
+    # of the GC's generations shortens the pauses that hurt tail latency.
+    gc.collect()
+    gc.freeze()
+    web.run_app(app, host=settings.host, port=settings.port, print=lambda s: print(s, flush=True))
+
+
+if __name__ == "__main__":
+    main()

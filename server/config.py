@@ -1,0 +1,150 @@
+"""Configuration: defaults < TOML file < ``HERALD_*`` environment < flags.
+
+Every setting has one name used in all four places (``grace_period`` is
+``grace_period`` in TOML, ``HERALD_GRACE_PERIOD`` in the environment and
+``--grace-period`` on the command line), so the README's table is the whole
+story.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+import secrets
+import tomllib
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from protocol.checks import MAX_FRAME_BYTES, identifier
+from protocol.errors import HeraldError, ProtocolError
+
+DEMO_GROUP = "demo"
+
+
+class ConfigError(HeraldError):
+    pass
+
+
+@dataclass(slots=True)
+class GroupConfig:
+    """A customer's group: the secrets its back end signs tokens with (two
+    at once during a rotation) and the browser origins allowed to connect."""
+
+    id: str
+    secrets: list[str]
+    allowed_origins: list[str] = field(default_factory=list)
+    demo: bool = False
+
+
+@dataclass(slots=True)
+class Settings:
+    host: str = "127.0.0.1"
+    port: int = 8765
+    keepalive: float = 25.0  # seconds between server pings; silence for 1.5x this closes
+    handshake_timeout: float = 10.0  # a connection must say hello within this
+    grace_period: float = 5.0  # a clean disconnect is announced after this
+    signal_hold: float = 10.0  # a signal for a reconnecting visitor waits this long
+    delivery_timeout: float = 3.0  # wait for another instance to confirm a delivery
+    max_frame_bytes: int = MAX_FRAME_BYTES
+    max_queue: int = 1024  # outbound frames buffered per connection before "slow consumer"
+    session_secret: str = ""  # 32 url-safe base64 bytes; random per start when empty
+    session_max_age: int = 8 * 3600
+    cookie_secure: bool = False
+    cookie_samesite: str = "Lax"
+    redis_url: str = ""
+    log_level: str = "INFO"
+    groups: dict[str, GroupConfig] = field(default_factory=dict)
+
+
+_SCALAR_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "groups"}
+
+
+def _coerce(name: str, raw: Any) -> Any:
+    kind = type(getattr(Settings(), name))
+    try:
+        if kind is bool and isinstance(raw, str):
+            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
+                raise ValueError(raw)
+            return raw.lower() in ("1", "true", "yes", "on")
+        return kind(raw)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{name}: cannot read {raw!r} as {kind.__name__}") from None
+
+
+def _parse_group_pairs(text: str) -> dict[str, GroupConfig]:
+    """``"acme=s3cret,beta=other"`` -> groups (env var and --group flag form)."""
+    groups: dict[str, GroupConfig] = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        group_id, sep, secret = item.partition("=")
+        if not sep or not secret:
+            raise ConfigError(f"group {item!r}: expected id=secret")
+        _add_group(groups, group_id, {"secret": secret})
+    return groups
+
+
+def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Mapping[str, Any]) -> None:
+    try:
+        identifier(group_id, "group")
+    except ProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+    found = table.get("secrets") or ([table["secret"]] if table.get("secret") else [])
+    if not found or not all(isinstance(s, str) and len(s) >= 16 for s in found):
+        raise ConfigError(f"group {group_id!r}: needs a secret of at least 16 characters")
+    origins = list(table.get("allowed_origins", []))
+    groups[group_id] = GroupConfig(group_id, list(found), origins)
+
+
+def load(
+    toml_path: str | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+) -> Settings:
+    env = os.environ if env is None else env
+    settings = Settings()
+    layers: list[tuple[str, Mapping[str, Any]]] = []
+    if toml_path:
+        try:
+            data = tomllib.loads(Path(toml_path).read_text())
+        except (OSError, tomllib.TOMLDecodeError) as exc:
+            raise ConfigError(f"{toml_path}: {exc}") from None
+        for group_id, table in data.pop("groups", {}).items():
+            _add_group(settings.groups, group_id, table)
+        layers.append((toml_path, data))
+    layers.append(("environment", {k[7:].lower(): v for k, v in env.items() if k.startswith("HERALD_")}))
+    layers.append(("flags", {k: v for k, v in (flags or {}).items() if v is not None}))
+    for source, values in layers:
+        for name, raw in values.items():
+            if name == "groups":
+                settings.groups.update(_parse_group_pairs(raw) if isinstance(raw, str) else raw)
+            elif name in _SCALAR_FIELDS:
+                setattr(settings, name, _coerce(name, raw))
+            elif source != "environment":  # other HERALD_* variables may belong to tooling
+                raise ConfigError(f"{source}: unknown setting {name!r}")
+    _validate(settings)
+    return settings
+
+
+def _validate(settings: Settings) -> None:
+    for name in ("keepalive", "handshake_timeout", "delivery_timeout"):
+        if getattr(settings, name) <= 0:
+            raise ConfigError(f"{name} must be positive")
+    for name in ("grace_period", "signal_hold"):
+        if getattr(settings, name) < 0:
+            raise ConfigError(f"{name} must not be negative")
+    if settings.max_frame_bytes < 1024 or settings.max_queue < 1:
+        raise ConfigError("max_frame_bytes must be at least 1024 and max_queue at least 1")
+    if settings.cookie_samesite not in ("Strict", "Lax", "None"):
+        raise ConfigError("cookie_samesite must be Strict, Lax or None")
+
+
+def ensure_demo_group(settings: Settings) -> GroupConfig | None:
+    """With no group configured, add a demo group with a secret made now.
+
+    A zero-config server therefore has no open door: whoever wants to
+    connect needs the secret printed on this server's console.
+    """
+    if settings.groups:
+        return None
+    group = GroupConfig(DEMO_GROUP, [secrets.token_urlsafe(24)], demo=True)
+    settings.groups[DEMO_GROUP] = group
+    return group

@@ -1,0 +1,115 @@
+"""One client connection: its identity and its single, bounded writer.
+
+Fan-out never awaits a client. ``send`` appends the already-encoded frame
+to a bounded queue and, if no writer is running, starts one; the writer
+exits when the queue is empty, so an idle connection holds no task. A client
+that stops reading lets its queue fill and is closed as a slow consumer;
+nobody else waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+from collections import deque
+
+from aiohttp import web
+
+from protocol import codec
+from protocol.errors import CloseCode, ErrorCode
+from protocol.messages import Error, Message
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 2.0
+
+
+def new_connection_id() -> str:
+    return "c" + secrets.token_hex(8)
+
+
+class Connection:
+    __slots__ = ("_closer", "_closing", "_queue", "_writer", "group", "id", "max_queue", "role", "subject", "ws")
+
+    def __init__(self, ws: web.WebSocketResponse, role: str, group: str, subject: str, max_queue: int) -> None:
+        self.ws = ws
+        self.id = new_connection_id()
+        self.role = role
+        self.group = group
+        self.subject = subject  # the visitor ID or agent ID
+        self.max_queue = max_queue
+        self._queue: deque[bytes] = deque()
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._closing = False
+
+    def __repr__(self) -> str:
+        return f"<{self.role} {self.group}/{self.subject} {self.id}>"
+
+    @property
+    def closing(self) -> bool:
+        return self._closing or self.ws.closed
+
+    def send(self, frame: bytes) -> None:
+        """Queue an encoded frame; never blocks, never raises."""
+        if self.closing:
+            return
+        if len(self._queue) >= self.max_queue:
+            log.warning("closing slow consumer %r: %d frames queued", self, len(self._queue))
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        self._queue.append(frame)
+        if self._writer is None:
+            self._writer = asyncio.create_task(self._drain(), name=f"writer-{self.id}")
+
+    def send_message(self, message: Message) -> None:
+        self.send(codec.encode(message))
+
+    def send_error(self, code: ErrorCode | str, message: str, request_id: int | None = None) -> None:
+        self.send(codec.encode(Error(code=str(code), message=message, id=request_id)))
+
+    async def _drain(self) -> None:
+        try:
+            while self._queue and not self.ws.closed:
+                await self.ws.send_bytes(self._queue.popleft())
+        except (ConnectionError, RuntimeError) as exc:
+            # The peer went away mid-write; the receive loop sees the close.
+            log.debug("write to %r failed: %s", self, exc)
+            self._queue.clear()
+        finally:
+            self._writer = None
+
+    def close(self, code: int, reason: str) -> None:
+        """Close from anywhere (fan-out, timers): queued frames are dropped
+        and the close frame goes out at once."""
+        if self._closing:
+            return
+        self._closing = True
+        self._queue.clear()
+        if self._writer is not None:
+            self._writer.cancel()
+        # Awaited by finish(): the close ends the handler's receive loop,
+        # and the handler waits for it before returning.
+        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason), name=f"close-{self.id}")
+
+    async def _close(self, code: int, reason: str) -> None:
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=reason.encode()[:120])
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        finally:
+            transport = self.ws._req.transport if self.ws._req is not None else None
+            if transport is not None and not transport.is_closing():
+                transport.abort()
+
+    async def finish(self) -> None:
+        """Before a handler returns: let queued frames go out and a close
+        started elsewhere complete (both bounded)."""
+        for task in (self._writer, self._closer):
+            if task is not None:
+                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
+                    async with asyncio.timeout(CLOSE_TIMEOUT):
+                        await asyncio.shield(task)

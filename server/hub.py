@@ -1,0 +1,275 @@
+"""The instance's router: local connections in, backend and bus out.
+
+The hub knows which visitor and agent connections this instance holds and
+which bus topics they need; everything shared goes through the backend. A
+presence change is encoded once as a client frame, published once per topic,
+and the same bytes are queued on every local agent that watches it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+from collections.abc import Coroutine, Iterable
+from typing import Any
+
+from protocol import codec
+from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
+
+from . import topics
+from .backend import Backend, ConnectionRecord, PresenceChange, offline_state
+from .config import Settings
+from .connection import Connection
+from .delivery import Delivery
+
+log = logging.getLogger(__name__)
+
+FLOOR_SECONDS = 10.0  # how long after a snapshot stale bus events may still arrive
+
+
+class AgentConnection(Connection):
+    """An agent's connection and what it watches.
+
+    While a subscribe is in flight, events are parked in ``pending`` so that
+    the snapshot goes out first. ``floors`` holds the snapshot's version per
+    visitor for a short while: bus events published before the snapshot was
+    read can still arrive after it and must not be shown twice.
+    """
+
+    __slots__ = ("floors", "floors_until", "pending", "topics", "watching_group")
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)
+        self.topics: set[str] = set()
+        self.watching_group = False
+        self.pending: list[tuple[str, int | None, bytes]] | None = None
+        self.floors: dict[str, int] | None = None
+        self.floors_until = 0.0
+
+    def deliver(self, visitor: str, version: int | None, frame: bytes) -> None:
+        if self.pending is not None:
+            self.pending.append((visitor, version, frame))
+            return
+        if self.floors is not None and version is not None:
+            if time.monotonic() > self.floors_until:
+                self.floors = None
+            else:
+                floor = self.floors.pop(visitor, None)
+                if floor is not None and version <= floor:
+                    self.floors[visitor] = floor
+                    return
+        self.send(frame)
+
+    def start_snapshot(self) -> None:
+        self.pending = []
+
+    def finish_snapshot(self, snapshot: Snapshot | None) -> None:
+        """Send the snapshot (None: the subscribe failed), then what was parked."""
+        if snapshot is not None:
+            floors = self.floors if self.floors is not None else {}
+            floors.update((state["visitor"], state["version"]) for state in snapshot.visitors)
+            self.floors, self.floors_until = floors, time.monotonic() + FLOOR_SECONDS
+            self.send_message(snapshot)
+        parked, self.pending = self.pending or [], None
+        for visitor, version, frame in parked:
+            self.deliver(visitor, version, frame)
+
+
+class Hub:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.instance = backend.instance_id
+        self.visitors: dict[str, Connection] = {}  # connection ID -> local visitor connection
+        self.watchers: dict[str, set[AgentConnection]] = {}  # topic -> local agents on it
+        self.delivery = Delivery(self)
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self._timers: set[asyncio.TimerHandle] = set()
+
+    # -- lifecycle ---------------------------------------------------------
+    async def start(self) -> None:
+        await self.backend.start(self.on_bus_message)
+        await self.backend.subscribe(topics.inbox_topic(self.instance))
+
+    async def close(self) -> None:
+        for timer in self._timers:
+            timer.cancel()
+        self._timers.clear()
+        for task in list(self._tasks):
+            task.cancel()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        await self.backend.close()
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+        """Run owned background work; its failure is logged, never lost."""
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._task_done)
+        return task
+
+    def _task_done(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
+        if not task.cancelled() and task.exception() is not None:
+            log.error("task %s failed", task.get_name(), exc_info=task.exception())
+
+    def later(self, delay: float, coro_factory: Any, name: str) -> None:
+        def fire() -> None:
+            self._timers.discard(handle)
+            self.spawn(coro_factory(), name)
+
+        handle = asyncio.get_running_loop().call_later(delay, fire)
+        self._timers.add(handle)
+
+    # -- visitors ----------------------------------------------------------
+    async def visitor_joined(self, conn: Connection, data: dict[str, Any], visible: bool) -> None:
+        self.visitors[conn.id] = conn
+        record = ConnectionRecord(conn.id, self.instance, data, visible, round(time.time(), 3))
+        change = await self.backend.join(conn.group, conn.subject, record)
+        await self._announce(conn.group, conn.subject, change, joined=conn.id)
+        await self.delivery.release_held(conn)
+
+    async def visitor_updated(self, conn: Connection, data: dict[str, Any] | None, visible: bool | None) -> None:
+        change = await self.backend.update(conn.group, conn.subject, conn.id, data, visible)
+        if change is not None:
+            await self._announce(conn.group, conn.subject, change)
+
+    async def visitor_left(self, conn: Connection) -> None:
+        self.visitors.pop(conn.id, None)
+        change = await self.backend.leave(conn.group, conn.subject, conn.id)
+        if change is None:
+            return
+        await self._announce(conn.group, conn.subject, change)
+        away_since = change.record.away_since if change.record else None
+        if away_since is not None:
+            group, visitor = conn.group, conn.subject
+            self.later(
+                self.settings.grace_period,
+                lambda: self._expire_away(group, visitor, away_since),
+                f"grace-{group}/{visitor}",
+            )
+
+    async def _expire_away(self, group: str, visitor: str, away_since: int) -> None:
+        change = await self.backend.expire_away(group, visitor, away_since)
+        if change is not None:
+            await self._announce(group, visitor, change)
+
+    async def _announce(self, group: str, visitor: str, change: PresenceChange, joined: str | None = None) -> None:
+        if change.change is not None:
+            if change.change == "offline" or change.record is None:
+                state = offline_state(visitor, change.version)
+            else:
+                state = change.record.state()
+            frame = codec.encode(PresenceChanged(change=change.change, state=state))
+            envelope = topics.pack(topics.PRESENCE, group, visitor, change.version, frame)
+            await self.backend.publish(topics.visitor_topic(group, visitor), envelope)
+            await self.backend.publish(topics.group_topic(group), envelope)
+        if change.focus_moved:
+            live = change.record.connections if change.record else {}
+            if change.focus_before and change.focus_before.connection in live:
+                await self.tell_focus(change.focus_before, False)
+            if change.focus_after and change.focus_after.connection != joined:
+                await self.tell_focus(change.focus_after, True)
+
+    async def tell_focus(self, record: ConnectionRecord, focused: bool) -> None:
+        if record.instance == self.instance:
+            self.focus_local(record.connection, focused)
+        else:
+            envelope = topics.pack(topics.FOCUS, record.connection, focused)
+            await self.backend.publish(topics.inbox_topic(record.instance), envelope)
+
+    def focus_local(self, connection: str, focused: bool) -> None:
+        conn = self.visitors.get(connection)
+        if conn is not None:
+            conn.send_message(Focus(focused=focused))
+
+    async def visitor_signal(self, conn: Connection, message: Signal) -> int:
+        """Relay a visitor's signal; returns how many instances it reached."""
+        frame = codec.encode(
+            Signal(event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id)
+        )
+        envelope = topics.pack(topics.VISITOR_SIGNAL, conn.group, conn.subject, frame)
+        if message.agent is not None:
+            return await self.backend.publish(topics.agent_topic(conn.group, message.agent), envelope)
+        reached = await self.backend.publish(topics.visitor_topic(conn.group, conn.subject), envelope)
+        return reached + await self.backend.publish(topics.group_topic(conn.group), envelope)
+
+    # -- agents ------------------------------------------------------------
+    async def agent_joined(self, agent: AgentConnection) -> None:
+        await self._watch(agent, [topics.agent_topic(agent.group, agent.subject)])
+
+    async def agent_left(self, agent: AgentConnection) -> None:
+        await self._unwatch(agent, list(agent.topics))
+
+    async def subscribe(self, agent: AgentConnection, request_id: int, visitors: list[str], group: bool) -> None:
+        agent.start_snapshot()
+        try:
+            if group:
+                agent.watching_group = True
+                await self._watch(agent, [topics.group_topic(agent.group)])
+                states = await self.backend.group_visitors(agent.group)
+            else:
+                await self._watch(agent, [topics.visitor_topic(agent.group, v) for v in visitors])
+                states = [await self.backend.visitor(agent.group, v) for v in visitors]
+        except BaseException:
+            agent.finish_snapshot(None)
+            raise
+        agent.finish_snapshot(Snapshot(id=request_id, visitors=states, group=group or None))
+
+    async def unsubscribe(self, agent: AgentConnection, visitors: list[str], group: bool) -> None:
+        names = [topics.visitor_topic(agent.group, v) for v in visitors]
+        if group:
+            agent.watching_group = False
+            names.append(topics.group_topic(agent.group))
+        await self._unwatch(agent, names)
+
+    async def lookup(self, agent: AgentConnection, request_id: int, visitor: str) -> None:
+        agent.send_message(VisitorInfo(id=request_id, state=await self.backend.visitor(agent.group, visitor)))
+
+    async def _watch(self, agent: AgentConnection, names: Iterable[str]) -> None:
+        for topic in names:
+            if topic in agent.topics:
+                continue
+            agent.topics.add(topic)
+            watchers = self.watchers.get(topic)
+            if watchers is None:
+                watchers = self.watchers[topic] = set()
+                await self.backend.subscribe(topic)
+            watchers.add(agent)
+
+    async def _unwatch(self, agent: AgentConnection, names: Iterable[str]) -> None:
+        for topic in names:
+            if topic not in agent.topics:
+                continue
+            agent.topics.discard(topic)
+            watchers = self.watchers.get(topic)
+            if watchers is None:
+                continue
+            watchers.discard(agent)
+            if not watchers:
+                del self.watchers[topic]
+                await self.backend.unsubscribe(topic)
+
+    # -- bus ---------------------------------------------------------------
+    def on_bus_message(self, topic: str, envelope: bytes) -> None:
+        try:
+            item = topics.unpack(envelope)
+            kind = item[0]
+            if kind == topics.PRESENCE:
+                self._to_watchers(topic, item[2], item[3], item[4])
+            elif kind == topics.VISITOR_SIGNAL:
+                self._to_watchers(topic, item[2], None, item[3])
+            else:
+                self.delivery.on_inbox(kind, item)
+        except Exception:
+            log.exception("dropping bad bus message on %s", topic)
+
+    def _to_watchers(self, topic: str, visitor: str, version: int | None, frame: bytes) -> None:
+        watchers = self.watchers.get(topic)
+        if not watchers:
+            return
+        # An agent watching the whole group gets the group topic's copy.
+        skip_group_watchers = topic.startswith("v:")
+        for agent in watchers:
+            if not (skip_group_watchers and agent.watching_group):
+                agent.deliver(visitor, version, frame)

@@ -1,0 +1,53 @@
+"""Bus topic names and the envelopes carried on them.
+
+Topics route a message only to the instances that hold its recipients:
+
+* ``v:{group}:{visitor}`` — one visitor's presence changes and signals, for
+  instances with an agent watching that visitor;
+* ``g:{group}`` — the same events, for instances with an agent watching the
+  whole group;
+* ``a:{group}:{agent}`` — signals a visitor addresses to one agent;
+* ``i:{instance}`` — an instance's inbox: deliveries to its visitor
+  connections, their replies, focus changes.
+
+Groups sit in braces so that a Redis Cluster would keep a group's keys and
+topics on one slot. Envelopes are msgpack arrays whose first item names the
+kind; the client frame inside is already encoded, so a receiving instance
+forwards the same bytes to every local recipient.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+PRESENCE = "p"  # [kind, group, visitor, version, frame]
+VISITOR_SIGNAL = "s"  # [kind, group, visitor, frame]
+DELIVER = "d"  # [kind, key, reply_to, [connection...], frame]
+REPLY = "r"  # [kind, key, delivered]
+FOCUS = "f"  # [kind, connection, focused]
+
+
+def visitor_topic(group: str, visitor: str) -> str:
+    return f"v:{{{group}}}:{visitor}"
+
+
+def group_topic(group: str) -> str:
+    return f"g:{{{group}}}"
+
+
+def agent_topic(group: str, agent: str) -> str:
+    return f"a:{{{group}}}:{agent}"
+
+
+def inbox_topic(instance: str) -> str:
+    return f"i:{instance}"
+
+
+def pack(*items: Any) -> bytes:
+    return msgpack.packb(items, use_bin_type=True)
+
+
+def unpack(envelope: bytes) -> list[Any]:
+    return msgpack.unpackb(envelope, raw=False, use_list=True)

@@ -1,0 +1,101 @@
+"""What both websocket endpoints share: upgrade, hello, the frame loop.
+
+Bad frames are answered with an ``error`` frame and dropped; the connection
+lives on. Only the handshake closes on failure, with a close code that tells
+the client whether reconnecting can help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator, Awaitable
+
+from aiohttp import WSMsgType, web
+
+from protocol import codec
+from protocol.errors import CloseCode, ErrorCode, ProtocolError
+from protocol.messages import SUPPORTED_VERSIONS, Hello, Message
+
+from . import __version__
+from .config import Settings
+from .connection import CLOSE_TIMEOUT, Connection
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = f"herald/{__version__}"
+
+_HANDSHAKE_CLOSE = {
+    ErrorCode.UNAUTHORIZED: CloseCode.UNAUTHORIZED,
+    ErrorCode.TOKEN_EXPIRED: CloseCode.UNAUTHORIZED,
+    ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
+    ErrorCode.UNSUPPORTED_VERSION: CloseCode.UNSUPPORTED_VERSION,
+    ErrorCode.HANDSHAKE_REQUIRED: CloseCode.HANDSHAKE_TIMEOUT,
+}
+
+
+async def open_websocket(request: web.Request, settings: Settings) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(
+        heartbeat=settings.keepalive,  # pings; no pong within keepalive/2 closes (half-open TCP)
+        max_msg_size=settings.max_frame_bytes,  # bigger frames close with 1009
+        timeout=CLOSE_TIMEOUT,
+    )
+    await ws.prepare(request)
+    return ws
+
+
+async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hello, int]:
+    """The client's hello and the protocol version both speak."""
+    try:
+        async with asyncio.timeout(settings.handshake_timeout):
+            msg = await ws.receive()
+    except TimeoutError:
+        raise ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, "no hello within the handshake timeout") from None
+    if msg.type is not WSMsgType.BINARY:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "the first frame must be a binary hello")
+    hello = codec.decode(msg.data, settings.max_frame_bytes)
+    if not isinstance(hello, Hello):
+        raise ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, "the first frame must be a hello")
+    common = set(hello.versions) & set(SUPPORTED_VERSIONS)
+    if not common:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"this server speaks protocol {list(SUPPORTED_VERSIONS)}")
+    return hello, max(common)
+
+
+async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
+    """Answer a failed handshake with an error frame, then close."""
+    if ws.closed:
+        return
+    code = _HANDSHAKE_CLOSE.get(error.code, CloseCode.HANDSHAKE_FAILED)
+    try:
+        await ws.send_bytes(codec.encode_map({"type": "error", "code": str(error.code), "message": error.message}))
+        await ws.close(code=code, message=error.message.encode()[:120])
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+async def messages(conn: Connection, max_bytes: int) -> AsyncIterator[Message]:
+    """Decoded frames until the connection ends; errors go back as frames."""
+    async for msg in conn.ws:
+        if msg.type is WSMsgType.BINARY:
+            try:
+                yield codec.decode(msg.data, max_bytes)
+            except ProtocolError as exc:
+                conn.send_error(exc.code, exc.message, exc.request_id)
+        elif msg.type is WSMsgType.TEXT:
+            conn.send_error(ErrorCode.BAD_FRAME, "frames must be binary msgpack")
+        elif msg.type is WSMsgType.ERROR:
+            log.debug("%r ended with %s", conn, conn.ws.exception())
+            return
+
+
+async def answering_errors(conn: Connection, request_id: int | None, work: Awaitable[None]) -> None:
+    """Run one request; whatever goes wrong reaches the client as an error
+    frame with the request's ID, never as silence."""
+    try:
+        await work
+    except ProtocolError as exc:
+        conn.send_error(exc.code, exc.message, request_id)
+    except Exception:
+        log.exception("request from %r failed", conn)
+        conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)

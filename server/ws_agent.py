@@ -1,0 +1,88 @@
+"""``GET /v1/agent``: an agent's connection (needs a login session)."""
+
+from __future__ import annotations
+
+import logging
+
+from aiohttp import web
+
+from protocol.errors import ErrorCode, ProtocolError
+from protocol.messages import Ack, Hello, Lookup, Message, Ping, Pong, Signal, Subscribe, Unsubscribe, Welcome
+
+from . import auth
+from .hub import AgentConnection, Hub
+from .keys import HUB, SETTINGS
+from .websocket import SERVER_NAME, answering_errors, messages, open_websocket, read_hello, refuse
+
+log = logging.getLogger(__name__)
+
+
+async def agent_endpoint(request: web.Request) -> web.StreamResponse:
+    settings, hub = request.app[SETTINGS], request.app[HUB]
+    identity = await auth.agent_identity(request)
+    if identity is None:
+        return auth.error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")
+    group, agent_id = identity
+    if not auth.origin_allowed(request, group):
+        return auth.error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    ws = await open_websocket(request, settings)
+    try:
+        _hello, version = await read_hello(ws, settings)
+    except ProtocolError as exc:
+        await refuse(ws, exc)
+        return ws
+    agent = AgentConnection(ws, "agent", group.id, agent_id, settings.max_queue)
+    try:
+        await hub.agent_joined(agent)
+        agent.send_message(
+            Welcome(
+                protocol=version,
+                connection=agent.id,
+                role="agent",
+                group=group.id,
+                keepalive=settings.keepalive,
+                agent=agent_id,
+                server=SERVER_NAME,
+            )
+        )
+        async for message in messages(agent, settings.max_frame_bytes):
+            await answering_errors(agent, getattr(message, "id", None), _handle(hub, agent, message))
+    finally:
+        await hub.agent_left(agent)
+        await agent.finish()
+    return ws
+
+
+async def _handle(hub: Hub, agent: AgentConnection, message: Message) -> None:
+    if isinstance(message, Signal):
+        if message.visitor is None:
+            raise ProtocolError(ErrorCode.INVALID, "visitor: is required")
+        # Delivery may wait for a reconnecting visitor: never block this loop.
+        hub.spawn(
+            answering_errors(agent, message.id, _signal(hub, agent, message)),
+            f"signal-{agent.id}-{message.id}",
+        )
+    elif isinstance(message, Subscribe | Unsubscribe):
+        if not message.visitors and not message.group:
+            raise ProtocolError(ErrorCode.INVALID, "name visitors, or set group")
+        if isinstance(message, Subscribe):
+            await hub.subscribe(agent, message.id, message.visitors or [], bool(message.group))
+        else:
+            await hub.unsubscribe(agent, message.visitors or [], bool(message.group))
+            agent.send_message(Ack(id=message.id))
+    elif isinstance(message, Lookup):
+        await hub.lookup(agent, message.id, message.visitor)
+    elif isinstance(message, Ping):
+        agent.send_message(Pong())
+    elif isinstance(message, Pong):
+        pass
+    elif isinstance(message, Hello):
+        raise ProtocolError(ErrorCode.INVALID, "hello was already received")
+    else:
+        raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not an agent message")
+
+
+async def _signal(hub: Hub, agent: AgentConnection, message: Signal) -> None:
+    delivered = await hub.delivery.signal_visitor(agent.group, agent.subject, message)
+    if message.id is not None:
+        agent.send_message(Ack(id=message.id, delivered=delivered))
