@@ -25,8 +25,8 @@ MAX_TOKEN_CHARS = 512
 MAX_VISITORS_PER_REQUEST = 1000
 MAX_REQUEST_ID = 2**53 - 1  # fits a JavaScript number exactly
 
-_ID_RE = re.compile(r"[A-Za-z0-9._:@+\-]{1,%d}" % MAX_ID_CHARS)
-_EVENT_RE = re.compile(r"[A-Za-z0-9._:\-]{1,%d}" % MAX_EVENT_CHARS)
+_ID_RE = re.compile(rf"[A-Za-z0-9._:@+\-]{{1,{MAX_ID_CHARS}}}")
+_EVENT_RE = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_EVENT_CHARS}}}")
 
 
 def invalid(field: str, why: str) -> ProtocolError:
@@ -110,7 +110,7 @@ def one_of(*choices: str) -> Check:
     allowed = frozenset(choices)
 
     def check(value: Any, field: str) -> str:
-        if value not in allowed or type(value) is not str:
+        if type(value) is not str or value not in allowed:
             raise invalid(field, f"must be one of {', '.join(sorted(allowed))}")
         return value
 
@@ -126,7 +126,37 @@ def list_of(item_check: Check, max_items: int = MAX_VISITORS_PER_REQUEST) -> Che
     return check
 
 
-def any_value(value: Any, field: str) -> Any:
-    """For structured fields the server produces (visitor states); clients
-    accept them as they come and the server never decodes them."""
+def _record(value: Any, field: str, spec: dict[str, Check]) -> dict[str, Any]:
+    if type(value) is not dict:
+        raise invalid(field, "must be a map")
+    for key, check in spec.items():
+        if key not in value:
+            raise invalid(f"{field}.{key}", "is required")
+        check(value[key], f"{field}.{key}")
     return value
+
+
+_CONNECTION_STATE: dict[str, Check] = {
+    "connection": identifier,
+    "data": flat_map,
+    "visible": boolean,
+    "focused": boolean,
+    "since": number,
+}
+
+
+def connection_state(value: Any, field: str) -> dict[str, Any]:
+    return _record(value, field, _CONNECTION_STATE)
+
+
+_VISITOR_STATE: dict[str, Check] = {
+    "visitor": identifier,
+    "online": boolean,
+    "version": non_negative_int,
+    "connections": list_of(connection_state, MAX_DATA_FIELDS * 32),
+}
+
+
+def visitor_state(value: Any, field: str) -> dict[str, Any]:
+    """A visitor's state as the server sends it (clients decode these)."""
+    return _record(value, field, _VISITOR_STATE)

@@ -2,7 +2,10 @@
 
 ``decode`` never raises anything but ``ProtocolError`` on bad bytes: the
 unpacker is bounded (sizes, no extension types, string map keys only) and
-every msgpack failure is turned into ``bad_frame``.
+every msgpack failure is turned into ``bad_frame``. The one extension msgpack
+decodes by itself, the timestamp (type -1), becomes a ``Timestamp`` that no
+field check accepts: ``invalid`` in a known field, ignored in an unknown one
+(unknown fields are ignored for forward compatibility).
 """
 
 from __future__ import annotations
@@ -40,6 +43,9 @@ def unpack(frame: bytes, max_bytes: int = checks.MAX_FRAME_BYTES) -> dict[str, A
         raise ProtocolError(ErrorCode.BAD_FRAME, f"not a msgpack value ({type(exc).__name__})") from None
     if type(value) is not dict:
         raise ProtocolError(ErrorCode.BAD_FRAME, "a frame must be a msgpack map")
+    for key in value:  # strict_map_key still lets binary keys through
+        if type(key) is not str:
+            raise ProtocolError(ErrorCode.BAD_FRAME, "map keys must be strings")
     return value
 
 

@@ -197,7 +197,7 @@ class Snapshot(Message):
     """The state of the visitors just subscribed to; changes follow."""
 
     id: int = wire(checks.request_id)
-    visitors: list[VisitorState] = wire(checks.any_value)
+    visitors: list[VisitorState] = wire(checks.list_of(checks.visitor_state, 1_000_000))
     group: bool | None = wire(checks.boolean, None)
 
 
@@ -206,7 +206,7 @@ class VisitorInfo(Message):
     """Answer to ``lookup``."""
 
     id: int = wire(checks.request_id)
-    state: VisitorState = wire(checks.any_value)
+    state: VisitorState = wire(checks.visitor_state)
 
 
 PRESENCE_CHANGES = ("online", "offline", "data", "visibility", "connections")
@@ -219,7 +219,7 @@ class PresenceChanged(Message):
     more) than the last the agent saw."""
 
     change: str = wire(checks.one_of(*PRESENCE_CHANGES))
-    state: VisitorState = wire(checks.any_value)
+    state: VisitorState = wire(checks.visitor_state)
 
 
 @message("focus")

@@ -51,7 +51,9 @@ def verify_token(
     an old and a new secret during a rotation.
     """
     expires_text, _, signature = token.partition(".")
-    if not expires_text.isdigit() or len(expires_text) > 12 or not signature:
+    if not (expires_text.isascii() and expires_text.isdigit()) or len(expires_text) > 12:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "malformed token")
+    if not signature or not signature.isascii():
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "malformed token")
     expires = int(expires_text)
     matched = False
