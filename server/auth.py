@@ -2,10 +2,11 @@
 
 Visitors prove their ID with a token their company's back end signed with
 the group's secret (see ``protocol.tokens``). Agents trade a signed login key
-for an encrypted, HttpOnly session cookie; the agent websocket needs it. A
-browser's Origin must be allowed by the group (or be Herald's own) wherever
-a cookie or a credential is presented, against cross-site websocket
-hijacking.
+for an encrypted, HttpOnly session cookie; the agent websocket needs it.
+Where a cookie is the credential (agent login and the agent websocket), a
+browser's Origin must be allowed by the group or be Herald's own, against
+cross-site websocket hijacking. A visitor presents its token in its first
+frame, which a foreign page cannot forge, so no Origin is checked there.
 """
 
 from __future__ import annotations

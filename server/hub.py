@@ -124,6 +124,7 @@ class Hub:
     # -- visitors ----------------------------------------------------------
     async def visitor_joined(self, conn: Connection, data: dict[str, Any], visible: bool) -> None:
         self.visitors[conn.id] = conn
+        data = {key: value for key, value in data.items() if value is not None}
         record = ConnectionRecord(conn.id, self.instance, data, visible, round(time.time(), 3))
         change = await self.backend.join(conn.group, conn.subject, record)
         await self._announce(conn.group, conn.subject, change, joined=conn.id)

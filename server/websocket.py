@@ -30,8 +30,14 @@ _HANDSHAKE_CLOSE = {
     ErrorCode.TOKEN_EXPIRED: CloseCode.UNAUTHORIZED,
     ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
     ErrorCode.UNSUPPORTED_VERSION: CloseCode.UNSUPPORTED_VERSION,
-    ErrorCode.HANDSHAKE_REQUIRED: CloseCode.HANDSHAKE_TIMEOUT,
 }
+
+
+class HandshakeTimeout(ProtocolError):
+    """No hello in time: maybe a slow network, so the client may retry."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.HANDSHAKE_REQUIRED, "no hello within the handshake timeout")
 
 
 async def open_websocket(request: web.Request, settings: Settings) -> web.WebSocketResponse:
@@ -50,7 +56,7 @@ async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hel
         async with asyncio.timeout(settings.handshake_timeout):
             msg = await ws.receive()
     except TimeoutError:
-        raise ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, "no hello within the handshake timeout") from None
+        raise HandshakeTimeout() from None
     if msg.type is not WSMsgType.BINARY:
         raise ProtocolError(ErrorCode.BAD_FRAME, "the first frame must be a binary hello")
     hello = codec.decode(msg.data, settings.max_frame_bytes)
@@ -66,7 +72,10 @@ async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
     """Answer a failed handshake with an error frame, then close."""
     if ws.closed:
         return
-    code = _HANDSHAKE_CLOSE.get(error.code, CloseCode.HANDSHAKE_FAILED)
+    if isinstance(error, HandshakeTimeout):
+        code = CloseCode.HANDSHAKE_TIMEOUT
+    else:
+        code = _HANDSHAKE_CLOSE.get(error.code, CloseCode.HANDSHAKE_FAILED)
     try:
         await ws.send_bytes(codec.encode_map({"type": "error", "code": str(error.code), "message": error.message}))
         await ws.close(code=code, message=error.message.encode()[:120])

@@ -1,0 +1,135 @@
+"""A real Herald on a real port, and SDK clients wired to it.
+
+Tests talk to the server only through sockets: the SDK, or raw aiohttp
+websockets when a test needs to send bytes no SDK would.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+
+from protocol import codec, tokens
+from protocol.agent import AgentClient
+from protocol.messages import Hello, Message
+from protocol.visitor import VisitorClient
+from server.app import make_app
+from server.backend import Backend
+from server.config import Settings, load
+
+SECRET = "test-secret-acme-0123456789"
+OTHER_SECRET = "test-secret-other-0123456789"
+
+# Short timings so that grace periods, holds and keepalives fit in a test.
+TEST_SETTINGS = {
+    "grace_period": "0.4",
+    "signal_hold": "1.0",
+    "keepalive": "5",
+    "handshake_timeout": "2",
+    "delivery_timeout": "2",
+}
+
+
+def settings(**overrides: Any) -> Settings:
+    flags = {**TEST_SETTINGS, "groups": f"acme={SECRET},other={OTHER_SECRET}", **overrides}
+    return load(env={}, flags={k: str(v) for k, v in flags.items()})
+
+
+class HeraldServer:
+    """One server instance; ``stop()`` closes it like a clean shutdown."""
+
+    def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
+        self.settings = settings
+        self.app = make_app(settings, backend)
+        self.runner = web.AppRunner(self.app, shutdown_timeout=2)
+        self.port = 0
+        self.clients: list[VisitorClient | AgentClient] = []
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    async def start(self) -> HeraldServer:
+        await self.runner.setup()
+        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        await site.start()
+        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        return self
+
+    async def stop(self) -> None:
+        for client in self.clients:
+            with contextlib.suppress(Exception):
+                await client.close()
+        await self.runner.cleanup()
+
+    def secret(self, group: str) -> str:
+        return self.settings.groups[group].secrets[0]
+
+    async def visitor(self, visitor: str, group: str = "acme", connect: bool = True, **options: Any) -> VisitorClient:
+        token = options.pop("token", None) or tokens.visitor_token(self.secret(group), group, visitor)
+        client = VisitorClient(self.base_url, group, visitor, token, **options)
+        self.clients.append(client)
+        if connect:
+            await client.connect()
+        return client
+
+    async def agent(self, agent: str, group: str = "acme", connect: bool = True, **options: Any) -> AgentClient:
+        key = options.pop("key", None) or tokens.agent_key(self.secret(group), group, agent)
+        client = AgentClient(self.base_url, group, agent, key, **options)
+        self.clients.append(client)
+        if connect:
+            await client.connect()
+        return client
+
+    @contextlib.asynccontextmanager
+    async def raw_visitor(self, visitor: str = "raw", group: str = "acme", hello: bool = True) -> Any:
+        """A bare websocket for sending bytes the SDK never would."""
+        async with aiohttp.ClientSession() as session, session.ws_connect(self.base_url + "/v1/visitor") as ws:
+            if hello:
+                token = tokens.visitor_token(self.secret(group), group, visitor)
+                await ws.send_bytes(codec.encode(Hello(versions=[1], group=group, visitor=visitor, token=token)))
+                welcome = codec.decode(await ws.receive_bytes(timeout=5))
+                assert welcome.TYPE == "welcome", welcome
+            yield ws
+
+
+async def receive(ws: aiohttp.ClientWebSocketResponse, seconds: float = 5) -> Message:
+    return codec.decode(await ws.receive_bytes(timeout=seconds))
+
+
+def changed(change: str, visitor: str | None = None) -> Any:
+    """Matcher for ``wait_for``: a presence change of one kind (and visitor)."""
+    from protocol.messages import PresenceChanged
+
+    def match(event: Any) -> bool:
+        return (
+            isinstance(event, PresenceChanged)
+            and event.change == change
+            and (visitor is None or event.state["visitor"] == visitor)
+        )
+
+    return match
+
+
+def signal(event_name: str) -> Any:
+    """Matcher for ``wait_for``: a relayed signal with this event name."""
+    from protocol.messages import Signal
+
+    return lambda event: isinstance(event, Signal) and event.event == event_name
+
+
+async def drain(client: VisitorClient | AgentClient, seconds: float) -> list[Any]:
+    """Every event the client gets during ``seconds``."""
+    import asyncio
+
+    events: list[Any] = []
+    deadline = asyncio.get_running_loop().time() + seconds
+    while (left := deadline - asyncio.get_running_loop().time()) > 0:
+        try:
+            events.append(await client.next_event(timeout=left))
+        except TimeoutError:
+            break
+    return events
