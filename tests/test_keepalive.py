@@ -1,0 +1,50 @@
+"""Keepalive: the server announces its interval and drops silent peers,
+including half-open TCP connections that never answer a ping."""
+
+from __future__ import annotations
+
+import time
+
+import aiohttp
+
+from protocol import codec, tokens
+from protocol.messages import Hello, Welcome
+
+from .harness import SECRET, changed
+
+
+async def test_a_client_that_stops_answering_pings_is_closed_and_goes_offline(start_herald) -> None:  # type: ignore[no-untyped-def]
+    herald = await start_herald(keepalive=0.4, grace_period=0.2)
+    agent = await herald.agent("alice")
+    await agent.subscribe(["mute"])
+    async with aiohttp.ClientSession() as session:
+        # autoping=False: pings are not answered, like a peer whose network vanished.
+        ws = await session.ws_connect(herald.base_url + "/v1/visitor", autoping=False)
+        token = tokens.visitor_token(SECRET, "acme", "mute")
+        await ws.send_bytes(codec.encode(Hello(versions=[1], group="acme", visitor="mute", token=token)))
+        welcome = codec.decode(await ws.receive_bytes(timeout=5))
+        assert isinstance(welcome, Welcome) and welcome.keepalive == 0.4
+        await agent.wait_for(changed("online", "mute"))
+        started = time.monotonic()
+        while True:
+            msg = await ws.receive(timeout=5)
+            if msg.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED, aiohttp.WSMsgType.ERROR):
+                break
+            assert msg.type is aiohttp.WSMsgType.PING
+        assert time.monotonic() - started < 0.4 * 1.5 + 1
+    offline = await agent.wait_for(changed("offline", "mute"))
+    assert offline.state["online"] is False
+
+
+async def test_a_client_that_answers_pings_stays_connected(start_herald) -> None:  # type: ignore[no-untyped-def]
+    herald = await start_herald(keepalive=0.3)
+    visitor = await herald.visitor("lively")
+    assert visitor.welcome is not None and visitor.welcome.keepalive == 0.3
+    time_before = time.monotonic()
+    while time.monotonic() - time_before < 1.5:
+        assert visitor.connected
+        await visitor.publish(tick=int(time.monotonic() * 10))
+        import asyncio
+
+        await asyncio.sleep(0.1)
+    assert (await (await herald.agent("alice")).lookup("lively"))["online"]
