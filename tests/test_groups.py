@@ -13,6 +13,13 @@ from protocol.messages import PresenceChanged, Signal
 from .harness import SECRET, HeraldServer, drain
 
 
+async def _login(
+    session: aiohttp.ClientSession, herald: HeraldServer, group: str = "acme", key: str | None = None
+) -> aiohttp.ClientResponse:
+    key = key or tokens.agent_key(SECRET, group, "alice")
+    return await session.post(herald.base_url + "/v1/agent/login", json={"group": group, "agent": "alice", "key": key})
+
+
 async def test_an_agent_cannot_see_or_signal_another_groups_visitor(herald: HeraldServer) -> None:
     visitor = await herald.visitor("shared-id", group="acme")
     intruder = await herald.agent("mallory", group="other")
@@ -54,8 +61,7 @@ async def test_agent_login_with_a_wrong_key_is_refused(herald: HeraldServer) -> 
 
 async def test_agent_key_of_another_group_does_not_log_in(herald: HeraldServer) -> None:
     async with aiohttp.ClientSession() as session:
-        key = tokens.agent_key(SECRET, "acme", "alice")
-        response = await session.post(herald.base_url + "/v1/agent/login", json={"group": "other", "agent": "alice", "key": key})
+        response = await _login(session, herald, group="other", key=tokens.agent_key(SECRET, "acme", "alice"))
         assert response.status == 401
         assert (await response.json())["error"]["code"] == "unauthorized"
 
@@ -69,9 +75,7 @@ async def test_agent_websocket_without_a_login_is_refused_before_upgrade(herald:
 
 async def test_agent_websocket_from_a_foreign_origin_is_refused(herald: HeraldServer) -> None:
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-        key = tokens.agent_key(SECRET, "acme", "alice")
-        login = await session.post(herald.base_url + "/v1/agent/login", json={"group": "acme", "agent": "alice", "key": key})
-        assert login.status == 200
+        assert (await _login(session, herald)).status == 200
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(herald.base_url + "/v1/agent", headers={"Origin": "https://evil.example"})
         assert refused.value.status == 403
@@ -81,15 +85,17 @@ async def test_agent_websocket_from_a_foreign_origin_is_refused(herald: HeraldSe
 
 async def test_logout_ends_the_agent_session(herald: HeraldServer) -> None:
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
-        key = tokens.agent_key(SECRET, "acme", "alice")
-        await session.post(herald.base_url + "/v1/agent/login", json={"group": "acme", "agent": "alice", "key": key})
+        await _login(session, herald)
         assert (await session.post(herald.base_url + "/v1/agent/logout")).status == 200
         with pytest.raises(aiohttp.WSServerHandshakeError) as refused:
             await session.ws_connect(herald.base_url + "/v1/agent")
         assert refused.value.status == 401
 
 
-@pytest.mark.parametrize("body", [b"not json", b"[]", b'{"group": "acme"}', b'{"group": "a b", "agent": "x", "key": "1.x"}'])
+MALFORMED_LOGINS = [b"not json", b"[]", b'{"group": "acme"}', b'{"group": "a b", "agent": "x", "key": "1.x"}']
+
+
+@pytest.mark.parametrize("body", MALFORMED_LOGINS)
 async def test_malformed_login_is_a_400(herald: HeraldServer, body: bytes) -> None:
     async with aiohttp.ClientSession() as session:
         response = await session.post(herald.base_url + "/v1/agent/login", data=body)
