@@ -4,15 +4,14 @@ Two implementations sit beside this file: ``backend_memory`` (one process,
 the default) and, for clusters, a Redis one. The hub above never knows which
 it has. Contracts:
 
-* **Presence** operations are atomic per visitor. Each change raises the
-  visitor's ``version`` (also across an offline period: a visitor that comes
-  back gets a higher version than the offline it follows), so agents can
-  drop anything not newer than what they hold.
-* **Focus** is the connection with the highest ``active`` mark; a connection
-  becomes active when it joins, becomes visible, or publishes presence.
-* **Away**: when a visitor's last connection leaves it stays online with no
-  connections (nothing is announced) until ``expire_away`` with the same
-  ``away_since`` finds it still away and takes it offline.
+* **Presence** changes go through ``mutate``: the backend loads the
+  visitor's record (an empty, offline one with its last version if it has
+  none), applies a rule from ``presence``, stores the result and publishes
+  the announcement built from it, all as one atomic step per visitor. So
+  versions rise by one change at a time and announcements of one visitor
+  reach each topic in version order, whichever instances made them. A
+  visitor that is neither connected nor away is removed, leaving its last
+  version behind for a while so that versions never go back.
 * **Bus**: ``publish`` reaches every instance subscribed to the topic, in
   publish order per publisher, and returns how many instances that was.
   Delivery happens through the ``BusHandler`` given to ``start``; the
@@ -108,6 +107,10 @@ class HeldSignal:
     to_all: bool
 
 
+Mutation = Callable[[VisitorRecord], PresenceChange | None]
+Announce = Callable[[PresenceChange], list[tuple[str, bytes]]]
+
+
 class Backend(ABC):
     instance_id: str
 
@@ -119,20 +122,10 @@ class Backend(ABC):
 
     # -- presence --------------------------------------------------------
     @abstractmethod
-    async def join(self, group: str, visitor: str, record: ConnectionRecord) -> PresenceChange: ...
-
-    @abstractmethod
-    async def update(
-        self, group: str, visitor: str, connection: str, data: dict[str, Any] | None, visible: bool | None
-    ) -> PresenceChange | None:
-        """Merge ``data`` (None values delete fields), set visibility.
-        None when the connection is unknown (it already left)."""
-
-    @abstractmethod
-    async def leave(self, group: str, visitor: str, connection: str) -> PresenceChange | None: ...
-
-    @abstractmethod
-    async def expire_away(self, group: str, visitor: str, away_since: int) -> PresenceChange | None: ...
+    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+        """Apply ``mutation`` to the visitor's record atomically and publish
+        ``announce(change)`` with it; None (and nothing stored) if it changed
+        nothing."""
 
     @abstractmethod
     async def visitor(self, group: str, visitor: str) -> VisitorState:

@@ -1,8 +1,8 @@
 """The embedded backend: one process, plain dicts, no Redis.
 
-Every operation runs without awaiting anything, so each is atomic on the
-event loop. The bus delivers with ``call_soon``: in publish order, never
-re-entrantly inside the publisher's call.
+Nothing here awaits, so every operation is atomic on the event loop. The
+bus delivers with ``call_soon``: in publish order, and never re-entrantly
+inside the publisher's call.
 """
 
 from __future__ import annotations
@@ -10,35 +10,28 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
 
 from protocol.messages import VisitorState
 
 from .backend import (
+    Announce,
     Backend,
     BusHandler,
-    ConnectionRecord,
     HeldSignal,
+    Mutation,
     PresenceChange,
     VisitorRecord,
     offline_state,
 )
 
-TOMBSTONE_SECONDS = 600.0
-
-
-def next_version(previous: int) -> int:
-    """Microseconds since the epoch, or one more than before if that is
-    larger: versions stay increasing across offline periods without
-    remembering every visitor forever."""
-    return max(previous + 1, time.time_ns() // 1000)
+TOMBSTONE_SECONDS = 600.0  # how long an offline visitor's last version is kept
 
 
 class MemoryBackend(Backend):
     def __init__(self, instance_id: str | None = None) -> None:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self._groups: dict[str, dict[str, VisitorRecord]] = {}
-        self._tombstones: dict[tuple[str, str], tuple[int, float]] = {}  # last version of offline visitors
+        self._tombstones: dict[tuple[str, str], tuple[int, float]] = {}  # last version, forget-after
         self._held: dict[tuple[str, str], list[tuple[HeldSignal, float]]] = {}
         self._topics: set[str] = set()
         self._on_message: BusHandler | None = None
@@ -56,75 +49,31 @@ class MemoryBackend(Backend):
         visitors = self._groups.get(group)
         return visitors.get(visitor) if visitors else None
 
-    def _bump(self, record: VisitorRecord) -> int:
-        record.version = next_version(record.version)
-        return record.version
-
-    async def join(self, group: str, visitor: str, record: ConnectionRecord) -> PresenceChange:
-        current = self._get(group, visitor)
-        if current is None:
-            last, _ = self._tombstones.pop((group, visitor), (0, 0.0))
-            current = VisitorRecord(group, visitor, last)
-            self._groups.setdefault(group, {})[visitor] = current
-            change = "online"
+    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+        record = self._get(group, visitor)
+        if record is None:
+            last, _ = self._tombstones.get((group, visitor), (0, 0.0))
+            record = VisitorRecord(group, visitor, last)
+        change = mutation(record)
+        if change is None:
+            return None
+        if record.online:
+            self._groups.setdefault(group, {})[visitor] = record
+            self._tombstones.pop((group, visitor), None)
         else:
-            change = "connections"
-        before = current.focused()
-        current.away_since = None
-        record.active = self._bump(current)
-        current.connections[record.connection] = record
-        return PresenceChange(current, change, current.version, before, record)
+            self._remove(record)
+        for topic, message in announce(change):
+            await self.publish(topic, message)
+        return change
 
-    async def update(
-        self, group: str, visitor: str, connection: str, data: dict[str, Any] | None, visible: bool | None
-    ) -> PresenceChange | None:
-        current = self._get(group, visitor)
-        conn = current.connections.get(connection) if current else None
-        if current is None or conn is None:
-            return None
-        before = current.focused()
-        change = None
-        if data:
-            merged = {**conn.data, **data}
-            conn.data = {k: v for k, v in merged.items() if v is not None}
-            change = "data"
-        if visible is not None and visible != conn.visible:
-            conn.visible = visible
-            change = change or "visibility"
-        version = self._bump(current)
-        if data or visible:
-            conn.active = version
-        return PresenceChange(current, change, version, before, current.focused())
-
-    async def leave(self, group: str, visitor: str, connection: str) -> PresenceChange | None:
-        current = self._get(group, visitor)
-        if current is None or connection not in current.connections:
-            return None
-        before = current.focused()
-        del current.connections[connection]
-        version = self._bump(current)
-        if current.connections:
-            return PresenceChange(current, "connections", version, before, current.focused())
-        current.away_since = version
-        return PresenceChange(current, None, version)
-
-    async def expire_away(self, group: str, visitor: str, away_since: int) -> PresenceChange | None:
-        current = self._get(group, visitor)
-        if current is None or current.away_since != away_since:
-            return None
-        visitors = self._groups[group]
-        del visitors[visitor]
+    def _remove(self, record: VisitorRecord) -> None:
+        visitors = self._groups.get(record.group, {})
+        visitors.pop(record.visitor, None)
         if not visitors:
-            del self._groups[group]
-        version = self._bump(current)
-        self._bury((group, visitor), version)
-        current.away_since = None
-        return PresenceChange(current, "offline", version)
-
-    def _bury(self, key: tuple[str, str], version: int) -> None:
+            self._groups.pop(record.group, None)
         now = time.monotonic()
-        self._tombstones[key] = (version, now + TOMBSTONE_SECONDS)
-        while self._tombstones:  # oldest first: insertion order is expiry order
+        self._tombstones[(record.group, record.visitor)] = (record.version, now + TOMBSTONE_SECONDS)
+        while self._tombstones:  # insertion order is expiry order: drop the expired from the front
             oldest = next(iter(self._tombstones))
             if self._tombstones[oldest][1] > now:
                 break
@@ -161,13 +110,13 @@ class MemoryBackend(Backend):
 
     async def take_held(self, group: str, visitor: str) -> list[HeldSignal]:
         now = time.monotonic()
-        return [s for s, expires in self._held.pop((group, visitor), []) if expires > now]
+        return [signal for signal, expires in self._held.pop((group, visitor), []) if expires > now]
 
     async def drop_held(self, group: str, visitor: str, key: str) -> bool:
         held = self._held.get((group, visitor))
         if not held:
             return False
-        kept = [(s, e) for s, e in held if s.key != key]
+        kept = [(signal, expires) for signal, expires in held if signal.key != key]
         if kept:
             self._held[(group, visitor)] = kept
         else:

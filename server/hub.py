@@ -12,13 +12,14 @@ import asyncio
 import logging
 import time
 from collections.abc import Coroutine, Iterable
+from functools import partial
 from typing import Any
 
 from protocol import codec
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
-from . import topics
-from .backend import Backend, ConnectionRecord, PresenceChange, offline_state
+from . import presence, topics
+from .backend import Backend, ConnectionRecord, Mutation, PresenceChange, offline_state
 from .config import Settings
 from .connection import Connection
 from .delivery import Delivery
@@ -126,51 +127,52 @@ class Hub:
         self.visitors[conn.id] = conn
         data = {key: value for key, value in data.items() if value is not None}
         record = ConnectionRecord(conn.id, self.instance, data, visible, round(time.time(), 3))
-        change = await self.backend.join(conn.group, conn.subject, record)
-        await self._announce(conn.group, conn.subject, change, joined=conn.id)
+        await self._mutate(conn.group, conn.subject, partial(presence.join, connection=record), joined=conn.id)
         await self.delivery.release_held(conn)
 
     async def visitor_updated(self, conn: Connection, data: dict[str, Any] | None, visible: bool | None) -> None:
-        change = await self.backend.update(conn.group, conn.subject, conn.id, data, visible)
-        if change is not None:
-            await self._announce(conn.group, conn.subject, change)
+        mutation = partial(presence.update, connection=conn.id, data=data, visible=visible)
+        await self._mutate(conn.group, conn.subject, mutation)
 
     async def visitor_left(self, conn: Connection) -> None:
         self.visitors.pop(conn.id, None)
-        change = await self.backend.leave(conn.group, conn.subject, conn.id)
-        if change is None:
-            return
-        await self._announce(conn.group, conn.subject, change)
-        away_since = change.record.away_since if change.record else None
+        change = await self._mutate(conn.group, conn.subject, partial(presence.leave, connection=conn.id))
+        away_since = change.record.away_since if change and change.record else None
         if away_since is not None:
             group, visitor = conn.group, conn.subject
             self.later(
                 self.settings.grace_period,
-                lambda: self._expire_away(group, visitor, away_since),
+                lambda: self._mutate(group, visitor, partial(presence.expire_away, away_since=away_since)),
                 f"grace-{group}/{visitor}",
             )
 
-    async def _expire_away(self, group: str, visitor: str, away_since: int) -> None:
-        change = await self.backend.expire_away(group, visitor, away_since)
-        if change is not None:
-            await self._announce(group, visitor, change)
-
-    async def _announce(self, group: str, visitor: str, change: PresenceChange, joined: str | None = None) -> None:
-        if change.change is not None:
-            if change.change == "offline" or change.record is None:
-                state = offline_state(visitor, change.version)
-            else:
-                state = change.record.state()
-            frame = codec.encode(PresenceChanged(change=change.change, state=state))
-            envelope = topics.pack(topics.PRESENCE, group, visitor, change.version, frame)
-            await self.backend.publish(topics.visitor_topic(group, visitor), envelope)
-            await self.backend.publish(topics.group_topic(group), envelope)
-        if change.focus_moved:
+    async def _mutate(
+        self, group: str, visitor: str, mutation: Mutation, joined: str | None = None
+    ) -> PresenceChange | None:
+        """Change a visitor's presence, announce it, move focus if it moved."""
+        change = await self.backend.mutate(group, visitor, mutation, self._announcement)
+        if change is not None and change.focus_moved:
             live = change.record.connections if change.record else {}
             if change.focus_before and change.focus_before.connection in live:
                 await self.tell_focus(change.focus_before, False)
             if change.focus_after and change.focus_after.connection != joined:
                 await self.tell_focus(change.focus_after, True)
+        return change
+
+    @staticmethod
+    def _announcement(change: PresenceChange) -> list[tuple[str, bytes]]:
+        """What agents are told of a change: one frame, encoded once, on the
+        visitor's topic and its group's topic."""
+        if change.change is None or change.record is None:
+            return []
+        record = change.record
+        state = record.state() if record.online else offline_state(record.visitor, change.version)
+        frame = codec.encode(PresenceChanged(change=change.change, state=state))
+        envelope = topics.pack(topics.PRESENCE, record.group, record.visitor, change.version, frame)
+        return [
+            (topics.visitor_topic(record.group, record.visitor), envelope),
+            (topics.group_topic(record.group), envelope),
+        ]
 
     async def tell_focus(self, record: ConnectionRecord, focused: bool) -> None:
         if record.instance == self.instance:
