@@ -22,9 +22,19 @@ log = logging.getLogger(__name__)
 
 
 def make_backend(settings: Settings) -> Backend:
-    if settings.redis_url:
-        raise SystemExit("the Redis backend is not available in this version; leave redis_url empty")
-    return MemoryBackend()
+    """Redis when a URL is configured, else the embedded memory backend."""
+    if not settings.redis_url:
+        return MemoryBackend()
+    from .backend_redis import RedisBackend
+
+    return RedisBackend(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        grace_period=settings.grace_period,
+        heartbeat=settings.instance_heartbeat,
+        dead_after=settings.instance_dead_after,
+        probe_timeout=max(3.0, settings.instance_heartbeat * 3),
+    )
 
 
 def make_app(settings: Settings, backend: Backend | None = None) -> web.Application:
@@ -54,7 +64,7 @@ async def _run_hub(app: web.Application) -> AsyncIterator[None]:
 async def _close_connections(app: web.Application) -> None:
     """Tell every client to reconnect (elsewhere) before the process stops."""
     hub = app[HUB]
-    connections = list(hub.visitors.values()) + [a for agents in hub.watchers.values() for a in agents]
+    connections = [*hub.visitors.values(), *hub.agents()]
     for conn in connections:
         conn.close(CloseCode.GOING_AWAY, "server shutting down")
     for conn in connections:
@@ -66,4 +76,7 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    return web.json_response({"ready": True, "instance": request.app[HUB].instance})
+    """Ready when the backend is reachable and its bus subscription proven."""
+    hub = request.app[HUB]
+    healthy = hub.backend.healthy
+    return web.json_response({"ready": healthy, "instance": hub.instance}, status=200 if healthy else 503)

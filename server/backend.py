@@ -14,8 +14,9 @@ it has. Contracts:
   version behind for a while so that versions never go back.
 * **Bus**: ``publish`` reaches every instance subscribed to the topic, in
   publish order per publisher, and returns how many instances that was.
-  Delivery happens through the ``BusHandler`` given to ``start``; the
-  backend never holds client connections.
+  Delivery happens through the listener given to ``start``.
+* **Failure**: an operation that cannot reach shared state raises
+  ``BackendUnavailable``; it never half-happens silently.
 * **Held signals** are stored per visitor and taken exactly once: either by
   ``take_held`` (the visitor came back) or by ``drop_held`` (the hold ran
   out) — never both.
@@ -26,11 +27,17 @@ from __future__ import annotations
 from abc import ABC, abstractmethod
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Protocol
 
+from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import ConnectionState, VisitorState
 
-BusHandler = Callable[[str, bytes], None]
+
+class BackendUnavailable(ProtocolError):
+    """The shared backend cannot be reached; the operation did not happen."""
+
+    def __init__(self, message: str = "the cluster backend is unreachable; try again shortly") -> None:
+        super().__init__(ErrorCode.BACKEND_UNAVAILABLE, message)
 
 
 @dataclass(slots=True)
@@ -111,11 +118,30 @@ Mutation = Callable[[VisitorRecord], PresenceChange | None]
 Announce = Callable[[PresenceChange], list[tuple[str, bytes]]]
 
 
+class BackendListener(Protocol):
+    """What a backend calls back into (the hub). It never holds clients."""
+
+    def on_bus_message(self, topic: str, message: bytes) -> None:
+        """A message on a subscribed topic, in publish order."""
+
+    def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
+        """The bus messages that tell agents of ``change``."""
+
+    async def backend_restored(self) -> None:
+        """The backend was lost and is back: messages may have been missed,
+        and what this instance registered may be gone."""
+
+
 class Backend(ABC):
     instance_id: str
 
+    @property
+    def healthy(self) -> bool:
+        """Reachable, and the bus subscription proven alive."""
+        return True
+
     @abstractmethod
-    async def start(self, on_message: BusHandler) -> None: ...
+    async def start(self, listener: BackendListener) -> None: ...
 
     @abstractmethod
     async def close(self) -> None: ...
@@ -137,6 +163,11 @@ class Backend(ABC):
     @abstractmethod
     async def group_visitors(self, group: str) -> list[VisitorState]:
         """Every online visitor of the group."""
+
+    @abstractmethod
+    async def registered_connections(self) -> list[tuple[str, str, str]]:
+        """(group, visitor, connection) of every connection this instance
+        registered, as the backend has them."""
 
     # -- bus -------------------------------------------------------------
     @abstractmethod

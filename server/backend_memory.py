@@ -16,7 +16,7 @@ from protocol.messages import VisitorState
 from .backend import (
     Announce,
     Backend,
-    BusHandler,
+    BackendListener,
     HeldSignal,
     Mutation,
     PresenceChange,
@@ -34,15 +34,15 @@ class MemoryBackend(Backend):
         self._tombstones: dict[tuple[str, str], tuple[int, float]] = {}  # last version, forget-after
         self._held: dict[tuple[str, str], list[tuple[HeldSignal, float]]] = {}
         self._topics: set[str] = set()
-        self._on_message: BusHandler | None = None
+        self._listener: BackendListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
-    async def start(self, on_message: BusHandler) -> None:
-        self._on_message = on_message
+    async def start(self, listener: BackendListener) -> None:
+        self._listener = listener
         self._loop = asyncio.get_running_loop()
 
     async def close(self) -> None:
-        self._on_message = None
+        self._listener = None
 
     # -- presence --------------------------------------------------------
     def _get(self, group: str, visitor: str) -> VisitorRecord | None:
@@ -91,6 +91,14 @@ class MemoryBackend(Backend):
     async def group_visitors(self, group: str) -> list[VisitorState]:
         return [record.state() for record in self._groups.get(group, {}).values()]
 
+    async def registered_connections(self) -> list[tuple[str, str, str]]:
+        return [
+            (group, visitor, connection)
+            for group, visitors in self._groups.items()
+            for visitor, record in visitors.items()
+            for connection in record.connections
+        ]
+
     # -- bus -------------------------------------------------------------
     async def subscribe(self, topic: str) -> None:
         self._topics.add(topic)
@@ -99,9 +107,9 @@ class MemoryBackend(Backend):
         self._topics.discard(topic)
 
     async def publish(self, topic: str, message: bytes) -> int:
-        if topic not in self._topics or self._on_message is None or self._loop is None:
+        if topic not in self._topics or self._listener is None or self._loop is None:
             return 0
-        self._loop.call_soon(self._on_message, topic, message)
+        self._loop.call_soon(self._listener.on_bus_message, topic, message)
         return 1
 
     # -- held signals ----------------------------------------------------

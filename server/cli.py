@@ -28,6 +28,9 @@ HELP = {
     "cookie_secure": "mark the session cookie Secure (set it behind HTTPS)",
     "cookie_samesite": "SameSite of the session cookie: Strict, Lax or None",
     "redis_url": "Redis URL for cluster mode; empty keeps the embedded memory backend",
+    "redis_prefix": "prefix of every Redis key and channel (several clusters can share a Redis)",
+    "instance_heartbeat": "seconds between an instance's heartbeats in Redis",
+    "instance_dead_after": "seconds without a heartbeat before an instance's visitors are dropped",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
 }
 

@@ -9,6 +9,7 @@ story.
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import secrets
 import tomllib
@@ -54,6 +55,9 @@ class Settings:
     cookie_secure: bool = False
     cookie_samesite: str = "Lax"
     redis_url: str = ""
+    redis_prefix: str = "herald"  # namespace of every key and channel
+    instance_heartbeat: float = 1.0  # seconds between an instance's heartbeats in Redis
+    instance_dead_after: float = 8.0  # a silent instance's visitors are dropped after this
     log_level: str = "INFO"
     groups: dict[str, GroupConfig] = field(default_factory=dict)
 
@@ -61,16 +65,39 @@ class Settings:
 _SCALAR_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "groups"}
 
 
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
 def _coerce(name: str, raw: Any) -> Any:
+    """A setting's value from TOML (typed) or env/flags (text), strictly:
+    no silent rounding, no booleans as numbers, only finite numbers."""
     kind = type(getattr(Settings(), name))
-    try:
-        if kind is bool and isinstance(raw, str):
-            if raw.lower() not in ("1", "0", "true", "false", "yes", "no", "on", "off"):
-                raise ValueError(raw)
-            return raw.lower() in ("1", "true", "yes", "on")
-        return kind(raw)
-    except (TypeError, ValueError):
-        raise ConfigError(f"{name}: cannot read {raw!r} as {kind.__name__}") from None
+    value: Any = None
+    if kind is bool:
+        if isinstance(raw, bool):
+            value = raw
+        elif isinstance(raw, str) and raw.lower() in _TRUE + _FALSE:
+            value = raw.lower() in _TRUE
+    elif kind is int:
+        if type(raw) is int:
+            value = raw
+        elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+            value = int(raw)
+    elif kind is float:
+        if type(raw) in (int, float):
+            value = float(raw)
+        elif isinstance(raw, str):
+            try:
+                value = float(raw)
+            except ValueError:
+                value = None
+        if value is not None and not math.isfinite(value):
+            value = None
+    elif isinstance(raw, str):
+        value = raw
+    if value is None:
+        raise ConfigError(f"{name}: cannot read {raw!r} as {kind.__name__}")
+    return value
 
 
 def _parse_group_pairs(text: str) -> dict[str, GroupConfig]:
@@ -84,16 +111,26 @@ def _parse_group_pairs(text: str) -> dict[str, GroupConfig]:
     return groups
 
 
-def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Mapping[str, Any]) -> None:
+_GROUP_KEYS = {"secret", "secrets", "allowed_origins"}
+
+
+def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> None:
     try:
         identifier(group_id, "group")
     except ProtocolError as exc:
         raise ConfigError(str(exc)) from None
+    if not isinstance(table, Mapping):
+        raise ConfigError(f"group {group_id!r}: expected a table with secret(s) and allowed_origins")
+    unknown = set(table) - _GROUP_KEYS
+    if unknown:
+        raise ConfigError(f"group {group_id!r}: unknown keys {sorted(unknown)}")
     found = table.get("secrets") or ([table["secret"]] if table.get("secret") else [])
-    if not found or not all(isinstance(s, str) and len(s) >= 16 for s in found):
+    if not isinstance(found, list) or not found or not all(isinstance(s, str) and len(s) >= 16 for s in found):
         raise ConfigError(f"group {group_id!r}: needs a secret of at least 16 characters")
-    origins = list(table.get("allowed_origins", []))
-    groups[group_id] = GroupConfig(group_id, list(found), origins)
+    origins = table.get("allowed_origins", [])
+    if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
+        raise ConfigError(f"group {group_id!r}: allowed_origins must be a list of strings")
+    groups[group_id] = GroupConfig(group_id, list(found), list(origins))
 
 
 def load(
@@ -107,7 +144,10 @@ def load(
             data = tomllib.loads(Path(toml_path).read_text())
         except (OSError, tomllib.TOMLDecodeError) as exc:
             raise ConfigError(f"{toml_path}: {exc}") from None
-        for group_id, table in data.pop("groups", {}).items():
+        group_tables = data.pop("groups", {})
+        if not isinstance(group_tables, dict):
+            raise ConfigError(f"{toml_path}: groups must be tables ([groups.<id>])")
+        for group_id, table in group_tables.items():
             _add_group(settings.groups, group_id, table)
         layers.append((toml_path, data))
     layers.append(("environment", {k[7:].lower(): v for k, v in env.items() if k.startswith("HERALD_")}))
@@ -125,14 +165,22 @@ def load(
 
 
 def _validate(settings: Settings) -> None:
-    for name in ("keepalive", "handshake_timeout", "delivery_timeout"):
+    for name in ("keepalive", "handshake_timeout", "delivery_timeout", "instance_heartbeat"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name in ("grace_period", "signal_hold"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if not 0 <= settings.port <= 65535:
+        raise ConfigError("port must be between 0 and 65535")
     if settings.max_frame_bytes < 1024 or settings.max_queue < 1:
         raise ConfigError("max_frame_bytes must be at least 1024 and max_queue at least 1")
+    if settings.instance_dead_after < settings.instance_heartbeat * 3:
+        raise ConfigError("instance_dead_after must be at least 3 heartbeats")
+    if not settings.redis_prefix or any(c in settings.redis_prefix for c in "{} "):
+        raise ConfigError("redis_prefix must be non-empty without braces or spaces")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR"):
+        raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
     if settings.cookie_samesite not in ("Strict", "Lax", "None"):
         raise ConfigError("cookie_samesite must be Strict, Lax or None")
 

@@ -13,13 +13,17 @@ import asyncio
 import contextlib
 import logging
 import secrets
+import time
 from collections import deque
+from typing import Any
 
 from aiohttp import web
 
 from protocol import codec
 from protocol.errors import CloseCode, ErrorCode
 from protocol.messages import Error, Message
+
+from .backend import ConnectionRecord
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +35,8 @@ def new_connection_id() -> str:
 
 
 class Connection:
+    """A client's socket and identity; ``send`` queues, one writer drains."""
+
     __slots__ = ("_closer", "_closing", "_queue", "_writer", "group", "id", "max_queue", "role", "subject", "ws")
 
     def __init__(self, ws: web.WebSocketResponse, role: str, group: str, subject: str, max_queue: int) -> None:
@@ -113,3 +119,24 @@ class Connection:
                 with contextlib.suppress(asyncio.CancelledError, TimeoutError):
                     async with asyncio.timeout(CLOSE_TIMEOUT):
                         await asyncio.shield(task)
+
+
+class VisitorConnection(Connection):
+    """A visitor's connection and its own copy of what it registered, so the
+    instance can register it again if the backend loses it."""
+
+    __slots__ = ("presence",)
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        group: str,
+        visitor: str,
+        max_queue: int,
+        instance: str,
+        data: dict[str, Any],
+        visible: bool,
+    ) -> None:
+        super().__init__(ws, "visitor", group, visitor, max_queue)
+        data = {key: value for key, value in data.items() if value is not None}
+        self.presence = ConnectionRecord(self.id, instance, data, visible, round(time.time(), 3))

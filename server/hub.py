@@ -9,6 +9,7 @@ and the same bytes are queued on every local agent that watches it.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import time
 from collections.abc import Coroutine, Iterable
@@ -16,12 +17,21 @@ from functools import partial
 from typing import Any
 
 from protocol import codec
+from protocol.errors import CloseCode
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
 from . import presence, topics
-from .backend import Backend, ConnectionRecord, Mutation, PresenceChange, offline_state
+from .backend import (
+    Backend,
+    BackendUnavailable,
+    ConnectionRecord,
+    Mutation,
+    PresenceChange,
+    VisitorRecord,
+    offline_state,
+)
 from .config import Settings
-from .connection import Connection
+from .connection import Connection, VisitorConnection
 from .delivery import Delivery
 
 log = logging.getLogger(__name__)
@@ -90,7 +100,7 @@ class Hub:
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
-        await self.backend.start(self.on_bus_message)
+        await self.backend.start(self)
         await self.backend.subscribe(topics.inbox_topic(self.instance))
 
     async def close(self) -> None:
@@ -101,6 +111,23 @@ class Hub:
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
         await self.backend.close()
+
+    def agents(self) -> set[AgentConnection]:
+        return {agent for watchers in self.watchers.values() for agent in watchers}
+
+    async def backend_restored(self) -> None:
+        """The cluster backend is back after an outage: what we registered may
+        be gone or stale, and agents may have missed changes."""
+        local = dict(self.visitors)
+        for group, visitor, connection in await self.backend.registered_connections():
+            if connection not in local:  # it closed while the backend was away
+                await self._mutate(group, visitor, partial(presence.drop, connection=connection))
+        for conn in local.values():
+            await self._visitor_mutate(conn, partial(presence.rejoin, connection=conn.presence))
+        # Changes published while the bus was down never reached our agents:
+        # they reconnect at once and start again from a fresh snapshot.
+        for agent in self.agents():
+            agent.close(CloseCode.RECONNECT, "resync after a cluster backend outage")
 
     def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
         """Run owned background work; its failure is logged, never lost."""
@@ -123,20 +150,18 @@ class Hub:
         self._timers.add(handle)
 
     # -- visitors ----------------------------------------------------------
-    async def visitor_joined(self, conn: Connection, data: dict[str, Any], visible: bool) -> None:
+    async def visitor_joined(self, conn: VisitorConnection) -> None:
         self.visitors[conn.id] = conn
-        data = {key: value for key, value in data.items() if value is not None}
-        record = ConnectionRecord(conn.id, self.instance, data, visible, round(time.time(), 3))
-        await self._mutate(conn.group, conn.subject, partial(presence.join, connection=record), joined=conn.id)
-        await self.delivery.release_held(conn)
+        await self._visitor_mutate(conn, partial(presence.join, connection=conn.presence), joined=conn.id)
+        with contextlib.suppress(BackendUnavailable):  # held signals stay held; their senders hear of it
+            await self.delivery.release_held(conn)
 
-    async def visitor_updated(self, conn: Connection, data: dict[str, Any] | None, visible: bool | None) -> None:
-        mutation = partial(presence.update, connection=conn.id, data=data, visible=visible)
-        await self._mutate(conn.group, conn.subject, mutation)
+    async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:
+        await self._visitor_mutate(conn, partial(presence.update, connection=conn.id, data=data, visible=visible))
 
-    async def visitor_left(self, conn: Connection) -> None:
+    async def visitor_left(self, conn: VisitorConnection) -> None:
         self.visitors.pop(conn.id, None)
-        change = await self._mutate(conn.group, conn.subject, partial(presence.leave, connection=conn.id))
+        change = await self._visitor_mutate(conn, partial(presence.leave, connection=conn.id))
         away_since = change.record.away_since if change and change.record else None
         if away_since is not None:
             group, visitor = conn.group, conn.subject
@@ -146,11 +171,27 @@ class Hub:
                 f"grace-{group}/{visitor}",
             )
 
+    async def _visitor_mutate(
+        self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None
+    ) -> PresenceChange | None:
+        """A local connection's presence change. If the backend is away the
+        connection lives on: the change is applied to its own copy, and
+        ``backend_restored`` registers that copy again."""
+        try:
+            change = await self._mutate(conn.group, conn.subject, mutation, joined)
+        except BackendUnavailable:
+            log.warning("backend unavailable: presence of %r kept locally until it is back", conn)
+            mutation(VisitorRecord(conn.group, conn.subject, 0, {conn.id: conn.presence}))
+            return None
+        if change is not None and change.record is not None:
+            conn.presence = change.record.connections.get(conn.id, conn.presence)
+        return change
+
     async def _mutate(
         self, group: str, visitor: str, mutation: Mutation, joined: str | None = None
     ) -> PresenceChange | None:
         """Change a visitor's presence, announce it, move focus if it moved."""
-        change = await self.backend.mutate(group, visitor, mutation, self._announcement)
+        change = await self.backend.mutate(group, visitor, mutation, self.announcement)
         if change is not None and change.focus_moved:
             live = change.record.connections if change.record else {}
             if change.focus_before and change.focus_before.connection in live:
@@ -159,8 +200,7 @@ class Hub:
                 await self.tell_focus(change.focus_after, True)
         return change
 
-    @staticmethod
-    def _announcement(change: PresenceChange) -> list[tuple[str, bytes]]:
+    def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
         """What agents are told of a change: one frame, encoded once, on the
         visitor's topic and its group's topic."""
         if change.change is None or change.record is None:
@@ -193,9 +233,20 @@ class Hub:
         )
         envelope = topics.pack(topics.VISITOR_SIGNAL, conn.group, conn.subject, frame)
         if message.agent is not None:
-            return await self.backend.publish(topics.agent_topic(conn.group, message.agent), envelope)
-        reached = await self.backend.publish(topics.visitor_topic(conn.group, conn.subject), envelope)
-        return reached + await self.backend.publish(topics.group_topic(conn.group), envelope)
+            names = [topics.agent_topic(conn.group, message.agent)]
+        else:
+            names = [topics.visitor_topic(conn.group, conn.subject), topics.group_topic(conn.group)]
+        reached = 0
+        for topic in names:
+            try:
+                reached += await self.backend.publish(topic, envelope)
+            except BackendUnavailable:
+                # The cluster is unreachable: this instance's agents still hear it.
+                delivered = self._to_watchers(topic, conn.subject, None, frame)
+                if message.agent is not None and not delivered:
+                    raise
+                reached += bool(delivered)
+        return reached
 
     # -- agents ------------------------------------------------------------
     async def agent_joined(self, agent: AgentConnection) -> None:
@@ -231,14 +282,12 @@ class Hub:
 
     async def _watch(self, agent: AgentConnection, names: Iterable[str]) -> None:
         for topic in names:
-            if topic in agent.topics:
-                continue
-            agent.topics.add(topic)
-            watchers = self.watchers.get(topic)
-            if watchers is None:
-                watchers = self.watchers[topic] = set()
-                await self.backend.subscribe(topic)
-            watchers.add(agent)
+            if topic not in agent.topics:
+                agent.topics.add(topic)
+                self.watchers.setdefault(topic, set()).add(agent)
+            # Every watcher waits for the subscription to be confirmed, even
+            # if another started it: its snapshot must not precede it.
+            await self.backend.subscribe(topic)
 
     async def _unwatch(self, agent: AgentConnection, names: Iterable[str]) -> None:
         for topic in names:
@@ -267,12 +316,15 @@ class Hub:
         except Exception:
             log.exception("dropping bad bus message on %s", topic)
 
-    def _to_watchers(self, topic: str, visitor: str, version: int | None, frame: bytes) -> None:
+    def _to_watchers(self, topic: str, visitor: str, version: int | None, frame: bytes) -> int:
         watchers = self.watchers.get(topic)
         if not watchers:
-            return
+            return 0
         # An agent watching the whole group gets the group topic's copy.
         skip_group_watchers = topic.startswith("v:")
+        delivered = 0
         for agent in watchers:
             if not (skip_group_watchers and agent.watching_group):
                 agent.deliver(visitor, version, frame)
+                delivered += 1
+        return delivered

@@ -38,11 +38,16 @@ def join(record: VisitorRecord, connection: ConnectionRecord) -> PresenceChange:
 
 
 def rejoin(record: VisitorRecord, connection: ConnectionRecord) -> PresenceChange | None:
-    """Re-register a live connection (after the backend lost it); a no-op if
-    the backend still has it."""
-    if connection.connection in record.connections:
+    """Register a live connection again after a backend outage: add it if
+    the backend lost it, bring its data up to date if it changed meanwhile."""
+    current = record.connections.get(connection.connection)
+    if current is None:
+        return join(record, connection)
+    if (current.data, current.visible) == (connection.data, connection.visible):
         return None
-    return join(record, connection)
+    before = record.focused()
+    current.data, current.visible = connection.data, connection.visible
+    return PresenceChange(record, "data", _bump(record), before, record.focused())
 
 
 def update(
@@ -92,3 +97,12 @@ def expire_away(record: VisitorRecord, away_since: int | None) -> PresenceChange
         return None
     record.away_since = None
     return PresenceChange(record, "offline", _bump(record))
+
+
+def drop(record: VisitorRecord, connection: str) -> PresenceChange | None:
+    """A connection is gone without a goodbye (its instance died, or it left
+    while the backend was away): no grace period, it has been over already."""
+    change = leave(record, connection)
+    if change is None or record.connections:
+        return change
+    return expire_away(record, None)

@@ -10,7 +10,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Ack, Hello, Message, Ping, Pong, Presence, Signal, Welcome
 
 from . import auth
-from .connection import Connection
+from .connection import VisitorConnection
 from .hub import Hub
 from .keys import HUB, SETTINGS
 from .websocket import SERVER_NAME, answering_errors, messages, open_websocket, read_hello, refuse
@@ -29,7 +29,8 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         await refuse(ws, exc)
         return ws
     assert hello.visitor is not None
-    conn = Connection(ws, "visitor", group.id, hello.visitor, settings.max_queue)
+    visible = True if hello.visible is None else hello.visible
+    conn = VisitorConnection(ws, group.id, hello.visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
     conn.send_message(
         Welcome(
             protocol=version,
@@ -43,7 +44,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         )
     )
     try:
-        await hub.visitor_joined(conn, hello.data or {}, True if hello.visible is None else hello.visible)
+        await hub.visitor_joined(conn)
         log.debug("%r joined", conn)
         async for message in messages(conn, settings.max_frame_bytes):
             await answering_errors(conn, getattr(message, "id", None), _handle(hub, conn, message))
@@ -53,7 +54,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _handle(hub: Hub, conn: Connection, message: Message) -> None:
+async def _handle(hub: Hub, conn: VisitorConnection, message: Message) -> None:
     if isinstance(message, Presence):
         if message.data is None and message.visible is None:
             raise ProtocolError(ErrorCode.INVALID, "presence needs data or visible")

@@ -1,0 +1,471 @@
+"""The cluster backend: many instances, one Redis.
+
+Channel layout (why not one channel for everything): each bus topic is its
+own Redis channel (``<prefix>:v:{group}:<visitor>``, ``<prefix>:g:{group}``,
+``<prefix>:a:{group}:<agent>``, ``<prefix>:i:<instance>``), and an instance
+subscribes only to the topics its local agents watch plus its own inbox. A
+presence change is published to its visitor's and its group's channel, so
+Redis forwards it only to instances that have an agent watching; a signal
+to a visitor goes to the inbox of the one instance holding the visitor's
+connection. Nothing is broadcast to every instance.
+
+State, all under ``<prefix>`` with the group in braces (a Redis Cluster hash
+tag, so one group's keys share a slot):
+
+* ``{group}:v:<visitor>`` hash: ``version``, ``away``/``away_by`` while in
+  the grace period, and one ``c:<connection>`` field per live connection
+  (msgpack: instance, data, visible, since, active). Offline visitors keep
+  only ``version``, expiring after ``tombstone_ttl``.
+* ``{group}:online`` set of visitor IDs with a record.
+* ``{group}:held:<visitor>`` hash of held signals, expiring with the hold.
+* ``instances`` sorted set: instance ID -> last heartbeat (unix ms);
+  ``inst:<id>:conns`` / ``inst:<id>:away``: what each instance registered
+  and whose grace periods it runs. When an instance's heartbeat is older
+  than ``dead_after``, any other instance reaps it: its connections are
+  dropped and its visitors' grace periods ended on its behalf, so a killed
+  pod leaves no ghost.
+
+Presence changes are optimistic transactions (WATCH the visitor's hash,
+apply the rule, MULTI: write + PUBLISH, EXEC), so one visitor's versions and
+announcements stay in order across instances. Pub/sub runs on its own
+connection, without silent retries: when it drops (or a probe published to
+ourselves does not come back), the instance resubscribes and tells the hub,
+which re-registers its connections and resyncs its agents.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import time
+import uuid
+from functools import partial
+from typing import Any
+
+import msgpack
+import redis.asyncio as aioredis
+from redis.asyncio.retry import Retry
+from redis.backoff import ExponentialBackoff, NoBackoff
+from redis.exceptions import RedisError, WatchError
+
+from protocol.messages import VisitorState
+
+from . import presence
+from .backend import (
+    Announce,
+    Backend,
+    BackendListener,
+    BackendUnavailable,
+    ConnectionRecord,
+    HeldSignal,
+    Mutation,
+    PresenceChange,
+    VisitorRecord,
+    offline_state,
+)
+
+log = logging.getLogger(__name__)
+
+CONNECTION_FIELD = b"c:"
+MAX_WATCH_RETRIES = 50
+
+
+def _pack(*items: Any) -> bytes:
+    return msgpack.packb(items, use_bin_type=True)
+
+
+class RedisBackend(Backend):
+    def __init__(
+        self,
+        url: str,
+        *,
+        prefix: str = "herald",
+        instance_id: str | None = None,
+        grace_period: float = 5.0,
+        heartbeat: float = 1.0,
+        dead_after: float = 8.0,
+        probe_timeout: float = 3.0,
+        command_timeout: float = 2.0,
+        tombstone_ttl: float = 600.0,
+    ) -> None:
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self.prefix = prefix
+        self.grace_period = grace_period
+        self.heartbeat = heartbeat
+        self.dead_after = dead_after
+        self.probe_timeout = probe_timeout
+        self.command_timeout = command_timeout
+        self.tombstone_ms = int(tombstone_ttl * 1000)
+        timeouts = {"socket_timeout": command_timeout, "socket_connect_timeout": command_timeout}
+        # Commands retry once: the first use of a pooled connection after a
+        # Redis restart fails, the retry reconnects.
+        self._redis = aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1), **timeouts)
+        # Pub/sub never retries silently: a dropped subscription must be seen.
+        self._bus = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts)
+        self._listener: BackendListener | None = None
+        self._topics: set[str] = set()
+        self._confirmed: dict[bytes, asyncio.Future[None]] = {}
+        self._pubsub: Any = None
+        self._listen_task: asyncio.Task[None] | None = None
+        self._upkeep_task: asyncio.Task[None] | None = None
+        self._restore_task: asyncio.Task[None] | None = None
+        self._bus_lost = False
+        self._redis_ok = False
+        self._last_probe = 0.0
+        self.reconnects = 0
+
+    # -- names -------------------------------------------------------------
+    def _key(self, group: str, rest: str) -> str:
+        return f"{self.prefix}:{{{group}}}:{rest}"
+
+    def _channel(self, topic: str) -> bytes:
+        return f"{self.prefix}:{topic}".encode()
+
+    @property
+    def _instances_key(self) -> str:
+        return f"{self.prefix}:instances"
+
+    def _instance_key(self, instance: str, kind: str) -> str:
+        return f"{self.prefix}:inst:{instance}:{kind}"
+
+    @property
+    def _probe_channel(self) -> bytes:
+        return self._channel(f"probe:{self.instance_id}")
+
+    # -- lifecycle ---------------------------------------------------------
+    @property
+    def healthy(self) -> bool:
+        probe_fresh = time.monotonic() - self._last_probe < self.probe_timeout
+        return self._redis_ok and self._pubsub is not None and probe_fresh
+
+    async def start(self, listener: BackendListener) -> None:
+        self._listener = listener
+        self._listen_task = asyncio.create_task(self._listen(), name=f"redis-bus-{self.instance_id}")
+        self._upkeep_task = asyncio.create_task(self._upkeep(), name=f"redis-upkeep-{self.instance_id}")
+        # Serve once the bus works, or start degraded and recover in the background.
+        deadline = time.monotonic() + self.command_timeout * 2
+        while not self.healthy and time.monotonic() < deadline:
+            await self._beat()
+            await asyncio.sleep(0.02)
+        if not self.healthy:
+            log.error("Redis is not reachable yet; serving local connections only until it is")
+
+    async def close(self) -> None:
+        for task in (self._upkeep_task, self._listen_task, self._restore_task):
+            if task is not None:
+                task.cancel()
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        # Heartbeat 0: our remaining connections and grace periods are now
+        # for the other instances to settle.
+        with contextlib.suppress(RedisError, OSError):
+            await self._redis.zadd(self._instances_key, {self.instance_id: 0})
+        await self._bus.aclose()
+        await self._redis.aclose()
+
+    # -- presence ----------------------------------------------------------
+    def _load(self, group: str, visitor: str, raw: dict[bytes, bytes]) -> tuple[VisitorRecord, str | None]:
+        record = VisitorRecord(group, visitor, int(raw.get(b"version", 0)))
+        if b"away" in raw:
+            record.away_since = int(raw[b"away"])
+        for name, value in raw.items():
+            if name.startswith(CONNECTION_FIELD):
+                instance, data, visible, since, active = msgpack.unpackb(value, raw=False)
+                connection = name[len(CONNECTION_FIELD) :].decode()
+                record.connections[connection] = ConnectionRecord(connection, instance, data, visible, since, active)
+        away_by = raw.get(b"away_by")
+        return record, away_by.decode() if away_by else None
+
+    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+        key = self._key(group, f"v:{visitor}")
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for _ in range(MAX_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(key)
+                        record, away_by = self._load(group, visitor, await pipe.hgetall(key))
+                        before = ({c: r.instance for c, r in record.connections.items()}, record.away_since, away_by)
+                        change = mutation(record)
+                        if change is None:
+                            await pipe.unwatch()
+                            return None
+                        pipe.multi()
+                        self._store(pipe, record, *before)
+                        for topic, message in announce(change):
+                            pipe.publish(self._channel(topic), message)
+                        await pipe.execute()
+                        return change
+                    except WatchError:
+                        continue  # another instance changed this visitor first: redo on its result
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+        raise BackendUnavailable(f"visitor {visitor} is changing too fast to update")
+
+    def _store(
+        self,
+        pipe: Any,
+        record: VisitorRecord,
+        connections_before: dict[str, str],
+        away_before: int | None,
+        away_by_before: str | None,
+    ) -> None:
+        group, visitor = record.group, record.visitor
+        key, online = self._key(group, f"v:{visitor}"), self._key(group, "online")
+        away_by = None
+        if record.away_since is not None:
+            away_by = away_by_before if record.away_since == away_before else self.instance_id
+        pipe.delete(key)
+        if record.online:
+            fields: dict[str | bytes, Any] = {"version": record.version}
+            if record.away_since is not None and away_by is not None:
+                fields.update(away=record.away_since, away_by=away_by)
+            for c in record.connections.values():
+                packed = _pack(c.instance, c.data, c.visible, c.since, c.active)
+                fields[CONNECTION_FIELD + c.connection.encode()] = packed
+            pipe.hset(key, mapping=fields)
+            pipe.sadd(online, visitor)
+        else:
+            pipe.hset(key, "version", record.version)
+            pipe.pexpire(key, self.tombstone_ms)
+            pipe.srem(online, visitor)
+        connections_after = {c: r.instance for c, r in record.connections.items()}
+        for connection, instance in connections_before.items():
+            if connection not in connections_after:
+                pipe.srem(self._instance_key(instance, "conns"), _pack(group, visitor, connection))
+        for connection, instance in connections_after.items():
+            if connection not in connections_before:
+                pipe.sadd(self._instance_key(instance, "conns"), _pack(group, visitor, connection))
+        if away_by_before and away_by_before != away_by:
+            pipe.srem(self._instance_key(away_by_before, "away"), _pack(group, visitor))
+        if away_by and away_by != away_by_before:
+            pipe.sadd(self._instance_key(away_by, "away"), _pack(group, visitor))
+
+    async def _read(self, group: str, visitor: str) -> VisitorRecord:
+        try:
+            raw = await self._redis.hgetall(self._key(group, f"v:{visitor}"))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+        return self._load(group, visitor, raw)[0]
+
+    async def visitor(self, group: str, visitor: str) -> VisitorState:
+        record = await self._read(group, visitor)
+        return record.state() if record.online else offline_state(visitor, record.version)
+
+    async def visitor_record(self, group: str, visitor: str) -> VisitorRecord | None:
+        record = await self._read(group, visitor)
+        return record if record.online else None
+
+    async def group_visitors(self, group: str) -> list[VisitorState]:
+        try:
+            members = sorted(m.decode() for m in await self._redis.smembers(self._key(group, "online")))
+            async with self._redis.pipeline(transaction=False) as pipe:
+                for visitor in members:
+                    pipe.hgetall(self._key(group, f"v:{visitor}"))
+                raws = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+        records = (self._load(group, visitor, raw)[0] for visitor, raw in zip(members, raws, strict=True))
+        return [record.state() for record in records if record.online]
+
+    async def registered_connections(self) -> list[tuple[str, str, str]]:
+        return await self._members(self._instance_key(self.instance_id, "conns"))
+
+    async def _members(self, key: str) -> list[Any]:
+        try:
+            return [tuple(msgpack.unpackb(m, raw=False)) for m in await self._redis.smembers(key)]
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
+    # -- bus ---------------------------------------------------------------
+    async def subscribe(self, topic: str) -> None:
+        """Returns once Redis confirmed the subscription, so a snapshot read
+        afterwards cannot miss a change published in between."""
+        self._topics.add(topic)
+        channel = self._channel(topic)
+        confirmed = self._confirmed.get(channel)
+        if confirmed is None:
+            confirmed = self._confirmed[channel] = asyncio.get_running_loop().create_future()
+            if self._pubsub is None:
+                raise BackendUnavailable()
+            try:
+                await self._pubsub.subscribe(channel)
+            except (RedisError, OSError) as exc:
+                raise BackendUnavailable() from exc
+        try:
+            await asyncio.wait_for(asyncio.shield(confirmed), self.command_timeout)
+        except TimeoutError:
+            raise BackendUnavailable("Redis did not confirm the subscription") from None
+
+    async def unsubscribe(self, topic: str) -> None:
+        self._topics.discard(topic)
+        channel = self._channel(topic)
+        self._confirmed.pop(channel, None)
+        if self._pubsub is not None:
+            with contextlib.suppress(RedisError, OSError):
+                await self._pubsub.unsubscribe(channel)
+
+    async def publish(self, topic: str, message: bytes) -> int:
+        try:
+            return int(await self._redis.publish(self._channel(topic), message))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
+    async def _listen(self) -> None:
+        """Own the one pub/sub connection: (re)subscribe, dispatch, notice loss."""
+        backoff = 0.05
+        while True:
+            pubsub = self._bus.pubsub()
+            try:
+                self._confirmed = {self._channel(t): asyncio.get_running_loop().create_future() for t in self._topics}
+                self._confirmed[self._probe_channel] = asyncio.get_running_loop().create_future()
+                await pubsub.subscribe(*self._confirmed)
+                self._pubsub = pubsub
+                if self._bus_lost:
+                    self._restore_task = asyncio.create_task(self._restore(), name=f"redis-restore-{self.instance_id}")
+                async for message in pubsub.listen():
+                    self._dispatch(message)
+                    backoff = 0.05
+            except (RedisError, OSError) as exc:
+                log.warning("Redis pub/sub connection lost: %r", exc)
+            finally:
+                self._pubsub = None
+                self._bus_lost = True
+                with contextlib.suppress(Exception):
+                    await pubsub.aclose()
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 2.0)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        kind, channel = message["type"], message["channel"]
+        if kind == "subscribe":
+            confirmed = self._confirmed.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            if channel == self._probe_channel:
+                self._last_probe = time.monotonic()
+        elif kind == "message":
+            if channel == self._probe_channel:
+                self._last_probe = time.monotonic()
+            elif self._listener is not None:
+                topic = channel[len(self.prefix) + 1 :].decode()
+                self._listener.on_bus_message(topic, message["data"])
+
+    async def _restore(self) -> None:
+        """After the bus came back: wait for every resubscription, then let
+        the hub re-register and resync (it may have missed messages)."""
+        await asyncio.gather(*self._confirmed.values(), return_exceptions=True)
+        self.reconnects += 1
+        self._bus_lost = False
+        log.warning("Redis pub/sub restored (%d channels); resyncing", len(self._confirmed))
+        if self._listener is not None:
+            try:
+                await self._listener.backend_restored()
+            except BackendUnavailable:
+                self._bus_lost = True  # lost again meanwhile; the next restore retries
+
+    # -- liveness ----------------------------------------------------------
+    async def _upkeep(self) -> None:
+        """Heartbeat, probe our own subscription, reap dead instances."""
+        while True:
+            await asyncio.sleep(self.heartbeat)
+            await self._beat()
+            if self._pubsub is not None and time.monotonic() - self._last_probe > self.probe_timeout:
+                log.warning("Redis pub/sub stopped delivering (probe lost); reconnecting it")
+                self._restart_listener()
+            if self._redis_ok:
+                with contextlib.suppress(BackendUnavailable):
+                    await self._reap()
+
+    async def _beat(self) -> None:
+        try:
+            async with self._redis.pipeline(transaction=False) as pipe:
+                pipe.zadd(self._instances_key, {self.instance_id: int(time.time() * 1000)})
+                pipe.publish(self._probe_channel, b"probe")
+                await pipe.execute()
+            self._redis_ok = True
+        except (RedisError, OSError) as exc:
+            if self._redis_ok:
+                log.warning("Redis unreachable: %r", exc)
+            self._redis_ok = False
+
+    def _restart_listener(self) -> None:
+        if self._listen_task is not None:
+            self._listen_task.cancel()
+        self._bus_lost = True
+        self._pubsub = None
+        self._listen_task = asyncio.create_task(self._listen(), name=f"redis-bus-{self.instance_id}")
+
+    async def _reap(self) -> None:
+        cutoff = int((time.time() - self.dead_after) * 1000)
+        try:
+            dead = [d.decode() for d in await self._redis.zrangebyscore(self._instances_key, 0, cutoff)]
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+        for instance in dead:
+            if instance == self.instance_id:
+                continue  # we were cut off for a while; the restore re-registers us
+            lock = f"{self.prefix}:reap:{instance}"
+            if await self._redis.set(lock, self.instance_id, nx=True, px=int(self.dead_after * 1000)):
+                try:
+                    await self._reap_instance(instance)
+                finally:
+                    await self._redis.delete(lock)
+
+    async def _reap_instance(self, instance: str) -> None:
+        listener = self._listener
+        if listener is None:
+            return
+        connections = await self._members(self._instance_key(instance, "conns"))
+        for group, visitor, connection in connections:
+            await self.mutate(group, visitor, partial(presence.drop, connection=connection), listener.announcement)
+        grace_us = int(self.grace_period * 1_000_000)
+        now_us = time.time_ns() // 1000
+        pending = 0
+        for group, visitor in await self._members(self._instance_key(instance, "away")):
+            record = await self._read(group, visitor)
+            if record.away_since is not None and now_us - record.away_since < grace_us:
+                pending += 1  # its grace period is not over yet: a later pass ends it
+                continue
+            await self.mutate(group, visitor, partial(presence.expire_away, away_since=None), listener.announcement)
+            await self._redis.srem(self._instance_key(instance, "away"), _pack(group, visitor))
+        if connections:
+            log.warning("reaped %d connections of dead instance %s", len(connections), instance)
+        if not pending:
+            await self._redis.zrem(self._instances_key, instance)
+            await self._redis.delete(self._instance_key(instance, "conns"), self._instance_key(instance, "away"))
+
+    # -- held signals --------------------------------------------------------
+    async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None:
+        key = self._key(group, f"held:{visitor}")
+        expires = time.time() + ttl
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hset(key, signal.key, _pack(signal.reply_to, signal.frame, signal.to_all, expires))
+                pipe.pexpire(key, int(ttl * 1000))
+                await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
+    async def take_held(self, group: str, visitor: str) -> list[HeldSignal]:
+        key = self._key(group, f"held:{visitor}")
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.hgetall(key)
+                pipe.delete(key)
+                raw, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+        now = time.time()
+        held = []
+        for name, value in raw.items():
+            reply_to, frame, to_all, expires = msgpack.unpackb(value, raw=False)
+            if expires > now:
+                held.append(HeldSignal(name.decode(), reply_to, frame, to_all))
+        return held
+
+    async def drop_held(self, group: str, visitor: str, key: str) -> bool:
+        try:
+            return bool(await self._redis.hdel(self._key(group, f"held:{visitor}"), key))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
