@@ -69,6 +69,7 @@ log = logging.getLogger(__name__)
 
 CONNECTION_FIELD = b"c:"
 MAX_WATCH_RETRIES = 50
+MAX_CONNECTIONS = 32  # per instance, besides the pub/sub connection
 
 
 def _pack(*items: Any) -> bytes:
@@ -98,9 +99,17 @@ class RedisBackend(Backend):
         self.command_timeout = command_timeout
         self.tombstone_ms = int(tombstone_ttl * 1000)
         timeouts = {"socket_timeout": command_timeout, "socket_connect_timeout": command_timeout}
-        # Commands retry once: the first use of a pooled connection after a
-        # Redis restart fails, the retry reconnects.
-        self._redis = aioredis.Redis.from_url(url, retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1), **timeouts)
+        # A bounded pool that makes bursts wait for a connection rather than
+        # fail. Commands retry once: the first use of a pooled connection
+        # after a Redis restart fails, the retry reconnects.
+        pool = aioredis.BlockingConnectionPool.from_url(
+            url,
+            max_connections=MAX_CONNECTIONS,
+            timeout=command_timeout,
+            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
+            **timeouts,
+        )
+        self._redis = aioredis.Redis(connection_pool=pool)
         # Pub/sub never retries silently: a dropped subscription must be seen.
         self._bus = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts)
         self._listener: BackendListener | None = None
@@ -163,6 +172,7 @@ class RedisBackend(Backend):
             await self._redis.zadd(self._instances_key, {self.instance_id: 0})
         await self._bus.aclose()
         await self._redis.aclose()
+        await self._redis.connection_pool.disconnect()
 
     # -- presence ----------------------------------------------------------
     def _load(self, group: str, visitor: str, raw: dict[bytes, bytes]) -> tuple[VisitorRecord, str | None]:

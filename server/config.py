@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 import secrets
 import tomllib
 from collections.abc import Mapping
@@ -81,7 +82,7 @@ def _coerce(name: str, raw: Any) -> Any:
     elif kind is int:
         if type(raw) is int:
             value = raw
-        elif isinstance(raw, str) and raw.strip().lstrip("-").isdigit():
+        elif isinstance(raw, str) and re.fullmatch(r"-?[0-9]+", raw.strip()):
             value = int(raw)
     elif kind is float:
         if type(raw) in (int, float):

@@ -153,7 +153,10 @@ class Hub:
     async def visitor_joined(self, conn: VisitorConnection) -> None:
         self.visitors[conn.id] = conn
         await self._visitor_mutate(conn, partial(presence.join, connection=conn.presence), joined=conn.id)
-        with contextlib.suppress(BackendUnavailable):  # held signals stay held; their senders hear of it
+
+    async def release_held(self, conn: VisitorConnection) -> None:
+        """After the welcome: deliver signals held while the visitor was away."""
+        with contextlib.suppress(BackendUnavailable):  # they stay held; their senders hear of it
             await self.delivery.release_held(conn)
 
     async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:

@@ -31,21 +31,22 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     assert hello.visitor is not None
     visible = True if hello.visible is None else hello.visible
     conn = VisitorConnection(ws, group.id, hello.visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
-    conn.send_message(
-        Welcome(
-            protocol=version,
-            connection=conn.id,
-            role="visitor",
-            group=group.id,
-            keepalive=settings.keepalive,
-            visitor=hello.visitor,
-            focused=True,
-            server=SERVER_NAME,
-        )
-    )
     try:
+        # Registered first, so that once a client has its welcome, agents can reach it.
         await hub.visitor_joined(conn)
-        log.debug("%r joined", conn)
+        conn.send_message(
+            Welcome(
+                protocol=version,
+                connection=conn.id,
+                role="visitor",
+                group=group.id,
+                keepalive=settings.keepalive,
+                visitor=hello.visitor,
+                focused=True,
+                server=SERVER_NAME,
+            )
+        )
+        await hub.release_held(conn)
         async for message in messages(conn, settings.max_frame_bytes):
             await answering_errors(conn, getattr(message, "id", None), _handle(hub, conn, message))
     finally:

@@ -1,13 +1,23 @@
 from __future__ import annotations
 
-from collections.abc import AsyncIterator, Awaitable, Callable
+import uuid
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
 
 from .harness import HeraldServer, settings
+from .redis_server import RedisServer
 
-BACKENDS = ["memory"]
+BACKENDS = ["memory", "redis"]
+
+
+@pytest.fixture(scope="session")
+def redis_server() -> Iterator[RedisServer]:
+    server = RedisServer()
+    server.start()
+    yield server
+    server.stop()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -16,12 +26,23 @@ def backend_name(request: pytest.FixtureRequest) -> str:
 
 
 @pytest.fixture
-async def start_herald(backend_name: str) -> AsyncIterator[Callable[..., Awaitable[HeraldServer]]]:
-    """Start servers with setting overrides; all are stopped afterwards."""
+def backend_settings(backend_name: str, request: pytest.FixtureRequest) -> dict[str, Any]:
+    """Settings that pick the backend; each test gets its own Redis prefix."""
+    if backend_name == "memory":
+        return {}
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    if redis.process is None or redis.process.poll() is not None:
+        redis.start()  # a previous test stopped it
+    return {"redis_url": redis.url, "redis_prefix": f"t{uuid.uuid4().hex[:10]}"}
+
+
+@pytest.fixture
+async def start_herald(backend_settings: dict[str, Any]) -> AsyncIterator[Callable[..., Awaitable[HeraldServer]]]:
+    """Start instances (of one cluster) with setting overrides; all stop afterwards."""
     started: list[HeraldServer] = []
 
     async def start(**overrides: Any) -> HeraldServer:
-        server = await HeraldServer(settings(**overrides)).start()
+        server = await HeraldServer(settings(**{**backend_settings, **overrides})).start()
         started.append(server)
         return server
 

@@ -1,0 +1,248 @@
+"""``herald serve`` and ``herald token`` as an operator runs them: real
+processes on free loopback ports, bounded waits, each server stopped by its
+own PID."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import server
+from protocol.client import Disconnected, Refused
+from protocol.errors import CloseCode, ErrorCode
+from protocol.visitor import VisitorClient
+
+REPO = Path(__file__).resolve().parent.parent
+HERALD = Path(sys.executable).parent / "herald"
+START_TIMEOUT = 15.0  # seconds for a server to answer /healthz
+STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
+CLI_TIMEOUT = 20.0  # seconds for a one-shot command
+
+
+def free_port() -> int:
+    """A loopback port nobody listens on right now."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def clean_env() -> dict[str, str]:
+    """This environment minus ``HERALD_*``, so the caller's settings never leak into a test server."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
+
+
+def get_json(url: str, timeout: float = 2.0) -> Any:
+    with urllib.request.urlopen(url, timeout=timeout) as response:
+        return json.load(response)
+
+
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    """Run ``herald ARGS`` to completion (killed after ``timeout``) and capture its output."""
+    return subprocess.run(
+        [str(HERALD), *args],
+        cwd=REPO,
+        env=clean_env(),
+        stdin=subprocess.DEVNULL,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        check=False,
+    )
+
+
+def mint(role: str, group: str, subject: str, secret: str) -> str:
+    """A token made the way the README says: ``herald token <role> --group --id --secret``."""
+    result = run_cli("token", role, "--group", group, "--id", subject, "--secret", secret)
+    assert result.returncode == 0, result.stderr
+    return result.stdout.strip()
+
+
+class HeraldProcess:
+    """A server process; its output goes to files (a full pipe would stall it)."""
+
+    def __init__(self, argv: list[str], port: int, workdir: Path) -> None:
+        self.argv, self.port = argv, port
+        self.stdout_path = workdir / f"herald-{port}.stdout"
+        self.stderr_path = workdir / f"herald-{port}.stderr"
+        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                argv, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
+            )
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    def stdout(self) -> str:
+        return self.stdout_path.read_text(errors="replace")
+
+    def output(self) -> str:
+        return f"$ {' '.join(self.argv)}\n--- stdout\n{self.stdout()}--- stderr\n" + self.stderr_path.read_text(
+            errors="replace"
+        )
+
+    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
+        """Poll /healthz until it answers; fail with the server's output if it dies or never does."""
+        deadline = time.monotonic() + timeout
+        while True:
+            if (code := self.proc.poll()) is not None:
+                pytest.fail(f"herald exited with {code} before answering /healthz\n{self.output()}")
+            try:
+                return dict(get_json(self.base_url + "/healthz", timeout=1.0))
+            except OSError:
+                if time.monotonic() > deadline:
+                    pytest.fail(f"herald did not answer /healthz within {timeout}s\n{self.output()}")
+                time.sleep(0.05)
+
+    def stop(self) -> None:
+        """SIGTERM this PID; SIGKILL if it has not exited after STOP_TIMEOUT."""
+        if self.proc.poll() is None:
+            self.proc.terminate()
+            try:
+                self.proc.wait(STOP_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait(STOP_TIMEOUT)
+
+
+StartServer = Callable[..., HeraldProcess]
+
+
+def start_server(workdir: Path, *argv: str) -> HeraldProcess:
+    """Start ``argv --port <free port>`` and wait until it answers; stopped if it does not."""
+    port = free_port()
+    process = HeraldProcess([*argv, "--port", str(port)], port, workdir)
+    try:
+        process.wait_ready()
+    except BaseException:
+        process.stop()
+        raise
+    return process
+
+
+@pytest.fixture
+def run_herald(tmp_path: Path) -> Iterator[StartServer]:
+    """``run_herald(*argv)`` starts a ready server; every one is stopped afterwards."""
+    started: list[HeraldProcess] = []
+
+    def start(*argv: str) -> HeraldProcess:
+        process = start_server(tmp_path, *argv)
+        started.append(process)
+        return process
+
+    yield start
+    for process in started:
+        process.stop()
+
+
+@pytest.fixture(scope="module")
+def demo_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[HeraldProcess]:
+    """``herald serve`` with nothing configured at all."""
+    process = start_server(tmp_path_factory.mktemp("demo"), str(HERALD), "serve", "--grace-period", "0.5")
+    try:
+        yield process
+    finally:
+        process.stop()
+
+
+def demo_banner(stdout: str) -> tuple[str, str]:
+    """The (group, secret) a zero-config server printed."""
+    assert "DEMO MODE" in stdout, stdout
+    group = re.search(r"^\s*group: (\S+)\s*$", stdout, re.MULTILINE)
+    secret = re.search(r"^\s*secret: (\S+)", stdout, re.MULTILINE)
+    assert group and secret, f"no group/secret in the demo banner:\n{stdout}"
+    return group[1], secret[1]
+
+
+async def test_zero_config_server_prints_a_demo_secret_that_works(demo_server: HeraldProcess) -> None:
+    group, secret = demo_banner(demo_server.stdout())
+    assert group == "demo"
+    assert len(secret) >= 16
+
+    token = await asyncio.to_thread(mint, "visitor", group, "v1", secret)
+    visitor = VisitorClient(demo_server.base_url, group, "v1", token, reconnect=False)
+    try:
+        async with asyncio.timeout(10):
+            welcome = await visitor.connect()
+    finally:
+        await visitor.close()
+    assert (welcome.role, welcome.group, welcome.visitor) == ("visitor", "demo", "v1")
+
+
+async def test_demo_server_refuses_a_token_signed_with_another_secret(demo_server: HeraldProcess) -> None:
+    group, _ = demo_banner(demo_server.stdout())
+    forged = await asyncio.to_thread(mint, "visitor", group, "v1", "not-the-demo-secret-0123456789")
+    visitor = VisitorClient(demo_server.base_url, group, "v1", forged)  # reconnecting, as an app would
+    try:
+        async with asyncio.timeout(10):  # a refusal is final, not retried forever
+            with pytest.raises(Refused) as refused:
+                await visitor.connect()
+    finally:
+        await visitor.close()
+    assert refused.value.code == ErrorCode.UNAUTHORIZED
+
+
+def test_demo_secrets_differ_between_starts(demo_server: HeraldProcess, run_herald: StartServer) -> None:
+    _, first = demo_banner(demo_server.stdout())
+    _, second = demo_banner(run_herald(str(HERALD), "serve").stdout())
+    assert first != second
+
+
+def test_python_dash_m_server_serves_too(run_herald: StartServer) -> None:
+    process = run_herald(sys.executable, "-m", "server", "serve", "--group", "acme=cli-secret-0123456789")
+    health = get_json(process.base_url + "/healthz")
+    assert health == {"status": "ok", "version": server.__version__}
+    assert "DEMO MODE" not in process.stdout()  # a configured group means no demo group
+
+
+def test_a_malformed_setting_stops_the_server_with_a_clear_message() -> None:
+    result = run_cli("serve", "--port", str(free_port()), "--grace-period", "nope")
+    assert result.returncode != 0
+    assert "grace_period" in result.stderr and "'nope'" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+def test_an_unknown_key_in_the_toml_file_stops_the_server(tmp_path: Path) -> None:
+    config = tmp_path / "herald.toml"
+    config.write_text('grace_peroid = 1.0\n\n[groups.acme]\nsecrets = ["cli-secret-0123456789"]\n')
+    result = run_cli("serve", "--port", str(free_port()), "--config", str(config))
+    assert result.returncode != 0
+    assert "grace_peroid" in result.stderr, result.stderr
+    assert "Traceback" not in result.stderr, result.stderr
+
+
+async def test_sigterm_tells_clients_to_reconnect_and_exits_within_seconds(run_herald: StartServer) -> None:
+    secret = "cli-secret-0123456789"
+    process = await asyncio.to_thread(run_herald, str(HERALD), "serve", "--group", f"acme={secret}")
+    token = await asyncio.to_thread(mint, "visitor", "acme", "v1", secret)
+    visitor = VisitorClient(process.base_url, "acme", "v1", token, reconnect=False)
+    try:
+        async with asyncio.timeout(10):
+            await visitor.connect()
+        process.proc.send_signal(signal.SIGTERM)
+        started = time.monotonic()
+        async with asyncio.timeout(STOP_TIMEOUT):
+            gone = await visitor.wait_for(Disconnected, timeout=None)
+        try:
+            code = await asyncio.to_thread(process.proc.wait, STOP_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"herald still running {STOP_TIMEOUT}s after SIGTERM\n{process.output()}")
+        took = time.monotonic() - started
+    finally:
+        await visitor.close()
+    assert gone.code == CloseCode.GOING_AWAY
+    # aiohttp turns SIGTERM into GracefulExit, which run_app swallows: a clean 0.
+    assert code == 0, f"exit code {code} after {took:.1f}s\n{process.output()}"
