@@ -364,7 +364,12 @@ class RedisBackend(Backend):
     async def _restore(self) -> None:
         """After the bus came back: wait for every resubscription, then let
         the hub re-register and resync (it may have missed messages)."""
-        await asyncio.gather(*self._confirmed.values(), return_exceptions=True)
+        try:
+            await asyncio.wait_for(asyncio.gather(*self._confirmed.values()), self.command_timeout * 2)
+        except TimeoutError:
+            log.warning("Redis did not confirm the resubscription; starting over")
+            await self._restart_listener()  # it schedules the next restore
+            return
         self.reconnects += 1
         self._bus_lost = False
         log.warning("Redis pub/sub restored (%d channels); resyncing", len(self._confirmed))
@@ -382,7 +387,7 @@ class RedisBackend(Backend):
             await self._beat()
             if self._pubsub is not None and time.monotonic() - self._last_probe > self.probe_timeout:
                 log.warning("Redis pub/sub stopped delivering (probe lost); reconnecting it")
-                self._restart_listener()
+                await self._restart_listener()
             if self._redis_ok:
                 with contextlib.suppress(BackendUnavailable):
                     await self._reap()
@@ -399,11 +404,15 @@ class RedisBackend(Backend):
                 log.warning("Redis unreachable: %r", exc)
             self._redis_ok = False
 
-    def _restart_listener(self) -> None:
-        if self._listen_task is not None:
-            self._listen_task.cancel()
+    async def _restart_listener(self) -> None:
+        """Drop the pub/sub connection and start over (the old one is fully
+        gone before the new one starts)."""
+        old = self._listen_task
+        if old is not None:
+            old.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await old
         self._bus_lost = True
-        self._pubsub = None
         self._listen_task = asyncio.create_task(self._listen(), name=f"redis-bus-{self.instance_id}")
 
     async def _reap(self) -> None:

@@ -21,7 +21,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Signal
 
 from . import topics
-from .backend import ConnectionRecord, HeldSignal
+from .backend import BackendUnavailable, ConnectionRecord, HeldSignal
 
 if TYPE_CHECKING:
     from .connection import Connection
@@ -40,7 +40,10 @@ class Delivery:
         assert message.visitor is not None
         visitor, to_all = message.visitor, message.to == "all"
         frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent))
-        record = await self.backend.visitor_record(group, visitor)
+        try:
+            record = await self.backend.visitor_record(group, visitor)
+        except BackendUnavailable:
+            return self._deliver_without_backend(group, visitor, frame, to_all)
         if record is None:
             raise ProtocolError(ErrorCode.VISITOR_OFFLINE, f"visitor {visitor} is offline")
         if record.connections:
@@ -68,6 +71,16 @@ class Delivery:
         for count in await asyncio.gather(*waits):
             delivered += count
         return delivered
+
+    def _deliver_without_backend(self, group: str, visitor: str, frame: bytes, to_all: bool) -> int:
+        """The cluster is unreachable: a visitor connected here still gets the
+        signal (its newest connection stands in for the focused one);
+        anyone else is a clear error, never silence."""
+        local = [c for c in self.hub.visitors.values() if c.group == group and c.subject == visitor]
+        if not local:
+            raise BackendUnavailable()
+        targets = local if to_all else local[-1:]
+        return self.deliver_local([c.id for c in targets], frame)
 
     def deliver_local(self, connections: list[str], frame: bytes) -> int:
         delivered = 0

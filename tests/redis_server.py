@@ -16,11 +16,7 @@ import time
 
 import pytest
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
+from .processes import free_port
 
 
 class RedisServer:

@@ -5,18 +5,13 @@ own PID."""
 from __future__ import annotations
 
 import asyncio
-import json
-import os
 import re
 import signal
-import socket
 import subprocess
 import sys
 import time
-import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 
@@ -25,28 +20,18 @@ from protocol.client import Disconnected, Refused
 from protocol.errors import CloseCode, ErrorCode
 from protocol.visitor import VisitorClient
 
-REPO = Path(__file__).resolve().parent.parent
-HERALD = Path(sys.executable).parent / "herald"
-START_TIMEOUT = 15.0  # seconds for a server to answer /healthz
-STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
-CLI_TIMEOUT = 20.0  # seconds for a one-shot command
-
-
-def free_port() -> int:
-    """A loopback port nobody listens on right now."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-def clean_env() -> dict[str, str]:
-    """This environment minus ``HERALD_*``, so the caller's settings never leak into a test server."""
-    return {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
-
-
-def get_json(url: str, timeout: float = 2.0) -> Any:
-    with urllib.request.urlopen(url, timeout=timeout) as response:
-        return json.load(response)
+from .processes import (
+    CLI_TIMEOUT,
+    HERALD,
+    REPO,
+    STOP_TIMEOUT,
+    HeraldProcess,
+    StartServer,
+    clean_env,
+    free_port,
+    get_json,
+    start_server,
+)
 
 
 def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -68,69 +53,6 @@ def mint(role: str, group: str, subject: str, secret: str) -> str:
     result = run_cli("token", role, "--group", group, "--id", subject, "--secret", secret)
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
-
-
-class HeraldProcess:
-    """A server process; its output goes to files (a full pipe would stall it)."""
-
-    def __init__(self, argv: list[str], port: int, workdir: Path) -> None:
-        self.argv, self.port = argv, port
-        self.stdout_path = workdir / f"herald-{port}.stdout"
-        self.stderr_path = workdir / f"herald-{port}.stderr"
-        with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
-            self.proc = subprocess.Popen(
-                argv, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
-            )
-
-    @property
-    def base_url(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    def stdout(self) -> str:
-        return self.stdout_path.read_text(errors="replace")
-
-    def output(self) -> str:
-        return f"$ {' '.join(self.argv)}\n--- stdout\n{self.stdout()}--- stderr\n" + self.stderr_path.read_text(
-            errors="replace"
-        )
-
-    def wait_ready(self, timeout: float = START_TIMEOUT) -> dict[str, Any]:
-        """Poll /healthz until it answers; fail with the server's output if it dies or never does."""
-        deadline = time.monotonic() + timeout
-        while True:
-            if (code := self.proc.poll()) is not None:
-                pytest.fail(f"herald exited with {code} before answering /healthz\n{self.output()}")
-            try:
-                return dict(get_json(self.base_url + "/healthz", timeout=1.0))
-            except OSError:
-                if time.monotonic() > deadline:
-                    pytest.fail(f"herald did not answer /healthz within {timeout}s\n{self.output()}")
-                time.sleep(0.05)
-
-    def stop(self) -> None:
-        """SIGTERM this PID; SIGKILL if it has not exited after STOP_TIMEOUT."""
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(STOP_TIMEOUT)
-
-
-StartServer = Callable[..., HeraldProcess]
-
-
-def start_server(workdir: Path, *argv: str) -> HeraldProcess:
-    """Start ``argv --port <free port>`` and wait until it answers; stopped if it does not."""
-    port = free_port()
-    process = HeraldProcess([*argv, "--port", str(port)], port, workdir)
-    try:
-        process.wait_ready()
-    except BaseException:
-        process.stop()
-        raise
-    return process
 
 
 @pytest.fixture

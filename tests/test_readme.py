@@ -18,7 +18,7 @@ import pytest
 from server import cli
 from server.config import Settings, load
 
-from .test_cli import HERALD, REPO, clean_env, start_server
+from .processes import HERALD, REPO, clean_env, start_server
 
 README = (REPO / "README.md").read_text()
 SNIPPET_URL = '"http://127.0.0.1:8765"'
