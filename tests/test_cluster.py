@@ -4,6 +4,7 @@ survives losing an instance, Redis itself, or just its pub/sub connection."""
 from __future__ import annotations
 
 import asyncio
+import inspect
 import time
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
@@ -72,10 +73,10 @@ async def ready(instance: HeraldServer) -> bool:
         return response.status == 200
 
 
-async def eventually(check: Callable[[], Awaitable[bool]], within: float, what: str) -> float:
-    """Poll ``check`` until true; the seconds it took, or fail after ``within``."""
+async def eventually(check: Callable[[], bool | Awaitable[bool]], within: float, what: str) -> float:
+    """Poll ``check`` (plain or async) until true; the seconds it took, or fail after ``within``."""
     started = time.monotonic()
-    while not await check():
+    while not await _value(check()):
         if time.monotonic() - started > within:
             pytest.fail(f"not within {within}s: {what}")
         await asyncio.sleep(0.05)
@@ -251,7 +252,7 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
     await remote_agent.wait_for(changed("online", "leaver"))
 
     private_redis.stop()
-    await eventually(lambda: _not(ready(a)), 10, "instance A reports not ready")
+    await eventually(lambda: not_ready(a), 10, "instance A reports not ready")
     assert visitor.connected and local_agent.connected and remote_agent.connected
 
     # Same-instance relay keeps working, both ways.
@@ -269,7 +270,7 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
 
     await asyncio.sleep(1)
     private_redis.start()  # empty: everything registered before is gone
-    await eventually(lambda: _both(ready(a), ready(b)), 15, "both instances ready again")
+    await eventually(lambda: all_ready(a, b), 15, "both instances ready again")
 
     async def converged() -> bool:
         try:
@@ -279,7 +280,7 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
         return states == {"v1": True, "leaver": False, "newcomer": True}
 
     await eventually(converged, 10, "presence converged after Redis came back")
-    await eventually(lambda: _true(remote_agent.connected), 10, "remote agent reconnected")
+    await eventually(lambda: remote_agent.connected, 10, "remote agent reconnected")
     assert await remote_agent.show_terms("v1") == 1
     await visitor.wait_for(signal("showterms"))
     assert remote_agent.visitors["v1"]["online"] and not remote_agent.visitors["leaver"]["online"]
@@ -297,7 +298,7 @@ async def test_killed_pubsub_connection_is_noticed_and_recovered(
 
     killed = private_redis.command("CLIENT", "KILL", "TYPE", "pubsub")
     assert killed.startswith(b":") and int(killed[1:]) >= 2, killed  # both instances' subscribers
-    await eventually(lambda: _true(backend(a).reconnects > reconnects), 10, "instance A resubscribed")
+    await eventually(lambda: backend(a).reconnects > reconnects, 10, "instance A resubscribed")
     await agent.wait_for(lambda e: isinstance(e, Connected), timeout=10)  # told to resync, and did
 
     await visitor.publish(page="/after-kill")
@@ -318,22 +319,22 @@ async def test_a_subscription_that_silently_stops_delivering_is_noticed(
     # drops a subscriber's messages or a middlebox eats them.
     monkeypatch.setattr(redis_backend, "_dispatch", lambda message: None)
     restarted = redis_backend._listen_task
-    await eventually(lambda: _true(redis_backend._listen_task is not restarted), 10, "the probe noticed")
+    await eventually(lambda: redis_backend._listen_task is not restarted, 10, "the probe noticed")
     monkeypatch.setattr(redis_backend, "_dispatch", deliver)
-    await eventually(lambda: _true(redis_backend.reconnects > reconnects), 10, "resubscribed")
+    await eventually(lambda: redis_backend.reconnects > reconnects, 10, "resubscribed")
     await agent.wait_for(lambda e: isinstance(e, Disconnected), timeout=10)
     await agent.wait_for(lambda e: isinstance(e, Connected), timeout=10)
     await b.visitor("v1")
     await agent.wait_for(changed("online", "v1"))
 
 
-async def _not(check: Awaitable[bool]) -> bool:
-    return not await check
+async def _value(result: bool | Awaitable[bool]) -> bool:
+    return await result if inspect.isawaitable(result) else result
 
 
-async def _both(first: Awaitable[bool], second: Awaitable[bool]) -> bool:
-    return await first and await second
+async def all_ready(*instances: HeraldServer) -> bool:
+    return all([await ready(instance) for instance in instances])
 
 
-async def _true(value: bool) -> bool:
-    return value
+async def not_ready(instance: HeraldServer) -> bool:
+    return not await ready(instance)
