@@ -161,11 +161,11 @@ class RedisBackend(Backend):
             log.error("Redis is not reachable yet; serving local connections only until it is")
 
     async def close(self) -> None:
-        for task in (self._upkeep_task, self._listen_task, self._restore_task):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError, Exception):
-                    await task
+        tasks = [t for t in (self._upkeep_task, self._listen_task, self._restore_task) if t is not None]
+        for task in tasks:
+            task.cancel()
+        if tasks:
+            await asyncio.wait(tasks)
         # Heartbeat 0: our remaining connections and grace periods are now
         # for the other instances to settle.
         with contextlib.suppress(RedisError, OSError):
@@ -410,8 +410,7 @@ class RedisBackend(Backend):
         old = self._listen_task
         if old is not None:
             old.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await old
+            await asyncio.wait([old])  # unlike awaiting it, never swallows our own cancellation
         self._bus_lost = True
         self._listen_task = asyncio.create_task(self._listen(), name=f"redis-bus-{self.instance_id}")
 

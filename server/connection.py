@@ -10,7 +10,6 @@ nobody else waits for it.
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import logging
 import secrets
 import time
@@ -114,11 +113,9 @@ class Connection:
     async def finish(self) -> None:
         """Before a handler returns: let queued frames go out and a close
         started elsewhere complete (both bounded)."""
-        for task in (self._writer, self._closer):
-            if task is not None:
-                with contextlib.suppress(asyncio.CancelledError, TimeoutError):
-                    async with asyncio.timeout(CLOSE_TIMEOUT):
-                        await asyncio.shield(task)
+        tasks = [task for task in (self._writer, self._closer) if task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
 
 
 class VisitorConnection(Connection):

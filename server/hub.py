@@ -101,7 +101,10 @@ class Hub:
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
         await self.backend.start(self)
-        await self.backend.subscribe(topics.inbox_topic(self.instance))
+        # Without the backend yet, the subscription is still recorded and
+        # made when it comes back: the instance starts degraded, not dead.
+        with contextlib.suppress(BackendUnavailable):
+            await self.backend.subscribe(topics.inbox_topic(self.instance))
 
     async def close(self) -> None:
         for timer in self._timers:
@@ -253,7 +256,8 @@ class Hub:
 
     # -- agents ------------------------------------------------------------
     async def agent_joined(self, agent: AgentConnection) -> None:
-        await self._watch(agent, [topics.agent_topic(agent.group, agent.subject)])
+        with contextlib.suppress(BackendUnavailable):  # recorded; made when the backend is back
+            await self._watch(agent, [topics.agent_topic(agent.group, agent.subject)])
 
     async def agent_left(self, agent: AgentConnection) -> None:
         await self._unwatch(agent, list(agent.topics))

@@ -15,6 +15,7 @@ import aiohttp
 import pytest
 
 from protocol import RequestFailed
+from protocol.agent import AgentClient
 from protocol.client import Connected, Disconnected
 from protocol.messages import Focus, PresenceChanged, Signal
 from server.backend_redis import RedisBackend
@@ -284,6 +285,27 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
     assert await remote_agent.show_terms("v1") == 1
     await visitor.wait_for(signal("showterms"))
     assert remote_agent.visitors["v1"]["online"] and not remote_agent.visitors["leaver"]["online"]
+
+
+async def test_an_instance_started_while_redis_is_down_serves_and_recovers(
+    start_instance: Start, private_redis: RedisServer
+) -> None:
+    private_redis.stop()
+    lonely = await start_instance(private_redis)
+    assert not await ready(lonely)
+    visitor = await lonely.visitor("early")
+    agent = await lonely.agent("alice")
+    assert await agent.show_terms("early") == 1  # same-instance relay without Redis
+    await visitor.wait_for(signal("showterms"))
+    private_redis.start()
+    await eventually(lambda: ready(lonely), 15, "ready once Redis is up")
+    other = await start_instance(private_redis)
+    watcher = await other.agent("bob")
+    await eventually(lambda: _online(watcher, "early"), 10, "the early visitor registered in Redis")
+
+
+async def _online(agent: AgentClient, visitor: str) -> bool:
+    return bool((await agent.lookup(visitor))["online"])
 
 
 async def test_killed_pubsub_connection_is_noticed_and_recovered(
