@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
 
 from aiohttp import WSMsgType, web
 
 from protocol import codec
 from protocol.errors import CloseCode, ErrorCode, ProtocolError
-from protocol.messages import SUPPORTED_VERSIONS, Hello, Message
+from protocol.messages import SUPPORTED_VERSIONS, Hello, Message, Ping, Pong, Welcome
 
 from . import __version__
 from .config import Settings
@@ -81,6 +82,32 @@ async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
         await ws.close(code=code, message=error.message.encode()[:120])
     except (ConnectionError, RuntimeError):
         pass
+
+
+def welcome(conn: Connection, version: int, settings: Settings, **role_fields: Any) -> Welcome:
+    return Welcome(
+        protocol=version,
+        connection=conn.id,
+        role=conn.role,
+        group=conn.group,
+        keepalive=settings.keepalive,
+        server=SERVER_NAME,
+        **role_fields,
+    )
+
+
+async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[Message], Awaitable[None]]) -> None:
+    """Answer every frame until the connection ends: the frames both roles
+    share here, the role's own through ``handle``, errors as error frames."""
+    async for message in messages(conn, settings.max_frame_bytes):
+        if isinstance(message, Ping):
+            conn.send_message(Pong())
+        elif isinstance(message, Pong):
+            pass
+        elif isinstance(message, Hello):
+            conn.send_error(ErrorCode.INVALID, "hello was already received")
+        else:
+            await answering_errors(conn, getattr(message, "id", None), handle(message))
 
 
 async def messages(conn: Connection, max_bytes: int) -> AsyncIterator[Message]:

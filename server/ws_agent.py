@@ -3,16 +3,17 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Ack, Hello, Lookup, Message, Ping, Pong, Signal, Subscribe, Unsubscribe, Welcome
+from protocol.messages import Ack, Lookup, Message, Signal, Subscribe, Unsubscribe
 
 from . import auth
 from .hub import AgentConnection, Hub
 from .keys import HUB, SETTINGS
-from .websocket import SERVER_NAME, answering_errors, messages, open_websocket, read_hello, refuse
+from .websocket import answering_errors, open_websocket, read_hello, refuse, serve_frames, welcome
 
 log = logging.getLogger(__name__)
 
@@ -34,19 +35,8 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     agent = AgentConnection(ws, "agent", group.id, agent_id, settings.max_queue)
     try:
         await hub.agent_joined(agent)
-        agent.send_message(
-            Welcome(
-                protocol=version,
-                connection=agent.id,
-                role="agent",
-                group=group.id,
-                keepalive=settings.keepalive,
-                agent=agent_id,
-                server=SERVER_NAME,
-            )
-        )
-        async for message in messages(agent, settings.max_frame_bytes):
-            await answering_errors(agent, getattr(message, "id", None), _handle(hub, agent, message))
+        agent.send_message(welcome(agent, version, settings, agent=agent_id))
+        await serve_frames(agent, settings, partial(_handle, hub, agent))
     finally:
         await hub.agent_left(agent)
         await agent.finish()
@@ -72,12 +62,6 @@ async def _handle(hub: Hub, agent: AgentConnection, message: Message) -> None:
             agent.send_message(Ack(id=message.id))
     elif isinstance(message, Lookup):
         await hub.lookup(agent, message.id, message.visitor)
-    elif isinstance(message, Ping):
-        agent.send_message(Pong())
-    elif isinstance(message, Pong):
-        pass
-    elif isinstance(message, Hello):
-        raise ProtocolError(ErrorCode.INVALID, "hello was already received")
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not an agent message")
 

@@ -3,17 +3,18 @@
 from __future__ import annotations
 
 import logging
+from functools import partial
 
 from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Ack, Hello, Message, Ping, Pong, Presence, Signal, Welcome
+from protocol.messages import Ack, Message, Presence, Signal
 
 from . import auth
 from .connection import VisitorConnection
 from .hub import Hub
 from .keys import HUB, SETTINGS
-from .websocket import SERVER_NAME, answering_errors, messages, open_websocket, read_hello, refuse
+from .websocket import open_websocket, read_hello, refuse, serve_frames, welcome
 
 log = logging.getLogger(__name__)
 
@@ -34,21 +35,9 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
         await hub.visitor_joined(conn)
-        conn.send_message(
-            Welcome(
-                protocol=version,
-                connection=conn.id,
-                role="visitor",
-                group=group.id,
-                keepalive=settings.keepalive,
-                visitor=hello.visitor,
-                focused=True,
-                server=SERVER_NAME,
-            )
-        )
+        conn.send_message(welcome(conn, version, settings, visitor=hello.visitor, focused=True))
         await hub.release_held(conn)
-        async for message in messages(conn, settings.max_frame_bytes):
-            await answering_errors(conn, getattr(message, "id", None), _handle(hub, conn, message))
+        await serve_frames(conn, settings, partial(_handle, hub, conn))
     finally:
         await hub.visitor_left(conn)
         await conn.finish()
@@ -66,11 +55,5 @@ async def _handle(hub: Hub, conn: VisitorConnection, message: Message) -> None:
             raise ProtocolError(ErrorCode.AGENT_OFFLINE, f"agent {message.agent} is not connected")
         if message.id is not None:
             conn.send_message(Ack(id=message.id))
-    elif isinstance(message, Ping):
-        conn.send_message(Pong())
-    elif isinstance(message, Pong):
-        pass
-    elif isinstance(message, Hello):
-        raise ProtocolError(ErrorCode.INVALID, "hello was already received")
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not a visitor message")
