@@ -115,13 +115,16 @@ class Signal(Message):
 @message("hello")
 class Hello(Message):
     """First frame on every connection. Visitors add group, visitor, token
-    and may add their first presence; agents are identified by their
-    session cookie and send versions only."""
+    and may add their first presence; a consumer that redeemed a short code
+    over REST sends group and ``session_token`` instead of visitor and
+    token. Agents are identified by their session cookie and send versions
+    only."""
 
     versions: list[int] = wire(checks.list_of(checks.non_negative_int, 16))
     group: str | None = wire(checks.identifier, None)
     visitor: str | None = wire(checks.identifier, None)
     token: str | None = wire(checks.token, None)
+    session_token: str | None = wire(checks.token, None)  # consumer joining a REST-made session
     data: dict[str, Any] | None = wire(checks.flat_map, None)
     visible: bool | None = wire(checks.boolean, None)
 
@@ -230,4 +233,100 @@ class Focus(Message):
     focused: bool = wire(checks.boolean)
 
 
-CLIENT_TYPES = frozenset({"hello", "ping", "pong", "signal", "presence", "subscribe", "unsubscribe", "lookup"})
+# --- support sessions --------------------------------------------------------
+
+KEY_TYPES = ("visitor", "random")
+
+
+@message("start_session")
+class StartSession(Message):
+    """Visitor -> server: start a support session keyed by this visitor's ID
+    (one-click: an agent waits for it, no code is shown) or by a random
+    short code the visitor reads out. Answered by ``session_connected``."""
+
+    id: int = wire(checks.request_id)
+    key_type: str = wire(checks.one_of(*KEY_TYPES))
+
+
+@message("session_connected")
+class SessionConnected(Message):
+    """Server -> visitor: the session is live. ``show_key`` says whether the
+    app should display ``key`` (a random code) to the visitor."""
+
+    session: str = wire(checks.identifier)
+    key: str = wire(checks.identifier)
+    key_type: str = wire(checks.one_of(*KEY_TYPES))
+    show_key: bool = wire(checks.boolean)
+    guests: int = wire(checks.non_negative_int)
+    id: int | None = wire(checks.request_id, None)
+
+
+@message("end_session")
+class EndSession(Message):
+    """Visitor -> server: end the visitor's session (answered by ``ack``)."""
+
+    id: int = wire(checks.request_id)
+
+
+@message("wait_session")
+class WaitSession(Message):
+    """Agent -> server: tell me when a session with this key (a visitor ID of
+    the agent's group) starts. Answered by ``ack``; ``session_started``
+    follows at once if it is already live."""
+
+    id: int = wire(checks.request_id)
+    key: str = wire(checks.identifier)
+
+
+@message("join_session")
+class JoinSession(Message):
+    """Agent -> server: join by visitor-ID ``key``, by short ``code``, or by
+    ``session`` ID (exactly one). Answered by ``session_joined``."""
+
+    id: int = wire(checks.request_id)
+    key: str | None = wire(checks.identifier, None)
+    code: str | None = wire(checks.identifier, None)
+    session: str | None = wire(checks.identifier, None)
+
+
+@message("session_joined")
+class SessionJoined(Message):
+    id: int = wire(checks.request_id)
+    session: str = wire(checks.identifier)
+    key: str = wire(checks.identifier)
+    visitor: str = wire(checks.identifier)
+    guests: int = wire(checks.non_negative_int)
+
+
+@message("leave_session")
+class LeaveSession(Message):
+    """Agent -> server: leave a session it joined (answered by ``ack``)."""
+
+    id: int = wire(checks.request_id)
+    session: str = wire(checks.identifier)
+
+
+@message("guest_count")
+class GuestCount(Message):
+    """Server -> visitor: the number of agents in its session changed."""
+
+    session: str = wire(checks.identifier)
+    guests: int = wire(checks.non_negative_int)
+
+
+SESSION_EVENTS = ("started", "ended", "error")
+
+
+@message("session_event")
+class SessionEvent(Message):
+    """Server -> agents: a session's lifecycle. Agents waiting for its key,
+    agents in it, and agents watching its visitor get these. ``reason``
+    says why it ended (ended, visitor_offline, replaced)."""
+
+    event: str = wire(checks.one_of(*SESSION_EVENTS))
+    session: str = wire(checks.identifier)
+    key: str = wire(checks.identifier)
+    visitor: str = wire(checks.identifier)
+    key_type: str = wire(checks.one_of(*KEY_TYPES))
+    reason: str | None = wire(checks.text, None)
+
