@@ -127,6 +127,9 @@ class BackendListener(Protocol):
     def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
         """The bus messages that tell agents of ``change``."""
 
+    def presence_changed(self, change: PresenceChange) -> None:
+        """A change the backend made on its own (reaping a dead instance)."""
+
     async def backend_restored(self) -> None:
         """The backend was lost and is back: messages may have been missed,
         and what this instance registered may be gone."""
@@ -188,3 +191,29 @@ class Backend(ABC):
 
     @abstractmethod
     async def drop_held(self, group: str, visitor: str, key: str) -> bool: ...
+
+    # -- records: sessions, short codes, group settings, rate limits -------
+    # Keys name their group in braces ("{acme}:code:123456") so that a Redis
+    # Cluster keeps a group together. A ttl of None means no expiry.
+    @abstractmethod
+    async def kv_get(self, key: str) -> bytes | None: ...
+
+    @abstractmethod
+    async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
+        """Store ``value``; with ``only_if_absent``, only if the key has none
+        (atomic: of two instances racing, exactly one wins). True if stored."""
+
+    @abstractmethod
+    async def kv_delete(self, key: str) -> bool: ...
+
+    @abstractmethod
+    async def kv_update(
+        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
+    ) -> bytes | None:
+        """Atomically replace the value with ``update(old)`` (None deletes);
+        returns the new value. ``update`` may run more than once."""
+
+    @abstractmethod
+    async def kv_count(self, key: str, window: float) -> int:
+        """Count one more hit in a window that starts at the first hit and
+        lasts ``window`` seconds; the hits so far in it."""

@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
+from collections.abc import Callable
 
 from protocol.messages import VisitorState
 
@@ -34,6 +35,8 @@ class MemoryBackend(Backend):
         self._tombstones: dict[tuple[str, str], tuple[int, float]] = {}  # last version, forget-after
         self._held: dict[tuple[str, str], list[tuple[HeldSignal, float]]] = {}
         self._topics: set[str] = set()
+        self._kv: dict[str, tuple[bytes, float | None]] = {}  # value, expires at (monotonic)
+        self._kv_writes = 0
         self._listener: BackendListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -130,3 +133,50 @@ class MemoryBackend(Backend):
         else:
             del self._held[(group, visitor)]
         return len(kept) != len(held)
+
+    # -- records -------------------------------------------------------------
+    def _live(self, key: str) -> bytes | None:
+        item = self._kv.get(key)
+        if item is None:
+            return None
+        if item[1] is not None and item[1] <= time.monotonic():
+            del self._kv[key]
+            return None
+        return item[0]
+
+    def _store(self, key: str, value: bytes | None, ttl: float | None) -> None:
+        if value is None:
+            self._kv.pop(key, None)
+            return
+        self._kv[key] = (value, None if ttl is None else time.monotonic() + ttl)
+        self._kv_writes += 1
+        if self._kv_writes % 1024 == 0:  # forget what expired unread, so nothing grows forever
+            now = time.monotonic()
+            for stale in [k for k, (_, expires) in self._kv.items() if expires is not None and expires <= now]:
+                del self._kv[stale]
+
+    async def kv_get(self, key: str) -> bytes | None:
+        return self._live(key)
+
+    async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
+        if only_if_absent and self._live(key) is not None:
+            return False
+        self._store(key, value, ttl)
+        return True
+
+    async def kv_delete(self, key: str) -> bool:
+        return self._kv.pop(key, None) is not None
+
+    async def kv_update(
+        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
+    ) -> bytes | None:
+        value = update(self._live(key))
+        self._store(key, value, ttl)
+        return value
+
+    async def kv_count(self, key: str, window: float) -> int:
+        count = int(self._live(key) or b"0") + 1
+        expires = self._kv[key][1] if count > 1 else None
+        remaining = window if expires is None else expires - time.monotonic()
+        self._store(key, str(count).encode(), remaining)
+        return count

@@ -40,6 +40,7 @@ import contextlib
 import logging
 import time
 import uuid
+from collections.abc import Callable
 from functools import partial
 from typing import Any
 
@@ -436,7 +437,10 @@ class RedisBackend(Backend):
             return
         connections = await self._members(self._instance_key(instance, "conns"))
         for group, visitor, connection in connections:
-            await self.mutate(group, visitor, partial(presence.drop, connection=connection), listener.announcement)
+            drop = partial(presence.drop, connection=connection)
+            change = await self.mutate(group, visitor, drop, listener.announcement)
+            if change is not None:
+                listener.presence_changed(change)
         grace_us = int(self.grace_period * 1_000_000)
         now_us = time.time_ns() // 1000
         pending = 0
@@ -445,7 +449,11 @@ class RedisBackend(Backend):
             if record.away_since is not None and now_us - record.away_since < grace_us:
                 pending += 1  # its grace period is not over yet: a later pass ends it
                 continue
-            await self.mutate(group, visitor, partial(presence.expire_away, away_since=None), listener.announcement)
+            change = await self.mutate(
+                group, visitor, partial(presence.expire_away, away_since=None), listener.announcement
+            )
+            if change is not None:
+                listener.presence_changed(change)
             await self._redis.srem(self._instance_key(instance, "away"), _pack(group, visitor))
         if connections:
             log.warning("reaped %d connections of dead instance %s", len(connections), instance)
@@ -487,3 +495,60 @@ class RedisBackend(Backend):
             return bool(await self._redis.hdel(self._key(group, f"held:{visitor}"), key))
         except (RedisError, OSError) as exc:
             raise BackendUnavailable() from exc
+
+    # -- records -------------------------------------------------------------
+    def _record_key(self, key: str) -> str:
+        return f"{self.prefix}:{key}"
+
+    async def kv_get(self, key: str) -> bytes | None:
+        try:
+            return await self._redis.get(self._record_key(key))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
+    async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
+        expiry = int(ttl * 1000) if ttl is not None else None
+        try:
+            return bool(await self._redis.set(self._record_key(key), value, px=expiry, nx=only_if_absent))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
+    async def kv_delete(self, key: str) -> bool:
+        try:
+            return bool(await self._redis.delete(self._record_key(key)))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
+    async def kv_update(
+        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
+    ) -> bytes | None:
+        name = self._record_key(key)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                for _ in range(MAX_WATCH_RETRIES):
+                    try:
+                        await pipe.watch(name)
+                        value = update(await pipe.get(name))
+                        pipe.multi()
+                        if value is None:
+                            pipe.delete(name)
+                        else:
+                            pipe.set(name, value, px=int(ttl * 1000) if ttl is not None else None)
+                        await pipe.execute()
+                        return value
+                    except WatchError:
+                        continue
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+        raise BackendUnavailable(f"{key} is changing too fast to update")
+
+    async def kv_count(self, key: str, window: float) -> int:
+        name = self._record_key(key)
+        try:
+            async with self._redis.pipeline(transaction=True) as pipe:
+                pipe.incr(name)
+                pipe.pexpire(name, int(window * 1000), nx=True)
+                count, _ = await pipe.execute()
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+        return int(count)

@@ -55,6 +55,12 @@ class Settings:
     session_max_age: int = 8 * 3600
     cookie_secure: bool = False
     cookie_samesite: str = "Lax"
+    session_ttl: float = 8 * 3600  # a support session (and a claimed code) lives at most this long
+    code_length: int = 6  # default digits of a short code; groups may change theirs at run time
+    code_ttl: float = 300.0  # default seconds an unclaimed short code lives
+    code_lookups_per_address: int = 10  # short-code look-ups per client address per minute
+    code_lookups_per_group: int = 300  # short-code look-ups per group per minute, all addresses together
+    admin_token: str = ""  # bearer token of the admin API; empty disables it
     redis_url: str = ""
     redis_prefix: str = "herald"  # namespace of every key and channel
     instance_heartbeat: float = 1.0  # seconds between an instance's heartbeats in Redis
@@ -172,6 +178,10 @@ def _validate(settings: Settings) -> None:
     for name in ("grace_period", "signal_hold"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if not 4 <= settings.code_length <= 12:
+        raise ConfigError("code_length must be 4-12")
+    if settings.admin_token and len(settings.admin_token) < 16:
+        raise ConfigError("admin_token must be at least 16 characters")
     if not 0 <= settings.port <= 65535:
         raise ConfigError("port must be between 0 and 65535")
     if settings.max_frame_bytes < 1024 or settings.max_queue < 1:

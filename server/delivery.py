@@ -151,3 +151,5 @@ class Delivery:
             self._resolve(item[1], item[2])
         elif kind == topics.FOCUS:
             self.hub.focus_local(item[1], item[2])
+        elif kind == topics.PUSH:
+            self.deliver_local(item[1], item[2])

@@ -12,12 +12,13 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections import deque
 from collections.abc import Coroutine, Iterable
 from functools import partial
 from typing import Any
 
 from protocol import codec
-from protocol.errors import CloseCode
+from protocol.errors import CloseCode, ProtocolError
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
 from . import presence, topics
@@ -33,6 +34,7 @@ from .backend import (
 from .config import Settings
 from .connection import Connection, VisitorConnection
 from .delivery import Delivery
+from .sessions import Sessions
 
 log = logging.getLogger(__name__)
 
@@ -48,12 +50,14 @@ class AgentConnection(Connection):
     read can still arrive after it and must not be shown twice.
     """
 
-    __slots__ = ("floors", "floors_until", "pending", "topics", "watching_group")
+    __slots__ = ("floors", "floors_until", "pending", "recent_events", "sessions", "topics", "watching_group")
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.topics: set[str] = set()
         self.watching_group = False
+        self.sessions: set[str] = set()  # support sessions joined through this connection
+        self.recent_events: deque[str] | None = None  # dedupe keys of session events seen lately
         self.pending: list[tuple[str, int | None, bytes]] | None = None
         self.floors: dict[str, int] | None = None
         self.floors_until = 0.0
@@ -70,6 +74,16 @@ class AgentConnection(Connection):
                 if floor is not None and version <= floor:
                     self.floors[visitor] = floor
                     return
+        self.send(frame)
+
+    def deliver_event(self, frame: bytes, dedupe: str | None) -> None:
+        """A frame that may reach this agent on several topics: once only."""
+        if dedupe is not None:
+            if self.recent_events is None:
+                self.recent_events = deque(maxlen=32)
+            elif dedupe in self.recent_events:
+                return
+            self.recent_events.append(dedupe)
         self.send(frame)
 
     def start_snapshot(self) -> None:
@@ -95,6 +109,7 @@ class Hub:
         self.visitors: dict[str, Connection] = {}  # connection ID -> local visitor connection
         self.watchers: dict[str, set[AgentConnection]] = {}  # topic -> local agents on it
         self.delivery = Delivery(self)
+        self.sessions = Sessions(self)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -198,6 +213,8 @@ class Hub:
     ) -> PresenceChange | None:
         """Change a visitor's presence, announce it, move focus if it moved."""
         change = await self.backend.mutate(group, visitor, mutation, self.announcement)
+        if change is not None:
+            self.presence_changed(change)
         if change is not None and change.focus_moved:
             live = change.record.connections if change.record else {}
             if change.focus_before and change.focus_before.connection in live:
@@ -205,6 +222,12 @@ class Hub:
             if change.focus_after and change.focus_after.connection != joined:
                 await self.tell_focus(change.focus_after, True)
         return change
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        """After a change is stored: a visitor gone offline ends its session."""
+        if change.change == "offline" and change.record is not None:
+            group, visitor = change.record.group, change.record.visitor
+            self.spawn(self.sessions.end_visitor_session(group, visitor, "visitor_offline"), f"end-{group}/{visitor}")
 
     def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
         """What agents are told of a change: one frame, encoded once, on the
@@ -227,6 +250,13 @@ class Hub:
             envelope = topics.pack(topics.FOCUS, record.connection, focused)
             await self.backend.publish(topics.inbox_topic(record.instance), envelope)
 
+    async def push(self, instance: str, connections: list[str], frame: bytes) -> None:
+        """Queue a frame on visitor connections wherever they are held."""
+        if instance == self.instance:
+            self.delivery.deliver_local(connections, frame)
+        else:
+            await self.backend.publish(topics.inbox_topic(instance), topics.pack(topics.PUSH, connections, frame))
+
     def focus_local(self, connection: str, focused: bool) -> None:
         conn = self.visitors.get(connection)
         if conn is not None:
@@ -237,7 +267,7 @@ class Hub:
         frame = codec.encode(
             Signal(event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id)
         )
-        envelope = topics.pack(topics.VISITOR_SIGNAL, conn.group, conn.subject, frame)
+        envelope = topics.pack(topics.EVENT, conn.group, conn.subject, frame, None)
         if message.agent is not None:
             names = [topics.agent_topic(conn.group, message.agent)]
         else:
@@ -257,20 +287,23 @@ class Hub:
     # -- agents ------------------------------------------------------------
     async def agent_joined(self, agent: AgentConnection) -> None:
         with contextlib.suppress(BackendUnavailable):  # recorded; made when the backend is back
-            await self._watch(agent, [topics.agent_topic(agent.group, agent.subject)])
+            await self.watch(agent, [topics.agent_topic(agent.group, agent.subject)])
 
     async def agent_left(self, agent: AgentConnection) -> None:
-        await self._unwatch(agent, list(agent.topics))
+        for session in list(agent.sessions):  # its guest seats go with it
+            with contextlib.suppress(ProtocolError):
+                await self.sessions.leave(agent, session)
+        await self.unwatch(agent, list(agent.topics))
 
     async def subscribe(self, agent: AgentConnection, request_id: int, visitors: list[str], group: bool) -> None:
         agent.start_snapshot()
         try:
             if group:
                 agent.watching_group = True
-                await self._watch(agent, [topics.group_topic(agent.group)])
+                await self.watch(agent, [topics.group_topic(agent.group)])
                 states = await self.backend.group_visitors(agent.group)
             else:
-                await self._watch(agent, [topics.visitor_topic(agent.group, v) for v in visitors])
+                await self.watch(agent, [topics.visitor_topic(agent.group, v) for v in visitors])
                 states = [await self.backend.visitor(agent.group, v) for v in visitors]
         except BaseException:
             agent.finish_snapshot(None)
@@ -282,12 +315,12 @@ class Hub:
         if group:
             agent.watching_group = False
             names.append(topics.group_topic(agent.group))
-        await self._unwatch(agent, names)
+        await self.unwatch(agent, names)
 
     async def lookup(self, agent: AgentConnection, request_id: int, visitor: str) -> None:
         agent.send_message(VisitorInfo(id=request_id, state=await self.backend.visitor(agent.group, visitor)))
 
-    async def _watch(self, agent: AgentConnection, names: Iterable[str]) -> None:
+    async def watch(self, agent: AgentConnection, names: Iterable[str]) -> None:
         for topic in names:
             if topic not in agent.topics:
                 agent.topics.add(topic)
@@ -296,7 +329,7 @@ class Hub:
             # if another started it: its snapshot must not precede it.
             await self.backend.subscribe(topic)
 
-    async def _unwatch(self, agent: AgentConnection, names: Iterable[str]) -> None:
+    async def unwatch(self, agent: AgentConnection, names: Iterable[str]) -> None:
         for topic in names:
             if topic not in agent.topics:
                 continue
@@ -316,14 +349,16 @@ class Hub:
             kind = item[0]
             if kind == topics.PRESENCE:
                 self._to_watchers(topic, item[2], item[3], item[4])
-            elif kind == topics.VISITOR_SIGNAL:
-                self._to_watchers(topic, item[2], None, item[3])
+            elif kind == topics.EVENT:
+                self._to_watchers(topic, item[2], None, item[3], item[4])
             else:
                 self.delivery.on_inbox(kind, item)
         except Exception:
             log.exception("dropping bad bus message on %s", topic)
 
-    def _to_watchers(self, topic: str, visitor: str, version: int | None, frame: bytes) -> int:
+    def _to_watchers(
+        self, topic: str, visitor: str, version: int | None, frame: bytes, dedupe: str | None = None
+    ) -> int:
         watchers = self.watchers.get(topic)
         if not watchers:
             return 0
@@ -331,7 +366,11 @@ class Hub:
         skip_group_watchers = topic.startswith("v:")
         delivered = 0
         for agent in watchers:
-            if not (skip_group_watchers and agent.watching_group):
+            if skip_group_watchers and agent.watching_group:
+                continue
+            if dedupe is None:
                 agent.deliver(visitor, version, frame)
-                delivered += 1
+            else:
+                agent.deliver_event(frame, dedupe)
+            delivered += 1
         return delivered

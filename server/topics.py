@@ -7,6 +7,8 @@ Topics route a message only to the instances that hold its recipients:
 * ``g:{group}`` — the same events, for instances with an agent watching the
   whole group;
 * ``a:{group}:{agent}`` — signals a visitor addresses to one agent;
+* ``k:{group}:{key}`` — a session key's lifecycle, for agents waiting for it;
+* ``s:{group}:{session}`` — a session's lifecycle, for agents in it;
 * ``i:{instance}`` — an instance's inbox: deliveries to its visitor
   connections, their replies, focus changes.
 
@@ -23,8 +25,9 @@ from typing import Any
 import msgpack
 
 PRESENCE = "p"  # [kind, group, visitor, version, frame]
-VISITOR_SIGNAL = "s"  # [kind, group, visitor, frame]
+EVENT = "s"  # [kind, group, visitor, frame, dedupe key or nil]: a visitor's signal, a session event
 DELIVER = "d"  # [kind, key, reply_to, [connection...], frame]
+PUSH = "x"  # [kind, [connection...], frame]: to visitor connections, no reply
 REPLY = "r"  # [kind, key, delivered]
 FOCUS = "f"  # [kind, connection, focused]
 
@@ -39,6 +42,14 @@ def group_topic(group: str) -> str:
 
 def agent_topic(group: str, agent: str) -> str:
     return f"a:{{{group}}}:{agent}"
+
+
+def key_topic(group: str, key: str) -> str:
+    return f"k:{{{group}}}:{key}"
+
+
+def session_topic(group: str, session: str) -> str:
+    return f"s:{{{group}}}:{session}"
 
 
 def inbox_topic(instance: str) -> str:

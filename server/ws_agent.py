@@ -8,7 +8,17 @@ from functools import partial
 from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Ack, Lookup, Message, Signal, Subscribe, Unsubscribe
+from protocol.messages import (
+    Ack,
+    JoinSession,
+    LeaveSession,
+    Lookup,
+    Message,
+    Signal,
+    Subscribe,
+    Unsubscribe,
+    WaitSession,
+)
 
 from . import auth
 from .hub import AgentConnection, Hub
@@ -62,6 +72,16 @@ async def _handle(hub: Hub, agent: AgentConnection, message: Message) -> None:
             agent.send_message(Ack(id=message.id))
     elif isinstance(message, Lookup):
         await hub.lookup(agent, message.id, message.visitor)
+    elif isinstance(message, WaitSession):
+        await hub.sessions.wait(agent, message.key)
+        agent.send_message(Ack(id=message.id))
+        await hub.sessions.tell_if_live(agent, message.key)
+    elif isinstance(message, JoinSession):
+        join = hub.sessions.join(agent, message.id, key=message.key, code=message.code, session=message.session)
+        agent.send_message(await join)
+    elif isinstance(message, LeaveSession):
+        await hub.sessions.leave(agent, message.session)
+        agent.send_message(Ack(id=message.id))
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not an agent message")
 

@@ -8,13 +8,14 @@ from functools import partial
 from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import Ack, Message, Presence, Signal
+from protocol.messages import Ack, EndSession, Hello, Message, Presence, Signal, StartSession
 
 from . import auth
 from .connection import VisitorConnection
 from .hub import Hub
 from .keys import HUB, SETTINGS
-from .websocket import open_websocket, read_hello, refuse, serve_frames, welcome
+from .sessions import CONSUMER_PREFIX
+from .websocket import answering_errors, open_websocket, read_hello, refuse, serve_frames, welcome
 
 log = logging.getLogger(__name__)
 
@@ -24,24 +25,42 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     ws = await open_websocket(request, settings)
     try:
         hello, version = await read_hello(ws, settings)
-        group = auth.verify_visitor(settings, hello)
+        group, visitor, consumer_session = _identify(hub, hello)
     except ProtocolError as exc:
         log.info("visitor handshake refused: %s", exc.code)
         await refuse(ws, exc)
         return ws
-    assert hello.visitor is not None
     visible = True if hello.visible is None else hello.visible
-    conn = VisitorConnection(ws, group.id, hello.visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
+    conn = VisitorConnection(ws, group, visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
         await hub.visitor_joined(conn)
-        conn.send_message(welcome(conn, version, settings, visitor=hello.visitor, focused=True))
+        conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=True))
+        if consumer_session is not None:
+            await answering_errors(conn, None, _attach(hub, conn, consumer_session))
         await hub.release_held(conn)
         await serve_frames(conn, settings, partial(_handle, hub, conn))
     finally:
         await hub.visitor_left(conn)
         await conn.finish()
     return ws
+
+
+def _identify(hub: Hub, hello: Hello) -> tuple[str, str, str | None]:
+    """(group, visitor ID, session) from a hello: a visitor's own token, or
+    the session token of a consumer that redeemed a short code."""
+    if hello.session_token is not None and hello.visitor is None and hello.token is None:
+        if hello.group not in hub.settings.groups:
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
+        session = hub.sessions.verify_consumer(hello.group, hello.session_token)
+        return hello.group, CONSUMER_PREFIX + session, session
+    group = auth.verify_visitor(hub.settings, hello)
+    assert hello.visitor is not None
+    return group.id, hello.visitor, None
+
+
+async def _attach(hub: Hub, conn: VisitorConnection, session: str) -> None:
+    conn.send_message(await hub.sessions.attach_consumer(conn, session))
 
 
 async def _handle(hub: Hub, conn: VisitorConnection, message: Message) -> None:
@@ -55,5 +74,11 @@ async def _handle(hub: Hub, conn: VisitorConnection, message: Message) -> None:
             raise ProtocolError(ErrorCode.AGENT_OFFLINE, f"agent {message.agent} is not connected")
         if message.id is not None:
             conn.send_message(Ack(id=message.id))
+    elif isinstance(message, StartSession):
+        conn.send_message(await hub.sessions.start(conn, message.key_type, message.id))
+    elif isinstance(message, EndSession):
+        if not await hub.sessions.end_visitor_session(conn.group, conn.subject, "ended"):
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "this visitor has no live session")
+        conn.send_message(Ack(id=message.id))
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not a visitor message")
