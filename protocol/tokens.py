@@ -18,6 +18,7 @@ from .errors import ErrorCode, ProtocolError
 
 VISITOR = "visitor"
 AGENT = "agent"
+API = "api"  # a CRM back end calling the REST API
 MAX_TOKEN_LIFETIME = 366 * 24 * 3600
 
 
@@ -40,6 +41,18 @@ def visitor_token(secret: str, group: str, visitor: str, ttl: float = 3600) -> s
 def agent_key(secret: str, group: str, agent: str, ttl: float = 300) -> str:
     """The login key an agent presents to ``POST /v1/agent/login``."""
     return make_token(secret, AGENT, group, agent, ttl)
+
+
+def api_key(secret: str, group: str, ttl: float = 365 * 24 * 3600) -> str:
+    """The bearer credential of a group's back end for the REST API:
+    ``<expires>.<signature>.<group>`` (it names its group, so a key of
+    another group is told apart from a forged one)."""
+    return f"{make_token(secret, API, group, group, ttl)}.{group}"
+
+
+def api_key_group(key: str) -> str:
+    """The group an API key claims to be for (unverified)."""
+    return key.split(".", 2)[2] if key.count(".") >= 2 else ""
 
 
 def verify_token(

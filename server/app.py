@@ -9,7 +9,7 @@ from aiohttp import web
 
 from protocol.errors import CloseCode
 
-from . import __version__, auth
+from . import __version__, auth, http_admin, http_codes, http_crm
 from .backend import Backend
 from .backend_memory import MemoryBackend
 from .config import Settings
@@ -46,6 +46,9 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
     app.router.add_get("/v1/agent", agent_endpoint)
     app.router.add_post("/v1/agent/login", auth.login)
     app.router.add_post("/v1/agent/logout", auth.logout)
+    http_codes.add_routes(app)
+    http_admin.add_routes(app)
+    http_crm.add_routes(app)
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)
     app.cleanup_ctx.append(_run_hub)

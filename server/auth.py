@@ -28,6 +28,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Hello
 
 from .config import ConfigError, GroupConfig, Settings
+from .http_common import error_response
 from .keys import SETTINGS
 
 log = logging.getLogger(__name__)
@@ -55,10 +56,6 @@ def setup_sessions(app: web.Application, settings: Settings) -> None:
         samesite=settings.cookie_samesite,
     )
     setup_session_middleware(app, storage)
-
-
-def error_response(status: int, code: ErrorCode | str, message: str) -> web.Response:
-    return web.json_response({"error": {"code": str(code), "message": message}}, status=status)
 
 
 _STATUS = {ErrorCode.UNAUTHORIZED: 401, ErrorCode.TOKEN_EXPIRED: 401, ErrorCode.FORBIDDEN: 403}

@@ -53,10 +53,10 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 def _token_parser(sub: argparse._SubParsersAction) -> None:
-    token = sub.add_parser("token", help="mint a visitor token or agent login key (for trying Herald)")
-    token.add_argument("role", choices=[tokens.VISITOR, tokens.AGENT])
+    token = sub.add_parser("token", help="mint a visitor token, agent login key or REST API key")
+    token.add_argument("role", choices=[tokens.VISITOR, tokens.AGENT, tokens.API])
     token.add_argument("--group", required=True)
-    token.add_argument("--id", required=True, help="the visitor or agent ID")
+    token.add_argument("--id", help="the visitor or agent ID (not for api)")
     token.add_argument("--secret", required=True, help="the group's secret")
     token.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
 
@@ -69,7 +69,12 @@ def main(argv: list[str] | None = None) -> None:
     _token_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "token":
-        print(tokens.make_token(args.secret, args.role, args.group, args.id, args.ttl))
+        if args.role == tokens.API:
+            print(tokens.api_key(args.secret, args.group, args.ttl))
+        elif args.id is None:
+            parser.error("--id is required for visitor and agent tokens")
+        else:
+            print(tokens.make_token(args.secret, args.role, args.group, args.id, args.ttl))
         return
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "group")}
     if args.group:

@@ -21,6 +21,7 @@ from protocol.messages import (
 )
 
 from . import auth
+from .http_common import error_response
 from .hub import AgentConnection, Hub
 from .keys import HUB, SETTINGS
 from .websocket import answering_errors, open_websocket, read_hello, refuse, serve_frames, welcome
@@ -32,10 +33,10 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     settings, hub = request.app[SETTINGS], request.app[HUB]
     identity = await auth.agent_identity(request)
     if identity is None:
-        return auth.error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")
+        return error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")
     group, agent_id = identity
     if not auth.origin_allowed(request, group):
-        return auth.error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
+        return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
     ws = await open_websocket(request, settings)
     try:
         _hello, version = await read_hello(ws, settings)

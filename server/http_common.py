@@ -1,0 +1,134 @@
+"""What the HTTP API shares: JSON errors, CORS, rate limits, credentials.
+
+Errors are the protocol's error values with an HTTP status: a client sees
+the same ``code`` over REST as over the websocket.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from protocol.errors import ErrorCode, ProtocolError
+
+from .backend import Backend
+from .config import GroupConfig, Settings
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STATUS = {
+    ErrorCode.INVALID: 400,
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.SESSION_NOT_FOUND: 404,
+    ErrorCode.VISITOR_OFFLINE: 404,
+    ErrorCode.AGENT_OFFLINE: 404,
+    ErrorCode.SIGNAL_EXPIRED: 410,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.BACKEND_UNAVAILABLE: 503,
+    ErrorCode.CODE_SPACE_EXHAUSTED: 503,
+    ErrorCode.DELIVERY_FAILED: 504,
+}
+
+
+def error_response(status: int, code: ErrorCode | str, message: str) -> web.Response:
+    return web.json_response({"error": {"code": str(code), "message": message}}, status=status)
+
+
+def json_errors(handler: Handler) -> Handler:
+    """Turn ``ProtocolError`` into its JSON error response."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            response = error_response(STATUS.get(exc.code, 500), exc.code, exc.message)
+            if exc.code == ErrorCode.RATE_LIMITED:
+                response.headers["Retry-After"] = "60"
+            return response
+
+    return wrapped
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, json.JSONDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.INVALID, "expected a JSON object")
+    return body
+
+
+def bearer(request: web.Request) -> str:
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "an Authorization: Bearer credential is required")
+    return credential.strip()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def group_of(settings: Settings, group_id: str) -> GroupConfig:
+    group = settings.groups.get(group_id)
+    if group is None:
+        raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "unknown group")
+    return group
+
+
+# -- CORS ----------------------------------------------------------------------
+
+
+def allowed_origin(request: web.Request, origins: list[str]) -> str | None:
+    """The request's Origin if the group allows it (or it is Herald's own)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    if origin in origins or "*" in origins or origin == f"{request.scheme}://{request.host}":
+        return origin
+    return None
+
+
+def with_cors(response: web.StreamResponse, origin: str | None, credentials: bool = False) -> web.StreamResponse:
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        if credentials:
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+    return response
+
+
+def preflight(origin: str | None, methods: str) -> web.Response:
+    response = web.Response(status=204 if origin else 403)
+    if origin is not None:
+        with_cors(response, origin, credentials=True)
+        response.headers["Access-Control-Allow-Methods"] = methods
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+# -- rate limits ---------------------------------------------------------------
+
+
+async def limit_lookups(backend: Backend, settings: Settings, group: str, address: str) -> None:
+    """Short-code look-ups: a budget per client address and one per group,
+    so that guessing a live code stays impractical even from many addresses."""
+    per_address = await backend.kv_count(f"rate:address:{address}", 60)
+    per_group = await backend.kv_count(f"{{{group}}}:rate:lookups", 60)
+    if per_address > settings.code_lookups_per_address or per_group > settings.code_lookups_per_group:
+        raise ProtocolError(ErrorCode.RATE_LIMITED, "too many short-code look-ups; try again in a minute")
+
+
+def client_address(request: web.Request) -> str:
+    return request.remote or "unknown"
