@@ -6,37 +6,47 @@ carries), so every connect starts with a login and the key may be a factory
 for fresh keys. And its subscriptions live on the connection, so after a
 reconnect they are replayed and the local ``visitors`` view is rebuilt from
 the new snapshots. The view is updated as frames are read, in wire order, so
-a snapshot can never overwrite a newer change.
+a snapshot can never overwrite a newer change. Waiting for a support session
+is connection state too: keys still waited for are waited for again, so a
+session that started while the agent was away is reported after all.
 """
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable
 from typing import Any
 
 import aiohttp
 
 from .checks import MAX_VISITORS_PER_REQUEST
-from .client import DISCONNECTED, WS, Credential, HeraldClient, Refused, resolve_credential
+from .client import DISCONNECTED, WS, Credential, HeraldClient, R, Refused, resolve_credential
 from .errors import ErrorCode, RequestFailed
 from .messages import (
     SUPPORTED_VERSIONS,
     Ack,
     Hello,
+    JoinSession,
+    LeaveSession,
     Lookup,
     Message,
     PresenceChanged,
+    SessionEvent,
+    SessionJoined,
     Signal,
     Snapshot,
     Subscribe,
     Unsubscribe,
     VisitorInfo,
     VisitorState,
+    WaitSession,
     Welcome,
 )
 
 LOGIN_PATH = "/v1/agent/login"
 LOGOUT_PATH = "/v1/agent/logout"
 _STALE_SESSION = (ErrorCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED)
+log = logging.getLogger(__name__)
 
 
 class LoginRefused(Refused):
@@ -54,7 +64,8 @@ async def _http_error(response: aiohttp.ClientResponse) -> tuple[str, str]:
 
 class AgentClient(HeraldClient):
     """An agent connection. ``visitors`` maps each watched visitor to its latest
-    state; ``login_expires`` is when the current login session ends (unix s)."""
+    state; ``waiting`` holds the session keys waited for and not yet started;
+    ``login_expires`` is when the current login session ends (unix s)."""
 
     PATH = "/v1/agent"
 
@@ -65,6 +76,12 @@ class AgentClient(HeraldClient):
         self.login_expires: float | None = None
         self._watched: set[str] = set()
         self._watch_group = False
+        self._waiting: set[str] = set()
+
+    @property
+    def waiting(self) -> frozenset[str]:
+        """Keys ``wait_session`` will send again after a reconnect."""
+        return frozenset(self._waiting)
 
     async def subscribe(self, visitors: list[str]) -> Snapshot:
         """Watch these visitors (kept across reconnects); their states now."""
@@ -96,6 +113,30 @@ class AgentClient(HeraldClient):
         ack = await self.request(Signal(event=event, data=data, visitor=visitor, to=to), Ack)
         return ack.delivered or 0
 
+    async def wait_session(self, key: str) -> None:
+        """Be told (``session_event`` "started") when a session keyed by this
+        visitor ID starts, or at once if it is live. Kept across reconnects
+        until it has started or this agent joined it."""
+        added = {key} - self._waiting
+        self._waiting |= added  # before sending: a "started" sent before the ack must find it
+        await self._replayable(WaitSession(id=0, key=key), Ack, lambda: self._waiting.difference_update(added))
+
+    async def join_session(self, *, key: str | None = None, code: str | None = None,
+                           session: str | None = None) -> SessionJoined:
+        """Join a session by its visitor-ID ``key``, the short ``code`` the
+        visitor read out, or its ``session`` ID (exactly one). Several agents may
+        join; the visitor sees the count. ``RequestFailed("session_not_found")``
+        if no such session is live (or the code expired)."""
+        if sum(value is not None for value in (key, code, session)) != 1:
+            raise ValueError("join a session by exactly one of key, code or session")
+        joined = await self.request(JoinSession(id=0, key=key, code=code, session=session), SessionJoined)
+        self._waiting.discard(joined.key)  # in it now: its "started" is no news
+        return joined
+
+    async def leave_session(self, session: str) -> None:
+        """Leave a session this agent joined; the visitor sees the count drop."""
+        await self.request(LeaveSession(id=0, session=session), Ack)
+
     async def show_terms(self, visitor: str) -> int:
         """Ask the visitor's page to show the co-browse terms dialog."""
         return await self.signal(visitor, "showterms")
@@ -105,7 +146,7 @@ class AgentClient(HeraldClient):
         self.reconnect = False
         try:
             if self._session is not None and not self._session.closed:  # else never logged in
-                async with self.session.post(self.base_url + LOGOUT_PATH) as response:
+                async with self.http_session.post(self.base_url + LOGOUT_PATH) as response:
                     if response.status >= 400 and response.status != 401:
                         raise RequestFailed(*await _http_error(response))
         finally:
@@ -119,13 +160,23 @@ class AgentClient(HeraldClient):
         added, had_group = set(visitors) - self._watched, self._watch_group
         self._watched |= added
         self._watch_group |= group
+
+        def undo() -> None:
+            self._watched.difference_update(added)
+            self._watch_group = had_group
+
+        return await self._replayable(Subscribe(id=0, visitors=None if group else visitors, group=group or None),
+                                      Snapshot, undo)
+
+    async def _replayable(self, message: Message, reply: type[R], undo: Callable[[], object]) -> R:
+        """A request whose effect the caller recorded before sending it, for the
+        reconnect to replay. A refusal means there is nothing to replay, so
+        ``undo`` runs; a lost socket does not, because the reconnect sends it again."""
         try:
-            return await self.request(Subscribe(id=0, visitors=None if group else visitors, group=group or None),
-                                      Snapshot)
+            return await self.request(message, reply)
         except RequestFailed as exc:
-            if exc.code != DISCONNECTED:  # refused, not interrupted: we are not watching after all
-                self._watched -= added
-                self._watch_group = had_group
+            if exc.code != DISCONNECTED:
+                undo()
             raise
 
     def _update(self, state: VisitorState) -> None:
@@ -140,7 +191,7 @@ class AgentClient(HeraldClient):
     async def _hello(self) -> Hello:
         """Log in (a fresh session cookie for the upgrade), then a bare hello."""
         body = {"group": self.group, "agent": self.agent, "key": await resolve_credential(self._key)}
-        async with self.session.post(self.base_url + LOGIN_PATH, json=body) as response:
+        async with self.http_session.post(self.base_url + LOGIN_PATH, json=body) as response:
             if response.status >= 300:
                 code, message = await _http_error(response)
                 if 400 <= response.status < 500 and response.status not in (408, 429):
@@ -167,6 +218,8 @@ class AgentClient(HeraldClient):
                 self._update(state)
         elif isinstance(frame, PresenceChanged | VisitorInfo):
             self._update(frame.state)
+        elif isinstance(frame, SessionEvent) and frame.event == "started":
+            self._waiting.discard(frame.key)  # what the wait was for; not re-sent after a reconnect
 
     async def _on_welcome(self, welcome: Welcome) -> None:
         watched = sorted(self._watched)
@@ -174,3 +227,11 @@ class AgentClient(HeraldClient):
             await self.request(Subscribe(id=0, visitors=watched[start : start + MAX_VISITORS_PER_REQUEST]), Snapshot)
         if self._watch_group:
             await self.request(Subscribe(id=0, group=True), Snapshot)
+        for key in sorted(self._waiting):
+            try:
+                await self.request(WaitSession(id=0, key=key), Ack)
+            except RequestFailed as exc:
+                if exc.code == DISCONNECTED:
+                    raise
+                self._waiting.discard(key)  # refused now (e.g. no longer valid): retrying will not help
+                log.warning("herald agent: waiting for session key %r again was refused: %s", key, exc)

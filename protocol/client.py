@@ -23,12 +23,26 @@ import aiohttp
 
 from . import codec
 from .errors import CloseCode, HeraldError, ProtocolError, RequestFailed, should_reconnect
-from .messages import Ack, Error, Hello, Message, Ping, Pong, Snapshot, VisitorInfo, Welcome
+from .messages import (
+    Ack,
+    Error,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    SessionConnected,
+    SessionJoined,
+    Snapshot,
+    VisitorInfo,
+    Welcome,
+)
 
 log = logging.getLogger(__name__)
 
 DISCONNECTED = "disconnected"  # RequestFailed code: the socket went away before the reply
-_REPLIES = (Ack, Snapshot, VisitorInfo, Error)
+# Frames of these types that carry an ``id`` answer a request; without one they are
+# events (an error about no request, a consumer's session_connected after its welcome).
+_REPLIES = (Ack, Snapshot, VisitorInfo, SessionConnected, SessionJoined, Error)
 _PING, _PONG = codec.encode(Ping()), codec.encode(Pong())
 _CLOSE_NAMES = {code.value: code.name.lower() for code in CloseCode}
 
@@ -120,7 +134,9 @@ class HeraldClient:
         return self.welcome.connection if self.welcome else None
 
     @property
-    def session(self) -> aiohttp.ClientSession:
+    def http_session(self) -> aiohttp.ClientSession:
+        """The aiohttp session for the websocket (and the agent's login cookie);
+        not named ``session``, which in Herald means a support session."""
         if self._session is None:
             self._session = aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True))
         return self._session
@@ -295,7 +311,7 @@ class HeraldClient:
         """One attempt: hello (and credentials), websocket upgrade, wait for welcome."""
         async with asyncio.timeout(self.connect_timeout):
             hello = await self._hello()
-            ws = await self.session.ws_connect(self.base_url + self.PATH, max_msg_size=self.max_frame_bytes,
+            ws = await self.http_session.ws_connect(self.base_url + self.PATH, max_msg_size=self.max_frame_bytes,
                                                timeout=aiohttp.ClientWSTimeout(ws_close=self.close_timeout))
             try:
                 self._last_error = None

@@ -31,6 +31,9 @@ class ErrorCode(StrEnum):
     DELIVERY_FAILED = "delivery_failed"  # the instance holding the visitor did not answer
     BACKEND_UNAVAILABLE = "backend_unavailable"
     RATE_LIMITED = "rate_limited"
+    # Support sessions.
+    SESSION_NOT_FOUND = "session_not_found"  # no live session for that key, code or session ID
+    CODE_SPACE_EXHAUSTED = "code_space_exhausted"  # no free short code after retries; retry or lengthen codes
     INTERNAL = "internal"
 
 

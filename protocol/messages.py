@@ -271,8 +271,8 @@ class EndSession(Message):
 @message("wait_session")
 class WaitSession(Message):
     """Agent -> server: tell me when a session with this key (a visitor ID of
-    the agent's group) starts. Answered by ``ack``; ``session_started``
-    follows at once if it is already live."""
+    the agent's group) starts. Answered by ``ack``; a ``session_event``
+    "started" follows when it starts (at once if it is already live)."""
 
     id: int = wire(checks.request_id)
     key: str = wire(checks.identifier)

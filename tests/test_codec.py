@@ -28,23 +28,34 @@ from protocol.checks import (
 )
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import (
+    KEY_TYPES,
     MESSAGE_TYPES,
     PRESENCE_CHANGES,
+    SESSION_EVENTS,
     Ack,
+    EndSession,
     Error,
     Focus,
+    GuestCount,
     Hello,
+    JoinSession,
+    LeaveSession,
     Lookup,
     Message,
     Ping,
     Pong,
     Presence,
     PresenceChanged,
+    SessionConnected,
+    SessionEvent,
+    SessionJoined,
     Signal,
     Snapshot,
+    StartSession,
     Subscribe,
     Unsubscribe,
     VisitorInfo,
+    WaitSession,
     Welcome,
 )
 
@@ -102,6 +113,7 @@ texts = st.text(max_size=MAX_VALUE_CHARS)
 tokens = st.text(min_size=1, max_size=MAX_TOKEN_CHARS)
 scalars = st.none() | st.booleans() | ints | floats | texts
 flat_maps = st.dictionaries(st.text(min_size=1, max_size=MAX_KEY_CHARS), scalars, max_size=MAX_DATA_FIELDS)
+key_types = st.sampled_from(KEY_TYPES)
 
 connection_states = st.fixed_dictionaries(
     {
@@ -145,6 +157,7 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         group=optional(ids),
         visitor=optional(ids),
         token=optional(tokens),
+        session_token=optional(tokens),
         data=optional(flat_maps),
         visible=optional(st.booleans()),
     ),
@@ -181,6 +194,32 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     VisitorInfo: st.builds(VisitorInfo, id=request_ids, state=visitor_states),
     PresenceChanged: st.builds(PresenceChanged, change=st.sampled_from(PRESENCE_CHANGES), state=visitor_states),
     Focus: st.builds(Focus, focused=st.booleans()),
+    StartSession: st.builds(StartSession, id=request_ids, key_type=key_types),
+    SessionConnected: st.builds(
+        SessionConnected,
+        session=ids,
+        key=ids,
+        key_type=key_types,
+        show_key=st.booleans(),
+        guests=uints,
+        id=optional(request_ids),
+    ),
+    EndSession: st.builds(EndSession, id=request_ids),
+    WaitSession: st.builds(WaitSession, id=request_ids, key=ids),
+    # Any mix of key/code/session: "exactly one" is the server's rule, not the codec's.
+    JoinSession: st.builds(JoinSession, id=request_ids, key=optional(ids), code=optional(ids), session=optional(ids)),
+    SessionJoined: st.builds(SessionJoined, id=request_ids, session=ids, key=ids, visitor=ids, guests=uints),
+    LeaveSession: st.builds(LeaveSession, id=request_ids, session=ids),
+    GuestCount: st.builds(GuestCount, session=ids, guests=uints),
+    SessionEvent: st.builds(
+        SessionEvent,
+        event=st.sampled_from(SESSION_EVENTS),
+        session=ids,
+        key=ids,
+        visitor=ids,
+        key_type=key_types,
+        reason=optional(texts),
+    ),
 }
 any_message = st.one_of(list(MESSAGE_STRATEGIES.values()))
 
@@ -269,10 +308,32 @@ HELLO = Hello(
     visible=True,
 )
 
+# The two session frames PROTOCOL.md shows (§11.8): 83 = fixmap(3): "type" ad "start_session"
+# | a2 "id" 03 | a8 "key_type" a6 "random"
+START_SESSION_HEX = "83 a4 74797065 ad 73746172745f73657373696f6e a2 6964 03 a8 6b65795f74797065 a6 72616e646f6d"
+START_SESSION = StartSession(id=3, key_type="random")
+
+# 87 = fixmap(7): "type" b1 "session_connected" | a7 "session" b1 "s4f1c9a07e2b6d835" | a3 "key" a6 "482913"
+# | a8 "key_type" a6 "random" | a8 "show_key" c3 (true) | a6 "guests" 00 | a2 "id" 03 (last: optional)
+SESSION_CONNECTED_HEX = (
+    "87 a4 74797065 b1 73657373696f6e5f636f6e6e6563746564"
+    " a7 73657373696f6e b1 7334663163396130376532623664383335"
+    " a3 6b6579 a6 343832393133"
+    " a8 6b65795f74797065 a6 72616e646f6d"
+    " a8 73686f775f6b6579 c3"
+    " a6 677565737473 00"
+    " a2 6964 03"
+)
+SESSION_CONNECTED = SessionConnected(
+    session="s4f1c9a07e2b6d835", key="482913", key_type="random", show_key=True, guests=0, id=3
+)
+
 FIXTURES = [
     pytest.param(Ping(), PING_HEX, id="ping"),
     pytest.param(SIGNAL, SIGNAL_HEX, id="agent-signal"),
     pytest.param(HELLO, HELLO_HEX, id="visitor-hello"),
+    pytest.param(START_SESSION, START_SESSION_HEX, id="start-session"),
+    pytest.param(SESSION_CONNECTED, SESSION_CONNECTED_HEX, id="session-connected"),
 ]
 
 
