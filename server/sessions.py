@@ -161,7 +161,9 @@ class Sessions:
         taken: list[bool] = []
 
         def take(record: SupportSession) -> None:
-            taken.append(record.redeemed)
+            # Only sessions made for a consumer: a code a visitor's app shows
+            # must never let a guesser in on the visitor's side.
+            taken.append(record.redeemed or not record.visitor.startswith(CONSUMER_PREFIX))
             record.redeemed = True
 
         session = await self._edit(group, session_id, take)
