@@ -111,7 +111,13 @@ class Sessions:
         if conn.subject.startswith(CONSUMER_PREFIX):
             raise ProtocolError(ErrorCode.INVALID, "a consumer is already in its session")
         await self.end_visitor_session(conn.group, conn.subject, "replaced")
-        session = await self._new(conn.group, key_type, conn.subject)
+        try:
+            session = await self._new(conn.group, key_type, conn.subject)
+        except ProtocolError as exc:
+            # Agents watching the visitor hear that its start failed, and why.
+            failed = SupportSession("s" + secrets.token_hex(8), conn.group, conn.subject, key_type, conn.subject)
+            await self._announce(failed, "error", str(exc.code))
+            raise
         session.connection, session.instance = conn.id, self.hub.instance
         await self._save(session)
         ttl = self.settings.session_ttl
