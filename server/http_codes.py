@@ -39,19 +39,25 @@ async def _origin(request: web.Request, group: GroupConfig) -> str | None:
     return allowed_origin(request, [*group.allowed_origins, *runtime.allowed_origins])
 
 
-async def _create(request: web.Request, group: GroupConfig) -> tuple[SupportSession, str | None]:
-    """A new random-key session for a consumer; refused from foreign pages."""
-    hub = request.app[HUB]
+async def _consumer_origin(request: web.Request, group: GroupConfig) -> str | None:
+    """The consumer page's origin; a browser page of a foreign origin is refused."""
     origin = await _origin(request, group)
     if "Origin" in request.headers and origin is None:
         raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    return origin
+
+
+async def _create(request: web.Request, group: GroupConfig) -> tuple[SupportSession, str | None]:
+    """A new random-key session for a consumer."""
+    hub = request.app[HUB]
+    origin = await _consumer_origin(request, group)
     await limit_lookups(hub.backend, hub.settings, group.id, client_address(request))
     return await hub.sessions.create_for_consumer(group.id), origin
 
 
 async def _redeem(request: web.Request, group: GroupConfig, code: str) -> tuple[SupportSession, str, str | None]:
     hub = request.app[HUB]
-    origin = await _origin(request, group)
+    origin = await _consumer_origin(request, group)
     await limit_lookups(hub.backend, hub.settings, group.id, client_address(request))
     redeemed = await hub.sessions.redeem(group.id, code)
     if redeemed is None:

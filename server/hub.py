@@ -34,7 +34,7 @@ from .backend import (
 from .config import Settings
 from .connection import Connection, VisitorConnection
 from .delivery import Delivery
-from .sessions import Sessions
+from .sessions import CONSUMER_PREFIX, Sessions
 
 log = logging.getLogger(__name__)
 
@@ -173,8 +173,11 @@ class Hub:
         await self._visitor_mutate(conn, partial(presence.join, connection=conn.presence), joined=conn.id)
 
     async def release_held(self, conn: VisitorConnection) -> None:
-        """After the welcome: deliver signals held while the visitor was away."""
+        """After the welcome: the visitor's live session follows this
+        connection, and signals held while it was away are delivered."""
         with contextlib.suppress(BackendUnavailable):  # they stay held; their senders hear of it
+            if not conn.subject.startswith(CONSUMER_PREFIX):  # a consumer attaches with its token
+                await self.sessions.visitor_connected(conn)
             await self.delivery.release_held(conn)
 
     async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:

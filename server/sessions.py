@@ -13,6 +13,7 @@ several topics; it carries a dedupe key so that the agent sees it once.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import secrets
 from dataclasses import dataclass, field
@@ -185,11 +186,21 @@ class Sessions:
         session_id, _, signed = session_token.partition(".")
         tokens.verify_token(self.settings.groups[group].secrets, SESSION_ROLE, group, session_id, signed)
         return session_id
-    async def attach_consumer(self, conn: VisitorConnection, session_id: str) -> SessionConnected:
-        def attach(record: SupportSession) -> None:
+    async def visitor_connected(self, conn: VisitorConnection) -> None:
+        """A visitor's newest connection takes over its live session (a tab
+        reconnecting within the grace period keeps it), and hears so."""
+        session_id = await self.backend.kv_get(_by_visitor(conn.group, conn.subject))
+        if session_id is not None:
+            with contextlib.suppress(ProtocolError):  # it ended meanwhile
+                conn.send_message(await self.attach(conn, session_id.decode()))
+
+    async def attach(self, conn: VisitorConnection, session_id: str) -> SessionConnected:
+        """Make ``conn`` the session's visitor connection (guest counts go there)."""
+
+        def take_over(record: SupportSession) -> None:
             record.connection, record.instance = conn.id, self.hub.instance
 
-        session = await self._edit(conn.group, session_id, attach)
+        session = await self._edit(conn.group, session_id, take_over)
         if session is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
         await self.backend.kv_set(_by_visitor(conn.group, conn.subject), session.id.encode(), self.settings.session_ttl)

@@ -60,7 +60,7 @@ def _identify(hub: Hub, hello: Hello) -> tuple[str, str, str | None]:
 
 
 async def _attach(hub: Hub, conn: VisitorConnection, session: str) -> None:
-    conn.send_message(await hub.sessions.attach_consumer(conn, session))
+    conn.send_message(await hub.sessions.attach(conn, session))
 
 
 async def _handle(hub: Hub, conn: VisitorConnection, message: Message) -> None:

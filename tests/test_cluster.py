@@ -6,10 +6,8 @@ from __future__ import annotations
 import asyncio
 import inspect
 import time
-import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
 
 import aiohttp
 import pytest
@@ -20,45 +18,10 @@ from protocol.client import Connected, Disconnected
 from protocol.messages import Focus, PresenceChanged, Signal
 from server.backend_redis import RedisBackend
 
+from .conftest import FAST, Start
 from .harness import SECRET, HeraldServer, changed, drain, settings, signal
 from .processes import HERALD, HeraldProcess, start_server
 from .redis_server import RedisServer
-
-# Short cluster timings so that deaths are noticed within a test.
-FAST = {"instance_heartbeat": 0.25, "instance_dead_after": 1.5, "grace_period": 0.4, "signal_hold": 2.0}
-
-Start = Callable[..., Awaitable[HeraldServer]]
-
-
-@pytest.fixture
-def private_redis() -> Iterator[RedisServer]:
-    """A Redis of this test's own, to stop and restart at will."""
-    server = RedisServer()
-    server.start()
-    yield server
-    server.stop()
-
-
-@pytest.fixture
-def prefix() -> str:
-    return f"c{uuid.uuid4().hex[:10]}"
-
-
-@pytest.fixture
-async def start_instance(redis_server: RedisServer, prefix: str) -> AsyncIterator[Start]:
-    """Start in-process instances of one cluster (one Redis, one prefix)."""
-    started: list[HeraldServer] = []
-
-    async def start(redis: RedisServer | None = None, **overrides: Any) -> HeraldServer:
-        redis = redis or redis_server
-        overrides = {**FAST, **overrides}
-        instance = await HeraldServer(settings(redis_url=redis.url, redis_prefix=prefix, **overrides)).start()
-        started.append(instance)
-        return instance
-
-    yield start
-    for instance in started:
-        await instance.stop()
 
 
 def backend(instance: HeraldServer) -> RedisBackend:
