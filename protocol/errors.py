@@ -31,6 +31,7 @@ class ErrorCode(StrEnum):
     DELIVERY_FAILED = "delivery_failed"  # the instance holding the visitor did not answer
     BACKEND_UNAVAILABLE = "backend_unavailable"
     RATE_LIMITED = "rate_limited"
+    LIMIT_EXCEEDED = "limit_exceeded"  # a size or count limit (connections per visitor, subscriptions, payload)
     # Support sessions.
     SESSION_NOT_FOUND = "session_not_found"  # no live session for that key, code or session ID
     CODE_SPACE_EXHAUSTED = "code_space_exhausted"  # no free short code after retries; retry or lengthen codes
@@ -45,6 +46,8 @@ class CloseCode(IntEnum):
     HANDSHAKE_TIMEOUT = 4000
     SLOW_CONSUMER = 4001
     RECONNECT = 4002  # asked to move (drain); reconnect after a jittered delay
+    FLOODING = 4003  # kept sending far over its message rate
+    TOO_MANY_CONNECTIONS = 4004  # the visitor already has its maximum of connections
     # 4500-4999: do not reconnect without a change.
     UNAUTHORIZED = 4500
     FORBIDDEN = 4501

@@ -51,6 +51,13 @@ class Settings:
     delivery_timeout: float = 3.0  # wait for another instance to confirm a delivery
     max_frame_bytes: int = MAX_FRAME_BYTES
     max_queue: int = 1024  # outbound frames buffered per connection before "slow consumer"
+    message_rate: float = 50.0  # frames per second a connection may send, sustained
+    message_burst: int = 100  # frames a connection may send at once above the rate
+    connections_per_address: int = 60  # new websockets per client address per minute (per instance)
+    max_connections_per_visitor: int = 10  # tabs and devices of one visitor at once
+    max_subscriptions_per_agent: int = 1000  # visitor IDs one agent connection may watch
+    max_presence_bytes: int = 4096  # a connection's presence data, msgpack-encoded
+    max_signal_bytes: int = 8192  # a signal's data, msgpack-encoded
     session_secret: str = ""  # 32 url-safe base64 bytes; random per start when empty
     session_max_age: int = 8 * 3600
     cookie_secure: bool = False

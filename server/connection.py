@@ -36,7 +36,21 @@ def new_connection_id() -> str:
 class Connection:
     """A client's socket and identity; ``send`` queues, one writer drains."""
 
-    __slots__ = ("_closer", "_closing", "_queue", "_writer", "group", "id", "max_queue", "role", "subject", "ws")
+    __slots__ = (
+        "_closer",
+        "_closing",
+        "_queue",
+        "_refilled",
+        "_tokens",
+        "_writer",
+        "dropped",
+        "group",
+        "id",
+        "max_queue",
+        "role",
+        "subject",
+        "ws",
+    )
 
     def __init__(self, ws: web.WebSocketResponse, role: str, group: str, subject: str, max_queue: int) -> None:
         self.ws = ws
@@ -49,6 +63,21 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closing = False
+        self._tokens = -1.0  # message-rate bucket, filled on first use
+        self._refilled = 0.0
+        self.dropped = 0  # frames refused in a row for going over the rate
+
+    def take_token(self, rate: float, burst: int) -> bool:
+        """Token bucket: ``burst`` frames at once, ``rate`` per second after."""
+        now = time.monotonic()
+        if self._tokens < 0:
+            self._tokens, self._refilled = float(burst), now
+        self._tokens = min(float(burst), self._tokens + (now - self._refilled) * rate)
+        self._refilled = now
+        if self._tokens < 1:
+            return False
+        self._tokens -= 1
+        return True
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.group}/{self.subject} {self.id}>"

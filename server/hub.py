@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from protocol import codec
-from protocol.errors import CloseCode, ProtocolError
+from protocol.errors import CloseCode, ErrorCode, ProtocolError
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
 from . import presence, topics
@@ -34,6 +34,7 @@ from .backend import (
 from .config import Settings
 from .connection import Connection, VisitorConnection
 from .delivery import Delivery
+from .limits import ConnectionRate, check_size
 from .sessions import CONSUMER_PREFIX, Sessions
 
 log = logging.getLogger(__name__)
@@ -110,6 +111,7 @@ class Hub:
         self.watchers: dict[str, set[AgentConnection]] = {}  # topic -> local agents on it
         self.delivery = Delivery(self)
         self.sessions = Sessions(self)
+        self.connection_rate = ConnectionRate(settings.connections_per_address)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
 
@@ -169,8 +171,16 @@ class Hub:
 
     # -- visitors ----------------------------------------------------------
     async def visitor_joined(self, conn: VisitorConnection) -> None:
+        """Register a new connection (``limit_exceeded`` if the visitor has its
+        maximum already, or its presence data is too big)."""
+        check_size(conn.presence.data, self.settings.max_presence_bytes, "presence data")
         self.visitors[conn.id] = conn
-        await self._visitor_mutate(conn, partial(presence.join, connection=conn.presence), joined=conn.id)
+        join = partial(presence.join, connection=conn.presence, limit=self.settings.max_connections_per_visitor)
+        try:
+            await self._visitor_mutate(conn, join, joined=conn.id)
+        except ProtocolError:
+            del self.visitors[conn.id]
+            raise
 
     async def release_held(self, conn: VisitorConnection) -> None:
         """After the welcome: the visitor's live session follows this
@@ -181,6 +191,9 @@ class Hub:
             await self.delivery.release_held(conn)
 
     async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:
+        if data:
+            merged = {k: v for k, v in {**conn.presence.data, **data}.items() if v is not None}
+            check_size(merged, self.settings.max_presence_bytes, "presence data")
         await self._visitor_mutate(conn, partial(presence.update, connection=conn.id, data=data, visible=visible))
 
     async def visitor_left(self, conn: VisitorConnection) -> None:
@@ -267,6 +280,7 @@ class Hub:
 
     async def visitor_signal(self, conn: Connection, message: Signal) -> int:
         """Relay a visitor's signal; returns how many instances it reached."""
+        check_size(message.data, self.settings.max_signal_bytes, "signal data")
         frame = codec.encode(
             Signal(event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id)
         )
@@ -299,6 +313,11 @@ class Hub:
         await self.unwatch(agent, list(agent.topics))
 
     async def subscribe(self, agent: AgentConnection, request_id: int, visitors: list[str], group: bool) -> None:
+        watched = sum(topic.startswith("v:") for topic in agent.topics)
+        fresh = {topics.visitor_topic(agent.group, v) for v in visitors} - agent.topics
+        if watched + len(fresh) > self.settings.max_subscriptions_per_agent:
+            limit = self.settings.max_subscriptions_per_agent
+            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"an agent connection may watch {limit} visitors")
         agent.start_snapshot()
         try:
             if group:

@@ -12,6 +12,7 @@ import time
 from typing import Any
 
 from .backend import ConnectionRecord, PresenceChange, VisitorRecord
+from .limits import ConnectionLimit
 
 
 def next_version(previous: int) -> int:
@@ -26,9 +27,12 @@ def _bump(record: VisitorRecord) -> int:
     return record.version
 
 
-def join(record: VisitorRecord, connection: ConnectionRecord) -> PresenceChange:
+def join(record: VisitorRecord, connection: ConnectionRecord, limit: int | None = None) -> PresenceChange:
     """A connection arrives; it takes focus. A visitor that was away (in its
-    grace period) comes back without agents seeing it leave."""
+    grace period) comes back without agents seeing it leave. ``limit`` caps
+    the visitor's connections (checked atomically with the join)."""
+    if limit is not None and len(record.connections) >= limit:
+        raise ConnectionLimit(limit)
     change = "connections" if record.online else "online"
     before = record.focused()
     record.away_since = None

@@ -21,6 +21,8 @@ from protocol.messages import SUPPORTED_VERSIONS, Hello, Message, Ping, Pong, We
 from . import __version__
 from .config import Settings
 from .connection import CLOSE_TIMEOUT, Connection
+from .http_common import error_response
+from .limits import ConnectionLimit, ConnectionRate
 
 log = logging.getLogger(__name__)
 
@@ -39,6 +41,13 @@ class HandshakeTimeout(ProtocolError):
 
     def __init__(self) -> None:
         super().__init__(ErrorCode.HANDSHAKE_REQUIRED, "no hello within the handshake timeout")
+
+
+def over_connection_rate(request: web.Request, rate: ConnectionRate) -> web.Response | None:
+    """A 429 before the upgrade for an address opening connections too fast."""
+    if rate.allow(request.remote or "unknown"):
+        return None
+    return error_response(429, ErrorCode.RATE_LIMITED, "too many new connections from this address")
 
 
 async def open_websocket(request: web.Request, settings: Settings) -> web.WebSocketResponse:
@@ -75,6 +84,8 @@ async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
         return
     if isinstance(error, HandshakeTimeout):
         code = CloseCode.HANDSHAKE_TIMEOUT
+    elif isinstance(error, ConnectionLimit):
+        code = CloseCode.TOO_MANY_CONNECTIONS
     else:
         code = _HANDSHAKE_CLOSE.get(error.code, CloseCode.HANDSHAKE_FAILED)
     try:
@@ -99,7 +110,7 @@ def welcome(conn: Connection, version: int, settings: Settings, **role_fields: A
 async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[Message], Awaitable[None]]) -> None:
     """Answer every frame until the connection ends: the frames both roles
     share here, the role's own through ``handle``, errors as error frames."""
-    async for message in messages(conn, settings.max_frame_bytes):
+    async for message in messages(conn, settings):
         if isinstance(message, Ping):
             conn.send_message(Pong())
         elif isinstance(message, Pong):
@@ -110,9 +121,30 @@ async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[M
             await answering_errors(conn, getattr(message, "id", None), handle(message))
 
 
-async def messages(conn: Connection, max_bytes: int) -> AsyncIterator[Message]:
+FLOOD_DROPS = 200  # frames refused in a row before a flooding connection is closed
+
+
+def _within_rate(conn: Connection, settings: Settings) -> bool:
+    """Frames over the rate are refused (one error frame per streak), and a
+    connection that keeps going is closed as flooding."""
+    if conn.take_token(settings.message_rate, settings.message_burst):
+        conn.dropped = 0
+        return True
+    conn.dropped += 1
+    if conn.dropped == 1:
+        conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_rate:g} frames per second; frames dropped")
+    elif conn.dropped >= FLOOD_DROPS:
+        log.warning("closing %r: flooding", conn)
+        conn.close(CloseCode.FLOODING, "flooding")
+    return False
+
+
+async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Message]:
     """Decoded frames until the connection ends; errors go back as frames."""
+    max_bytes = settings.max_frame_bytes
     async for msg in conn.ws:
+        if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) and not _within_rate(conn, settings):
+            continue
         if msg.type is WSMsgType.BINARY:
             try:
                 yield codec.decode(msg.data, max_bytes)

@@ -24,13 +24,24 @@ from . import auth
 from .http_common import error_response
 from .hub import AgentConnection, Hub
 from .keys import HUB, SETTINGS
-from .websocket import answering_errors, open_websocket, read_hello, refuse, serve_frames, welcome
+from .websocket import (
+    answering_errors,
+    open_websocket,
+    over_connection_rate,
+    read_hello,
+    refuse,
+    serve_frames,
+    welcome,
+)
 
 log = logging.getLogger(__name__)
 
 
 async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     settings, hub = request.app[SETTINGS], request.app[HUB]
+    refused = over_connection_rate(request, hub.connection_rate)
+    if refused is not None:
+        return refused
     identity = await auth.agent_identity(request)
     if identity is None:
         return error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")

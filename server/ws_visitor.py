@@ -15,13 +15,24 @@ from .connection import VisitorConnection
 from .hub import Hub
 from .keys import HUB, SETTINGS
 from .sessions import CONSUMER_PREFIX
-from .websocket import answering_errors, open_websocket, read_hello, refuse, serve_frames, welcome
+from .websocket import (
+    answering_errors,
+    open_websocket,
+    over_connection_rate,
+    read_hello,
+    refuse,
+    serve_frames,
+    welcome,
+)
 
 log = logging.getLogger(__name__)
 
 
 async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     settings, hub = request.app[SETTINGS], request.app[HUB]
+    refused = over_connection_rate(request, hub.connection_rate)
+    if refused is not None:
+        return refused
     ws = await open_websocket(request, settings)
     try:
         hello, version = await read_hello(ws, settings)
@@ -35,6 +46,10 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
         await hub.visitor_joined(conn)
+    except ProtocolError as exc:
+        await refuse(ws, exc)
+        return ws
+    try:
         conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=True))
         if consumer_session is not None:
             await answering_errors(conn, None, _attach(hub, conn, consumer_session))

@@ -30,6 +30,11 @@ TEST_SETTINGS = {
     "keepalive": "5",
     "handshake_timeout": "2",
     "delivery_timeout": "2",
+    # Tests open many connections from one address and send bursts; each
+    # limit is tested on its own with its real (or a small) value.
+    "connections_per_address": "100000",
+    "message_rate": "100000",
+    "message_burst": "100000",
 }
 
 

@@ -1,0 +1,53 @@
+"""Limits that keep one client from costing everyone else.
+
+Each limit has a setting, a default and a defined answer (PROTOCOL.md §6):
+message rate (``rate_limited``, then close 4003), new connections per
+address (HTTP 429), connections per visitor (close 4004), subscriptions per
+agent, presence and signal sizes (``limit_exceeded``).
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Any
+
+import msgpack
+
+from protocol.errors import ErrorCode, ProtocolError
+
+WINDOW = 60.0
+MAX_TRACKED_ADDRESSES = 50_000
+
+
+class ConnectionRate:
+    """New connections per client address per minute, on this instance.
+
+    Counted locally on purpose: it must cost nothing when Redis is slow or
+    away, and a flood hits one instance's accept loop, not the cluster's."""
+
+    def __init__(self, per_minute: int) -> None:
+        self.per_minute = per_minute
+        self._windows: dict[str, tuple[float, int]] = {}
+
+    def allow(self, address: str) -> bool:
+        now = time.monotonic()
+        started, count = self._windows.get(address, (now, 0))
+        if now - started >= WINDOW:
+            started, count = now, 0
+        self._windows[address] = (started, count + 1)
+        if len(self._windows) > MAX_TRACKED_ADDRESSES:
+            self._windows = {a: w for a, w in self._windows.items() if now - w[0] < WINDOW}
+        return count < self.per_minute
+
+
+class ConnectionLimit(ProtocolError):
+    """The visitor holds its maximum of connections: closed with 4004, and
+    a later reconnect (once a tab is gone) may succeed."""
+
+    def __init__(self, limit: int) -> None:
+        super().__init__(ErrorCode.LIMIT_EXCEEDED, f"this visitor already has {limit} connections")
+
+
+def check_size(data: dict[str, Any] | None, limit: int, what: str) -> None:
+    if data and len(msgpack.packb(data)) > limit:
+        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{what} is over {limit} bytes")
