@@ -27,9 +27,10 @@ from protocol import checks, tokens
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Hello
 
+from . import group_settings
 from .config import ConfigError, GroupConfig, Settings
-from .http_common import error_response
-from .keys import SETTINGS
+from .http_common import allowed_origin, error_response
+from .keys import HUB, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -61,25 +62,38 @@ def setup_sessions(app: web.Application, settings: Settings) -> None:
 _STATUS = {ErrorCode.UNAUTHORIZED: 401, ErrorCode.TOKEN_EXPIRED: 401, ErrorCode.FORBIDDEN: 403}
 
 
-def origin_allowed(request: web.Request, group: GroupConfig) -> bool:
-    """No Origin (not a browser) or an allowed one; a browser page served by
-    Herald itself is always allowed."""
-    origin = request.headers.get("Origin")
-    if origin is None:
-        return True
-    if origin in group.allowed_origins or "*" in group.allowed_origins:
-        return True
-    return origin == f"{request.scheme}://{request.host}"
+async def allowed_origins(request: web.Request, group: GroupConfig) -> list[str]:
+    """The group's configured origins plus those set at run time (admin API)."""
+    hub = request.app[HUB]
+    runtime = await group_settings.load(hub.backend, hub.settings, group.id)
+    return [*group.allowed_origins, *runtime.allowed_origins]
 
 
-def verify_visitor(settings: Settings, hello: Hello) -> GroupConfig:
-    if hello.group is None or hello.visitor is None or hello.token is None:
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "a visitor hello needs group, visitor and token")
-    group = settings.groups.get(hello.group)
+async def origin_allowed(request: web.Request, group: GroupConfig) -> bool:
+    """No Origin (not a browser: it proves itself with a credential), Herald's
+    own pages, or an origin the group allows. Anything else is a foreign
+    page trying to borrow a visitor's or agent's credentials."""
+    if "Origin" not in request.headers:
+        return True
+    return allowed_origin(request, await allowed_origins(request, group)) is not None
+
+
+ANONYMOUS_PREFIX = "anon."
+
+
+def verify_visitor(settings: Settings, hello: Hello) -> tuple[GroupConfig, str]:
+    """The group and visitor ID a hello proves. Without visitor and token, a
+    group that allows anonymous visitors gives a fresh ``anon.`` ID: an
+    anonymous visitor can never choose (or claim) an ID."""
+    group = settings.groups.get(hello.group or "")
     if group is None:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
+    if hello.visitor is None and hello.token is None and group.allow_anonymous:
+        return group, ANONYMOUS_PREFIX + secrets.token_hex(8)
+    if hello.visitor is None or hello.token is None:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "a visitor hello needs group, visitor and token")
     tokens.verify_token(group.secrets, tokens.VISITOR, group.id, hello.visitor, hello.token)
-    return group
+    return group, hello.visitor
 
 
 async def login(request: web.Request) -> web.StreamResponse:
@@ -99,7 +113,7 @@ async def login(request: web.Request) -> web.StreamResponse:
     group = settings.groups.get(group_id)
     if group is None:
         return error_response(401, ErrorCode.UNAUTHORIZED, "unknown group or bad key")
-    if not origin_allowed(request, group):
+    if not await origin_allowed(request, group):
         return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
     try:
         tokens.verify_token(group.secrets, tokens.AGENT, group.id, agent, key)

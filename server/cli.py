@@ -96,6 +96,7 @@ def main(argv: list[str] | None = None) -> None:
 def serve(settings: Settings) -> None:
     from aiohttp import web
 
+    from .access_log import AccessLogger
     from .app import make_app
 
     logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
@@ -119,7 +120,13 @@ def serve(settings: Settings) -> None:
     # of the GC's generations shortens the pauses that hurt tail latency.
     gc.collect()
     gc.freeze()
-    web.run_app(app, host=settings.host, port=settings.port, print=lambda s: print(s, flush=True))
+    web.run_app(
+        app,
+        host=settings.host,
+        port=settings.port,
+        access_log_class=AccessLogger,
+        print=lambda s: print(s, flush=True),
+    )
 
 
 if __name__ == "__main__":

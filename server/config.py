@@ -37,6 +37,7 @@ class GroupConfig:
     id: str
     secrets: list[str]
     allowed_origins: list[str] = field(default_factory=list)
+    allow_anonymous: bool = False  # visitors without an ID (pre-login pages) may connect
     demo: bool = False
 
 
@@ -125,7 +126,7 @@ def _parse_group_pairs(text: str) -> dict[str, GroupConfig]:
     return groups
 
 
-_GROUP_KEYS = {"secret", "secrets", "allowed_origins"}
+_GROUP_KEYS = {"secret", "secrets", "allowed_origins", "allow_anonymous"}
 
 
 def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> None:
@@ -144,7 +145,10 @@ def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> Non
     origins = table.get("allowed_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         raise ConfigError(f"group {group_id!r}: allowed_origins must be a list of strings")
-    groups[group_id] = GroupConfig(group_id, list(found), list(origins))
+    anonymous = table.get("allow_anonymous", False)
+    if not isinstance(anonymous, bool):
+        raise ConfigError(f"group {group_id!r}: allow_anonymous must be true or false")
+    groups[group_id] = GroupConfig(group_id, list(found), list(origins), anonymous)
 
 
 def load(

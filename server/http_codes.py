@@ -18,7 +18,7 @@ from aiohttp import web
 from protocol import checks
 from protocol.errors import ErrorCode, ProtocolError
 
-from . import auth, group_settings
+from . import auth
 from .config import GroupConfig
 from .http_common import (
     allowed_origin,
@@ -34,9 +34,7 @@ from .sessions import SupportSession
 
 
 async def _origin(request: web.Request, group: GroupConfig) -> str | None:
-    hub = request.app[HUB]
-    runtime = await group_settings.load(hub.backend, hub.settings, group.id)
-    return allowed_origin(request, [*group.allowed_origins, *runtime.allowed_origins])
+    return allowed_origin(request, await auth.allowed_origins(request, group))
 
 
 async def _consumer_origin(request: web.Request, group: GroupConfig) -> str | None:
@@ -74,7 +72,7 @@ async def _agent_lookup(request: web.Request, code: str, group_id: str | None) -
     group, _agent = identity
     if group_id is not None and group_id != group.id:
         raise ProtocolError(ErrorCode.FORBIDDEN, "this agent belongs to another group")
-    if not auth.origin_allowed(request, group):
+    if not await auth.origin_allowed(request, group):
         raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
     await limit_lookups(hub.backend, hub.settings, group.id, client_address(request))
     return await hub.sessions.find(group.id, key=None, code=code, session=None)

@@ -46,7 +46,7 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     if identity is None:
         return error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")
     group, agent_id = identity
-    if not auth.origin_allowed(request, group):
+    if not await auth.origin_allowed(request, group):
         return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
     ws = await open_websocket(request, settings)
     try:

@@ -37,6 +37,8 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         hello, version = await read_hello(ws, settings)
         group, visitor, consumer_session = _identify(hub, hello)
+        if not await auth.origin_allowed(request, settings.groups[group]):
+            raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
     except ProtocolError as exc:
         log.info("visitor handshake refused: %s", exc.code)
         await refuse(ws, exc)
@@ -69,9 +71,8 @@ def _identify(hub: Hub, hello: Hello) -> tuple[str, str, str | None]:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
         session = hub.sessions.verify_consumer(hello.group, hello.session_token)
         return hello.group, CONSUMER_PREFIX + session, session
-    group = auth.verify_visitor(hub.settings, hello)
-    assert hello.visitor is not None
-    return group.id, hello.visitor, None
+    group, visitor = auth.verify_visitor(hub.settings, hello)
+    return group.id, visitor, None
 
 
 async def _attach(hub: Hub, conn: VisitorConnection, session: str) -> None:
