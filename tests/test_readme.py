@@ -130,7 +130,8 @@ def test_the_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
     config.write_text(single(code_blocks(section("Configuration"), "toml"), "TOML example"))
     settings = load(str(config), env={})
     assert settings.groups["acme"].secrets == ["current-secret-0123456789", "previous-secret-0123456789"]
-    assert settings.groups["acme"].allowed_origins == ["https://crm.acme.example"]
+    assert settings.groups["acme"].allowed_origins == ["https://crm.acme.example", "https://www.acme.example"]
+    assert settings.groups["acme"].allow_anonymous is True
 
 
 # --- quick start and CI
