@@ -17,7 +17,7 @@ from collections.abc import Coroutine, Iterable
 from functools import partial
 from typing import Any
 
-from protocol import codec
+from protocol import checks, codec
 from protocol.errors import CloseCode, ErrorCode, ProtocolError
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
@@ -192,7 +192,9 @@ class Hub:
 
     async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:
         if data:
+            # Each frame is within the field limits; what it merges into must stay so too.
             merged = {k: v for k, v in {**conn.presence.data, **data}.items() if v is not None}
+            checks.flat_map(merged, "data")
             check_size(merged, self.settings.max_presence_bytes, "presence data")
         await self._visitor_mutate(conn, partial(presence.update, connection=conn.id, data=data, visible=visible))
 

@@ -53,7 +53,8 @@ def over_connection_rate(request: web.Request, rate: ConnectionRate) -> web.Resp
 async def open_websocket(request: web.Request, settings: Settings) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(
         heartbeat=settings.keepalive,  # pings; no pong within keepalive/2 closes (half-open TCP)
-        max_msg_size=settings.max_frame_bytes,  # bigger frames close with 1009
+        # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted.
+        max_msg_size=settings.max_frame_bytes + 1,  # bigger frames close with 1009
         timeout=CLOSE_TIMEOUT,
     )
     await ws.prepare(request)

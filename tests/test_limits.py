@@ -118,3 +118,22 @@ async def test_hello_with_oversized_presence_is_refused(herald: HeraldServer) ->
         await visitor.connect()
     assert refused.value.code == ErrorCode.LIMIT_EXCEEDED
     assert refused.value.close_code == CloseCode.HANDSHAKE_FAILED
+
+
+async def test_a_frame_of_exactly_the_size_limit_is_accepted(herald: HeraldServer) -> None:
+    async with herald.raw_visitor() as ws:
+        overhead = len(msgpack.packb({"type": "ping", "pad": ""})) + 2  # a long str's header is 2 bytes longer
+        frame = msgpack.packb({"type": "ping", "pad": "x" * (herald.settings.max_frame_bytes - overhead)})
+        assert len(frame) == herald.settings.max_frame_bytes
+        await ws.send_bytes(frame)
+        assert isinstance(await receive(ws), Pong)
+
+
+async def test_presence_data_merged_past_the_field_limit_is_refused(herald: HeraldServer) -> None:
+    async with herald.raw_visitor("v1") as ws:
+        await ws.send_bytes(msgpack.packb({"type": "presence", "data": {f"a{i}": i for i in range(32)}}))
+        await ws.send_bytes(msgpack.packb({"type": "presence", "data": {"b": 1}}))
+        error = await receive(ws)
+        assert isinstance(error, Error) and error.code == ErrorCode.INVALID
+        agent = await herald.agent("alice")
+        assert len((await agent.lookup("v1"))["connections"][0]["data"]) == 32
