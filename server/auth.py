@@ -3,10 +3,11 @@
 Visitors prove their ID with a token their company's back end signed with
 the group's secret (see ``protocol.tokens``). Agents trade a signed login key
 for an encrypted, HttpOnly session cookie; the agent websocket needs it.
-Where a cookie is the credential (agent login and the agent websocket), a
-browser's Origin must be allowed by the group or be Herald's own, against
-cross-site websocket hijacking. A visitor presents its token in its first
-frame, which a foreign page cannot forge, so no Origin is checked there.
+A browser's Origin must be Herald's own or one its group allows on every
+upgrade, login and REST call, against cross-site websocket hijacking;
+clients without an Origin (not browsers) prove themselves by credential.
+Logout revokes the session ID in the backend, since a copy of the cookie
+would otherwise outlive it.
 """
 
 from __future__ import annotations
@@ -28,6 +29,7 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Hello
 
 from . import group_settings
+from .backend import BackendUnavailable
 from .config import ConfigError, GroupConfig, Settings
 from .http_common import allowed_origin, error_response
 from .keys import HUB, SETTINGS
@@ -122,13 +124,24 @@ async def login(request: web.Request) -> web.StreamResponse:
         return error_response(_STATUS.get(exc.code, 401), exc.code, exc.message)
     session = await new_session(request)
     expires = int(time.time()) + settings.session_max_age
-    session.update({"group": group.id, "agent": agent, "expires": expires})
+    session.update({"group": group.id, "agent": agent, "expires": expires, "sid": secrets.token_hex(16)})
     log.info("agent %s/%s logged in", group.id, agent)
     return web.json_response({"group": group.id, "agent": agent, "expires": expires})
 
 
+def _revoked_key(session_id: str) -> str:
+    return f"agent-session-revoked:{session_id}"
+
+
 async def logout(request: web.Request) -> web.StreamResponse:
+    """End the login everywhere: the session lives in the cookie, so a copy
+    of it would outlive a cleared cookie; its ID is recorded as revoked (in
+    the backend, for every instance) until the session would have expired."""
     session = await get_session(request)
+    session_id, expires = session.get("sid"), session.get("expires", 0)
+    if isinstance(session_id, str) and expires > time.time():
+        hub = request.app[HUB]
+        await hub.backend.kv_set(_revoked_key(session_id), b"1", ttl=expires - time.time())
     session.invalidate()
     return web.json_response({"ok": True})
 
@@ -138,7 +151,16 @@ async def agent_identity(request: web.Request) -> tuple[GroupConfig, str] | None
     settings = request.app[SETTINGS]
     session = await get_session(request)
     group = settings.groups.get(session.get("group", ""))
-    agent = session.get("agent")
-    if group is None or not isinstance(agent, str) or session.get("expires", 0) < time.time():
+    agent, session_id = session.get("agent"), session.get("sid")
+    if group is None or not isinstance(agent, str) or not isinstance(session_id, str):
         return None
+    if session.get("expires", 0) < time.time():
+        return None
+    try:
+        if await request.app[HUB].backend.kv_get(_revoked_key(session_id)) is not None:
+            return None
+    except BackendUnavailable:
+        # Local agents keep working through a Redis outage; a logout made
+        # meanwhile is only enforced again once Redis is back.
+        log.warning("backend unavailable: cannot check whether %s/%s logged out", group.id, agent)
     return group, agent

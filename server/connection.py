@@ -129,14 +129,23 @@ class Connection:
         self._closer = asyncio.get_running_loop().create_task(self._close(code, reason), name=f"close-{self.id}")
 
     async def _close(self, code: int, reason: str) -> None:
+        # Grab the transport first: aiohttp lets go of it while closing.
+        transport = self.ws._req.transport if self.ws._req is not None else None
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.ws.close(code=code, message=reason.encode()[:120])
         except (TimeoutError, ConnectionError, RuntimeError):
             pass
+        except asyncio.CancelledError:
+            # Cancelling the stuck writer can cancel the close with it; only
+            # our own cancellation (shutdown) goes on up.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
         finally:
-            transport = self.ws._req.transport if self.ws._req is not None else None
-            if transport is not None and not transport.is_closing():
+            # A peer that does not read would keep a half-closed socket
+            # waiting to flush forever: drop it now (a no-op once closed).
+            if transport is not None:
                 transport.abort()
 
     async def finish(self) -> None:

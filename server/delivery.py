@@ -21,12 +21,20 @@ from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Signal
 
 from . import topics
-from .backend import BackendUnavailable, ConnectionRecord, HeldSignal
+from .backend import BackendUnavailable, ConnectionRecord, HeldSignal, VisitorRecord
 from .limits import check_size
 
 if TYPE_CHECKING:
     from .connection import Connection
     from .hub import Hub
+
+
+RETRY_PAUSE = 0.05  # seconds between looks at a visitor whose connections are closing
+
+
+def _targets(record: VisitorRecord, to_all: bool) -> list[ConnectionRecord]:
+    focused = record.focused()
+    return list(record.connections.values()) if to_all else [focused] if focused else []
 
 
 class Delivery:
@@ -48,14 +56,22 @@ class Delivery:
             return self._deliver_without_backend(group, visitor, frame, to_all)
         if record is None:
             raise ProtocolError(ErrorCode.VISITOR_OFFLINE, f"visitor {visitor} is offline")
-        if record.connections:
-            focused = record.focused()
-            targets = list(record.connections.values()) if to_all else [focused] if focused else []
-            delivered = await self._deliver(targets, frame)
-            if delivered:
-                return delivered
-        # Away (or its connections vanished under us): hold until it is back.
-        return await self._hold(group, visitor, frame, to_all)
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.signal_hold
+        while True:
+            if record is not None and record.connections:
+                delivered = await self._deliver(_targets(record, to_all), frame)
+                if delivered:
+                    return delivered
+                # Its connections are closing (their leave is on its way): look again shortly.
+                await asyncio.sleep(RETRY_PAUSE)
+            else:  # away, between connections: hold until it is back
+                delivered = await self._hold(group, visitor, frame, to_all, deadline)
+                if delivered:
+                    return delivered
+            if loop.time() >= deadline:
+                raise ProtocolError(ErrorCode.SIGNAL_EXPIRED, f"visitor {visitor} did not come back in time")
+            record = await self.backend.visitor_record(group, visitor)
 
     async def _deliver(self, targets: list[ConnectionRecord], frame: bytes) -> int:
         by_instance: dict[str, list[str]] = {}
@@ -93,17 +109,20 @@ class Delivery:
                 delivered += 1
         return delivered
 
-    async def _hold(self, group: str, visitor: str, frame: bytes, to_all: bool) -> int:
+    async def _hold(self, group: str, visitor: str, frame: bytes, to_all: bool, deadline: float) -> int:
+        """Wait until the visitor's instance delivers the signal (its count),
+        or 0 if the visitor turned out to be back already: deliver directly."""
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         key, reply = self._expect_reply()
         held = HeldSignal(key, self.hub.instance, frame, to_all)
-        await self.backend.hold(group, visitor, held, self.settings.signal_hold + self.settings.delivery_timeout)
+        await self.backend.hold(group, visitor, held, remaining + self.settings.delivery_timeout)
         # The visitor may have come back between our look and the hold.
         record = await self.backend.visitor_record(group, visitor)
         if record is not None and record.connections and await self.backend.drop_held(group, visitor, key):
             self._replies.pop(key, None)
-            return await self._deliver(list(record.connections.values()) if to_all else [record.focused()], frame)
+            return 0
         try:
-            return await asyncio.wait_for(asyncio.shield(reply), self.settings.signal_hold)
+            return await asyncio.wait_for(asyncio.shield(reply), remaining)
         except TimeoutError:
             pass
         if await self.backend.drop_held(group, visitor, key):

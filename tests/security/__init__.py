@@ -1,0 +1,1 @@
+"""Security tests: each case is named after the attack it tries (see SECURITY.md)."""
