@@ -22,6 +22,7 @@ from protocol import codec
 from protocol.errors import CloseCode, ErrorCode
 from protocol.messages import Error, Message
 
+from . import metrics
 from .backend import ConnectionRecord
 
 log = logging.getLogger(__name__)
@@ -92,6 +93,7 @@ class Connection:
             return
         if len(self._queue) >= self.max_queue:
             log.warning("closing slow consumer %r: %d frames queued", self, len(self._queue))
+            metrics.limit_hit("max_queue")
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
         self._queue.append(frame)

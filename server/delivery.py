@@ -47,7 +47,7 @@ class Delivery:
     async def signal_visitor(self, group: str, agent: str, message: Signal) -> int:
         """Deliver an agent's signal; the delivered count, or ProtocolError."""
         assert message.visitor is not None
-        check_size(message.data, self.settings.max_signal_bytes, "signal data")
+        check_size(message.data, self.settings.max_signal_bytes, "max_signal_bytes", "signal data")
         visitor, to_all = message.visitor, message.to == "all"
         frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent))
         try:

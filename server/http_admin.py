@@ -9,24 +9,27 @@ from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError
 
-from . import group_settings
+from . import auth, group_settings
 from .http_common import bearer, group_of, json_errors, read_json, same_secret
 from .keys import HUB, SETTINGS
 
 
-def _authorize(request: web.Request) -> str:
+async def _authorize(request: web.Request) -> str:
     settings = request.app[SETTINGS]
     if not settings.admin_token:
         raise ProtocolError(ErrorCode.FORBIDDEN, "the admin API is disabled (set admin_token)")
     if not same_secret(bearer(request), settings.admin_token):
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "wrong admin token")
-    return group_of(settings, request.match_info["group"]).id
+    group = group_of(settings, request.match_info["group"])
+    if not await auth.origin_allowed(request, group):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    return group.id
 
 
 @json_errors
 async def get_settings(request: web.Request) -> web.StreamResponse:
     """``GET /v1/admin/groups/{group}/settings``."""
-    group = _authorize(request)
+    group = await _authorize(request)
     hub = request.app[HUB]
     return web.json_response((await group_settings.load(hub.backend, hub.settings, group)).to_json())
 
@@ -34,7 +37,7 @@ async def get_settings(request: web.Request) -> web.StreamResponse:
 @json_errors
 async def change_settings(request: web.Request) -> web.StreamResponse:
     """``PUT /v1/admin/groups/{group}/settings`` with the fields to change."""
-    group = _authorize(request)
+    group = await _authorize(request)
     hub = request.app[HUB]
     changed = await group_settings.change(hub.backend, hub.settings, group, await read_json(request))
     return web.json_response(changed.to_json())

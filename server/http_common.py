@@ -18,6 +18,7 @@ from protocol.errors import ErrorCode, ProtocolError
 
 from .backend import Backend
 from .config import GroupConfig, Settings
+from .limits import LimitExceeded, count
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -50,6 +51,7 @@ def json_errors(handler: Handler) -> Handler:
         try:
             return await handler(request)
         except ProtocolError as exc:
+            count(exc)
             response = error_response(STATUS.get(exc.code, 500), exc.code, exc.message)
             if exc.code == ErrorCode.RATE_LIMITED:
                 response.headers["Retry-After"] = "60"
@@ -126,8 +128,10 @@ async def limit_lookups(backend: Backend, settings: Settings, group: str, addres
     so that guessing a live code stays impractical even from many addresses."""
     per_address = await backend.kv_count(f"rate:address:{address}", 60)
     per_group = await backend.kv_count(f"{{{group}}}:rate:lookups", 60)
-    if per_address > settings.code_lookups_per_address or per_group > settings.code_lookups_per_group:
-        raise ProtocolError(ErrorCode.RATE_LIMITED, "too many short-code look-ups; try again in a minute")
+    over_address = per_address > settings.code_lookups_per_address
+    if over_address or per_group > settings.code_lookups_per_group:
+        setting = "code_lookups_per_address" if over_address else "code_lookups_per_group"
+        raise LimitExceeded(setting, "too many short-code look-ups; try again in a minute", ErrorCode.RATE_LIMITED)
 
 
 def client_address(request: web.Request) -> str:

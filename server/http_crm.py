@@ -14,11 +14,12 @@ from protocol import checks, tokens
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Signal
 
+from . import auth
 from .http_common import bearer, group_of, json_errors, read_json
 from .keys import HUB, SETTINGS
 
 
-def _authorize(request: web.Request) -> str:
+async def _authorize(request: web.Request) -> str:
     """The URL's group, if the bearer key is a valid key of that group."""
     settings = request.app[SETTINGS]
     key = bearer(request)
@@ -30,13 +31,15 @@ def _authorize(request: web.Request) -> str:
     group = group_of(settings, request.match_info["group"])
     if group.id != claimed.id:
         raise ProtocolError(ErrorCode.FORBIDDEN, "this API key belongs to another group")
+    if not await auth.origin_allowed(request, group):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
     return group.id
 
 
 @json_errors
 async def lookup_visitor(request: web.Request) -> web.StreamResponse:
     """``GET /v1/groups/{group}/visitors/{visitor}`` -> the visitor's state."""
-    group = _authorize(request)
+    group = await _authorize(request)
     visitor = checks.identifier(request.match_info["visitor"], "visitor")
     return web.json_response(await request.app[HUB].backend.visitor(group, visitor))
 
@@ -45,7 +48,7 @@ async def lookup_visitor(request: web.Request) -> web.StreamResponse:
 async def signal_visitor(request: web.Request) -> web.StreamResponse:
     """``POST /v1/groups/{group}/visitors/{visitor}/signals`` with
     ``{"event", "data"?, "to"?}`` -> ``{"delivered": n}``."""
-    group = _authorize(request)
+    group = await _authorize(request)
     visitor = checks.identifier(request.match_info["visitor"], "visitor")
     body = await read_json(request)
     message = Signal(

@@ -18,7 +18,7 @@ from functools import partial
 from typing import Any
 
 from protocol import checks, codec
-from protocol.errors import CloseCode, ErrorCode, ProtocolError
+from protocol.errors import CloseCode, ProtocolError
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
 from . import presence, topics
@@ -34,7 +34,7 @@ from .backend import (
 from .config import Settings
 from .connection import Connection, VisitorConnection
 from .delivery import Delivery
-from .limits import ConnectionRate, check_size
+from .limits import ConnectionRate, LimitExceeded, check_size
 from .sessions import CONSUMER_PREFIX, Sessions
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Hub:
     async def visitor_joined(self, conn: VisitorConnection) -> None:
         """Register a new connection (``limit_exceeded`` if the visitor has its
         maximum already, or its presence data is too big)."""
-        check_size(conn.presence.data, self.settings.max_presence_bytes, "presence data")
+        check_size(conn.presence.data, self.settings.max_presence_bytes, "max_presence_bytes", "presence data")
         self.visitors[conn.id] = conn
         join = partial(presence.join, connection=conn.presence, limit=self.settings.max_connections_per_visitor)
         try:
@@ -195,7 +195,7 @@ class Hub:
             # Each frame is within the field limits; what it merges into must stay so too.
             merged = {k: v for k, v in {**conn.presence.data, **data}.items() if v is not None}
             checks.flat_map(merged, "data")
-            check_size(merged, self.settings.max_presence_bytes, "presence data")
+            check_size(merged, self.settings.max_presence_bytes, "max_presence_bytes", "presence data")
         await self._visitor_mutate(conn, partial(presence.update, connection=conn.id, data=data, visible=visible))
 
     async def visitor_left(self, conn: VisitorConnection) -> None:
@@ -282,7 +282,7 @@ class Hub:
 
     async def visitor_signal(self, conn: Connection, message: Signal) -> int:
         """Relay a visitor's signal; returns how many instances it reached."""
-        check_size(message.data, self.settings.max_signal_bytes, "signal data")
+        check_size(message.data, self.settings.max_signal_bytes, "max_signal_bytes", "signal data")
         frame = codec.encode(
             Signal(event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id)
         )
@@ -319,7 +319,7 @@ class Hub:
         fresh = {topics.visitor_topic(agent.group, v) for v in visitors} - agent.topics
         if watched + len(fresh) > self.settings.max_subscriptions_per_agent:
             limit = self.settings.max_subscriptions_per_agent
-            raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"an agent connection may watch {limit} visitors")
+            raise LimitExceeded("max_subscriptions_per_agent", f"an agent connection may watch {limit} visitors")
         agent.start_snapshot()
         try:
             if group:

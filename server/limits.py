@@ -15,6 +15,8 @@ import msgpack
 
 from protocol.errors import ErrorCode, ProtocolError
 
+from . import metrics
+
 WINDOW = 60.0
 MAX_TRACKED_ADDRESSES = 50_000
 
@@ -40,14 +42,28 @@ class ConnectionRate:
         return count < self.per_minute
 
 
-class ConnectionLimit(ProtocolError):
+class LimitExceeded(ProtocolError):
+    """A limit said no; ``setting`` names it (and labels its metric)."""
+
+    def __init__(self, setting: str, message: str, code: ErrorCode = ErrorCode.LIMIT_EXCEEDED) -> None:
+        super().__init__(code, message)
+        self.setting = setting
+
+
+class ConnectionLimit(LimitExceeded):
     """The visitor holds its maximum of connections: closed with 4004, and
     a later reconnect (once a tab is gone) may succeed."""
 
     def __init__(self, limit: int) -> None:
-        super().__init__(ErrorCode.LIMIT_EXCEEDED, f"this visitor already has {limit} connections")
+        super().__init__("max_connections_per_visitor", f"this visitor already has {limit} connections")
 
 
-def check_size(data: dict[str, Any] | None, limit: int, what: str) -> None:
+def check_size(data: dict[str, Any] | None, limit: int, setting: str, what: str) -> None:
     if data and len(msgpack.packb(data)) > limit:
-        raise ProtocolError(ErrorCode.LIMIT_EXCEEDED, f"{what} is over {limit} bytes")
+        raise LimitExceeded(setting, f"{what} is over {limit} bytes")
+
+
+def count(error: ProtocolError) -> None:
+    """Count a refusal in the metrics if a limit made it."""
+    if isinstance(error, LimitExceeded):
+        metrics.limit_hit(error.setting)

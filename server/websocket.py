@@ -18,11 +18,11 @@ from protocol import codec
 from protocol.errors import CloseCode, ErrorCode, ProtocolError
 from protocol.messages import SUPPORTED_VERSIONS, Hello, Message, Ping, Pong, Welcome
 
-from . import __version__
+from . import __version__, metrics
 from .config import Settings
 from .connection import CLOSE_TIMEOUT, Connection
 from .http_common import error_response
-from .limits import ConnectionLimit, ConnectionRate
+from .limits import ConnectionLimit, ConnectionRate, count
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +47,7 @@ def over_connection_rate(request: web.Request, rate: ConnectionRate) -> web.Resp
     """A 429 before the upgrade for an address opening connections too fast."""
     if rate.allow(request.remote or "unknown"):
         return None
+    metrics.limit_hit("connections_per_address")
     return error_response(429, ErrorCode.RATE_LIMITED, "too many new connections from this address")
 
 
@@ -81,6 +82,7 @@ async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hel
 
 async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
     """Answer a failed handshake with an error frame, then close."""
+    count(error)
     if ws.closed:
         return
     if isinstance(error, HandshakeTimeout):
@@ -133,6 +135,7 @@ def _within_rate(conn: Connection, settings: Settings) -> bool:
         return True
     conn.dropped += 1
     if conn.dropped == 1:
+        metrics.limit_hit("message_rate")
         conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_rate:g} frames per second; frames dropped")
     elif conn.dropped >= FLOOD_DROPS:
         log.warning("closing %r: flooding", conn)
@@ -154,7 +157,10 @@ async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Messag
         elif msg.type is WSMsgType.TEXT:
             conn.send_error(ErrorCode.BAD_FRAME, "frames must be binary msgpack")
         elif msg.type is WSMsgType.ERROR:
-            log.debug("%r ended with %s", conn, conn.ws.exception())
+            error = conn.ws.exception()
+            if getattr(error, "code", None) == CloseCode.MESSAGE_TOO_BIG:
+                metrics.limit_hit("max_frame_bytes")
+            log.debug("%r ended with %s", conn, error)
             return
 
 
@@ -164,6 +170,7 @@ async def answering_errors(conn: Connection, request_id: int | None, work: Await
     try:
         await work
     except ProtocolError as exc:
+        count(exc)
         conn.send_error(exc.code, exc.message, request_id)
     except Exception:
         log.exception("request from %r failed", conn)

@@ -137,3 +137,25 @@ async def test_presence_data_merged_past_the_field_limit_is_refused(herald: Hera
         assert isinstance(error, Error) and error.code == ErrorCode.INVALID
         agent = await herald.agent("alice")
         assert len((await agent.lookup("v1"))["connections"][0]["data"]) == 32
+
+
+async def _limit_hits(herald: HeraldServer, setting: str) -> float:
+    async with aiohttp.ClientSession() as session, session.get(herald.base_url + "/metrics") as response:
+        text = await response.text()
+    prefix = f'herald_limit_hits_total{{limit="{setting}"}} '
+    return sum(float(line[len(prefix) :]) for line in text.splitlines() if line.startswith(prefix))
+
+
+async def test_every_limit_hit_is_counted_in_the_metrics(start_herald) -> None:  # type: ignore[no-untyped-def]
+    herald = await start_herald(message_rate=1, message_burst=1, max_subscriptions_per_agent=1)
+    before_rate = await _limit_hits(herald, "message_rate")
+    before_subscriptions = await _limit_hits(herald, "max_subscriptions_per_agent")
+    async with herald.raw_visitor() as ws:
+        for _ in range(3):
+            await ws.send_bytes(codec.encode(Ping()))
+        assert isinstance(await receive(ws), Pong)
+    agent = await herald.agent("alice")
+    with pytest.raises(RequestFailed):
+        await agent.subscribe(["a", "b"])
+    assert await _limit_hits(herald, "message_rate") == before_rate + 1
+    assert await _limit_hits(herald, "max_subscriptions_per_agent") == before_subscriptions + 1
