@@ -31,7 +31,7 @@ from protocol.messages import Hello
 from . import group_settings
 from .backend import BackendUnavailable
 from .config import ConfigError, GroupConfig, Settings
-from .http_common import allowed_origin, error_response
+from .http_common import STATUS, allowed_origin, error_response
 from .keys import HUB, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -61,7 +61,6 @@ def setup_sessions(app: web.Application, settings: Settings) -> None:
     setup_session_middleware(app, storage)
 
 
-_STATUS = {ErrorCode.UNAUTHORIZED: 401, ErrorCode.TOKEN_EXPIRED: 401, ErrorCode.FORBIDDEN: 403}
 
 
 async def allowed_origins(request: web.Request, group: GroupConfig) -> list[str]:
@@ -78,6 +77,11 @@ async def origin_allowed(request: web.Request, group: GroupConfig) -> bool:
     if "Origin" not in request.headers:
         return True
     return allowed_origin(request, await allowed_origins(request, group)) is not None
+
+
+async def require_origin(request: web.Request, group: GroupConfig) -> None:
+    if not await origin_allowed(request, group):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
 
 
 ANONYMOUS_PREFIX = "anon."
@@ -121,7 +125,7 @@ async def login(request: web.Request) -> web.StreamResponse:
         tokens.verify_token(group.secrets, tokens.AGENT, group.id, agent, key)
     except ProtocolError as exc:
         log.info("agent login refused for %s/%s: %s", group_id, agent, exc.code)
-        return error_response(_STATUS.get(exc.code, 401), exc.code, exc.message)
+        return error_response(STATUS.get(exc.code, 401), exc.code, exc.message)
     session = await new_session(request)
     expires = int(time.time()) + settings.session_max_age
     session.update({"group": group.id, "agent": agent, "expires": expires, "sid": secrets.token_hex(16)})

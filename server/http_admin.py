@@ -21,8 +21,7 @@ async def _authorize(request: web.Request) -> str:
     if not same_secret(bearer(request), settings.admin_token):
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "wrong admin token")
     group = group_of(settings, request.match_info["group"])
-    if not await auth.origin_allowed(request, group):
-        raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    await auth.require_origin(request, group)
     return group.id
 
 

@@ -72,8 +72,7 @@ async def _agent_lookup(request: web.Request, code: str, group_id: str | None) -
     group, _agent = identity
     if group_id is not None and group_id != group.id:
         raise ProtocolError(ErrorCode.FORBIDDEN, "this agent belongs to another group")
-    if not await auth.origin_allowed(request, group):
-        raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    await auth.require_origin(request, group)
     await limit_lookups(hub.backend, hub.settings, group.id, client_address(request))
     return await hub.sessions.find(group.id, key=None, code=code, session=None)
 

@@ -31,8 +31,7 @@ async def _authorize(request: web.Request) -> str:
     group = group_of(settings, request.match_info["group"])
     if group.id != claimed.id:
         raise ProtocolError(ErrorCode.FORBIDDEN, "this API key belongs to another group")
-    if not await auth.origin_allowed(request, group):
-        raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    await auth.require_origin(request, group)
     return group.id
 
 

@@ -37,8 +37,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         hello, version = await read_hello(ws, settings)
         group, visitor, consumer_session = _identify(hub, hello)
-        if not await auth.origin_allowed(request, settings.groups[group]):
-            raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+        await auth.require_origin(request, settings.groups[group])
     except ProtocolError as exc:
         log.info("visitor handshake refused: %s", exc.code)
         await refuse(ws, exc)
