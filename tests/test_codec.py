@@ -7,6 +7,7 @@ or raises ``ProtocolError`` with the right ``ErrorCode``, and nothing else.
 
 from __future__ import annotations
 
+import os
 import string
 from typing import Any
 
@@ -59,7 +60,9 @@ from protocol.messages import (
     Welcome,
 )
 
-FUZZ = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+# Bounded in CI; for a long run: HERALD_FUZZ_EXAMPLES=100000 .venv/bin/python -m pytest tests/test_codec.py
+FUZZ_EXAMPLES = int(os.environ.get("HERALD_FUZZ_EXAMPLES", "300"))
+FUZZ = settings(max_examples=FUZZ_EXAMPLES, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 ROUND_TRIP = settings(max_examples=60, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
 # --- helpers -----------------------------------------------------------------
