@@ -29,6 +29,7 @@ HELP = {
     "max_connections_per_visitor": "connections (tabs, devices) one visitor may hold at once",
     "max_subscriptions_per_agent": "visitor IDs one agent connection may watch",
     "max_presence_bytes": "largest presence data of a connection (msgpack bytes)",
+    "max_presence_fields": "most fields in a connection's presence data (at most the protocol's 32)",
     "max_signal_bytes": "largest data of one signal (msgpack bytes)",
     "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
     "session_max_age": "seconds an agent login lasts",

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.checks import MAX_FRAME_BYTES, identifier
+from protocol.checks import MAX_DATA_FIELDS, MAX_FRAME_BYTES, identifier
 from protocol.errors import HeraldError, ProtocolError
 
 DEMO_GROUP = "demo"
@@ -58,6 +58,7 @@ class Settings:
     max_connections_per_visitor: int = 10  # tabs and devices of one visitor at once
     max_subscriptions_per_agent: int = 1000  # visitor IDs one agent connection may watch
     max_presence_bytes: int = 4096  # a connection's presence data, msgpack-encoded
+    max_presence_fields: int = MAX_DATA_FIELDS  # fields of a connection's presence data (the protocol allows 32)
     max_signal_bytes: int = 8192  # a signal's data, msgpack-encoded
     session_secret: str = ""  # 32 url-safe base64 bytes; random per start when empty
     session_max_age: int = 8 * 3600
@@ -189,6 +190,8 @@ def _validate(settings: Settings) -> None:
     for name in ("grace_period", "signal_hold"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if not 1 <= settings.max_presence_fields <= MAX_DATA_FIELDS:
+        raise ConfigError(f"max_presence_fields must be 1-{MAX_DATA_FIELDS} (the protocol's ceiling)")
     if not 4 <= settings.code_length <= 12:
         raise ConfigError("code_length must be 4-12")
     if settings.admin_token and len(settings.admin_token) < 16:

@@ -17,7 +17,7 @@ from collections.abc import Coroutine, Iterable
 from functools import partial
 from typing import Any
 
-from protocol import checks, codec
+from protocol import codec
 from protocol.errors import CloseCode, ProtocolError
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
@@ -34,7 +34,7 @@ from .backend import (
 from .config import Settings
 from .connection import Connection, VisitorConnection
 from .delivery import Delivery
-from .limits import ConnectionRate, LimitExceeded, check_size
+from .limits import ConnectionRate, LimitExceeded, check_presence, check_size
 from .sessions import CONSUMER_PREFIX, Sessions
 
 log = logging.getLogger(__name__)
@@ -173,7 +173,7 @@ class Hub:
     async def visitor_joined(self, conn: VisitorConnection) -> None:
         """Register a new connection (``limit_exceeded`` if the visitor has its
         maximum already, or its presence data is too big)."""
-        check_size(conn.presence.data, self.settings.max_presence_bytes, "max_presence_bytes", "presence data")
+        check_presence(conn.presence.data, self.settings)
         self.visitors[conn.id] = conn
         join = partial(presence.join, connection=conn.presence, limit=self.settings.max_connections_per_visitor)
         try:
@@ -192,10 +192,9 @@ class Hub:
 
     async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:
         if data:
-            # Each frame is within the field limits; what it merges into must stay so too.
+            # Each frame is within the limits; what it merges into must stay so too.
             merged = {k: v for k, v in {**conn.presence.data, **data}.items() if v is not None}
-            checks.flat_map(merged, "data")
-            check_size(merged, self.settings.max_presence_bytes, "max_presence_bytes", "presence data")
+            check_presence(merged, self.settings)
         await self._visitor_mutate(conn, partial(presence.update, connection=conn.id, data=data, visible=visible))
 
     async def visitor_left(self, conn: VisitorConnection) -> None:

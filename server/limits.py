@@ -16,6 +16,7 @@ import msgpack
 from protocol.errors import ErrorCode, ProtocolError
 
 from . import metrics
+from .config import Settings
 
 WINDOW = 60.0
 MAX_TRACKED_ADDRESSES = 50_000
@@ -61,6 +62,13 @@ class ConnectionLimit(LimitExceeded):
 def check_size(data: dict[str, Any] | None, limit: int, setting: str, what: str) -> None:
     if data and len(msgpack.packb(data)) > limit:
         raise LimitExceeded(setting, f"{what} is over {limit} bytes")
+
+
+def check_presence(data: dict[str, Any], settings: Settings) -> None:
+    """A connection's whole presence data (after a merge) within its limits."""
+    if len(data) > settings.max_presence_fields:
+        raise LimitExceeded("max_presence_fields", f"presence data has more than {settings.max_presence_fields} fields")
+    check_size(data, settings.max_presence_bytes, "max_presence_bytes", "presence data")
 
 
 def count(error: ProtocolError) -> None:

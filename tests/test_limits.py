@@ -134,9 +134,17 @@ async def test_presence_data_merged_past_the_field_limit_is_refused(herald: Hera
         await ws.send_bytes(msgpack.packb({"type": "presence", "data": {f"a{i}": i for i in range(32)}}))
         await ws.send_bytes(msgpack.packb({"type": "presence", "data": {"b": 1}}))
         error = await receive(ws)
-        assert isinstance(error, Error) and error.code == ErrorCode.INVALID
+        assert isinstance(error, Error) and error.code == ErrorCode.LIMIT_EXCEEDED
         agent = await herald.agent("alice")
         assert len((await agent.lookup("v1"))["connections"][0]["data"]) == 32
+
+
+async def test_a_server_can_allow_fewer_presence_fields(start_herald) -> None:  # type: ignore[no-untyped-def]
+    herald = await start_herald(max_presence_fields=3)
+    async with herald.raw_visitor("v1") as ws:
+        await ws.send_bytes(msgpack.packb({"type": "presence", "data": {"a": 1, "b": 2, "c": 3, "d": 4}}))
+        error = await receive(ws)
+        assert isinstance(error, Error) and error.code == ErrorCode.LIMIT_EXCEEDED
 
 
 async def _limit_hits(herald: HeraldServer, setting: str) -> float:
