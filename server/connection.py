@@ -118,8 +118,9 @@ class Connection:
             self._writer = None
 
     def close(self, code: int, reason: str) -> None:
-        """Close from anywhere (fan-out, timers): queued frames are dropped
-        and the close frame goes out at once."""
+        """Close from anywhere (fan-out, timers): queued frames are dropped,
+        the close frame goes out at once, and a peer that does not take it
+        within CLOSE_TIMEOUT is dropped."""
         if self._closing:
             return
         self._closing = True

@@ -10,7 +10,7 @@ Topics route a message only to the instances that hold its recipients:
 * ``k:{group}:{key}`` — a session key's lifecycle, for agents waiting for it;
 * ``s:{group}:{session}`` — a session's lifecycle, for agents in it;
 * ``i:{instance}`` — an instance's inbox: deliveries to its visitor
-  connections, their replies, focus changes.
+  connections and their replies, focus changes, pushes (guest counts).
 
 Groups sit in braces so that a Redis Cluster would keep a group's keys and
 topics on one slot. Envelopes are msgpack arrays whose first item names the
