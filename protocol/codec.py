@@ -85,3 +85,19 @@ def encode(message: Message) -> bytes:
 def encode_map(raw: dict[str, Any]) -> bytes:
     """For callers that build a frame's map themselves (tests, fuzzers)."""
     return msgpack.packb(raw, use_bin_type=True)
+
+
+_TYPE_KEY = b"\xa4type"
+
+
+def frame_type(frame: bytes) -> str:
+    """The ``type`` of a frame this codec encoded, without decoding it.
+
+    ``encode`` writes ``type`` first, so a fixmap header, the fixstr key and
+    a short fixstr value are all there is to read. Anything else (a frame
+    built by hand) answers ``"other"``; the result names metrics only.
+    """
+    if len(frame) > 6 and 0x80 <= frame[0] <= 0x8F and frame[1:6] == _TYPE_KEY and 0xA0 <= frame[6] <= 0xBF:
+        length = frame[6] - 0xA0
+        return frame[7 : 7 + length].decode("ascii", "replace")
+    return "other"

@@ -30,6 +30,7 @@ class ErrorCode(StrEnum):
     SIGNAL_EXPIRED = "signal_expired"  # held for a reconnecting visitor; it never came back
     DELIVERY_FAILED = "delivery_failed"  # the instance holding the visitor did not answer
     BACKEND_UNAVAILABLE = "backend_unavailable"
+    DRAINING = "draining"  # the instance is shutting down: connect again (another instance answers)
     RATE_LIMITED = "rate_limited"
     LIMIT_EXCEEDED = "limit_exceeded"  # a size or count limit (connections per visitor, subscriptions, payload)
     # Support sessions.

@@ -20,4 +20,13 @@ class AccessLogger(AbstractAccessLogger):
             request.path,  # no query string
             response.status,
             time * 1000,
+            extra={
+                "http": {
+                    "remote": request.remote,
+                    "method": request.method,
+                    "path": request.path,
+                    "status": response.status,
+                    "ms": round(time * 1000, 1),
+                }
+            },
         )

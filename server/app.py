@@ -9,7 +9,7 @@ from aiohttp import web
 
 from protocol.errors import CloseCode
 
-from . import __version__, auth, http_admin, http_codes, http_crm, metrics
+from . import __version__, auth, http_admin, http_codes, http_crm, logs, metrics
 from .backend import Backend
 from .backend_memory import MemoryBackend
 from .config import Settings
@@ -59,6 +59,7 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
 
 async def _run_hub(app: web.Application) -> AsyncIterator[None]:
     hub = app[HUB]
+    logs.set_instance(hub.instance)
     await hub.start()
     log.info("herald %s instance %s ready", __version__, hub.instance)
     yield
@@ -80,7 +81,9 @@ async def health(request: web.Request) -> web.Response:
 
 
 async def ready(request: web.Request) -> web.Response:
-    """Ready when the backend is reachable and its bus subscription proven."""
+    """Ready when the backend is reachable and its bus subscription proven,
+    and not draining (load balancers stop sending clients at once)."""
     hub = request.app[HUB]
-    healthy = hub.backend.healthy
-    return web.json_response({"ready": healthy, "instance": hub.instance}, status=200 if healthy else 503)
+    ready = hub.backend.healthy and not hub.draining
+    body = {"ready": ready, "instance": hub.instance, "backend": hub.backend.healthy, "draining": hub.draining}
+    return web.json_response(body, status=200 if ready else 503)

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import gc
-import logging
 import sys
 
 from protocol import tokens
@@ -45,7 +43,11 @@ HELP = {
     "redis_prefix": "prefix of every Redis key and channel (several clusters can share a Redis)",
     "instance_heartbeat": "seconds between an instance's heartbeats in Redis",
     "instance_dead_after": "seconds without a heartbeat before an instance's visitors are dropped",
+    "drain_timeout": "seconds from SIGTERM to exit at most; clients are moved to other instances meanwhile",
+    "drain_spread": "seconds over which a draining instance tells its connections to reconnect, at random",
+    "workers": "processes serving the port together (SO_REUSEPORT); more than 1 needs redis_url",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text, or json (one object per line, with connection IDs)",
 }
 
 
@@ -95,12 +97,9 @@ def main(argv: list[str] | None = None) -> None:
 
 
 def serve(settings: Settings) -> None:
-    from aiohttp import web
+    from . import logs, runner
 
-    from .access_log import AccessLogger
-    from .app import make_app
-
-    logging.basicConfig(level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.setup(settings.log_level, settings.log_format)
     demo = ensure_demo_group(settings)
     if demo is not None:
         print(
@@ -110,25 +109,7 @@ def serve(settings: Settings) -> None:
             "  Configure real groups with --group ID=SECRET, HERALD_GROUPS or a TOML file.\n",
             flush=True,
         )
-    try:
-        import uvloop  # optional: herald[fast]
-
-        uvloop.install()
-    except ImportError:
-        pass
-    app = make_app(settings)
-    # Long-lived objects made so far never need collecting; keeping them out
-    # of the GC's generations shortens the pauses that hurt tail latency.
-    gc.collect()
-    gc.freeze()
-    web.run_app(
-        app,
-        host=settings.host,
-        port=settings.port,
-        access_log_class=AccessLogger,
-        print=lambda s: print(s, flush=True),
-    )
-
+    sys.exit(runner.run(settings))
 
 if __name__ == "__main__":
     main()

@@ -74,7 +74,11 @@ class Settings:
     redis_prefix: str = "herald"  # namespace of every key and channel
     instance_heartbeat: float = 1.0  # seconds between an instance's heartbeats in Redis
     instance_dead_after: float = 8.0  # a silent instance's visitors are dropped after this
+    drain_timeout: float = 20.0  # SIGTERM to exit, at most: clients are moved, then the process stops
+    drain_spread: float = 5.0  # connections are told to reconnect at random moments over this many seconds
+    workers: int = 1  # processes sharing the port (SO_REUSEPORT); more than one needs redis_url
     log_level: str = "INFO"
+    log_format: str = "text"  # text, or json: one object per line with the connection ID
     groups: dict[str, GroupConfig] = field(default_factory=dict)
 
 
@@ -198,6 +202,18 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("admin_token must be at least 16 characters")
     if not 0 <= settings.port <= 65535:
         raise ConfigError("port must be between 0 and 65535")
+    if settings.drain_timeout <= 0 or not 0 <= settings.drain_spread < settings.drain_timeout:
+        raise ConfigError("drain_timeout must be positive and drain_spread between 0 and drain_timeout")
+    if settings.workers < 1:
+        raise ConfigError("workers must be at least 1")
+    if settings.workers > 1 and not settings.redis_url:
+        raise ConfigError("workers > 1 needs redis_url: each worker is an instance of a cluster")
+    if settings.workers > 1 and settings.port == 0:
+        raise ConfigError("workers > 1 needs a fixed port: the workers share it")
+    if settings.log_format not in ("text", "json"):
+        raise ConfigError("log_format must be text or json")
+    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
+        raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
     if settings.max_frame_bytes < 1024 or settings.max_queue < 1:
         raise ConfigError("max_frame_bytes must be at least 1024 and max_queue at least 1")
     if settings.instance_dead_after < settings.instance_heartbeat * 3:

@@ -40,6 +40,7 @@ class Connection:
     __slots__ = (
         "_closer",
         "_closing",
+        "_leaving",
         "_queue",
         "_refilled",
         "_tokens",
@@ -48,6 +49,7 @@ class Connection:
         "group",
         "id",
         "max_queue",
+        "requests",
         "role",
         "subject",
         "ws",
@@ -64,6 +66,8 @@ class Connection:
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closing = False
+        self._leaving: tuple[int, str] | None = None  # a close waiting for the request in hand
+        self.requests = 0  # requests of this client being answered now
         self._tokens = -1.0  # message-rate bucket, filled on first use
         self._refilled = 0.0
         self.dropped = 0  # frames refused in a row for going over the rate
@@ -94,6 +98,7 @@ class Connection:
         if len(self._queue) >= self.max_queue:
             log.warning("closing slow consumer %r: %d frames queued", self, len(self._queue))
             metrics.limit_hit("max_queue")
+            metrics.SLOW_CONSUMERS.labels(role=self.role).inc()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
         self._queue.append(frame)
@@ -104,12 +109,15 @@ class Connection:
         self.send(codec.encode(message))
 
     def send_error(self, code: ErrorCode | str, message: str, request_id: int | None = None) -> None:
+        metrics.error(str(code))
         self.send(codec.encode(Error(code=str(code), message=message, id=request_id)))
 
     async def _drain(self) -> None:
         try:
             while self._queue and not self.ws.closed:
-                await self.ws.send_bytes(self._queue.popleft())
+                frame = self._queue.popleft()
+                await self.ws.send_bytes(frame)
+                metrics.sent(self.role, frame)
         except (ConnectionError, RuntimeError) as exc:
             # The peer went away mid-write; the receive loop sees the close.
             log.debug("write to %r failed: %s", self, exc)
@@ -130,6 +138,33 @@ class Connection:
         # Awaited by finish(): the close ends the handler's receive loop,
         # and the handler waits for it before returning.
         self._closer = asyncio.get_running_loop().create_task(self._close(code, reason), name=f"close-{self.id}")
+
+    def leave(self, code: int, reason: str) -> None:
+        """Close without losing anything: after the request in hand is
+        answered and every queued frame is written (a drain moving clients
+        to other instances). Frames sent meanwhile still go out."""
+        if self.requests:
+            self._leaving = (code, reason)  # the last ``request_done`` closes
+            return
+        self._closing = True
+        self._closer = asyncio.get_running_loop().create_task(self._flush_and_close(code, reason))
+
+    def request_started(self) -> None:
+        self.requests += 1
+
+    def request_done(self) -> None:
+        self.requests -= 1
+        if self._leaving is not None and not self.requests:
+            code, reason = self._leaving
+            self._leaving = None
+            self.leave(code, reason)
+
+    async def _flush_and_close(self, code: int, reason: str) -> None:
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait([writer], timeout=CLOSE_TIMEOUT)
+            writer.cancel()  # a peer that does not read is not waited for longer
+        await self._close(code, reason)
 
     async def _close(self, code: int, reason: str) -> None:
         # Grab the transport first: aiohttp lets go of it while closing.

@@ -20,7 +20,7 @@ from protocol import codec
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Signal
 
-from . import topics
+from . import metrics, topics
 from .backend import BackendUnavailable, ConnectionRecord, HeldSignal, VisitorRecord
 from .limits import check_size
 
@@ -115,6 +115,23 @@ class Delivery:
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         key, reply = self._expect_reply()
         held = HeldSignal(key, self.hub.instance, frame, to_all)
+        metrics.HELD_SIGNALS.inc()
+        try:
+            delivered = await self._await_held(group, visitor, held, reply, remaining)
+        except ProtocolError as exc:
+            if exc.code == ErrorCode.SIGNAL_EXPIRED:
+                metrics.HELD_OUTCOMES.labels(outcome="expired").inc()
+            raise
+        finally:
+            metrics.HELD_SIGNALS.dec()
+        if delivered:
+            metrics.HELD_OUTCOMES.labels(outcome="delivered").inc()
+        return delivered
+
+    async def _await_held(
+        self, group: str, visitor: str, held: HeldSignal, reply: asyncio.Future[int], remaining: float
+    ) -> int:
+        key = held.key
         await self.backend.hold(group, visitor, held, remaining + self.settings.delivery_timeout)
         # The visitor may have come back between our look and the hold.
         record = await self.backend.visitor_record(group, visitor)

@@ -16,6 +16,7 @@ from aiohttp import web
 
 from protocol.errors import ErrorCode, ProtocolError
 
+from . import metrics
 from .backend import Backend
 from .config import GroupConfig, Settings
 from .limits import LimitExceeded, count
@@ -35,11 +36,13 @@ STATUS = {
     ErrorCode.RATE_LIMITED: 429,
     ErrorCode.BACKEND_UNAVAILABLE: 503,
     ErrorCode.CODE_SPACE_EXHAUSTED: 503,
+    ErrorCode.DRAINING: 503,
     ErrorCode.DELIVERY_FAILED: 504,
 }
 
 
 def error_response(status: int, code: ErrorCode | str, message: str) -> web.Response:
+    metrics.error(str(code))
     return web.json_response({"error": {"code": str(code), "message": message}}, status=status)
 
 

@@ -21,7 +21,7 @@ from protocol import codec
 from protocol.errors import CloseCode, ProtocolError
 from protocol.messages import Focus, PresenceChanged, Signal, Snapshot, VisitorInfo
 
-from . import presence, topics
+from . import metrics, presence, topics
 from .backend import (
     Backend,
     BackendUnavailable,
@@ -114,6 +114,7 @@ class Hub:
         self.connection_rate = ConnectionRate(settings.connections_per_address)
         self._tasks: set[asyncio.Task[Any]] = set()
         self._timers: set[asyncio.TimerHandle] = set()
+        self.draining = False  # SIGTERM came: not ready, no new connections
 
     # -- lifecycle ---------------------------------------------------------
     async def start(self) -> None:
@@ -138,6 +139,7 @@ class Hub:
     async def backend_restored(self) -> None:
         """The cluster backend is back after an outage: what we registered may
         be gone or stale, and agents may have missed changes."""
+        metrics.BACKEND_RECONNECTS.inc()
         local = dict(self.visitors)
         for group, visitor, connection in await self.backend.registered_connections():
             if connection not in local:  # it closed while the backend was away
@@ -181,6 +183,7 @@ class Hub:
         except ProtocolError:
             del self.visitors[conn.id]
             raise
+        metrics.connection_opened(conn.role)
 
     async def release_held(self, conn: VisitorConnection) -> None:
         """After the welcome: the visitor's live session follows this
@@ -199,6 +202,7 @@ class Hub:
 
     async def visitor_left(self, conn: VisitorConnection) -> None:
         self.visitors.pop(conn.id, None)
+        metrics.CONNECTIONS.labels(role=conn.role).dec()
         change = await self._visitor_mutate(conn, partial(presence.leave, connection=conn.id))
         away_since = change.record.away_since if change and change.record else None
         if away_since is not None:
@@ -304,10 +308,12 @@ class Hub:
 
     # -- agents ------------------------------------------------------------
     async def agent_joined(self, agent: AgentConnection) -> None:
+        metrics.connection_opened(agent.role)
         with contextlib.suppress(BackendUnavailable):  # recorded; made when the backend is back
             await self.watch(agent, [topics.agent_topic(agent.group, agent.subject)])
 
     async def agent_left(self, agent: AgentConnection) -> None:
+        metrics.CONNECTIONS.labels(role=agent.role).dec()
         for session in list(agent.sessions):  # its guest seats go with it
             with contextlib.suppress(ProtocolError):
                 await self.sessions.leave(agent, session)

@@ -1,15 +1,20 @@
 """Prometheus metrics, served at ``/metrics``.
 
 One registry for the process (instances of a cluster are processes; tests
-that run several apps in one process read deltas). For now it counts what
-the limits refuse, labelled with the setting that did it, so an operator
-sees abuse (or a limit set too low) without reading logs.
+that run several apps in one process read deltas). What an operator needs
+to see without reading logs: how many clients are here, what flows in and
+out, how long deliveries take, what fails and why, and whether the backend
+holds up. Hot paths count through children looked up once per label value.
 """
 
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, generate_latest
+from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+from protocol.codec import frame_type
+
+from .keys import HUB
 
 REGISTRY = CollectorRegistry()
 
@@ -19,13 +24,86 @@ LIMIT_HITS = Counter(
     ["limit"],
     registry=REGISTRY,
 )
+CONNECTIONS = Gauge("herald_connections", "Open websocket connections, by role", ["role"], registry=REGISTRY)
+CONNECTIONS_OPENED = Counter(
+    "herald_connections_opened", "Websocket connections that completed the handshake, by role", ["role"],
+    registry=REGISTRY,
+)
+MESSAGES_IN = Counter(
+    "herald_messages_received", "Frames received from clients, by role and message type", ["role", "type"],
+    registry=REGISTRY,
+)
+MESSAGES_OUT = Counter(
+    "herald_messages_sent", "Frames written to clients, by role and message type", ["role", "type"],
+    registry=REGISTRY,
+)
+ERRORS = Counter(
+    "herald_errors", "Error answers (error frames, refused handshakes, HTTP errors), by error code", ["code"],
+    registry=REGISTRY,
+)
+SIGNAL_DELIVERY = Histogram(
+    "herald_signal_delivery_seconds",
+    "From an agent's signal arriving to its answer (delivered count or error), by outcome",
+    ["outcome"],
+    buckets=(0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0),
+    registry=REGISTRY,
+)
+HELD_SIGNALS = Gauge(
+    "herald_held_signals", "Signals this instance's agents sent that wait for a reconnecting visitor",
+    registry=REGISTRY,
+)
+HELD_OUTCOMES = Counter(
+    "herald_held_signals_resolved", "Held signals by how they ended: delivered or expired", ["outcome"],
+    registry=REGISTRY,
+)
+SLOW_CONSUMERS = Counter(
+    "herald_slow_consumer_disconnects", "Connections closed because they did not read their frames", ["role"],
+    registry=REGISTRY,
+)
+BACKEND_UP = Gauge(
+    "herald_backend_up", "1 while the backend is reachable and its bus subscription proven", registry=REGISTRY
+)
+BACKEND_RECONNECTS = Counter(
+    "herald_backend_reconnects", "Times the cluster backend (Redis) came back after being lost", registry=REGISTRY
+)
+DRAINING = Gauge("herald_draining", "1 from SIGTERM until the process exits", registry=REGISTRY)
+
+_received = {}  # (role, type) -> counter child: label lookups are the slow part
+_sent = {}
 
 
 def limit_hit(limit: str) -> None:
     LIMIT_HITS.labels(limit=limit).inc()
 
 
+def error(code: str) -> None:
+    ERRORS.labels(code=code).inc()
+
+
+def connection_opened(role: str) -> None:
+    CONNECTIONS.labels(role=role).inc()
+    CONNECTIONS_OPENED.labels(role=role).inc()
+
+
+def received(role: str, message_type: str) -> None:
+    child = _received.get((role, message_type))
+    if child is None:
+        child = _received[role, message_type] = MESSAGES_IN.labels(role=role, type=message_type)
+    child.inc()
+
+
+def sent(role: str, frame: bytes) -> None:
+    message_type = frame_type(frame)
+    child = _sent.get((role, message_type))
+    if child is None:
+        child = _sent[role, message_type] = MESSAGES_OUT.labels(role=role, type=message_type)
+    child.inc()
+
+
 async def serve(request: web.Request) -> web.Response:
+    hub = request.app[HUB]  # gauges of state are read when scraped, never kept in step by hand
+    BACKEND_UP.set(1 if hub.backend.healthy else 0)
+    DRAINING.set(1 if hub.draining else 0)
     response = web.Response(body=generate_latest(REGISTRY))
     response.headers["Content-Type"] = CONTENT_TYPE_LATEST
     return response

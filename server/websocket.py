@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import TYPE_CHECKING, Any
 
 from aiohttp import WSMsgType, web
 
@@ -22,7 +22,10 @@ from . import __version__, metrics
 from .config import Settings
 from .connection import CLOSE_TIMEOUT, Connection
 from .http_common import error_response
-from .limits import ConnectionLimit, ConnectionRate, count
+
+if TYPE_CHECKING:
+    from .hub import Hub
+from .limits import ConnectionLimit, count
 
 log = logging.getLogger(__name__)
 
@@ -43,9 +46,14 @@ class HandshakeTimeout(ProtocolError):
         super().__init__(ErrorCode.HANDSHAKE_REQUIRED, "no hello within the handshake timeout")
 
 
-def over_connection_rate(request: web.Request, rate: ConnectionRate) -> web.Response | None:
-    """A 429 before the upgrade for an address opening connections too fast."""
-    if rate.allow(request.remote or "unknown"):
+def refused_before_upgrade(request: web.Request, hub: Hub) -> web.Response | None:
+    """A 503 while draining (the client retries, elsewhere: readiness is
+    already false), a 429 for an address opening connections too fast."""
+    if hub.draining:
+        response = error_response(503, ErrorCode.DRAINING, "this instance is shutting down; reconnect")
+        response.headers["Retry-After"] = "1"
+        return response
+    if hub.connection_rate.allow(request.remote or "unknown"):
         return None
     metrics.limit_hit("connections_per_address")
     return error_response(429, ErrorCode.RATE_LIMITED, "too many new connections from this address")
@@ -83,6 +91,7 @@ async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hel
 async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
     """Answer a failed handshake with an error frame, then close."""
     count(error)
+    metrics.error(str(error.code))
     if ws.closed:
         return
     if isinstance(error, HandshakeTimeout):
@@ -114,6 +123,9 @@ async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[M
     """Answer every frame until the connection ends: the frames both roles
     share here, the role's own through ``handle``, errors as error frames."""
     async for message in messages(conn, settings):
+        if conn.closing:
+            continue  # it arrived after our close: unanswered, so the client counts it as not done
+        metrics.received(conn.role, message.TYPE)
         if isinstance(message, Ping):
             conn.send_message(Pong())
         elif isinstance(message, Pong):
@@ -164,9 +176,16 @@ async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Messag
             return
 
 
-async def answering_errors(conn: Connection, request_id: int | None, work: Awaitable[None]) -> None:
+def answering_errors(conn: Connection, request_id: int | None, work: Awaitable[None]) -> Coroutine[Any, Any, None]:
     """Run one request; whatever goes wrong reaches the client as an error
-    frame with the request's ID, never as silence."""
+    frame with the request's ID, never as silence. The request counts as
+    started at once (even if spawned to run later): a drain closes the
+    connection only once its requests are answered."""
+    conn.request_started()
+    return _answer(conn, request_id, work)
+
+
+async def _answer(conn: Connection, request_id: int | None, work: Awaitable[None]) -> None:
     try:
         await work
     except ProtocolError as exc:
@@ -175,3 +194,5 @@ async def answering_errors(conn: Connection, request_id: int | None, work: Await
     except Exception:
         log.exception("request from %r failed", conn)
         conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)
+    finally:
+        conn.request_done()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import time
 from functools import partial
 
 from aiohttp import web
@@ -20,16 +21,16 @@ from protocol.messages import (
     WaitSession,
 )
 
-from . import auth
+from . import auth, logs, metrics
 from .http_common import error_response
 from .hub import AgentConnection, Hub
 from .keys import HUB, SETTINGS
 from .websocket import (
     answering_errors,
     open_websocket,
-    over_connection_rate,
     read_hello,
     refuse,
+    refused_before_upgrade,
     serve_frames,
     welcome,
 )
@@ -39,7 +40,7 @@ log = logging.getLogger(__name__)
 
 async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     settings, hub = request.app[SETTINGS], request.app[HUB]
-    refused = over_connection_rate(request, hub.connection_rate)
+    refused = refused_before_upgrade(request, hub)
     if refused is not None:
         return refused
     identity = await auth.agent_identity(request)
@@ -55,6 +56,7 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
         await refuse(ws, exc)
         return ws
     agent = AgentConnection(ws, "agent", group.id, agent_id, settings.max_queue)
+    logs.CONNECTION.set(agent.id)  # this handler's log lines (and its tasks') name it
     try:
         await hub.agent_joined(agent)
         agent.send_message(welcome(agent, version, settings, agent=agent_id))
@@ -99,6 +101,11 @@ async def _handle(hub: Hub, agent: AgentConnection, message: Message) -> None:
 
 
 async def _signal(hub: Hub, agent: AgentConnection, message: Signal) -> None:
-    delivered = await hub.delivery.signal_visitor(agent.group, agent.subject, message)
+    started, outcome = time.perf_counter(), "error"
+    try:
+        delivered = await hub.delivery.signal_visitor(agent.group, agent.subject, message)
+        outcome = "delivered"
+    finally:
+        metrics.SIGNAL_DELIVERY.labels(outcome=outcome).observe(time.perf_counter() - started)
     if message.id is not None:
         agent.send_message(Ack(id=message.id, delivered=delivered))

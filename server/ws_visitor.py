@@ -10,7 +10,7 @@ from aiohttp import web
 from protocol.errors import ErrorCode, ProtocolError
 from protocol.messages import Ack, EndSession, Hello, Message, Presence, Signal, StartSession
 
-from . import auth
+from . import auth, logs
 from .connection import VisitorConnection
 from .hub import Hub
 from .keys import HUB, SETTINGS
@@ -18,9 +18,9 @@ from .sessions import CONSUMER_PREFIX
 from .websocket import (
     answering_errors,
     open_websocket,
-    over_connection_rate,
     read_hello,
     refuse,
+    refused_before_upgrade,
     serve_frames,
     welcome,
 )
@@ -30,7 +30,7 @@ log = logging.getLogger(__name__)
 
 async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     settings, hub = request.app[SETTINGS], request.app[HUB]
-    refused = over_connection_rate(request, hub.connection_rate)
+    refused = refused_before_upgrade(request, hub)
     if refused is not None:
         return refused
     ws = await open_websocket(request, settings)
@@ -44,6 +44,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         return ws
     visible = True if hello.visible is None else hello.visible
     conn = VisitorConnection(ws, group, visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
+    logs.CONNECTION.set(conn.id)  # this handler's log lines (and its tasks') name it
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
         await hub.visitor_joined(conn)

@@ -148,7 +148,8 @@ def test_an_unknown_key_in_the_toml_file_stops_the_server(tmp_path: Path) -> Non
 
 async def test_sigterm_tells_clients_to_reconnect_and_exits_within_seconds(run_herald: StartServer) -> None:
     secret = "cli-secret-0123456789"
-    process = await asyncio.to_thread(run_herald, str(HERALD), "serve", "--group", f"acme={secret}")
+    argv = [str(HERALD), "serve", "--group", f"acme={secret}", "--drain-spread", "1", "--drain-timeout", "4"]
+    process = await asyncio.to_thread(run_herald, *argv)
     token = await asyncio.to_thread(mint, "visitor", "acme", "v1", secret)
     visitor = VisitorClient(process.base_url, "acme", "v1", token, reconnect=False)
     try:
@@ -165,6 +166,5 @@ async def test_sigterm_tells_clients_to_reconnect_and_exits_within_seconds(run_h
         took = time.monotonic() - started
     finally:
         await visitor.close()
-    assert gone.code == CloseCode.GOING_AWAY
-    # aiohttp turns SIGTERM into GracefulExit, which run_app swallows: a clean 0.
+    assert gone.code == CloseCode.RECONNECT  # drained: "reconnect", which the SDK does
     assert code == 0, f"exit code {code} after {took:.1f}s\n{process.output()}"
