@@ -59,9 +59,9 @@ class HeraldServer:
 
     async def start(self) -> HeraldServer:
         await self.runner.setup()
-        site = web.TCPSite(self.runner, "127.0.0.1", self.port)
-        await site.start()
-        self.port = site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        await self.site.start()
+        self.port = self.site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
         return self
 
     async def stop(self) -> None:
@@ -99,6 +99,28 @@ class HeraldServer:
                 welcome = codec.decode(await ws.receive_bytes(timeout=5))
                 assert welcome.TYPE == "welcome", welcome
             yield ws
+
+
+Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]
+
+
+async def scrape(base_url: str) -> Samples:
+    """Every sample at ``/metrics``, keyed by name and labels, parsed the way Prometheus does."""
+    from prometheus_client.parser import text_string_to_metric_families
+
+    async with aiohttp.ClientSession() as session, session.get(base_url + "/metrics") as response:
+        assert response.status == 200
+        text = await response.text()
+    return {
+        (sample.name, frozenset(sample.labels.items())): sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+    }
+
+
+def sample(samples: Samples, name: str, **labels: str) -> float:
+    """One sample's value; 0 for a labelled child never touched (it is not exported yet)."""
+    return samples.get((name, frozenset(labels.items())), 0.0)
 
 
 async def receive(ws: aiohttp.ClientWebSocketResponse, seconds: float = 5) -> Message:

@@ -19,7 +19,7 @@ from protocol.messages import Focus, PresenceChanged, Signal
 from server.backend_redis import RedisBackend
 
 from .conftest import FAST, Start
-from .harness import SECRET, HeraldServer, changed, drain, settings, signal
+from .harness import SECRET, HeraldServer, changed, drain, sample, scrape, settings, signal
 from .processes import HERALD, HeraldProcess, start_server
 from .redis_server import RedisServer
 
@@ -207,6 +207,7 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
     start_instance: Start, private_redis: RedisServer
 ) -> None:
     a, b = await start_instance(private_redis), await start_instance(private_redis)
+    reconnects_before = sample(await scrape(a.base_url), "herald_backend_reconnects_total")
     visitor = await a.visitor("v1")
     local_agent = await a.agent("local")
     await local_agent.subscribe(["v1"])
@@ -218,6 +219,7 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
     private_redis.stop()
     await eventually(lambda: not_ready(a), 10, "instance A reports not ready")
     assert visitor.connected and local_agent.connected and remote_agent.connected
+    assert sample(await scrape(a.base_url), "herald_backend_up") == 0
 
     # Same-instance relay keeps working, both ways.
     assert await local_agent.show_terms("v1") == 1
@@ -235,6 +237,9 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
     await asyncio.sleep(1)
     private_redis.start()  # empty: everything registered before is gone
     await eventually(lambda: all_ready(a, b), 15, "both instances ready again")
+    after = await scrape(a.base_url)
+    assert sample(after, "herald_backend_up") == 1
+    assert sample(after, "herald_backend_reconnects_total") >= reconnects_before + 2  # a and b, one registry
 
     async def converged() -> bool:
         try:

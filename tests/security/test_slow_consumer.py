@@ -30,7 +30,7 @@ from protocol.agent import AgentClient
 from protocol.messages import Hello
 from protocol.visitor import VisitorClient
 
-from ..harness import SECRET
+from ..harness import SECRET, sample, scrape
 from ..processes import HERALD, start_server
 from .helpers import assert_bystanders_served, show_terms_round_trip
 
@@ -256,6 +256,7 @@ async def test_never_reading_visitor_flooded_with_the_largest_signals(tmp_path: 
                     break
                 await asyncio.sleep(0.1)
             await assert_bystanders_served(base)
+            slow_disconnects = sample(await scrape(base), "herald_slow_consumer_disconnects_total", role="visitor")
             observed = time.monotonic() - flood_started
             if dropped.done():
                 closed_after = dropped.result()
@@ -288,6 +289,8 @@ async def test_never_reading_visitor_flooded_with_the_largest_signals(tmp_path: 
         problems.append("the server never decided to close the slow consumer")
     if closed_after is None or closed_after > CLOSE_WITHIN:
         problems.append(f"the server had not let go of the slow consumer's socket {CLOSE_WITHIN} s after the flood")
+    if slow_disconnects != 1:
+        problems.append(f"herald_slow_consumer_disconnects_total{{role=visitor}} is {slow_disconnects}, not 1")
     if state["online"] or state["connections"]:
         problems.append(f"agents still see the slow consumer: {state}")
     if outcomes.get("delivered 0"):
