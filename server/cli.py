@@ -44,7 +44,7 @@ HELP = {
     "instance_heartbeat": "seconds between an instance's heartbeats in Redis",
     "instance_dead_after": "seconds without a heartbeat before an instance's visitors are dropped",
     "drain_timeout": "seconds from SIGTERM to exit at most; clients are moved to other instances meanwhile",
-    "drain_spread": "seconds over which a draining instance tells its connections to reconnect, at random",
+    "drain_spread": "seconds over which a draining instance tells its connections to reconnect, at random (at most half the drain)",
     "workers": "processes serving the port together (SO_REUSEPORT); more than 1 needs redis_url",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "text, or json (one object per line, with connection IDs)",

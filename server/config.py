@@ -202,8 +202,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("admin_token must be at least 16 characters")
     if not 0 <= settings.port <= 65535:
         raise ConfigError("port must be between 0 and 65535")
-    if settings.drain_timeout <= 0 or not 0 <= settings.drain_spread < settings.drain_timeout:
-        raise ConfigError("drain_timeout must be positive and drain_spread between 0 and drain_timeout")
+    if settings.drain_timeout <= 0 or settings.drain_spread < 0:
+        raise ConfigError("drain_timeout must be positive and drain_spread not negative")
     if settings.workers < 1:
         raise ConfigError("workers must be at least 1")
     if settings.workers > 1 and not settings.redis_url:

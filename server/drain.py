@@ -40,15 +40,17 @@ async def drain(app: web.Application, sites: list[web.BaseSite]) -> float:
     hub.draining = True
     for site in sites:
         await site.stop()
+    budget = max(0.0, settings.drain_timeout - CLOSE_MARGIN)
+    # Half the budget at most, so that the last to be asked still have time to go.
+    spread = min(settings.drain_spread, budget / 2)
     connections = [*hub.visitors.values(), *hub.agents()]
-    log.info("draining: moving %d connections over %.1fs", len(connections), settings.drain_spread)
+    log.info("draining: moving %d connections over %.1fs", len(connections), spread)
     loop = asyncio.get_running_loop()
     handles = [
-        loop.call_later(random.uniform(0, settings.drain_spread), conn.leave, CloseCode.RECONNECT, "server draining")
+        loop.call_later(random.uniform(0, spread), conn.leave, CloseCode.RECONNECT, "server draining")
         for conn in connections
     ]
     asked = {conn.id for conn in connections}
-    budget = max(0.0, settings.drain_timeout - CLOSE_MARGIN)
     while remaining := [*hub.visitors.values(), *hub.agents()]:
         if time.monotonic() - started >= budget:
             log.warning("drain deadline: closing %d connections now", len(remaining))
