@@ -55,7 +55,7 @@ def require(binary: str, install: str) -> None:
 async def cluster() -> AsyncIterator[LocalCluster]:
     require("haproxy", "apt-get install haproxy")
     require("redis-server", "apt-get install redis-server")
-    local = LocalCluster(3, groups={"acme": SECRET}, settings=SETTINGS, python=sys.executable, drain_timeout=5.0)
+    local = LocalCluster(3, groups={"acme": SECRET}, settings=SETTINGS, python=sys.executable, drain_timeout=2.0)
     started = time.monotonic()
     async with local:
         print(f"cluster of 3 up in {time.monotonic() - started:.2f}s at {local.lb_url}")
@@ -178,7 +178,8 @@ async def test_a_rolling_restart_keeps_every_visitor_reachable(
     for index in range(3):
         stopped = await cluster.terminate(index)
         assert stopped.code == 0, cluster.log(index)
-        assert stopped.seconds < cluster.drain_timeout, f"instance {index} took {stopped.seconds:.1f}s"
+        # A drain ends within drain_timeout (a second of margin for a loaded machine).
+        assert stopped.seconds < cluster.drain_timeout + 1, f"instance {index} took {stopped.seconds:.1f}s"
         await cluster.wait_in_rotation(index, up=False, within=5)  # HAProxy's check saw it go
         await cluster.start_instance(index)  # and waits until the checks have it UP again
         await connected(agent, *visitors)

@@ -456,6 +456,12 @@ async def _serve(cluster: LocalCluster) -> None:
         await cluster.stop()
 
 
+def default_python() -> str:
+    """The README's virtualenv when there is one: ``python3 deploy/local/cluster.py`` then just works."""
+    venv = REPO / ".venv" / "bin" / "python"
+    return str(venv) if venv.exists() else sys.executable
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description="Redis, N Herald instances and HAProxy on loopback.")
     parser.add_argument("--instances", type=int, default=3, help="how many Herald instances (default 3)")
@@ -466,13 +472,15 @@ def main(argv: list[str] | None = None) -> None:
                         help="any Herald setting, e.g. --set grace_period=2 (repeatable)")  # fmt: skip
     parser.add_argument("--redis-url", help="use this Redis instead of starting a private one")
     parser.add_argument("--drain-timeout", type=float, default=20.0, help="seconds an instance may drain")
-    parser.add_argument("--python", help="interpreter with Herald's dependencies (default: this one)")
+    parser.add_argument(
+        "--python", help="interpreter with Herald's dependencies (default: the repository's .venv, else this one)"
+    )
     args = parser.parse_args(argv)
     groups = dict(pair.split("=", 1) for pair in args.group if "=" in pair) or None
     try:
         cluster = LocalCluster(
             args.instances, lb_port=args.port, groups=groups, settings=_parse_settings(args.set),
-            python=args.python, redis_url=args.redis_url, drain_timeout=args.drain_timeout,
+            python=args.python or default_python(), redis_url=args.redis_url, drain_timeout=args.drain_timeout,
         )  # fmt: skip
         asyncio.run(_serve(cluster))
     except ClusterError as exc:
