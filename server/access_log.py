@@ -10,19 +10,22 @@ from __future__ import annotations
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
+from .http_common import client_address
+
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
+        address = client_address(request) if isinstance(request, web.Request) else request.remote
         self.logger.info(
             '%s "%s %s" %s %.1fms',
-            request.remote,
+            address,
             request.method,
             request.path,  # no query string
             response.status,
             time * 1000,
             extra={
                 "http": {
-                    "remote": request.remote,
+                    "remote": address,
                     "method": request.method,
                     "path": request.path,
                     "status": response.status,

@@ -9,6 +9,8 @@ story.
 from __future__ import annotations
 
 import dataclasses
+import functools
+import ipaddress
 import math
 import os
 import re
@@ -70,6 +72,7 @@ class Settings:
     code_lookups_per_address: int = 10  # short-code look-ups per client address per minute
     code_lookups_per_group: int = 300  # short-code look-ups per group per minute, all addresses together
     admin_token: str = ""  # bearer token of the admin API; empty disables it
+    trusted_proxies: str = ""  # comma-separated addresses/CIDRs whose X-Forwarded-For names the client
     redis_url: str = ""
     redis_prefix: str = "herald"  # namespace of every key and channel
     instance_heartbeat: float = 1.0  # seconds between an instance's heartbeats in Redis
@@ -80,6 +83,12 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"  # text, or json: one object per line with the connection ID
     groups: dict[str, GroupConfig] = field(default_factory=dict)
+
+
+@functools.cache
+def trusted_networks(spec: str) -> tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]:
+    """``trusted_proxies`` parsed (once per distinct value)."""
+    return tuple(ipaddress.ip_network(part.strip(), strict=False) for part in spec.split(",") if part.strip())
 
 
 _SCALAR_FIELDS = {f.name: f for f in dataclasses.fields(Settings) if f.name != "groups"}
@@ -210,6 +219,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("workers > 1 needs redis_url: each worker is an instance of a cluster")
     if settings.workers > 1 and settings.port == 0:
         raise ConfigError("workers > 1 needs a fixed port: the workers share it")
+    try:
+        trusted_networks(settings.trusted_proxies)
+    except ValueError as exc:
+        raise ConfigError(f"trusted_proxies: {exc}") from None
     if settings.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
     if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import hmac
+import ipaddress
 import json
 from collections.abc import Awaitable, Callable
 from typing import Any
@@ -18,7 +19,8 @@ from protocol.errors import ErrorCode, ProtocolError
 
 from . import metrics
 from .backend import Backend
-from .config import GroupConfig, Settings
+from .config import GroupConfig, Settings, trusted_networks
+from .keys import SETTINGS
 from .limits import LimitExceeded, count
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
@@ -138,4 +140,31 @@ async def limit_lookups(backend: Backend, settings: Settings, group: str, addres
 
 
 def client_address(request: web.Request) -> str:
-    return request.remote or "unknown"
+    """The address per-address limits count: the TCP peer, or, when the peer
+    is a trusted proxy, the nearest address in X-Forwarded-For that is not
+    one (the hops further left were written by the client and prove nothing)."""
+    peer = request.remote or "unknown"
+    trusted = trusted_networks(request.app[SETTINGS].trusted_proxies)
+    if not trusted or not _within(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", []) for hop in value.split(",")]
+    for hop in reversed([hop for hop in hops if hop]):
+        if not _within(hop, trusted):
+            return hop if _is_address(hop) else peer
+    return peer
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _within(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)

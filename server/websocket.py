@@ -21,7 +21,7 @@ from protocol.messages import SUPPORTED_VERSIONS, Hello, Message, Ping, Pong, We
 from . import __version__, metrics
 from .config import Settings
 from .connection import CLOSE_TIMEOUT, Connection
-from .http_common import error_response
+from .http_common import client_address, error_response
 
 if TYPE_CHECKING:
     from .hub import Hub
@@ -53,7 +53,7 @@ def refused_before_upgrade(request: web.Request, hub: Hub) -> web.Response | Non
         response = error_response(503, ErrorCode.DRAINING, "this instance is shutting down; reconnect")
         response.headers["Retry-After"] = "1"
         return response
-    if hub.connection_rate.allow(request.remote or "unknown"):
+    if hub.connection_rate.allow(client_address(request)):
         return None
     metrics.limit_hit("connections_per_address")
     return error_response(429, ErrorCode.RATE_LIMITED, "too many new connections from this address")

@@ -60,10 +60,12 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         await hub.agent_joined(agent)
         agent.send_message(welcome(agent, version, settings, agent=agent_id))
+        log.debug("agent %s/%s connected", group.id, agent_id)
         await serve_frames(agent, settings, partial(_handle, hub, agent))
     finally:
         await hub.agent_left(agent)
         await agent.finish()
+        log.debug("agent connection closed (%s)", ws.close_code)
     return ws
 
 

@@ -53,6 +53,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         return ws
     try:
         conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=True))
+        log.debug("visitor %s/%s connected", group, visitor)
         if consumer_session is not None:
             await answering_errors(conn, None, _attach(hub, conn, consumer_session))
         await hub.release_held(conn)
@@ -60,6 +61,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     finally:
         await hub.visitor_left(conn)
         await conn.finish()
+        log.debug("visitor connection closed (%s)", ws.close_code)
     return ws
 
 

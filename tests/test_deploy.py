@@ -32,8 +32,7 @@ DEPLOY = REPO / "deploy"
 K8S = DEPLOY / "k8s"
 KUBERNETES_VERSIONS = ["1.29.0", kubernetes_validate.latest_version()]  # oldest we support, newest known
 # Settings the lead's drain/logging/workers change adds; accepted here before and after it lands.
-COMING_SETTINGS = {"drain_timeout", "log_format", "workers"}
-SETTINGS = {f.name for f in dataclasses.fields(Settings)} | COMING_SETTINGS
+SETTINGS = {f.name for f in dataclasses.fields(Settings)}
 IN_CI = os.environ.get("CI", "").lower() == "true"
 
 

@@ -180,8 +180,8 @@ def test_json_logs_name_the_connection(tmp_path: Path) -> None:
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {"time", "level", "logger", "message"} <= set(records[0])
     assert all(record.get("instance") for record in records if record["logger"].startswith("server"))
-    mine = [record for record in records if record.get("connection") == welcome]
-    assert mine, f"no log line names connection {welcome}:\n" + "\n".join(lines)
+    mine = [record["message"] for record in records if record.get("connection") == welcome]
+    assert "visitor acme/logged connected" in mine, f"no log line names connection {welcome}:\n" + "\n".join(lines)
     access = [record for record in records if "http" in record]
     assert any(record["http"]["path"] == "/v1/visitor" for record in access)
 

@@ -370,6 +370,8 @@ defaults
     retries 3
     option redispatch 1
     retry-on conn-failure empty-response
+    # Herald trusts this proxy's X-Forwarded-For (HERALD_TRUSTED_PROXIES below).
+    option forwardfor
 
 frontend herald_lb
     bind {LOOPBACK}:{self.lb_port}
@@ -398,6 +400,7 @@ backend herald
         env = {k: v for k, v in os.environ.items() if not k.startswith("HERALD_")}
         env["HERALD_SESSION_SECRET"] = self.session_secret
         env["HERALD_DRAIN_TIMEOUT"] = str(self.drain_timeout)
+        env["HERALD_TRUSTED_PROXIES"] = LOOPBACK  # HAProxy: per-address limits count the clients behind it
         env.update({f"HERALD_{name.upper()}": value for name, value in self.settings.items()})
         instance.process.spawn(env)
 
