@@ -355,7 +355,7 @@ export class HeraldClient extends EventTarget {
   _keepalive(ws, keepalive, lastFrame) {
     if (!(keepalive > 0)) return null;
     const ping = encodeFrame({ type: "ping" });
-    const tick = Math.min(keepalive, 5) * 1000;
+    const tick = Math.min(keepalive / 4, 5) * 1000; // fine enough that pings keep their period
     let nextPing = Date.now() + keepalive * 1000;
     return setInterval(() => {
       const now = Date.now();

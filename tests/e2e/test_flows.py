@@ -14,7 +14,9 @@ from collections.abc import Awaitable, Callable
 
 from playwright.async_api import Locator, Page, expect
 
-from ..harness import HeraldServer
+from protocol import tokens
+
+from ..harness import SECRET, HeraldServer, settings
 from .conftest import STEP_TIMEOUT_MS
 
 Servers = tuple[HeraldServer, HeraldServer]
@@ -137,3 +139,26 @@ async def test_consumer_page_gets_a_short_code_over_rest_and_the_agent_joins_wit
     await expect(console.locator("#sessions li [data-field='guests']")).to_have_text("1")
     await expect(page.locator("#status")).to_have_text("1 agent is with you.")
     await shot(page, "consumer-sees-agent")
+
+
+async def test_a_configured_group_takes_credentials_from_the_url_fragment(open_page: OpenPage, shot: Shot) -> None:
+    """Outside demo mode nothing is minted: the customer's back end hands the
+    pages a visitor token and an agent key, here in the URL fragment."""
+    server = await HeraldServer(settings()).start()
+    try:
+        key = tokens.agent_key(SECRET, "acme", "alice")
+        console = await open_page(f"{server.base_url}/console#group=acme&agent=alice&key={key}")
+        await expect(console.locator("#connection-text")).to_have_text("alice · acme")
+        await console.get_by_label("Visitor IDs").fill("v-frag")
+        await console.get_by_role("button", name="Watch", exact=True).click()
+        token = tokens.visitor_token(SECRET, "acme", "v-frag")
+        site = await open_page(f"{server.base_url}/demo/visitor#group=acme&visitor=v-frag&token={token}")
+        await expect(site.locator("#connection-text")).to_have_text("Connected as v-frag")
+        card = visitor_card(console, "v-frag")
+        await expect(card).to_have_attribute("data-online", "true")
+        await card.get_by_role("button", name="Show terms").click()
+        await site.get_by_role("button", name="Decline").click()
+        await expect(card.locator('[data-field="terms"]')).to_have_text("declined")
+        await shot(console, "agent-sees-declined")
+    finally:
+        await server.stop()
