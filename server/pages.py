@@ -44,7 +44,7 @@ CSP = (
 )
 
 
-def _file_handler(path: Path, content_type: str) -> Handler:
+def _file_handler(url: str, path: Path, content_type: str) -> Handler:
     async def serve(request: web.Request) -> web.StreamResponse:
         headers = {
             "Content-Type": f"{content_type}; charset=utf-8",
@@ -55,6 +55,10 @@ def _file_handler(path: Path, content_type: str) -> Handler:
         }
         if content_type == "text/html":
             headers |= {"Content-Security-Policy": CSP, "Referrer-Policy": "no-referrer"}
+        elif url.startswith("/js/"):
+            # A customer's site imports the client from Herald's origin: module
+            # scripts load cross-origin only with CORS. The files are public.
+            headers["Access-Control-Allow-Origin"] = "*"
         return web.FileResponse(path, headers=headers)
 
     return serve
@@ -62,4 +66,4 @@ def _file_handler(path: Path, content_type: str) -> Handler:
 
 def add_routes(app: web.Application) -> None:
     for url, (path, content_type) in FILES.items():
-        app.router.add_get(url, _file_handler(path, content_type))
+        app.router.add_get(url, _file_handler(url, path, content_type))
