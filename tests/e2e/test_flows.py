@@ -34,6 +34,16 @@ async def log_in_and_watch(open_page: OpenPage, server: HeraldServer, visitor: s
     return console
 
 
+async def log_in_and_join_by_code(open_page: OpenPage, server: HeraldServer, code: str) -> Page:
+    """The console, logged in with a demo key, in the session of ``code`` (one agent: itself)."""
+    console = await open_page(server.base_url + "/console")
+    await console.get_by_role("button", name="Log in").click()
+    await console.get_by_label("Code the visitor reads out").fill(code)
+    await console.get_by_role("button", name="Join", exact=True).click()
+    await expect(console.locator("#sessions li [data-field='guests']")).to_have_text("1")
+    return console
+
+
 def visitor_card(console: Page, visitor: str) -> Locator:
     return console.locator(f'li[data-visitor="{visitor}"]')
 
@@ -92,13 +102,8 @@ async def test_random_code_flow_the_agent_joins_with_the_code_the_visitor_reads_
     code = await code_display.text_content()
     await shot(site, "visitor-shows-code")
 
-    console = await open_page(agent_server.base_url + "/console")
-    await console.get_by_role("button", name="Log in").click()
-    await console.get_by_label("Code the visitor reads out").fill(code or "")
-    await console.get_by_role("button", name="Join", exact=True).click()
-    session = console.locator("#sessions li")
-    await expect(session.locator('[data-field="visitor"]')).to_have_text("cust-7")
-    await expect(session.locator('[data-field="guests"]')).to_have_text("1")
+    console = await log_in_and_join_by_code(open_page, agent_server, code or "")
+    await expect(console.locator("#sessions li [data-field='visitor']")).to_have_text("cust-7")
     await expect(site.locator("#session-status")).to_have_text("1 agent is with you.")
     await shot(console, "agent-joined-by-code")
     await shot(site, "visitor-sees-guest-count")
@@ -132,11 +137,7 @@ async def test_consumer_page_gets_a_short_code_over_rest_and_the_agent_joins_wit
     assert code and code.isdigit(), code
     await shot(page, "consumer-shows-code")
 
-    console = await open_page(agent_server.base_url + "/console")
-    await console.get_by_role("button", name="Log in").click()
-    await console.get_by_label("Code the visitor reads out").fill(code)
-    await console.get_by_role("button", name="Join", exact=True).click()
-    await expect(console.locator("#sessions li [data-field='guests']")).to_have_text("1")
+    await log_in_and_join_by_code(open_page, agent_server, code)
     await expect(page.locator("#status")).to_have_text("1 agent is with you.")
     await shot(page, "consumer-sees-agent")
 
