@@ -41,6 +41,21 @@ const CLOSE_NAMES = { 4500: "unauthorized", 4501: "forbidden", 4502: "unsupporte
  * @typedef {{type: string, [field: string]: any}} Frame
  * @typedef {string | (() => string | Promise<string>)} Credential
  *   A token or key; a function is called for a fresh one before every connect.
+ *
+ * The events (`addEventListener(name, (event) => event.detail)`), by name and detail:
+ * @typedef {Object} HeraldEvents
+ * @property {Welcome} connected  up (first time or again) with the role's state restored
+ * @property {{code: number | null, reconnecting: boolean}} disconnected  the socket closed
+ * @property {{failure: Error | null}} stopped  no more connections: closed, or refused (`failure`)
+ * @property {{type: "signal", event: string, data: FlatMap, agent?: string, visitor?: string,
+ *             connection?: string}} signal  a signal from an agent (to a visitor) or a visitor (to an agent)
+ * @property {{type: "presence_changed", change: string, state: VisitorState}} presence_changed  agents
+ * @property {Map<string, VisitorState>} visitors  agents: `AgentClient.visitors` changed
+ * @property {SessionEvent} session_event  agents: a session started, ended or failed
+ * @property {SessionConnected} session_connected  visitors: a session is theirs (also unsolicited)
+ * @property {{type: "guest_count", session: string, guests: number}} guest_count  visitors: agents in the session
+ * @property {{type: "focus", focused: boolean}} focus  visitors: this tab gained or lost focus
+ * @property {{type: "error", code: string, message: string}} error  an error that answers no request
  */
 
 /** An error the server answered with, or a refusal that stopped the client. */
@@ -267,7 +282,9 @@ export class HeraldClient extends EventTarget {
         let outcome;
         try {
           await this._prepare();
-          outcome = await this._live(await this._hello(), stop);
+          const hello = await this._hello();
+          if (stop.aborted) break; // closed while logging in: open nothing
+          outcome = await this._live(hello, stop);
         } catch (error) {
           if (error instanceof HeraldError || !this.reconnect) throw error;
           outcome = { welcomed: false, code: null, error };
