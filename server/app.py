@@ -9,7 +9,7 @@ from aiohttp import web
 
 from protocol.errors import CloseCode
 
-from . import __version__, auth, http_admin, http_codes, http_crm, logs, metrics
+from . import __version__, auth, http_admin, http_codes, http_crm, http_demo, logs, metrics, pages
 from .backend import Backend
 from .backend_memory import MemoryBackend
 from .config import Settings
@@ -49,6 +49,8 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
     http_codes.add_routes(app)
     http_admin.add_routes(app)
     http_crm.add_routes(app)
+    http_demo.add_routes(app)
+    pages.add_routes(app)
     app.router.add_get("/metrics", metrics.serve)
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)

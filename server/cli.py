@@ -107,6 +107,8 @@ def serve(settings: Settings) -> None:
             "\n  DEMO MODE: no group is configured, so this server made a demo group for trying it out.\n"
             f"  group: {demo.id}\n  secret: {demo.secrets[0]}   (random, new at every start)\n"
             f"  visitor token: herald token visitor --group {demo.id} --id <visitor> --secret <secret>\n"
+            f"  in a browser on this machine: http://{settings.host}:{settings.port}/console"
+            f" and http://{settings.host}:{settings.port}/demo/visitor\n"
             "  Configure real groups with --group ID=SECRET, HERALD_GROUPS or a TOML file.\n",
             flush=True,
         )

@@ -13,6 +13,7 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import aiohttp
 import pytest
 
 import server
@@ -102,6 +103,22 @@ async def test_zero_config_server_prints_a_demo_secret_that_works(demo_server: H
     finally:
         await visitor.close()
     assert (welcome.role, welcome.group, welcome.visitor) == ("visitor", "demo", "v1")
+
+
+async def test_zero_config_server_gives_its_demo_pages_credentials_that_work(demo_server: HeraldProcess) -> None:
+    """The console and demo pages of a zero-config server work with nothing typed in."""
+    assert "/console" in demo_server.stdout()
+    async with aiohttp.ClientSession() as http:
+        async with http.get(demo_server.base_url + "/demo/credentials") as response:
+            assert await response.json() == {"group": "demo"}
+        async with http.post(demo_server.base_url + "/demo/credentials", json={"role": "visitor", "id": "v2"}) as r:
+            token = (await r.json())["token"]
+    visitor = VisitorClient(demo_server.base_url, "demo", "v2", token, reconnect=False)
+    try:
+        async with asyncio.timeout(10):
+            assert (await visitor.connect()).visitor == "v2"
+    finally:
+        await visitor.close()
 
 
 async def test_demo_server_refuses_a_token_signed_with_another_secret(demo_server: HeraldProcess) -> None:

@@ -1,0 +1,125 @@
+"""The browser client on its own, inside Chromium: its frames are the
+protocol's bytes, its backoff is full jitter, and it reconnects (or not) by
+the close-code classes of PROTOCOL.md §6 against a real server."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator
+from typing import Any
+
+import msgpack
+import pytest
+from playwright.async_api import Browser, Page
+
+from protocol import codec, tokens
+from protocol.messages import Hello
+from server.keys import HUB
+
+from ..harness import SECRET, HeraldServer, settings
+
+# A page of Herald's origin with no script of its own: the client is imported into it.
+BLANK = "/js/vendor/msgpack.LICENSE"
+FRAMES: list[dict[str, Any]] = [
+    {"type": "hello", "versions": [1], "group": "acme", "visitor": "v-42", "token": "1767229200.i7G7uQ0AZil4DS4z-cb",
+     "data": {"page": "/account"}},
+    {"type": "signal", "event": "terms", "data": {"status": "accepted", "n": -3, "ratio": 0.5, "gone": None}},
+    {"type": "subscribe", "id": 9_007_199_254_740_991, "visitors": ["v-1", "v-2"]},
+    {"type": "start_session", "id": 3, "key_type": "random"},
+    {"type": "presence", "data": {"title": "ü" * 40 + "€" * 300, "big": 2**40, "flag": True}},
+    {"type": "presence_changed", "change": "online", "state": {"visitor": "v-42", "online": True,
+     "version": 1767225601234567, "connections": [{"connection": "c1", "data": {}, "visible": True,
+                                                   "focused": True, "since": 1767225601.234}]}},
+]
+
+
+@pytest.fixture
+async def herald() -> AsyncIterator[HeraldServer]:
+    server = await HeraldServer(settings(keepalive="0.5")).start()
+    yield server
+    await server.stop()
+
+
+async def client_page(browser: Browser, herald: HeraldServer) -> Page:
+    page = await browser.new_page()
+    page.set_default_timeout(5_000)
+    await page.goto(herald.base_url + BLANK)
+    await page.evaluate("async () => { window.herald = await import('/js/herald.js'); }")
+    return page
+
+
+async def test_js_frames_are_the_bytes_the_python_codec_makes(browser: Browser, herald: HeraldServer) -> None:
+    page = await client_page(browser, herald)
+    for frame in FRAMES:
+        js_bytes = await page.evaluate("(frame) => Array.from(herald.encodeFrame(frame))", frame)
+        assert bytes(js_bytes) == codec.encode_map(frame), frame["type"]
+        wire = list(codec.encode_map(frame))
+        decoded = await page.evaluate("(bytes) => herald.decodeFrame(new Uint8Array(bytes))", wire)
+        assert decoded == frame
+    # The spec's worked example (PROTOCOL.md §9), byte for byte.
+    token = "1767229200.i7G7uQ0AZil4DS4z-cbni8uLffJFGm7d119ba35g58A"
+    hello = {"type": "hello", "versions": [1], "group": "acme", "visitor": "v-42", "token": token,
+             "data": {"page": "/account"}}
+    js_hello = bytes(await page.evaluate("(frame) => Array.from(herald.encodeFrame(frame))", hello))
+    assert js_hello == codec.encode(Hello(versions=[1], group="acme", visitor="v-42", token=token,
+                                          data={"page": "/account"}))
+    assert len(js_hello) == 129
+    # Undefined fields are left out, as nil would be; a frame that is no map is refused.
+    assert await page.evaluate("() => herald.encodeFrame({type: 'ping', id: undefined}).length") == 11
+    refused = await page.evaluate("() => { try { herald.decodeFrame(new Uint8Array([0x91, 1])); } "
+                                  "catch (e) { return e.code; } }")
+    assert refused == "bad_frame"
+
+
+async def test_js_backoff_is_full_jitter_capped_and_close_codes_decide_reconnects(
+    browser: Browser, herald: HeraldServer
+) -> None:
+    page = await client_page(browser, herald)
+    delays = "(backoff, n, attempt) => [...Array(n)].map((_, i) => backoff.delay(attempt ?? i))"
+    ceilings = await page.evaluate(f"() => ({delays})(new herald.Backoff({{random: () => 1}}), 10)")
+    assert ceilings == pytest.approx([0.2, 0.4, 0.8, 1.6, 3.2, 6.4, 12.8, 25.6, 30, 30])
+    assert await page.evaluate("() => new herald.Backoff({random: () => 0}).delay(7)") == 0
+    spread = await page.evaluate(f"() => ({delays})(new herald.Backoff(), 200, 3)")
+    assert min(spread) >= 0 and max(spread) <= 1.6 and len(set(spread)) > 150
+    codes = [None, 1000, 1001, 1006, 1009, 1012, 4000, 4002, 4003, 4499, 4500, 4501, 4503, 4999, 5000]
+    answers = await page.evaluate("(codes) => codes.map((c) => herald.shouldReconnect(c))", codes)
+    assert dict(zip(codes, answers, strict=True)) == {code: not (code and 4500 <= code <= 4999) for code in codes}
+
+
+async def test_js_client_reconnects_on_4002_1001_and_1012_pings_and_stops_on_4500(
+    browser: Browser, herald: HeraldServer
+) -> None:
+    page = await client_page(browser, herald)
+    sent: list[str] = []
+    page.on("websocket", lambda ws: ws.on("framesent", lambda payload: sent.append(_frame_type(payload))))
+    token = tokens.visitor_token(SECRET, "acme", "v-js")
+    await page.evaluate(
+        """async (token) => {
+            window.connects = 0;
+            window.client = new herald.VisitorClient(undefined, {group: "acme", visitor: "v-js", token,
+                                                                  data: {title: "JS"}});
+            client.addEventListener("connected", () => window.connects++);
+            await client.connect();
+        }""",
+        token,
+    )
+    hub = herald.app[HUB]
+    for attempt, code in enumerate((4002, 1001, 1012), start=2):
+        for connection in list(hub.visitors.values()):
+            connection.close(code, "test")
+        await page.wait_for_function(f"window.connects === {attempt}")
+        state = await page.evaluate("() => client.welcome.visitor")
+        assert state == "v-js" and len(hub.visitors) == 1
+    await asyncio.sleep(1.3)  # keepalive 0.5 s: the client pings the server
+    assert sent.count("ping") >= 2, sent
+    for connection in list(hub.visitors.values()):
+        connection.close(4500, "token revoked")
+    await page.wait_for_function("client.failure !== null")
+    assert await page.evaluate("() => [client.failure.closeCode, client.connected]") == [4500, False]
+    await asyncio.sleep(0.5)
+    assert not hub.visitors and await page.evaluate("window.connects") == 4
+
+
+def _frame_type(payload: str | bytes) -> str:
+    frame = msgpack.unpackb(payload) if isinstance(payload, bytes) else {}
+    return str(frame.get("type"))
