@@ -143,6 +143,8 @@ class Connection:
         """Close without losing anything: after the request in hand is
         answered and every queued frame is written (a drain moving clients
         to other instances). Frames sent meanwhile still go out."""
+        if self._closing:
+            return
         if self.requests:
             self._leaving = (code, reason)  # the last ``request_done`` closes
             return

@@ -22,10 +22,10 @@ from . import __version__, metrics
 from .config import Settings
 from .connection import CLOSE_TIMEOUT, Connection
 from .http_common import client_address, error_response
+from .limits import ConnectionLimit, count
 
 if TYPE_CHECKING:
     from .hub import Hub
-from .limits import ConnectionLimit, count
 
 log = logging.getLogger(__name__)
 
