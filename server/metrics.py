@@ -68,6 +68,16 @@ BACKEND_RECONNECTS = Counter(
 )
 DRAINING = Gauge("herald_draining", "1 from SIGTERM until the process exits", registry=REGISTRY)
 
+# Children that exist from the start, so that dashboards show zeros, not gaps.
+for _role in ("visitor", "agent"):
+    CONNECTIONS.labels(role=_role)
+    CONNECTIONS_OPENED.labels(role=_role)
+    SLOW_CONSUMERS.labels(role=_role)
+for _outcome in ("delivered", "error"):
+    SIGNAL_DELIVERY.labels(outcome=_outcome)
+for _outcome in ("delivered", "expired"):
+    HELD_OUTCOMES.labels(outcome=_outcome)
+
 _received = {}  # (role, type) -> counter child: label lookups are the slow part
 _sent = {}
 
