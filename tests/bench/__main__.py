@@ -124,19 +124,21 @@ def run_step(cluster: Cluster, generators: list[Worker], rate: float, seconds: f
 
 STEP_HEADER = (
     f"{'rate/s':>7} {'sent':>7} {'lost':>5} {'p50 ms':>7} {'p99 ms':>7} {'max ms':>7} "
-    f"{'gen lag p99':>11}  CPU cores: herald A / B / redis / generators / others   load avg"
+    f"{'gen lag p99':>11}  CPU cores: herald A / B / redis / generators / others  herald CPU µs/rt  load avg"
 )
 
 
 def print_step(step: Step, label: str = "") -> None:
     cores = step.cores
     generators = sum(v for k, v in cores.items() if k.startswith("worker"))
-    errors = {k: v for k, v in step.counts.items() if k.startswith("error") or k == "late"}
+    errors = {k: v for k, v in step.counts.items() if k.startswith("error") or k in ("late", "closed")}
+    per_trip = (cores["herald A"] + cores["herald B"]) / step.rate * 1e6  # both instances' CPU for one round trip
     print(
         f"{step.rate:>7.0f} {step.sent:>7} {step.missing:>5} {ms(step.percentile(0.5)):>7} "
         f"{ms(step.percentile(0.99)):>7} {ms(step.worst_ms):>7} {step.lag_p99_ms:>9.1f}ms  "
         f"{cores['herald A']:.2f} / {cores['herald B']:.2f} / {cores['redis']:.2f} / {generators:.2f} / "
-        f"{cores['others']:.2f}   {step.load}{'  ' + label if label else ''}{'  ' + str(errors) if errors else ''}",
+        f"{cores['others']:.2f}  {per_trip:>15.0f}  {step.load}{'  ' + label if label else ''}"
+        f"{'  ' + str(errors) if errors else ''}",
         flush=True,
     )
 

@@ -138,7 +138,10 @@ class PairsLoad:
                     pair = pairs[i % len(pairs)]
                     scheduled = t0 + i * interval
                     pending[base + i] = scheduled
-                    await pair.agent.send_bytes(pair.signals.frame(base + i))
+                    try:
+                        await pair.agent.send_bytes(pair.signals.frame(base + i))
+                    except ConnectionError:  # the server closed it (a resync, a slow consumer): counted lost
+                        self.counts["closed"] += 1
                     lags.append(clock() - scheduled)
                     i += 1
                 await asyncio.sleep(0)  # behind schedule or not, let the readers in
