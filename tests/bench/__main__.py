@@ -80,10 +80,12 @@ def context(args: argparse.Namespace) -> None:
     redis_version = subprocess.run(["redis-server", "--version"], capture_output=True, text=True).stdout.split()
     versions = ", ".join(f"{name} {importlib.metadata.version(name)}" for name in ("aiohttp", "redis", "msgpack"))
     uvloop = "on" if importlib.util.find_spec("uvloop") else "off (pip install -e '.[fast]')"
+    hiredis = "on" if importlib.util.find_spec("hiredis") else "off"  # redis-py parses replies in C with it
     print(f"Herald benchmark, {datetime.datetime.now(datetime.UTC):%Y-%m-%d %H:%M} UTC")
     print(f"  machine: {os.cpu_count()} cores ({model}), Linux {platform.release()}")
     print(
-        f"  Python {platform.python_version()}, uvloop {uvloop} (servers and generators), {versions}, "
+        f"  Python {platform.python_version()}, uvloop {uvloop} (servers and generators), hiredis {hiredis}, "
+        f"{versions}, "
         f"redis-server {redis_version[2].removeprefix('v=') if len(redis_version) > 2 else '?'}"
     )
     print(f"  load average before the run: {loadavg()} (1, 5, 15 min; other work on this machine counts too)")
