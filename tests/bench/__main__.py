@@ -39,6 +39,7 @@ from .cluster import RAISED_LIMITS, Cluster, CpuMeter, Worker, loadavg, rss_kib,
 
 IDLE_PER_WORKER = 4500  # visitors (and as many agents) per idle process: 9,000 sockets, under the 20,000 open files
 SETTLE_SECONDS = 2.0  # after connecting idle clients, before reading RSS
+DEFAULT_RATES = "1000,1500,2000,2500,3000,4000,6000,8000,10000,12000,14000,16000,20000"
 TARGETS = {"rate": 10_400, "p99_at_2000_ms": 5.0, "kib_per_idle": 13.0}
 
 
@@ -89,9 +90,10 @@ def context(args: argparse.Namespace) -> None:
         f"redis-server {redis_version[2].removeprefix('v=') if len(redis_version) > 2 else '?'}"
     )
     print(f"  load average before the run: {loadavg()} (1, 5, 15 min; other work on this machine counts too)")
+    acks = "no acks" if args.no_acks else "signals acked, as the SDK asks"
     print(
         f"  setup: redis-server + herald A (visitors) + herald B (agents) + {args.generators} generator "
-        f"process(es) with {args.pairs} visitor/agent pairs, all on these cores; limits raised: "
+        f"process(es) with {args.pairs} visitor/agent pairs ({acks}), all on these cores; limits raised: "
         + " ".join(f"{flag} {value}" for flag, value in RAISED_LIMITS.items())
     )
     print()
@@ -218,7 +220,10 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, help="runs at 2,000/s; default 3, quick 1")
     parser.add_argument("--seconds", type=float, help="seconds of one run at 2,000/s; default 10, quick 4")
     parser.add_argument("--step-seconds", type=float, help="seconds of one ramp step; default 5, quick 2")
-    parser.add_argument("--rates", help="ramp rates, comma-separated (default 1000,2000,4000,...,20000)")
+    parser.add_argument("--rates", help="ramp rates, comma-separated (default 1000,1500,...,20000)")
+    parser.add_argument(
+        "--no-acks", action="store_true", help="signals without request IDs, so no ack frames (the SDK always asks)"
+    )
     parser.add_argument("--p99-limit", type=float, default=50.0, help="ms; the ramp stops at the first rate above")
     args = parser.parse_args()
     quick = args.quick
@@ -226,7 +231,7 @@ def parse_args() -> argparse.Namespace:
     args.repeats = args.repeats or (1 if quick else 3)
     args.seconds = args.seconds or (4.0 if quick else 10.0)
     args.step_seconds = args.step_seconds or (2.0 if quick else 5.0)
-    default_rates = "2000,6000,10000,14000" if quick else "1000,2000,4000,6000,8000,10000,12000,14000,16000,20000"
+    default_rates = "1000,2000,3000,6000,10000,14000" if quick else DEFAULT_RATES
     args.rates = [float(r) for r in (args.rates or default_rates).split(",")]
     if args.pairs % args.generators:
         parser.error("--pairs must split evenly over --generators")
@@ -243,8 +248,10 @@ def main() -> None:
     try:
         cluster.start()
         per_generator = args.pairs // args.generators
+        flags = ["--no-acks"] if args.no_acks else []
         generators = [
-            cluster.worker("pairs", "--name", f"gen{n}", "--count", str(per_generator)) for n in range(args.generators)
+            cluster.worker("pairs", "--name", f"gen{n}", "--count", str(per_generator), *flags)
+            for n in range(args.generators)
         ]
         for generator in generators:
             generator.answer()

@@ -41,29 +41,31 @@ def _fields(fields: dict[str, Any]) -> bytes:
 
 
 class SignalFrames:
-    """``signal`` frames that differ only by a sequence number ``n``, sent as
-    the request ``id`` and echoed in ``data`` so the answer names its
-    question: ``{..fixed, "id": n, "data": {..data, "n": n}}``."""
+    """``signal`` frames that differ only by a sequence number ``n``, echoed
+    in ``data`` so the answer names its question, and sent as the request
+    ``id`` when the sender wants an ``ack`` (as the SDK always does):
+    ``{..fixed, "id": n, "data": {..data, "n": n}}``."""
 
-    __slots__ = ("_head", "_middle")
+    __slots__ = ("_head", "_middle", "ack")
 
-    def __init__(self, fixed: dict[str, Any], data: dict[str, Any]) -> None:
-        self._head = _map_header(len(fixed) + 2) + _fields(fixed) + pack("id")
+    def __init__(self, fixed: dict[str, Any], data: dict[str, Any], ack: bool) -> None:
+        self.ack = ack
+        self._head = _map_header(len(fixed) + 1 + ack) + _fields(fixed) + (pack("id") if ack else b"")
         self._middle = pack("data") + _map_header(len(data) + 1) + _fields(data) + pack("n")
 
     def frame(self, n: int) -> bytes:
         number = pack(n)
-        return self._head + number + self._middle + number
+        return self._head + (number if self.ack else b"") + self._middle + number
 
 
-def show_terms(visitor: str) -> SignalFrames:
+def show_terms(visitor: str, ack: bool = True) -> SignalFrames:
     """What an agent sends when it clicks "show terms" (SDK: ``show_terms``)."""
-    return SignalFrames({"type": "signal", "event": "showterms", "visitor": visitor}, {})
+    return SignalFrames({"type": "signal", "event": "showterms", "visitor": visitor}, {}, ack)
 
 
-def terms_displayed() -> SignalFrames:
+def terms_displayed(ack: bool = True) -> SignalFrames:
     """The visitor app's answer (SDK: ``terms("displayed")``), to the agents watching it."""
-    return SignalFrames({"type": "signal", "event": "terms"}, {"status": "displayed"})
+    return SignalFrames({"type": "signal", "event": "terms"}, {"status": "displayed"}, ack)
 
 
 def session() -> aiohttp.ClientSession:

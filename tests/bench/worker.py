@@ -52,17 +52,21 @@ class Pair:
     __slots__ = ("agent", "signals", "visitor", "visitor_id")
 
     def __init__(
-        self, visitor_id: str, visitor: aiohttp.ClientWebSocketResponse, agent: aiohttp.ClientWebSocketResponse
+        self,
+        visitor_id: str,
+        visitor: aiohttp.ClientWebSocketResponse,
+        agent: aiohttp.ClientWebSocketResponse,
+        ack: bool,
     ) -> None:
         self.visitor_id, self.visitor, self.agent = visitor_id, visitor, agent
-        self.signals = clients.show_terms(visitor_id)
+        self.signals = clients.show_terms(visitor_id, ack)
 
 
 class PairsLoad:
     """Pairs, their readers, and the open-loop schedule."""
 
-    def __init__(self, name: str, count: int) -> None:
-        self.name, self.count = name, count
+    def __init__(self, name: str, count: int, ack: bool) -> None:
+        self.name, self.count, self.ack = name, count, ack
         self.pairs: list[Pair] = []
         self.readers: list[asyncio.Task[None]] = []
         self.pending: dict[int, float] = {}  # sequence number -> scheduled send time (perf_counter)
@@ -70,14 +74,15 @@ class PairsLoad:
         self.answered = asyncio.Event()  # set whenever nothing is pending any more
         self.next_seq = 1
         self.counts: Counter[str] = Counter()  # acks, errors by code, late answers
-        self.terms = clients.terms_displayed()
+        self.terms = clients.terms_displayed(ack)
 
     async def connect(self, http: aiohttp.ClientSession, visitor_url: str, agent_url: str) -> None:
         async def one(i: int) -> Pair:
             visitor_id, agent_id = f"{self.name}-v{i}", f"{self.name}-a{i}"
             visitor = await clients.connect_visitor(http, visitor_url, visitor_id, {"url": "/billing"})
             cookie = await clients.login_agent(http, agent_url, agent_id)
-            return Pair(visitor_id, visitor, await clients.connect_agent(http, agent_url, cookie, visitor_id))
+            agent = await clients.connect_agent(http, agent_url, cookie, visitor_id)
+            return Pair(visitor_id, visitor, agent, self.ack)
 
         self.pairs = await clients.bounded(range(self.count), one)
         for pair in self.pairs:
@@ -172,7 +177,7 @@ class PairsLoad:
 
 async def _pairs(args: argparse.Namespace) -> None:
     async with clients.session() as http:
-        load = PairsLoad(args.name, args.count)
+        load = PairsLoad(args.name, args.count, not args.no_acks)
         started = time.monotonic()
         await load.connect(http, args.visitor_url, args.agent_url)
         gc.collect()
@@ -229,6 +234,7 @@ def main() -> None:
     parser.add_argument("mode", choices=["pairs", "idle"])
     parser.add_argument("--name", required=True, help="prefix of this worker's visitor and agent IDs")
     parser.add_argument("--count", type=int, default=0, help="pairs to connect (pairs mode)")
+    parser.add_argument("--no-acks", action="store_true", help="signals without a request id: no ack frames")
     parser.add_argument("--visitor-url", required=True, help="instance A, where visitors connect")
     parser.add_argument("--agent-url", required=True, help="instance B, where agents connect")
     args = parser.parse_args()
