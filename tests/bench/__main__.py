@@ -91,9 +91,10 @@ def context(args: argparse.Namespace) -> None:
     )
     print(f"  load average before the run: {loadavg()} (1, 5, 15 min; other work on this machine counts too)")
     acks = "no acks" if args.no_acks else "signals acked, as the SDK asks"
+    keepalive = f"keepalive {args.keepalive:g} s" if args.keepalive else "default keepalive (25 s)"
     print(
         f"  setup: redis-server + herald A (visitors) + herald B (agents) + {args.generators} generator "
-        f"process(es) with {args.pairs} visitor/agent pairs ({acks}), all on these cores; limits raised: "
+        f"process(es) with {args.pairs} visitor/agent pairs ({acks}), all on these cores; {keepalive}; raised: "
         + " ".join(f"{flag} {value}" for flag, value in RAISED_LIMITS.items())
     )
     print()
@@ -224,6 +225,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument(
         "--no-acks", action="store_true", help="signals without request IDs, so no ack frames (the SDK always asks)"
     )
+    parser.add_argument(
+        "--keepalive",
+        type=float,
+        help="the servers' ping interval (default theirs, 25 s); idle clients that connected together are pinged "
+        "together, so their pings come in bursts during the measurements",
+    )
     parser.add_argument("--p99-limit", type=float, default=50.0, help="ms; the ramp stops at the first rate above")
     args = parser.parse_args()
     quick = args.quick
@@ -246,7 +253,7 @@ def main() -> None:
     workdir = Path(tempfile.mkdtemp(prefix="herald-bench-"))
     cluster = Cluster(workdir)
     try:
-        cluster.start()
+        cluster.start(*(["--keepalive", str(args.keepalive)] if args.keepalive else []))
         per_generator = args.pairs // args.generators
         flags = ["--no-acks"] if args.no_acks else []
         generators = [

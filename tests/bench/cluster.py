@@ -119,7 +119,8 @@ class Cluster:
     b: HeraldProcess = field(init=False)
     workers: list[Worker] = field(default_factory=list)
 
-    def start(self) -> None:
+    def start(self, *server_flags: str) -> None:
+        """Redis, then A and B with the raised limits and ``server_flags``."""
         self.redis = RedisServer()
         self.redis.start()
         session_secret = "YmVuY2gtc2Vzc2lvbi1zZWNyZXQtMzItYnl0ZXMhISE="  # 32 bytes, the same on both
@@ -137,6 +138,7 @@ class Cluster:
         ]
         for flag, value in RAISED_LIMITS.items():
             argv += [flag, value]
+        argv += server_flags
         self.a = start_server(self.workdir, *argv)
         self.b = start_server(self.workdir, *argv)
 
