@@ -65,6 +65,7 @@ from .backend import (
     VisitorRecord,
     offline_state,
 )
+from .redis_batch import CommandBatcher
 
 log = logging.getLogger(__name__)
 
@@ -111,6 +112,7 @@ class RedisBackend(Backend):
             **timeouts,
         )
         self._redis = aioredis.Redis(connection_pool=pool)
+        self._batch = CommandBatcher(self._redis, self.instance_id)  # the hot path's commands
         # Pub/sub never retries silently: a dropped subscription must be seen.
         self._bus = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts)
         self._listener: BackendListener | None = None
@@ -167,6 +169,7 @@ class RedisBackend(Backend):
             task.cancel()
         if tasks:
             await asyncio.wait(tasks)
+        await self._batch.close()
         # Heartbeat 0: our remaining connections and grace periods are now
         # for the other instances to settle.
         with contextlib.suppress(RedisError, OSError):
@@ -253,10 +256,7 @@ class RedisBackend(Backend):
             pipe.sadd(self._instance_key(away_by, "away"), _pack(group, visitor))
 
     async def _read(self, group: str, visitor: str) -> VisitorRecord:
-        try:
-            raw = await self._redis.hgetall(self._key(group, f"v:{visitor}"))
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable() from exc
+        raw = await self._batch.call("hgetall", self._key(group, f"v:{visitor}"))
         return self._load(group, visitor, raw)[0]
 
     async def visitor(self, group: str, visitor: str) -> VisitorState:
@@ -317,10 +317,7 @@ class RedisBackend(Backend):
                 await self._pubsub.unsubscribe(channel)
 
     async def publish(self, topic: str, message: bytes) -> int:
-        try:
-            return int(await self._redis.publish(self._channel(topic), message))
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable() from exc
+        return int(await self._batch.call("publish", self._channel(topic), message))
 
     async def _listen(self) -> None:
         """Own the one pub/sub connection: (re)subscribe, dispatch, notice loss."""

@@ -1,0 +1,9 @@
+"""Herald's benchmark: ``python -m tests.bench`` prints what it measures.
+
+It reproduces DESIGN.md's setup on one machine: a private redis-server, two
+Herald instances as separate processes, and load generator processes; a
+visitor on instance A answers an agent on instance B. Nothing here is a
+pytest test (no file is named ``test_*``): a timed assertion on a shared
+2-core machine would be flaky, so the numbers are printed for a person to
+read and compare.
+"""

@@ -1,0 +1,193 @@
+"""The benchmark's processes: Redis, two Herald instances, the generators;
+and what /proc and /metrics say about them.
+
+Servers are started the way the tests start them (``tests/processes.py``,
+``tests/redis_server.py``): free loopback ports, output to files, each
+stopped by its own PID, never by name.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from prometheus_client.parser import text_string_to_metric_families
+
+from ..processes import REPO, HeraldProcess, clean_env, start_server
+from ..redis_server import RedisServer
+from .clients import GROUP, SECRET
+
+# Limits that exist to stop abusive clients, raised so that the benchmark's
+# few addresses and busy connections are not refused; everything else is
+# the default an operator gets.
+RAISED_LIMITS = {
+    "--connections-per-address": "1000000",
+    "--message-rate": "1000000",
+    "--message-burst": "1000000",
+}
+WORKER_TIMEOUT = 120.0  # seconds a generator may take to answer one command
+TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def rss_kib(pid: int) -> int:
+    """Resident memory of a process, KiB."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1])
+    raise RuntimeError(f"no VmRSS for pid {pid}")
+
+
+def cpu_seconds(pid: int) -> float:
+    """User + system CPU time a process has used."""
+    stat = Path(f"/proc/{pid}/stat").read_text()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / TICKS
+
+
+def machine_busy_seconds() -> float:
+    """CPU seconds all cores have spent busy since boot."""
+    values = [int(v) for v in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    idle = values[3] + values[4]  # idle + iowait
+    return (sum(values[:8]) - idle) / TICKS
+
+
+def loadavg() -> str:
+    return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+class Worker:
+    """A generator process (``tests/bench/worker.py``), one JSON line per command and per answer."""
+
+    def __init__(self, workdir: Path, *argv: str) -> None:
+        self.stderr_path = workdir / f"worker-{argv[2]}.stderr"
+        with self.stderr_path.open("wb") as err:
+            self.proc = subprocess.Popen(
+                [sys.executable, "-m", "tests.bench.worker", *argv],
+                cwd=REPO,
+                env=clean_env(),
+                stdin=subprocess.PIPE,
+                stdout=subprocess.PIPE,
+                stderr=err,
+                text=True,
+            )
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def send(self, command: dict[str, Any]) -> None:
+        assert self.proc.stdin is not None
+        self.proc.stdin.write(json.dumps(command) + "\n")
+        self.proc.stdin.flush()
+
+    def answer(self) -> dict[str, Any]:
+        """The worker's next line (its stderr if it died instead)."""
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait(WORKER_TIMEOUT)
+            raise RuntimeError(f"generator exited with {self.proc.returncode}:\n{self.stderr_path.read_text()}")
+        return dict(json.loads(line))
+
+    def stop(self) -> None:
+        """Ask it to close its connections and exit; kill this PID if it does not."""
+        if self.proc.poll() is None:
+            try:
+                self.send({"cmd": "quit"})
+                assert self.proc.stdin is not None
+                self.proc.stdin.close()
+                self.proc.wait(30)
+            except (OSError, subprocess.TimeoutExpired):
+                self.proc.kill()
+                self.proc.wait(5)
+
+
+@dataclass
+class Cluster:
+    """Redis + instance A (visitors) + instance B (agents), and the generators."""
+
+    workdir: Path
+    redis: RedisServer = field(init=False)
+    a: HeraldProcess = field(init=False)
+    b: HeraldProcess = field(init=False)
+    workers: list[Worker] = field(default_factory=list)
+
+    def start(self, *server_flags: str) -> None:
+        """Redis, then A and B with the raised limits and ``server_flags``."""
+        self.redis = RedisServer()
+        self.redis.start()
+        session_secret = "YmVuY2gtc2Vzc2lvbi1zZWNyZXQtMzItYnl0ZXMhISE="  # 32 bytes, the same on both
+        argv = [
+            sys.executable,
+            "-m",
+            "server",
+            "serve",
+            "--redis-url",
+            self.redis.url,
+            "--group",
+            f"{GROUP}={SECRET}",
+            "--session-secret",
+            session_secret,
+        ]
+        for flag, value in RAISED_LIMITS.items():
+            argv += [flag, value]
+        argv += server_flags
+        self.a = start_server(self.workdir, *argv)
+        self.b = start_server(self.workdir, *argv)
+
+    def worker(self, *argv: str) -> Worker:
+        worker = Worker(self.workdir, *argv, "--visitor-url", self.a.base_url, "--agent-url", self.b.base_url)
+        self.workers.append(worker)
+        return worker
+
+    def pids(self) -> dict[str, int]:
+        """Every process of the benchmark by role (generators as gen1, gen2…, idle1…)."""
+        assert self.redis.process is not None
+        named = {"herald A": self.a.proc.pid, "herald B": self.b.proc.pid, "redis": self.redis.process.pid}
+        for number, worker in enumerate(self.workers, 1):
+            named[f"worker{number}"] = worker.pid
+        return named
+
+    def stop(self) -> None:
+        for worker in self.workers:
+            worker.stop()
+        for server in (getattr(self, "a", None), getattr(self, "b", None)):
+            if server is not None:
+                server.stop()
+        if getattr(self, "redis", None) is not None:
+            self.redis.stop()
+
+
+class CpuMeter:
+    """CPU each benchmark process used over an interval, and what the rest
+    of the machine (other people's work) used meanwhile, in cores."""
+
+    def __init__(self, pids: dict[str, int]) -> None:
+        self.pids = pids
+        self.started = time.monotonic()
+        self.machine = machine_busy_seconds()
+        self.own = {name: cpu_seconds(pid) for name, pid in pids.items()}
+
+    def cores(self) -> dict[str, float]:
+        elapsed = time.monotonic() - self.started
+        used = {name: (cpu_seconds(pid) - self.own[name]) / elapsed for name, pid in self.pids.items()}
+        used["others"] = max(0.0, (machine_busy_seconds() - self.machine) / elapsed - sum(used.values()))
+        return used
+
+
+def scrape(base_url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]:
+    """An instance's /metrics: sample name -> labels -> value."""
+    with urllib.request.urlopen(base_url + "/metrics", timeout=5) as response:
+        text = response.read().decode()
+    samples: dict[str, dict[tuple[tuple[str, str], ...], float]] = {}
+    for family in text_string_to_metric_families(text):
+        for sample in family.samples:
+            samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
+    return samples
