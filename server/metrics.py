@@ -10,13 +10,22 @@ holds up. Hot paths count through children looked up once per label value.
 from __future__ import annotations
 
 from aiohttp import web
-from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import (
+    CONTENT_TYPE_LATEST,
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 
 from protocol.codec import frame_type
 
 from .keys import HUB
 
 REGISTRY = CollectorRegistry()
+ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, CPU seconds, open fds
 
 LIMIT_HITS = Counter(
     "herald_limit_hits",

@@ -60,6 +60,7 @@ async def test_metrics_count_connections_messages_errors_and_deliveries(start_he
     assert delta("herald_signal_delivery_seconds_count", outcome="error") == 1
     assert sample(during, "herald_backend_up") == 1
     assert sample(during, "herald_draining") == 0
+    assert sample(during, "process_resident_memory_bytes") > 10 * 2**20
 
     await visitor.close()
     await agent.close()
