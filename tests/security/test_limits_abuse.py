@@ -36,14 +36,17 @@ async def test_oversized_frame(herald: HeraldServer) -> None:
     await assert_bystanders_served(herald.base_url)
 
 
-async def test_compressed_frame_that_inflates_above_the_limit(herald: HeraldServer) -> None:
-    """A decompression bomb: ~1 KB on the wire, 1 MiB once inflated."""
+async def test_compressed_frames_are_refused(herald: HeraldServer) -> None:
+    """A decompression bomb (~1 KB on the wire, 1 MiB inflated) cannot go off:
+    permessage-deflate is never negotiated, so a compressed frame (RSV1 set)
+    is a protocol error that closes the connection before anything is inflated."""
     async with aiohttp.ClientSession() as http, http.ws_connect(herald.base_url + "/v1/visitor", compress=15) as ws:
-        assert ws.compress, "the server should accept permessage-deflate"
+        assert not ws.compress, "the server must decline permessage-deflate"
         await ws.send_bytes(hello("v-bomb"))
         assert (await receive(ws)).TYPE == "welcome"
-        await ws.send_bytes(msgpack.packb({"type": "presence", "data": {"k": "x" * (1 << 20)}}))
-        assert await _closed_with(ws) == CloseCode.MESSAGE_TOO_BIG
+        bomb = msgpack.packb({"type": "presence", "data": {"k": "x" * (1 << 20)}})
+        await ws._writer.send_frame(bomb, aiohttp.WSMsgType.BINARY, compress=15)  # forced: RSV1 and deflate
+        assert await _closed_with(ws) == CloseCode.PROTOCOL_ERROR
     await assert_bystanders_served(herald.base_url)
 
 
