@@ -14,7 +14,7 @@ from .config import ConfigError, Settings, ensure_demo_group, load
 HELP = {
     "host": "address to listen on",
     "port": "port to listen on",
-    "keepalive": "seconds between server pings; a client silent for 1.5x this is closed",
+    "keepalive": "seconds of silence before a server ping (0.8-1x per connection); silent for 1.5x this closes",
     "handshake_timeout": "seconds a new connection has to send its hello",
     "grace_period": "seconds before a visitor whose last connection closed is announced offline",
     "signal_hold": "seconds a signal waits for a reconnecting visitor before it expires",

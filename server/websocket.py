@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
 from typing import TYPE_CHECKING, Any
 
@@ -61,7 +62,11 @@ def refused_before_upgrade(request: web.Request, hub: Hub) -> web.Response | Non
 
 async def open_websocket(request: web.Request, settings: Settings) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(
-        heartbeat=settings.keepalive,  # pings; no pong within keepalive/2 closes (half-open TCP)
+        # Pings after this much silence; no pong within half of it closes (half-open
+        # TCP). Each connection's own period, 0.8-1 x keepalive: clients that
+        # connected together (after a deploy, a drain) drift apart instead of
+        # being pinged in one burst every keepalive seconds.
+        heartbeat=settings.keepalive * random.uniform(0.8, 1.0),
         # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted.
         max_msg_size=settings.max_frame_bytes + 1,  # bigger frames close with 1009
         timeout=CLOSE_TIMEOUT,
