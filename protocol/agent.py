@@ -6,9 +6,12 @@ carries), so every connect starts with a login and the key may be a factory
 for fresh keys. And its subscriptions live on the connection, so after a
 reconnect they are replayed and the local ``visitors`` view is rebuilt from
 the new snapshots. The view is updated as frames are read, in wire order, so
-a snapshot can never overwrite a newer change. Waiting for a support session
-is connection state too: keys still waited for are waited for again, so a
-session that started while the agent was away is reported after all.
+a snapshot can never overwrite a newer change. Support sessions are
+connection state too: keys still waited for are waited for again, so a
+session that started while the agent was away is reported after all, and
+sessions the agent had joined are joined again (a drain that moves the agent
+to another instance keeps it in its sessions; one that ended meanwhile is
+reported as ``SessionLost``).
 """
 
 from __future__ import annotations
@@ -20,7 +23,7 @@ from typing import Any
 import aiohttp
 
 from .checks import MAX_VISITORS_PER_REQUEST
-from .client import DISCONNECTED, WS, Credential, HeraldClient, R, Refused, resolve_credential
+from .client import DISCONNECTED, WS, Credential, HeraldClient, R, Refused, SessionLost, resolve_credential
 from .errors import ErrorCode, RequestFailed
 from .messages import (
     SUPPORTED_VERSIONS,
@@ -77,11 +80,17 @@ class AgentClient(HeraldClient):
         self._watched: set[str] = set()
         self._watch_group = False
         self._waiting: set[str] = set()
+        self._joined: set[str] = set()
 
     @property
     def waiting(self) -> frozenset[str]:
         """Keys ``wait_session`` will send again after a reconnect."""
         return frozenset(self._waiting)
+
+    @property
+    def joined(self) -> frozenset[str]:
+        """Sessions this agent is in, joined again after a reconnect."""
+        return frozenset(self._joined)
 
     async def subscribe(self, visitors: list[str]) -> Snapshot:
         """Watch these visitors (kept across reconnects); their states now."""
@@ -131,10 +140,12 @@ class AgentClient(HeraldClient):
             raise ValueError("join a session by exactly one of key, code or session")
         joined = await self.request(JoinSession(id=0, key=key, code=code, session=session), SessionJoined)
         self._waiting.discard(joined.key)  # in it now: its "started" is no news
+        self._joined.add(joined.session)
         return joined
 
     async def leave_session(self, session: str) -> None:
         """Leave a session this agent joined; the visitor sees the count drop."""
+        self._joined.discard(session)
         await self.request(LeaveSession(id=0, session=session), Ack)
 
     async def show_terms(self, visitor: str) -> int:
@@ -220,6 +231,8 @@ class AgentClient(HeraldClient):
             self._update(frame.state)
         elif isinstance(frame, SessionEvent) and frame.event == "started":
             self._waiting.discard(frame.key)  # what the wait was for; not re-sent after a reconnect
+        elif isinstance(frame, SessionEvent) and frame.event == "ended":
+            self._joined.discard(frame.session)
 
     async def _on_welcome(self, welcome: Welcome) -> None:
         watched = sorted(self._watched)
@@ -228,10 +241,21 @@ class AgentClient(HeraldClient):
         if self._watch_group:
             await self.request(Subscribe(id=0, group=True), Snapshot)
         for key in sorted(self._waiting):
-            try:
-                await self.request(WaitSession(id=0, key=key), Ack)
-            except RequestFailed as exc:
-                if exc.code == DISCONNECTED:
-                    raise
-                self._waiting.discard(key)  # refused now (e.g. no longer valid): retrying will not help
-                log.warning("herald agent: waiting for session key %r again was refused: %s", key, exc)
+            if await self._refused_again(WaitSession(id=0, key=key), Ack):
+                self._waiting.discard(key)
+        for session in sorted(self._joined):
+            if code := await self._refused_again(JoinSession(id=0, session=session), SessionJoined):
+                self._joined.discard(session)
+                self._emit(SessionLost(session, code))
+
+    async def _refused_again(self, message: Message, reply: type[Message]) -> str | None:
+        """Replay a request after a reconnect; the error code if it is refused
+        now (retrying will not help), None if it went through."""
+        try:
+            await self.request(message, reply)
+        except RequestFailed as exc:
+            if exc.code == DISCONNECTED:
+                raise
+            log.warning("herald agent: %s was refused after the reconnect: %s", message.TYPE, exc)
+            return exc.code
+        return None

@@ -97,7 +97,17 @@ class Disconnected:
     reconnecting: bool
 
 
-Event: TypeAlias = Message | Connected | Disconnected
+@dataclasses.dataclass(frozen=True, slots=True)
+class SessionLost:
+    """SDK event (agents): a session the agent had joined could not be joined
+    again after a reconnect; ``code`` says why (``session_not_found``: it
+    ended meanwhile)."""
+
+    session: str
+    code: str
+
+
+Event: TypeAlias = Message | Connected | Disconnected | SessionLost
 
 
 class HeraldClient:

@@ -14,9 +14,11 @@ import aiohttp
 import pytest
 
 from protocol import RequestFailed, codec, tokens
-from protocol.errors import ErrorCode
+from protocol.client import Backoff, Connected, Disconnected, SessionLost
+from protocol.errors import CloseCode, ErrorCode
 from protocol.messages import Error, GuestCount, Hello, SessionEvent, Signal, Welcome
 from server import short_codes
+from server.keys import HUB
 
 from .harness import HeraldServer, drain, receive, signal
 
@@ -109,6 +111,45 @@ async def test_one_click_session_from_terms_to_join_leave_and_end(herald: Herald
     ended = await agent.wait_for(session_event("ended"))
     assert (ended.session, ended.key, ended.reason) == (connected.session, "cust-42", "ended")
     assert not session_events(await drain(agent, 0.3)), "the end is told once, though the agent waited and joined"
+
+
+async def test_an_agent_asked_to_reconnect_joins_its_sessions_again(herald: HeraldServer) -> None:
+    """A drain (close 4002) moves an agent to another instance: it stays in
+    the sessions it had joined, and one that ended meanwhile is reported."""
+    visitor = await herald.visitor("cust-moved")
+    connected = await visitor.start_session("visitor")
+    gone = await herald.visitor("cust-gone")
+    gone_session = await gone.start_session("visitor")
+    agent = await herald.agent("alice")
+    await agent.join_session(session=connected.session)
+    await agent.join_session(session=gone_session.session)
+    assert agent.joined == {connected.session, gone_session.session}
+    assert (await visitor.wait_for(GuestCount)).guests == 1
+
+    await gone.end_session()
+    await agent.wait_for(session_event("ended"))
+    assert agent.joined == {connected.session}
+    for conn in herald.app[HUB].agents():
+        conn.leave(CloseCode.RECONNECT, "server draining")
+    await agent.wait_for(Disconnected)
+    await agent.wait_for(Connected)
+    counts = [(await visitor.wait_for(GuestCount)).guests for _ in range(2)]
+    assert counts == [0, 1], "the old connection's seat goes, the new one's comes"
+    assert agent.joined == {connected.session}
+
+
+async def test_a_session_that_ended_while_its_agent_was_away_is_reported_lost(herald: HeraldServer) -> None:
+    visitor = await herald.visitor("cust-brief")
+    connected = await visitor.start_session("visitor")
+    agent = await herald.agent("alice", backoff=Backoff(initial=0.5, factor=1.0, cap=0.5))
+    await agent.join_session(session=connected.session)
+    for conn in herald.app[HUB].agents():
+        conn.close(CloseCode.RECONNECT, "test")
+    await agent.wait_for(Disconnected)
+    await visitor.end_session()  # while the agent is away: it never hears "ended"
+    lost = await agent.wait_for(SessionLost)
+    assert (lost.session, lost.code) == (connected.session, "session_not_found")
+    assert agent.joined == frozenset()
 
 
 async def test_waiting_for_a_session_that_already_started_is_told_at_once(herald: HeraldServer) -> None:

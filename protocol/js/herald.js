@@ -52,6 +52,8 @@ const CLOSE_NAMES = { 4500: "unauthorized", 4501: "forbidden", 4502: "unsupporte
  * @property {{type: "presence_changed", change: string, state: VisitorState}} presence_changed  agents
  * @property {Map<string, VisitorState>} visitors  agents: `AgentClient.visitors` changed
  * @property {SessionEvent} session_event  agents: a session started, ended or failed
+ * @property {{session: string, code: string}} session_lost  agents: a joined session could not be
+ *   joined again after a reconnect (`code` "session_not_found": it ended meanwhile)
  * @property {SessionConnected} session_connected  visitors: a session is theirs (also unsolicited)
  * @property {{type: "guest_count", session: string, guests: number}} guest_count  visitors: agents in the session
  * @property {{type: "focus", focused: boolean}} focus  visitors: this tab gained or lost focus
@@ -563,6 +565,8 @@ export class AgentClient extends HeraldClient {
     this.visitors = new Map();
     /** @type {Set<string>} */
     this.waiting = new Set();
+    /** @type {Set<string>} sessions this agent is in, joined again after a reconnect */
+    this.joined = new Set();
     this.loginExpires = null;
     this._loggedIn = false;
     this._watched = new Set();
@@ -658,11 +662,13 @@ export class AgentClient extends HeraldClient {
     }
     const joined = await this.request({ type: "join_session", key, code, session });
     this.waiting.delete(joined.key);
+    this.joined.add(joined.session);
     return /** @type {SessionJoined} */ (joined);
   }
 
   /** Leave a session this agent joined; the visitor sees the count drop. */
   async leaveSession(session) {
+    this.joined.delete(session);
     await this.request({ type: "leave_session", session });
   }
 
@@ -712,6 +718,8 @@ export class AgentClient extends HeraldClient {
       changed = this._update(frame.state);
     } else if (frame.type === "session_event" && frame.event === "started") {
       this.waiting.delete(frame.key);
+    } else if (frame.type === "session_event" && frame.event === "ended") {
+      this.joined.delete(frame.session);
     }
     if (changed) queueMicrotask(() => this._emit("visitors", this.visitors));
   }
@@ -723,12 +731,25 @@ export class AgentClient extends HeraldClient {
     }
     if (this._watchGroup) await this.request({ type: "subscribe", group: true });
     for (const key of [...this.waiting].sort()) {
-      try {
-        await this.request({ type: "wait_session", key });
-      } catch (error) {
-        if (error.code === DISCONNECTED) throw error;
-        this.waiting.delete(key);
+      if (await this._refusedAgain({ type: "wait_session", key })) this.waiting.delete(key);
+    }
+    for (const session of [...this.joined].sort()) {
+      const code = await this._refusedAgain({ type: "join_session", session });
+      if (code) {
+        this.joined.delete(session);
+        this._emit("session_lost", { session, code });
       }
+    }
+  }
+
+  /** Replay a request after a reconnect: the error code if it is refused now, else null. */
+  async _refusedAgain(message) {
+    try {
+      await this.request(message);
+      return null;
+    } catch (error) {
+      if (error.code === DISCONNECTED) throw error;
+      return error.code;
     }
   }
 }

@@ -145,6 +145,13 @@ function onSessionEvent({ detail: event }) {
   }
 }
 
+function onSessionLost({ detail }) {
+  // It ended while this console was reconnecting (a server restart moved it).
+  sessionOver(detail.session, "Ended");
+  say(null, "A session ended while the console was reconnecting");
+  log(`A session ended while reconnecting (${detail.code})`);
+}
+
 function onSignal({ detail: signal }) {
   if (signal.event === "terms" && TERMS_TEXT[signal.data?.status]) {
     setTerms(signal.visitor, signal.data.status, TERMS_TEXT[signal.data.status]);
@@ -173,6 +180,7 @@ function wire(agentClient, agent, group) {
   agentClient.addEventListener("visitors", () => agentClient.visitors.forEach(renderVisitor));
   agentClient.addEventListener("signal", onSignal);
   agentClient.addEventListener("session_event", onSessionEvent);
+  agentClient.addEventListener("session_lost", onSessionLost);
   agentClient.addEventListener("error", ({ detail }) => log(`Server: ${detail.code}: ${detail.message}`));
 }
 

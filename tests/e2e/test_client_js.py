@@ -13,7 +13,8 @@ import pytest
 from playwright.async_api import Browser, Page
 
 from protocol import codec, tokens
-from protocol.messages import Hello
+from protocol.errors import CloseCode
+from protocol.messages import GuestCount, Hello
 from server.keys import HUB
 
 from ..harness import SECRET, HeraldServer, settings
@@ -123,3 +124,28 @@ async def test_js_client_reconnects_on_4002_1001_and_1012_pings_and_stops_on_450
 def _frame_type(payload: str | bytes) -> str:
     frame = msgpack.unpackb(payload) if isinstance(payload, bytes) else {}
     return str(frame.get("type"))
+
+
+async def test_js_agent_joins_its_session_again_after_being_moved(browser: Browser, herald: HeraldServer) -> None:
+    """A drain asks the agent to reconnect (4002): the browser client is back in its session."""
+    visitor = await herald.visitor("v-session")
+    connected = await visitor.start_session("visitor")
+    page = await client_page(browser, herald)
+    key = tokens.agent_key(SECRET, "acme", "js-agent")
+    await page.evaluate(
+        """async ([key, session]) => {
+            window.connects = 0;
+            window.agent = new herald.AgentClient(undefined, {group: "acme", agent: "js-agent", key});
+            agent.addEventListener("connected", () => window.connects++);
+            await agent.connect();
+            await agent.joinSession({session});
+        }""",
+        [key, connected.session],
+    )
+    assert (await visitor.wait_for(GuestCount)).guests == 1
+    for connection in list(herald.app[HUB].agents()):
+        connection.leave(CloseCode.RECONNECT, "server draining")
+    await page.wait_for_function("window.connects === 2")
+    assert [(await visitor.wait_for(GuestCount)).guests for _ in range(2)] == [0, 1]
+    assert await page.evaluate("() => [...agent.joined]") == [connected.session]
+    await page.evaluate("() => agent.close()")
