@@ -4,8 +4,9 @@ SIGTERM and is started again while the agent keeps signalling visitors.
 
 Afterwards every visitor is online exactly once, the agent never saw an
 offline (the grace period covered each move), every signal the agent was
-told was delivered did arrive, and every instance exited within its drain
-deadline. The instances' own /metrics and /readyz are read to agree.
+told was delivered did arrive, the agent is still in the co-browse session
+it had joined, and every instance exited within its drain deadline. The
+instances' own /metrics and /readyz are read to agree.
 """
 
 from __future__ import annotations
@@ -77,6 +78,9 @@ async def test_rolling_restart_of_every_instance_under_load(cluster: LocalCluste
             await asyncio.gather(*(v.connect() for v in visitors[start : start + 25]))
         collectors += [asyncio.create_task(_collect(v, seen_by_visitor[v.visitor])) for v in visitors]
         await _until(lambda: sum(s["online"] for s in agent.visitors.values()) == VISITORS, 20, "all online")
+        # One visitor is in a co-browse session with the agent: it must survive every move.
+        cobrowse = await visitors[0].start_session("visitor")
+        await agent.join_session(session=cobrowse.session)
 
         stop = asyncio.Event()
         sender = asyncio.create_task(_keep_signalling(agent, visitors, stop, outcomes))
@@ -89,6 +93,8 @@ async def test_rolling_restart_of_every_instance_under_load(cluster: LocalCluste
 
         await _until(lambda: all(v.connected for v in visitors) and agent.connected, 20, "every client reconnected")
         await asyncio.sleep(0.5)  # the last acks' frames are on their way to the visitors
+        await _until(lambda: visitors[0].session is not None and visitors[0].session.guests == 1, 10, "agent back in")
+        in_session = agent.joined
         states = {v.visitor: await agent.lookup(v.visitor) for v in visitors}
         readiness = [await asyncio.to_thread(_status, i.url + "/readyz") for i in cluster.instances]
         metrics = [sample(await scrape(i.url), "herald_connections", role="visitor") for i in cluster.instances]
@@ -107,6 +113,7 @@ async def test_rolling_restart_of_every_instance_under_load(cluster: LocalCluste
     not_once = {v: len(s["connections"]) for v, s in states.items() if not s["online"] or len(s["connections"]) != 1}
     assert not not_once, f"visitors not online exactly once: {not_once}"
     assert readiness == [200, 200, 200]
+    assert in_session == {cobrowse.session}, "the agent is still in the co-browse session"
     assert sum(metrics) == VISITORS, f"herald_connections{{role=visitor}} per instance: {metrics}"
 
     received = {
