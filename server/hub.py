@@ -294,17 +294,20 @@ class Hub:
             names = [topics.agent_topic(conn.group, message.agent)]
         else:
             names = [topics.visitor_topic(conn.group, conn.subject), topics.group_topic(conn.group)]
-        reached = 0
-        for topic in names:
-            try:
-                reached += await self.backend.publish(topic, envelope)
-            except BackendUnavailable:
-                # The cluster is unreachable: this instance's agents still hear it.
-                delivered = self._to_watchers(topic, conn.subject, None, frame)
-                if message.agent is not None and not delivered:
-                    raise
-                reached += bool(delivered)
-        return reached
+        # Both topics at once: the backend sends them in one write. Each topic
+        # keeps this visitor's order, since the next frame waits for these.
+        counts = await asyncio.gather(*(self._publish_event(topic, conn.subject, envelope, frame) for topic in names))
+        if message.agent is not None and counts[0] is None:
+            raise BackendUnavailable()
+        return sum(count or 0 for count in counts)
+
+    async def _publish_event(self, topic: str, visitor: str, envelope: bytes, frame: bytes) -> int | None:
+        """Subscribers reached, or, when the cluster is unreachable, 1 if this
+        instance's own agents on the topic still heard it (None if none did)."""
+        try:
+            return await self.backend.publish(topic, envelope)
+        except BackendUnavailable:
+            return 1 if self._to_watchers(topic, visitor, None, frame) else None
 
     # -- agents ------------------------------------------------------------
     async def agent_joined(self, agent: AgentConnection) -> None:
