@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import time
 from pathlib import Path
@@ -243,3 +244,33 @@ def _instances_answering(base: str, want: int) -> set[str]:
         except OSError:
             time.sleep(0.05)
     return seen
+
+
+def test_a_worker_that_dies_is_started_again(tmp_path: Path, redis_server: RedisServer) -> None:
+    port = free_port()
+    argv = [
+        str(HERALD), "serve", "--port", str(port), "--group", f"acme={SECRET}", "--workers", "2",
+        "--redis-url", redis_server.url, "--redis-prefix", f"w{port}", "--drain-spread", "0.2", "--drain-timeout", "3",
+    ]  # fmt: skip
+    process = HeraldProcess(argv, port, tmp_path)
+    try:
+        assert len(_instances_answering(process.base_url, 2)) == 2, process.output()
+        workers = _children(process.proc.pid)
+        assert len(workers) == 2, workers
+        os.kill(workers[0], signal.SIGKILL)  # as the OOM killer would
+        deadline = time.monotonic() + 15
+        while len(replaced := _children(process.proc.pid)) < 2 or workers[0] in replaced:
+            assert time.monotonic() < deadline, f"no worker replaced {workers[0]}:\n{process.output()}"
+            time.sleep(0.1)
+        assert process.proc.poll() is None, "the supervisor must outlive its worker"
+        assert len(_instances_answering(process.base_url, 2)) == 2, "the new worker answers on the port"
+        process.proc.send_signal(signal.SIGTERM)
+        assert process.proc.wait(3 + STOP_TIMEOUT) == 0, process.output()
+    finally:
+        process.kill()
+
+
+def _children(pid: int) -> list[int]:
+    """The live child processes of ``pid`` (Linux /proc)."""
+    with open(f"/proc/{pid}/task/{pid}/children") as children:
+        return [int(child) for child in children.read().split()]
