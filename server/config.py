@@ -225,8 +225,6 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"trusted_proxies: {exc}") from None
     if settings.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
-    if settings.log_level.upper() not in ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"):
-        raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
     if settings.max_frame_bytes < 1024 or settings.max_queue < 1:
         raise ConfigError("max_frame_bytes must be at least 1024 and max_queue at least 1")
     if settings.instance_dead_after < settings.instance_heartbeat * 3:

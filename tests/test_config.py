@@ -220,7 +220,9 @@ def test_a_zero_grace_period_is_allowed() -> None:
     assert load(env={}, flags={"grace_period": "0"}).grace_period == 0.0
 
 
-@pytest.mark.parametrize(("name", "raw"), [("cookie_samesite", "Loose"), ("log_level", "LOUD")])
+@pytest.mark.parametrize(
+    ("name", "raw"), [("cookie_samesite", "Loose"), ("log_level", "LOUD"), ("log_format", "xml")]
+)
 def test_a_value_outside_the_documented_choices_is_refused(name: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load(env={"HERALD_" + name.upper(): raw})
@@ -285,3 +287,18 @@ def test_a_configured_group_means_no_demo_group() -> None:
     assert ensure_demo_group(settings) is None
     assert list(settings.groups) == ["acme"]
     assert not settings.groups["acme"].demo
+
+
+@pytest.mark.parametrize(
+    ("flags", "complaint"),
+    [
+        ({"workers": "0"}, "workers must be at least 1"),
+        ({"workers": "2"}, "needs redis_url"),
+        ({"workers": "2", "redis_url": "redis://127.0.0.1:1/0", "port": "0"}, "fixed port"),
+        ({"drain_timeout": "0"}, "drain_timeout"),
+        ({"drain_spread": "-1"}, "drain_spread"),
+    ],
+)
+def test_workers_and_drain_settings_that_cannot_work_are_refused(flags: dict[str, str], complaint: str) -> None:
+    with pytest.raises(ConfigError, match=complaint):
+        load(env={}, flags=flags)
