@@ -62,7 +62,8 @@ class Connection:
         self.group = group
         self.subject = subject  # the visitor ID or agent ID
         self.max_queue = max_queue
-        self._queue: deque[bytes] = deque()
+        # Only while frames wait: an idle connection keeps no deque (760 bytes).
+        self._queue: deque[bytes] | None = None
         self._writer: asyncio.Task[None] | None = None
         self._closer: asyncio.Task[None] | None = None
         self._closing = False
@@ -95,15 +96,18 @@ class Connection:
         """Queue an encoded frame; never blocks, never raises."""
         if self.closing:
             return
-        if len(self._queue) >= self.max_queue:
-            log.warning("closing slow consumer %r: %d frames queued", self, len(self._queue))
+        queue = self._queue
+        if queue is None:
+            self._queue = deque((frame,))
+            self._writer = asyncio.create_task(self._drain(), name=f"writer-{self.id}")
+            return
+        if len(queue) >= self.max_queue:
+            log.warning("closing slow consumer %r: %d frames queued", self, len(queue))
             metrics.limit_hit("max_queue")
             metrics.SLOW_CONSUMERS.labels(role=self.role).inc()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
-        self._queue.append(frame)
-        if self._writer is None:
-            self._writer = asyncio.create_task(self._drain(), name=f"writer-{self.id}")
+        queue.append(frame)
 
     def send_message(self, message: Message) -> None:
         self.send(codec.encode(message))
@@ -113,17 +117,18 @@ class Connection:
         self.send(codec.encode(Error(code=str(code), message=message, id=request_id)))
 
     async def _drain(self) -> None:
+        queue = self._queue
         try:
-            while self._queue and not self.ws.closed:
-                frame = self._queue.popleft()
+            while queue and not self.ws.closed:
+                frame = queue.popleft()
                 await self.ws.send_bytes(frame)
                 metrics.sent(self.role, frame)
         except (ConnectionError, RuntimeError) as exc:
             # The peer went away mid-write; the receive loop sees the close.
             log.debug("write to %r failed: %s", self, exc)
-            self._queue.clear()
         finally:
-            self._writer = None
+            # Empty (or given up on): the next send starts a new queue and writer.
+            self._queue, self._writer = None, None
 
     def close(self, code: int, reason: str) -> None:
         """Close from anywhere (fan-out, timers): queued frames are dropped,
@@ -132,7 +137,7 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        self._queue.clear()
+        self._queue = None
         if self._writer is not None:
             self._writer.cancel()
         # Awaited by finish(): the close ends the handler's receive loop,
