@@ -199,12 +199,7 @@ async def _connect_once(base_url: str) -> str:
 
 
 async def test_workers_share_the_port_as_instances_of_one_cluster(tmp_path: Path, redis_server: RedisServer) -> None:
-    port = free_port()
-    argv = [
-        str(HERALD), "serve", "--port", str(port), "--group", f"acme={SECRET}", "--workers", "2",
-        "--redis-url", redis_server.url, "--redis-prefix", f"w{port}", "--drain-spread", "0.5", "--drain-timeout", "5",
-    ]  # fmt: skip
-    process = HeraldProcess(argv, port, tmp_path)
+    process = _two_workers(tmp_path, redis_server, drain_timeout=5)
     base = process.base_url
     clients: list[VisitorClient | AgentClient] = []
     try:
@@ -234,6 +229,17 @@ async def test_workers_share_the_port_as_instances_of_one_cluster(tmp_path: Path
     assert took < 5 + 1, f"{took:.1f}s from SIGTERM to exit with drain_timeout 5"
 
 
+def _two_workers(tmp_path: Path, redis: RedisServer, drain_timeout: int) -> HeraldProcess:
+    """``herald serve --workers 2`` on a free port, not yet ready (the caller waits for both)."""
+    port = free_port()
+    argv = [
+        str(HERALD), "serve", "--port", str(port), "--group", f"acme={SECRET}", "--workers", "2",
+        "--redis-url", redis.url, "--redis-prefix", f"w{port}", "--drain-spread", str(drain_timeout / 10),
+        "--drain-timeout", str(drain_timeout),
+    ]  # fmt: skip
+    return HeraldProcess(argv, port, tmp_path)
+
+
 def _instances_answering(base: str, want: int) -> set[str]:
     """Instance IDs behind one port: fresh connections land on different workers."""
     seen: set[str] = set()
@@ -247,12 +253,7 @@ def _instances_answering(base: str, want: int) -> set[str]:
 
 
 def test_a_worker_that_dies_is_started_again(tmp_path: Path, redis_server: RedisServer) -> None:
-    port = free_port()
-    argv = [
-        str(HERALD), "serve", "--port", str(port), "--group", f"acme={SECRET}", "--workers", "2",
-        "--redis-url", redis_server.url, "--redis-prefix", f"w{port}", "--drain-spread", "0.2", "--drain-timeout", "3",
-    ]  # fmt: skip
-    process = HeraldProcess(argv, port, tmp_path)
+    process = _two_workers(tmp_path, redis_server, drain_timeout=3)
     try:
         assert len(_instances_answering(process.base_url, 2)) == 2, process.output()
         workers = _children(process.proc.pid)

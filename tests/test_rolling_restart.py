@@ -15,7 +15,6 @@ import asyncio
 import contextlib
 import itertools
 import sys
-import time
 import urllib.request
 from collections import Counter
 from collections.abc import AsyncIterator
@@ -31,6 +30,7 @@ from protocol.messages import PresenceChanged, Signal
 from protocol.visitor import VisitorClient
 
 from .harness import SECRET, sample, scrape
+from .test_cluster import eventually
 from .test_local_cluster import BACKOFF, SETTINGS, require
 
 VISITORS = 200
@@ -77,7 +77,7 @@ async def test_rolling_restart_of_every_instance_under_load(cluster: LocalCluste
         for start in range(0, VISITORS, 25):
             await asyncio.gather(*(v.connect() for v in visitors[start : start + 25]))
         collectors += [asyncio.create_task(_collect(v, seen_by_visitor[v.visitor])) for v in visitors]
-        await _until(lambda: sum(s["online"] for s in agent.visitors.values()) == VISITORS, 20, "all online")
+        await eventually(lambda: sum(s["online"] for s in agent.visitors.values()) == VISITORS, 20, "all online")
         # One visitor is in a co-browse session with the agent: it must survive every move.
         cobrowse = await visitors[0].start_session("visitor")
         await agent.join_session(session=cobrowse.session)
@@ -91,9 +91,10 @@ async def test_rolling_restart_of_every_instance_under_load(cluster: LocalCluste
         stop.set()
         sent = await sender
 
-        await _until(lambda: all(v.connected for v in visitors) and agent.connected, 20, "every client reconnected")
+        await eventually(lambda: all(v.connected for v in visitors) and agent.connected, 20, "every client reconnected")
         await asyncio.sleep(0.5)  # the last acks' frames are on their way to the visitors
-        await _until(lambda: visitors[0].session is not None and visitors[0].session.guests == 1, 10, "agent back in")
+        back_in = visitors[0]
+        await eventually(lambda: back_in.session is not None and back_in.session.guests == 1, 10, "agent back in")
         in_session = agent.joined
         states = {v.visitor: await agent.lookup(v.visitor) for v in visitors}
         readiness = [await asyncio.to_thread(_status, i.url + "/readyz") for i in cluster.instances]
@@ -152,14 +153,6 @@ async def _keep_signalling(
             await asyncio.wait_for(stop.wait(), SIGNAL_EVERY)
     await asyncio.wait_for(asyncio.gather(*tasks), 30)
     return len(tasks)
-
-
-async def _until(check: object, within: float, what: str) -> None:
-    deadline = time.monotonic() + within
-    while not check():  # type: ignore[operator]
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {within}s: {what}")
-        await asyncio.sleep(0.05)
 
 
 def _status(url: str) -> int:
