@@ -1,7 +1,9 @@
-"""Herald's wire protocol: messages, codec, credentials and client SDKs.
+"""Herald's wire protocol: messages, their checks, the msgpack codec, error
+and close codes, and signed credentials.
 
-Importable without the server: visitor SDKs, agent tools, tests and load
-generators depend on this package alone.
+Pure: no sockets, no server, no network library. The SDKs on top of it are
+in ``herald_presence.protocol.client``; visitor apps, agent tools, tests and
+load generators depend on these two alone.
 """
 
 from .errors import CloseCode, ErrorCode, HeraldError, ProtocolError, RequestFailed, should_reconnect

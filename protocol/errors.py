@@ -56,10 +56,6 @@ class CloseCode(IntEnum):
     UNSUPPORTED_VERSION = 4502
     HANDSHAKE_FAILED = 4503
 
-    @property
-    def should_reconnect(self) -> bool:
-        return self < 4500
-
 
 def should_reconnect(close_code: int | None) -> bool:
     """Whether a client should reconnect after a close with this code."""

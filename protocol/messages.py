@@ -68,8 +68,7 @@ def message(type_name: str) -> Any:
         cls = dataclasses.dataclass(slots=True)(cls)
         cls.TYPE = type_name
         cls.SPEC = tuple(
-            (f.name, f.metadata["check"], f.default is dataclasses.MISSING)
-            for f in dataclasses.fields(cls)
+            (f.name, f.metadata["check"], f.default is dataclasses.MISSING) for f in dataclasses.fields(cls)
         )
         MESSAGE_TYPES[type_name] = cls
         return cls
@@ -329,4 +328,3 @@ class SessionEvent(Message):
     visitor: str = wire(checks.identifier)
     key_type: str = wire(checks.one_of(*KEY_TYPES))
     reason: str | None = wire(checks.text, None)
-

@@ -1,3 +1,4 @@
-"""Herald's aiohttp server: endpoints, routing hub, auth, config, backends."""
+"""Herald's server: foundation (config, metrics, logs) <- model <- backends
+<- core <- web <- process, each layer a folder (ARCHITECTURE.md)."""
 
 __version__ = "0.1.0"

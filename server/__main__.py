@@ -1,3 +1,4 @@
-from .cli import main
+from herald_presence.server.process.cli import main
 
-main()
+if __name__ == "__main__":
+    main()

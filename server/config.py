@@ -21,8 +21,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from protocol.checks import MAX_DATA_FIELDS, MAX_FRAME_BYTES, identifier
-from protocol.errors import HeraldError, ProtocolError
+from herald_presence.protocol.checks import MAX_DATA_FIELDS, MAX_FRAME_BYTES, identifier
+from herald_presence.protocol.errors import HeraldError, ProtocolError
 
 DEMO_GROUP = "demo"
 

@@ -9,7 +9,6 @@ holds up. Hot paths count through children looked up once per label value.
 
 from __future__ import annotations
 
-from aiohttp import web
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -20,9 +19,7 @@ from prometheus_client import (
     generate_latest,
 )
 
-from protocol.codec import frame_type
-
-from .keys import HUB
+from herald_presence.protocol.codec import frame_type
 
 REGISTRY = CollectorRegistry()
 ProcessCollector(registry=REGISTRY)  # process_resident_memory_bytes, CPU seconds, open fds
@@ -35,19 +32,27 @@ LIMIT_HITS = Counter(
 )
 CONNECTIONS = Gauge("herald_connections", "Open websocket connections, by role", ["role"], registry=REGISTRY)
 CONNECTIONS_OPENED = Counter(
-    "herald_connections_opened", "Websocket connections that completed the handshake, by role", ["role"],
+    "herald_connections_opened",
+    "Websocket connections that completed the handshake, by role",
+    ["role"],
     registry=REGISTRY,
 )
 MESSAGES_IN = Counter(
-    "herald_messages_received", "Frames received from clients, by role and message type", ["role", "type"],
+    "herald_messages_received",
+    "Frames received from clients, by role and message type",
+    ["role", "type"],
     registry=REGISTRY,
 )
 MESSAGES_OUT = Counter(
-    "herald_messages_sent", "Frames written to clients, by role and message type", ["role", "type"],
+    "herald_messages_sent",
+    "Frames written to clients, by role and message type",
+    ["role", "type"],
     registry=REGISTRY,
 )
 ERRORS = Counter(
-    "herald_errors", "Error answers (error frames, refused handshakes, HTTP errors), by error code", ["code"],
+    "herald_errors",
+    "Error answers (error frames, refused handshakes, HTTP errors), by error code",
+    ["code"],
     registry=REGISTRY,
 )
 SIGNAL_DELIVERY = Histogram(
@@ -58,15 +63,20 @@ SIGNAL_DELIVERY = Histogram(
     registry=REGISTRY,
 )
 HELD_SIGNALS = Gauge(
-    "herald_held_signals", "Signals this instance's agents sent that wait for a reconnecting visitor",
+    "herald_held_signals",
+    "Signals this instance's agents sent that wait for a reconnecting visitor",
     registry=REGISTRY,
 )
 HELD_OUTCOMES = Counter(
-    "herald_held_signals_resolved", "Held signals by how they ended: delivered or expired", ["outcome"],
+    "herald_held_signals_resolved",
+    "Held signals by how they ended: delivered or expired",
+    ["outcome"],
     registry=REGISTRY,
 )
 SLOW_CONSUMERS = Counter(
-    "herald_slow_consumer_disconnects", "Connections closed because they did not read their frames", ["role"],
+    "herald_slow_consumer_disconnects",
+    "Connections closed because they did not read their frames",
+    ["role"],
     registry=REGISTRY,
 )
 BACKEND_UP = Gauge(
@@ -119,10 +129,9 @@ def sent(role: str, frame: bytes) -> None:
     child.inc()
 
 
-async def serve(request: web.Request) -> web.Response:
-    hub = request.app[HUB]  # gauges of state are read when scraped, never kept in step by hand
-    BACKEND_UP.set(1 if hub.backend.healthy else 0)
-    DRAINING.set(1 if hub.draining else 0)
-    response = web.Response(body=generate_latest(REGISTRY))
-    response.headers["Content-Type"] = CONTENT_TYPE_LATEST
-    return response
+def exposition(backend_up: bool, draining: bool) -> tuple[bytes, str]:
+    """The registry in Prometheus's text format, and its content type. Gauges
+    of state are set from what is true when scraped, never kept in step by hand."""
+    BACKEND_UP.set(1 if backend_up else 0)
+    DRAINING.set(1 if draining else 0)
+    return generate_latest(REGISTRY), CONTENT_TYPE_LATEST

@@ -18,17 +18,26 @@ from typing import Any
 
 import msgpack
 
-from protocol import checks, codec
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import KEY_TYPES, MESSAGE_TYPES, PRESENCE_CHANGES, SESSION_EVENTS, Message
+from herald_presence.protocol import checks, codec
+from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.messages import KEY_TYPES, MESSAGE_TYPES, PRESENCE_CHANGES, SESSION_EVENTS, Message
 
 from .test_codec import EVENT_ALPHABET, ID_ALPHABET
 
 Frame = bytes | str  # str: sent as a text frame
 
 VISITOR_TYPES = ("ping", "pong", "presence", "signal", "start_session", "end_session")
-AGENT_TYPES = ("ping", "pong", "signal", "subscribe", "unsubscribe", "lookup",
-               "wait_session", "join_session", "leave_session")
+AGENT_TYPES = (
+    "ping",
+    "pong",
+    "signal",
+    "subscribe",
+    "unsubscribe",
+    "lookup",
+    "wait_session",
+    "join_session",
+    "leave_session",
+)
 TEXT_CHARS = string.printable + "\x00\x7f\u00e9\u4e2d\u2028\ufeff\U0001f600"
 INTS = (0, 1, -1, 127, 128, 255, 256, 2**31, 2**53 - 1, 2**53, 2**63 - 1, -(2**63), 2**64 - 1)
 FLOATS = (0.0, -0.0, 0.5, 1e308, float("inf"), float("-inf"), float("nan"))
@@ -229,8 +238,13 @@ class Frames:
         if check in by_check:
             return by_check[check]()
         # one_of and list_of checks are closures: go by the field's name.
-        choices = {"to": ("focused", "all"), "key_type": KEY_TYPES, "role": ("visitor", "agent"),
-                   "change": PRESENCE_CHANGES, "event": SESSION_EVENTS}
+        choices = {
+            "to": ("focused", "all"),
+            "key_type": KEY_TYPES,
+            "role": ("visitor", "agent"),
+            "change": PRESENCE_CHANGES,
+            "event": SESSION_EVENTS,
+        }
         if name in choices:
             return r.choice(choices[name])
         if name == "versions":
@@ -259,6 +273,11 @@ class Frames:
         return {(self.text(checks.MAX_KEY_CHARS) or "k"): self.scalar() for _ in range(size)}
 
     def visitor_state(self) -> dict[str, Any]:
-        connection = {"connection": self.name(), "data": self.flat_map(), "visible": True, "focused": False,
-                      "since": 1.5}
+        connection = {
+            "connection": self.name(),
+            "data": self.flat_map(),
+            "visible": True,
+            "focused": False,
+            "since": 1.5,
+        }
         return {"visitor": self.name(), "online": True, "version": 3, "connections": [connection]}

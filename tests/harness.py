@@ -12,13 +12,13 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from protocol import codec, tokens
-from protocol.agent import AgentClient
-from protocol.messages import Hello, Message
-from protocol.visitor import VisitorClient
-from server.app import make_app
-from server.backend import Backend
-from server.config import Settings, load
+from herald_presence.protocol import codec, tokens
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.messages import Hello, Message
+from herald_presence.server.backends.base import Backend
+from herald_presence.server.config import Settings, load
+from herald_presence.server.process.app import make_app
 
 SECRET = "test-secret-acme-0123456789"
 OTHER_SECRET = "test-secret-other-0123456789"
@@ -129,7 +129,7 @@ async def receive(ws: aiohttp.ClientWebSocketResponse, seconds: float = 5) -> Me
 
 def changed(change: str, visitor: str | None = None) -> Any:
     """Matcher for ``wait_for``: a presence change of one kind (and visitor)."""
-    from protocol.messages import PresenceChanged
+    from herald_presence.protocol.messages import PresenceChanged
 
     def match(event: Any) -> bool:
         return (
@@ -143,7 +143,7 @@ def changed(change: str, visitor: str | None = None) -> Any:
 
 def signal(event_name: str) -> Any:
     """Matcher for ``wait_for``: a relayed signal with this event name."""
-    from protocol.messages import Signal
+    from herald_presence.protocol.messages import Signal
 
     return lambda event: isinstance(event, Signal) and event.event == event_name
 

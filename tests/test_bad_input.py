@@ -9,9 +9,9 @@ import aiohttp
 import msgpack
 import pytest
 
-from protocol import codec, tokens
-from protocol.errors import CloseCode, ErrorCode
-from protocol.messages import Error, Hello, Ping, Pong
+from herald_presence.protocol import codec, tokens
+from herald_presence.protocol.errors import CloseCode, ErrorCode, should_reconnect
+from herald_presence.protocol.messages import Error, Hello, Ping, Pong
 
 from .harness import SECRET, HeraldServer, receive
 
@@ -149,7 +149,7 @@ async def test_bad_visitor_handshake_is_refused_with_its_codes(
     error, code = await _handshake(herald, frames[case])
     assert error is not None and error.code == error_code
     assert code == close_code
-    assert not CloseCode(code).should_reconnect
+    assert not should_reconnect(code)
 
 
 async def test_silence_instead_of_hello_times_out(start_herald) -> None:  # type: ignore[no-untyped-def]

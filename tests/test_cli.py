@@ -16,10 +16,10 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-import server
-from protocol.client import Disconnected, Refused
-from protocol.errors import CloseCode, ErrorCode
-from protocol.visitor import VisitorClient
+from herald_presence import server
+from herald_presence.protocol.client.base import Disconnected, Refused
+from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.errors import CloseCode, ErrorCode
 
 from .processes import (
     CLI_TIMEOUT,
@@ -141,7 +141,9 @@ def test_demo_secrets_differ_between_starts(demo_server: HeraldProcess, run_hera
 
 
 def test_python_dash_m_server_serves_too(run_herald: StartServer) -> None:
-    process = run_herald(sys.executable, "-m", "server", "serve", "--group", "acme=cli-secret-0123456789")
+    process = run_herald(
+        sys.executable, "-m", "herald_presence.server", "serve", "--group", "acme=cli-secret-0123456789"
+    )
     health = get_json(process.base_url + "/healthz")
     assert health == {"status": "ok", "version": server.__version__}
     assert "DEMO MODE" not in process.stdout()  # a configured group means no demo group

@@ -12,11 +12,11 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from protocol import RequestFailed
-from protocol.agent import AgentClient
-from protocol.client import Connected, Disconnected
-from protocol.messages import Focus, PresenceChanged, Signal
-from server.backend_redis import RedisBackend
+from herald_presence.protocol import RequestFailed
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.base import Connected, Disconnected
+from herald_presence.protocol.messages import Focus, PresenceChanged, Signal
+from herald_presence.server.backends.redis import RedisBackend
 
 from .conftest import FAST, Start
 from .harness import SECRET, HeraldServer, changed, drain, sample, scrape, settings, signal
@@ -25,7 +25,7 @@ from .redis_server import RedisServer
 
 
 def backend(instance: HeraldServer) -> RedisBackend:
-    from server.keys import HUB
+    from herald_presence.server.web.keys import HUB
 
     redis_backend = instance.app[HUB].backend
     assert isinstance(redis_backend, RedisBackend)

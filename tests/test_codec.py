@@ -16,8 +16,8 @@ import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
-from protocol import codec
-from protocol.checks import (
+from herald_presence.protocol import codec
+from herald_presence.protocol.checks import (
     MAX_DATA_FIELDS,
     MAX_EVENT_CHARS,
     MAX_FRAME_BYTES,
@@ -27,8 +27,8 @@ from protocol.checks import (
     MAX_TOKEN_CHARS,
     MAX_VALUE_CHARS,
 )
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.messages import (
+from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.messages import (
     KEY_TYPES,
     MESSAGE_TYPES,
     PRESENCE_CHANGES,

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from protocol import tokens
-from server.config import DEMO_GROUP, ConfigError, GroupConfig, Settings, ensure_demo_group, load
+from herald_presence.protocol import tokens
+from herald_presence.server.config import DEMO_GROUP, ConfigError, GroupConfig, Settings, ensure_demo_group, load
 
 ACME = "acme-secret-0123456789"
 ACME_OLD = "acme-old-secret-0123456789"
@@ -220,9 +220,7 @@ def test_a_zero_grace_period_is_allowed() -> None:
     assert load(env={}, flags={"grace_period": "0"}).grace_period == 0.0
 
 
-@pytest.mark.parametrize(
-    ("name", "raw"), [("cookie_samesite", "Loose"), ("log_level", "LOUD"), ("log_format", "xml")]
-)
+@pytest.mark.parametrize(("name", "raw"), [("cookie_samesite", "Loose"), ("log_level", "LOUD"), ("log_format", "xml")])
 def test_a_value_outside_the_documented_choices_is_refused(name: str, raw: str) -> None:
     with pytest.raises(ConfigError, match=name):
         load(env={"HERALD_" + name.upper(): raw})

@@ -24,7 +24,7 @@ import pytest
 import yaml
 
 from deploy.local.cluster import LocalCluster
-from server.config import Settings
+from herald_presence.server.config import Settings
 
 from .processes import REPO
 

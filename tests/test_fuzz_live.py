@@ -46,9 +46,9 @@ from typing import Any, NoReturn
 import aiohttp
 import pytest
 
-from protocol import codec, tokens
-from protocol.errors import CloseCode, ErrorCode, ProtocolError
-from protocol.messages import (
+from herald_presence.protocol import codec, tokens
+from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
+from herald_presence.protocol.messages import (
     Error,
     Hello,
     Message,
@@ -61,7 +61,7 @@ from protocol.messages import (
     Subscribe,
     Welcome,
 )
-from server.config import Settings
+from herald_presence.server.config import Settings
 
 from .fuzz import AGENT_TYPES, VISITOR_TYPES, Expected, Frame, Frames, expect
 from .harness import HeraldServer, receive
@@ -129,8 +129,12 @@ class Fuzzer:
         else:
             await ws.send_bytes(frame)
 
-    async def read(self, ws: WS, waiting_for: str | None = "an answer", who: str = "the fuzzed connection",
-                   ) -> Message | None:
+    async def read(
+        self,
+        ws: WS,
+        waiting_for: str | None = "an answer",
+        who: str = "the fuzzed connection",
+    ) -> Message | None:
         """The server's next frame, checked; ``None`` once the connection closed.
         ``waiting_for`` None waits as long as it takes."""
         try:
@@ -188,8 +192,10 @@ class Fuzzer:
         while count:
             message = await self.read(ws, waiting_for="the pong")
             if message is None:
-                self.fail(f"the server closed the connection (close code {ws.close_code}); it should stay open"
-                          f" (max_frame_bytes is {self.max_bytes})")
+                self.fail(
+                    f"the server closed the connection (close code {ws.close_code}); it should stay open"
+                    f" (max_frame_bytes is {self.max_bytes})"
+                )
             if isinstance(message, Pong):
                 count -= 1
             else:
@@ -208,8 +214,10 @@ class Fuzzer:
                 while await self.read(ws, waiting_for="the close") is not None:
                     pass  # answers to earlier frames (an agent's signals) may still come
                 if ws.close_code != expected.close:
-                    self.fail(f"a frame over {self.max_bytes} bytes must close the connection with {expected.close},"
-                              f" not {ws.close_code}")
+                    self.fail(
+                        f"a frame over {self.max_bytes} bytes must close the connection with {expected.close},"
+                        f" not {ws.close_code}"
+                    )
                 ws = await connect()
                 continue
             await ws.send_bytes(PING)
@@ -219,8 +227,9 @@ class Fuzzer:
 
     def check_answers(self, expected: Expected, answers: list[Message], role: str) -> None:
         if expected.error is not None:
-            if not any(isinstance(a, Error) and (a.code, a.id) == (expected.error, expected.request_id)
-                       for a in answers):
+            if not any(
+                isinstance(a, Error) and (a.code, a.id) == (expected.error, expected.request_id) for a in answers
+            ):
                 self.fail(f"expected error {expected.error.value} with id {expected.request_id}, got {answers}")
             return
         request_id = getattr(expected.message, "id", None)
@@ -242,8 +251,10 @@ class Fuzzer:
         first = await self.read(ws)
         if expected.close is not None:
             if first is not None or ws.close_code != expected.close:
-                self.fail(f"a first frame over {self.max_bytes} bytes must close with {expected.close},"
-                          f" got {first} (close code {ws.close_code})")
+                self.fail(
+                    f"a first frame over {self.max_bytes} bytes must close with {expected.close},"
+                    f" got {first} (close code {ws.close_code})"
+                )
             return
         hello = expected.message if isinstance(expected.message, Hello) else None
         speaks_v1 = hello is not None and 1 in hello.versions
@@ -253,11 +264,14 @@ class Fuzzer:
             await self.still_answers(ws)
             return
         if first is None:
-            self.fail(f"the server closed the connection (close code {ws.close_code}) without answering"
-                      f" (max_frame_bytes is {self.max_bytes})")
+            self.fail(
+                f"the server closed the connection (close code {ws.close_code}) without answering"
+                f" (max_frame_bytes is {self.max_bytes})"
+            )
         if not isinstance(first, Error) or first.id is not None:
-            self.fail(f"a refused handshake must get one error frame without id, got {first}"
-                      f" (close code {ws.close_code})")
+            self.fail(
+                f"a refused handshake must get one error frame without id, got {first} (close code {ws.close_code})"
+            )
         after = await self.read(ws)
         if after is not None:
             self.fail(f"after refusing the handshake with {first} the server sent {after} instead of closing")

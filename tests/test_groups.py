@@ -5,10 +5,10 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from protocol import RequestFailed, tokens
-from protocol.agent import LoginRefused
-from protocol.client import Refused
-from protocol.messages import PresenceChanged, Signal
+from herald_presence.protocol import RequestFailed, tokens
+from herald_presence.protocol.client.agent import LoginRefused
+from herald_presence.protocol.client.base import Refused
+from herald_presence.protocol.messages import PresenceChanged, Signal
 
 from .harness import SECRET, HeraldServer, drain
 

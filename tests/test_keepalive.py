@@ -7,8 +7,8 @@ import time
 
 import aiohttp
 
-from protocol import codec, tokens
-from protocol.messages import Hello, Welcome
+from herald_presence.protocol import codec, tokens
+from herald_presence.protocol.messages import Hello, Welcome
 
 from .harness import SECRET, changed
 

@@ -6,10 +6,10 @@ import aiohttp
 import msgpack
 import pytest
 
-from protocol import RequestFailed, codec, tokens
-from protocol.client import Refused
-from protocol.errors import CloseCode, ErrorCode
-from protocol.messages import Error, Hello, Ping, Pong
+from herald_presence.protocol import RequestFailed, codec, tokens
+from herald_presence.protocol.client.base import Refused
+from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.messages import Error, Hello, Ping, Pong
 
 from .harness import SECRET, HeraldServer, receive, signal
 

@@ -22,10 +22,10 @@ from typing import Any
 import pytest
 
 from deploy.local.cluster import LocalCluster
-from protocol import tokens
-from protocol.agent import AgentClient
-from protocol.client import Backoff
-from protocol.visitor import VisitorClient
+from herald_presence.protocol import tokens
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.base import Backoff
+from herald_presence.protocol.client.visitor import VisitorClient
 
 from .harness import SECRET, changed, signal
 

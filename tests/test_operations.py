@@ -14,13 +14,13 @@ from pathlib import Path
 import aiohttp
 import pytest
 
-from protocol import tokens
-from protocol.agent import AgentClient
-from protocol.client import Disconnected
-from protocol.errors import CloseCode, RequestFailed
-from protocol.visitor import VisitorClient
-from server.drain import drain
-from server.keys import HUB
+from herald_presence.protocol import tokens
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.base import Disconnected
+from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.errors import CloseCode, RequestFailed
+from herald_presence.server.process.drain import drain
+from herald_presence.server.web.keys import HUB
 
 from .conftest import Start
 from .harness import SECRET, HeraldServer, changed, sample, scrape
@@ -181,7 +181,7 @@ def test_json_logs_name_the_connection(tmp_path: Path) -> None:
     lines = [line for line in server.stderr_path.read_text().splitlines() if line.strip()]
     records = [json.loads(line) for line in lines]  # every line is one JSON object
     assert {"time", "level", "logger", "message"} <= set(records[0])
-    assert all(record.get("instance") for record in records if record["logger"].startswith("server"))
+    assert all(record.get("instance") for record in records if record["logger"].startswith("herald_presence.server"))
     mine = [record["message"] for record in records if record.get("connection") == welcome]
     assert "visitor acme/logged connected" in mine, f"no log line names connection {welcome}:\n" + "\n".join(lines)
     access = [record for record in records if "http" in record]

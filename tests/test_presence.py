@@ -6,7 +6,7 @@ from __future__ import annotations
 import asyncio
 import time
 
-from protocol.messages import Focus, PresenceChanged, Signal
+from herald_presence.protocol.messages import Focus, PresenceChanged, Signal
 
 from .harness import HeraldServer, changed, drain, signal
 

@@ -15,8 +15,8 @@ from typing import Any
 
 import pytest
 
-from server import cli
-from server.config import Settings, load
+from herald_presence.server.config import Settings, load
+from herald_presence.server.process import cli
 
 from .processes import HERALD, REPO, clean_env, start_server
 
@@ -137,7 +137,7 @@ def test_the_readme_toml_example_is_a_valid_config(tmp_path: Path) -> None:
 # --- quick start and CI
 
 
-QUICK_START_SERVE = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[fast]' && .venv/bin/herald serve"
+QUICK_START_SERVE = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[server,fast]' && .venv/bin/herald serve"
 QUICK_START_TEST = "python3 -m venv .venv && .venv/bin/pip install -q -e '.[test,fast]' && .venv/bin/python -m pytest"
 
 

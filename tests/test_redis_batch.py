@@ -9,8 +9,8 @@ import asyncio
 import pytest
 import redis.asyncio as aioredis
 
-from server.backend import BackendUnavailable
-from server.redis_batch import CommandBatcher
+from herald_presence.server.backends.base import BackendUnavailable
+from herald_presence.server.backends.redis_batch import CommandBatcher
 
 from .processes import free_port
 from .redis_server import RedisServer

@@ -22,12 +22,12 @@ from collections.abc import AsyncIterator
 import pytest
 
 from deploy.local.cluster import LocalCluster
-from protocol import tokens
-from protocol.agent import AgentClient
-from protocol.client import ClientClosed
-from protocol.errors import RequestFailed
-from protocol.messages import PresenceChanged, Signal
-from protocol.visitor import VisitorClient
+from herald_presence.protocol import tokens
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.base import ClientClosed
+from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.errors import RequestFailed
+from herald_presence.protocol.messages import PresenceChanged, Signal
 
 from .harness import SECRET, sample, scrape
 from .test_cluster import eventually

@@ -13,12 +13,12 @@ from typing import Any
 import aiohttp
 import pytest
 
-from protocol import RequestFailed, codec, tokens
-from protocol.client import Backoff, Connected, Disconnected, SessionLost
-from protocol.errors import CloseCode, ErrorCode
-from protocol.messages import Error, GuestCount, Hello, SessionEvent, Signal, Welcome
-from server import short_codes
-from server.keys import HUB
+from herald_presence.protocol import RequestFailed, codec, tokens
+from herald_presence.protocol.client.base import Backoff, Connected, Disconnected, SessionLost
+from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.messages import Error, GuestCount, Hello, SessionEvent, Signal, Welcome
+from herald_presence.server.core import short_codes
+from herald_presence.server.web.keys import HUB
 
 from .harness import HeraldServer, drain, receive, signal
 
@@ -129,7 +129,7 @@ async def test_an_agent_asked_to_reconnect_joins_its_sessions_again(herald: Hera
     await gone.end_session()
     await agent.wait_for(session_event("ended"))
     assert agent.joined == {connected.session}
-    for conn in herald.app[HUB].agents():
+    for conn in herald.app[HUB].watchers.agents():
         conn.leave(CloseCode.RECONNECT, "server draining")
     await agent.wait_for(Disconnected)
     await agent.wait_for(Connected)
@@ -143,7 +143,7 @@ async def test_a_session_that_ended_while_its_agent_was_away_is_reported_lost(he
     connected = await visitor.start_session("visitor")
     agent = await herald.agent("alice", backoff=Backoff(initial=0.5, factor=1.0, cap=0.5))
     await agent.join_session(session=connected.session)
-    for conn in herald.app[HUB].agents():
+    for conn in herald.app[HUB].watchers.agents():
         conn.close(CloseCode.RECONNECT, "test")
     await agent.wait_for(Disconnected)
     await visitor.end_session()  # while the agent is away: it never hears "ended"

@@ -11,9 +11,9 @@ from typing import Any
 import aiohttp
 import pytest
 
-from protocol import tokens
-from protocol.messages import GuestCount, SessionEvent
-from server import short_codes
+from herald_presence.protocol import tokens
+from herald_presence.protocol.messages import GuestCount, SessionEvent
+from herald_presence.server.core import short_codes
 
 from .conftest import Start
 from .harness import OTHER_SECRET, SECRET, signal
@@ -43,8 +43,10 @@ async def test_codes_created_concurrently_on_two_instances_are_unique(start_inst
 
         # Each code still leads to the session it was made for (no draw overwrote another).
         redeemed = await asyncio.gather(
-            *(fetch(http, "GET", f"{(b, a)[i % 2].base_url}/v1/groups/acme/codes/{body['code']}")
-              for i, (_, body) in enumerate(replies))
+            *(
+                fetch(http, "GET", f"{(b, a)[i % 2].base_url}/v1/groups/acme/codes/{body['code']}")
+                for i, (_, body) in enumerate(replies)
+            )
         )
     assert [(status, body["session"]) for status, body in redeemed] == [(200, body["session"]) for _, body in replies]
 
@@ -52,8 +54,13 @@ async def test_codes_created_concurrently_on_two_instances_are_unique(start_inst
 async def test_a_code_length_changed_through_one_instance_is_used_by_another(start_instance: Start) -> None:
     a, b = await start_instance(admin_token=ADMIN_TOKEN), await start_instance(admin_token=ADMIN_TOKEN)
     async with aiohttp.ClientSession() as http:
-        status, body = await fetch(http, "PUT", a.base_url + "/v1/admin/groups/acme/settings",
-                                   json={"code_length": 8}, headers={"Authorization": f"Bearer {ADMIN_TOKEN}"})
+        status, body = await fetch(
+            http,
+            "PUT",
+            a.base_url + "/v1/admin/groups/acme/settings",
+            json={"code_length": 8},
+            headers={"Authorization": f"Bearer {ADMIN_TOKEN}"},
+        )
         assert (status, body["code_length"]) == (200, 8), body
         status, body = await fetch(http, "POST", b.base_url + "/v1/groups/acme/codes")
     assert status == 201 and body["code"].isdigit() and len(body["code"]) == 8, body
@@ -71,14 +78,16 @@ async def test_crm_rest_through_one_instance_reaches_a_visitor_on_another(start_
         assert status == 200 and state["online"] is True, state
         assert [c["data"] for c in state["connections"]] == [{"url": "/billing"}]
 
-        status, body = await fetch(http, "POST", b.base_url + "/v1/groups/acme/visitors/v1/signals",
-                                   json={"event": "showterms"}, headers=api)
+        status, body = await fetch(
+            http, "POST", b.base_url + "/v1/groups/acme/visitors/v1/signals", json={"event": "showterms"}, headers=api
+        )
         assert (status, body) == (200, {"delivered": 1})
         assert (await visitor.wait_for(signal("showterms"))).agent == "crm"
 
         other = {"Authorization": f"Bearer {tokens.api_key(OTHER_SECRET, 'other')}"}
-        status, body = await fetch(http, "POST", b.base_url + "/v1/groups/acme/visitors/v1/signals",
-                                   json={"event": "showterms"}, headers=other)
+        status, body = await fetch(
+            http, "POST", b.base_url + "/v1/groups/acme/visitors/v1/signals", json={"event": "showterms"}, headers=other
+        )
         assert (status, body["error"]["code"]) == (403, "forbidden")
 
 

@@ -14,10 +14,10 @@ from typing import Any
 import aiohttp
 import pytest
 
-from protocol import tokens
-from protocol.client import Refused
-from protocol.messages import GuestCount, SessionConnected
-from protocol.visitor import VisitorClient
+from herald_presence.protocol import tokens
+from herald_presence.protocol.client.base import Refused
+from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.messages import GuestCount, SessionConnected
 
 from .harness import OTHER_SECRET, SECRET, HeraldServer, signal
 
@@ -57,8 +57,9 @@ async def logged_in(herald: HeraldServer, agent: str = "alice", group: str = "ac
     """An HTTP session carrying an agent's login cookie."""
     async with aiohttp.ClientSession(cookie_jar=aiohttp.CookieJar(unsafe=True)) as session:
         key = tokens.agent_key(herald.secret(group), group, agent)
-        login = await fetch(session, "POST", herald.base_url + "/v1/agent/login",
-                            json={"group": group, "agent": agent, "key": key})
+        login = await fetch(
+            session, "POST", herald.base_url + "/v1/agent/login", json={"group": group, "agent": agent, "key": key}
+        )
         assert login.status == 200, login.body
         yield session
 
@@ -113,8 +114,9 @@ async def test_live_assist_round_trip_from_create_to_an_agent_in_the_session(
     assert page.session == connected
 
     async with logged_in(herald) as agent_http:
-        found = await fetch(agent_http, "GET", herald.base_url + "/assistserver/shortcode/agent",
-                            params={"appkey": code})
+        found = await fetch(
+            agent_http, "GET", herald.base_url + "/assistserver/shortcode/agent", params={"appkey": code}
+        )
     assert (found.status, found.body) == (200, {"cid": cid})
 
     agent = await herald.agent("alice")
@@ -147,8 +149,9 @@ async def test_unknown_and_used_codes_are_not_found_and_the_agent_route_needs_a_
     async with logged_in(herald, "mallory", "other") as outsider:
         foreign = await fetch(outsider, "GET", f"{herald.base_url}/v1/groups/acme/codes/{code}/agent")
         assert (foreign.status, foreign.error) == (403, "forbidden")
-        compat = await fetch(outsider, "GET", herald.base_url + "/assistserver/shortcode/agent",
-                             params={"appkey": code})
+        compat = await fetch(
+            outsider, "GET", herald.base_url + "/assistserver/shortcode/agent", params={"appkey": code}
+        )
         assert (compat.status, compat.error) == (404, "session_not_found"), "not found in the agent's own group"
 
 
@@ -202,8 +205,13 @@ async def test_a_code_a_visitors_app_shows_cannot_be_redeemed(
 
 async def test_cors_follows_the_groups_allowed_origins(start_herald: Start, http: aiohttp.ClientSession) -> None:
     herald = await start_herald(admin_token=ADMIN_TOKEN)
-    changed = await fetch(http, "PUT", herald.base_url + "/v1/admin/groups/acme/settings",
-                          json={"allowed_origins": [SHOP]}, headers=bearer(ADMIN_TOKEN))
+    changed = await fetch(
+        http,
+        "PUT",
+        herald.base_url + "/v1/admin/groups/acme/settings",
+        json={"allowed_origins": [SHOP]},
+        headers=bearer(ADMIN_TOKEN),
+    )
     assert changed.status == 200 and changed.body["allowed_origins"] == [SHOP], changed.body
 
     allowed = await create(http, herald, headers={"Origin": SHOP})
@@ -226,8 +234,12 @@ async def test_cors_follows_the_groups_allowed_origins(start_herald: Start, http
     assert foreign_preflight.status == 403
     assert "Access-Control-Allow-Origin" not in foreign_preflight.headers
 
-    native = await fetch(http, "OPTIONS", herald.base_url + "/v1/groups/acme/codes",
-                         headers={"Origin": SHOP, "Access-Control-Request-Method": "POST"})
+    native = await fetch(
+        http,
+        "OPTIONS",
+        herald.base_url + "/v1/groups/acme/codes",
+        headers={"Origin": SHOP, "Access-Control-Request-Method": "POST"},
+    )
     assert native.status == 204 and native.headers.get("Access-Control-Allow-Origin") == SHOP
     assert "POST" in native.headers.get("Access-Control-Allow-Methods", "")
 
@@ -291,14 +303,23 @@ async def test_admin_api_checks_its_token_and_values_and_changes_the_code_length
     assert current.status == 200
     assert current.body == {"code_length": 6, "code_ttl": 300.0, "allowed_origins": []}
 
-    for bad in ({"code_length": 3}, {"code_length": 13}, {"code_length": "7"}, {"code_length": 7.0},
-                {"surprise": 1}, {"code_ttl": 5}, {"allowed_origins": "https://shop.example"}, {}):
+    for bad in (
+        {"code_length": 3},
+        {"code_length": 13},
+        {"code_length": "7"},
+        {"code_length": 7.0},
+        {"surprise": 1},
+        {"code_ttl": 5},
+        {"allowed_origins": "https://shop.example"},
+        {},
+    ):
         refused = await fetch(http, "PUT", url, json=bad, headers=bearer(ADMIN_TOKEN))
         assert (refused.status, refused.error) == (400, "invalid"), bad
     not_json = await fetch(http, "PUT", url, data=b"[1", headers=bearer(ADMIN_TOKEN))
     assert (not_json.status, not_json.error) == (400, "invalid")
-    unknown_group = await fetch(http, "GET", herald.base_url + "/v1/admin/groups/nobody/settings",
-                                headers=bearer(ADMIN_TOKEN))
+    unknown_group = await fetch(
+        http, "GET", herald.base_url + "/v1/admin/groups/nobody/settings", headers=bearer(ADMIN_TOKEN)
+    )
     assert unknown_group.status == 404
 
     changed = await fetch(http, "PUT", url, json={"code_length": 7}, headers=bearer(ADMIN_TOKEN))
@@ -330,16 +351,22 @@ async def test_crm_looks_up_and_signals_a_visitor(herald: HeraldServer, http: ai
     assert state.body["visitor"] == "v1" and state.body["online"] is True
     assert [c["data"] for c in state.body["connections"]] == [{"url": "/cart"}]
 
-    sent = await fetch(http, "POST", herald.base_url + "/v1/groups/acme/visitors/v1/signals",
-                       json={"event": "showterms"}, headers=api)
+    sent = await fetch(
+        http, "POST", herald.base_url + "/v1/groups/acme/visitors/v1/signals", json={"event": "showterms"}, headers=api
+    )
     assert (sent.status, sent.body) == (200, {"delivered": 1})
     showterms = await visitor.wait_for(signal("showterms"))
     assert showterms.agent == "crm"
 
     absent = await fetch(http, "GET", herald.base_url + "/v1/groups/acme/visitors/nobody", headers=api)
     assert absent.status == 200 and absent.body["online"] is False
-    offline = await fetch(http, "POST", herald.base_url + "/v1/groups/acme/visitors/nobody/signals",
-                          json={"event": "showterms"}, headers=api)
+    offline = await fetch(
+        http,
+        "POST",
+        herald.base_url + "/v1/groups/acme/visitors/nobody/signals",
+        json={"event": "showterms"},
+        headers=api,
+    )
     assert (offline.status, offline.error) == (404, "visitor_offline")
 
 
@@ -352,8 +379,13 @@ async def test_crm_refuses_bad_credentials_and_bad_requests(herald: HeraldServer
     for method, url in (("GET", lookup), ("POST", signals)):
         foreign = await fetch(http, method, url.format("other"), json={"event": "showterms"}, headers=acme)
         assert (foreign.status, foreign.error) == (403, "forbidden"), method
-        forged = await fetch(http, method, url.format("acme"), json={"event": "showterms"},
-                             headers=bearer(tokens.api_key("not-the-secret-0123456789", "acme")))
+        forged = await fetch(
+            http,
+            method,
+            url.format("acme"),
+            json={"event": "showterms"},
+            headers=bearer(tokens.api_key("not-the-secret-0123456789", "acme")),
+        )
         assert (forged.status, forged.error) == (401, "unauthorized"), method
         missing = await fetch(http, method, url.format("acme"), json={"event": "showterms"})
         assert (missing.status, missing.error) == (401, "unauthorized"), method
@@ -363,8 +395,13 @@ async def test_crm_refuses_bad_credentials_and_bad_requests(herald: HeraldServer
     other_key = bearer(tokens.api_key(OTHER_SECRET, "other"))
     assert (await fetch(http, "GET", lookup.format("other"), headers=other_key)).status == 200
 
-    for body in ({"event": "bad event"}, {"event": ""}, {}, {"event": "x", "to": "everyone"},
-                 {"event": "x", "data": {"nested": {"no": 1}}}):
+    for body in (
+        {"event": "bad event"},
+        {"event": ""},
+        {},
+        {"event": "x", "to": "everyone"},
+        {"event": "x", "data": {"nested": {"no": 1}}},
+    ):
         bad = await fetch(http, "POST", signals.format("acme"), json=body, headers=acme)
         assert (bad.status, bad.error) == (400, "invalid"), body
     not_json = await fetch(http, "POST", signals.format("acme"), data=b"{", headers=acme)

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from protocol import RequestFailed
-from protocol.messages import Signal
+from herald_presence.protocol import RequestFailed
+from herald_presence.protocol.messages import Signal
 
 from .harness import HeraldServer, changed, drain, signal
 

@@ -1,5 +1,4 @@
-"""Visitor tokens and agent keys: minting, verifying, expiry and rotation.
-"""
+"""Visitor tokens and agent keys: minting, verifying, expiry and rotation."""
 
 from __future__ import annotations
 
@@ -9,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.errors import ErrorCode, ProtocolError
-from protocol.tokens import (
+from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.tokens import (
     AGENT,
     MAX_TOKEN_LIFETIME,
     VISITOR,

@@ -389,7 +389,7 @@ backend herald
     # --- internals -------------------------------------------------------------
 
     def _instance(self, index: int, port: int) -> Instance:
-        argv = [self.python, "-m", "server", "serve", "--host", LOOPBACK, "--port", str(port),
+        argv = [self.python, "-m", "herald_presence.server", "serve", "--host", LOOPBACK, "--port", str(port),
                 "--redis-url", self.redis_url, "--redis-prefix", self.redis_prefix]  # fmt: skip
         for group, secret in self.groups.items():
             argv += ["--group", f"{group}={secret}"]

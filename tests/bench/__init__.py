@@ -1,6 +1,6 @@
 """Herald's benchmark: ``python -m tests.bench`` prints what it measures.
 
-It reproduces DESIGN.md's setup on one machine: a private redis-server, two
+It reproduces the setup of ARCHITECTURE.md's performance targets on one machine: a private redis-server, two
 Herald instances as separate processes, and load generator processes; a
 visitor on instance A answers an agent on instance B. Nothing here is a
 pytest test (no file is named ``test_*``): a timed assertion on a shared

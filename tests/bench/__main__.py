@@ -1,4 +1,4 @@
-"""``python -m tests.bench [--quick]``: measure Herald as DESIGN.md compares it.
+"""``python -m tests.bench [--quick]``: measure Herald against ARCHITECTURE.md's targets.
 
 One redis-server, instance A (visitors), instance B (agents), generator
 processes, all on this machine. It prints, as it goes:
@@ -299,7 +299,7 @@ def main() -> None:
 
 def summary(args: argparse.Namespace, memory: dict[str, Any] | None, at_2000: list[Step], best: Step | None) -> None:
     p99s = [s.percentile(0.99) for s in at_2000]
-    print("\nSummary against DESIGN.md's targets:")
+    print("\nSummary against ARCHITECTURE.md's targets:")
     rate, best_p99 = (best.rate, ms(best.percentile(0.99))) if best else (0, "-")
     print(
         f"  highest rate with p99 <= {args.p99_limit:g} ms: {rate:.0f}/s (p99 {best_p99} ms)   "

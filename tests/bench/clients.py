@@ -17,7 +17,7 @@ from typing import Any, TypeVar
 import aiohttp
 import msgpack
 
-from protocol import tokens
+from herald_presence.protocol import tokens
 
 GROUP = "bench"
 SECRET = "bench-secret-0123456789"

@@ -127,7 +127,7 @@ class Cluster:
         argv = [
             sys.executable,
             "-m",
-            "server",
+            "herald_presence.server",
             "serve",
             "--redis-url",
             self.redis.url,

@@ -21,7 +21,7 @@ from typing import Any
 import pytest
 from playwright.async_api import Browser, Page, async_playwright
 
-from server.config import GroupConfig, Settings
+from herald_presence.server.config import GroupConfig, Settings
 
 from ..conftest import FAST
 from ..harness import HeraldServer, settings
@@ -40,6 +40,7 @@ CHROMIUM_ARGS = [
 ARTIFACTS = REPO / "test-artifacts"
 STEP_TIMEOUT_MS = 8_000  # one UI step; the slowest is an offline after the grace period
 DEMO_SECRET = "e2e-demo-secret-0123456789"
+
 
 def _missing(reason: str) -> None:
     if os.environ.get("CI", "").lower() == "true":

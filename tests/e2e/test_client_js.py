@@ -12,25 +12,40 @@ import msgpack
 import pytest
 from playwright.async_api import Browser, Page
 
-from protocol import codec, tokens
-from protocol.errors import CloseCode
-from protocol.messages import GuestCount, Hello
-from server.keys import HUB
+from herald_presence.protocol import codec, tokens
+from herald_presence.protocol.errors import CloseCode
+from herald_presence.protocol.messages import GuestCount, Hello
+from herald_presence.server.web.keys import HUB
 
 from ..harness import SECRET, HeraldServer, settings
 
 # A page of Herald's origin with no script of its own: the client is imported into it.
 BLANK = "/js/vendor/msgpack.LICENSE"
 FRAMES: list[dict[str, Any]] = [
-    {"type": "hello", "versions": [1], "group": "acme", "visitor": "v-42", "token": "1767229200.i7G7uQ0AZil4DS4z-cb",
-     "data": {"page": "/account"}},
+    {
+        "type": "hello",
+        "versions": [1],
+        "group": "acme",
+        "visitor": "v-42",
+        "token": "1767229200.i7G7uQ0AZil4DS4z-cb",
+        "data": {"page": "/account"},
+    },
     {"type": "signal", "event": "terms", "data": {"status": "accepted", "n": -3, "ratio": 0.5, "gone": None}},
     {"type": "subscribe", "id": 9_007_199_254_740_991, "visitors": ["v-1", "v-2"]},
     {"type": "start_session", "id": 3, "key_type": "random"},
     {"type": "presence", "data": {"title": "ü" * 40 + "€" * 300, "big": 2**40, "flag": True}},
-    {"type": "presence_changed", "change": "online", "state": {"visitor": "v-42", "online": True,
-     "version": 1767225601234567, "connections": [{"connection": "c1", "data": {}, "visible": True,
-                                                   "focused": True, "since": 1767225601.234}]}},
+    {
+        "type": "presence_changed",
+        "change": "online",
+        "state": {
+            "visitor": "v-42",
+            "online": True,
+            "version": 1767225601234567,
+            "connections": [
+                {"connection": "c1", "data": {}, "visible": True, "focused": True, "since": 1767225601.234}
+            ],
+        },
+    },
 ]
 
 
@@ -59,16 +74,24 @@ async def test_js_frames_are_the_bytes_the_python_codec_makes(browser: Browser, 
         assert decoded == frame
     # The spec's worked example (PROTOCOL.md §9), byte for byte.
     token = "1767229200.i7G7uQ0AZil4DS4z-cbni8uLffJFGm7d119ba35g58A"
-    hello = {"type": "hello", "versions": [1], "group": "acme", "visitor": "v-42", "token": token,
-             "data": {"page": "/account"}}
+    hello = {
+        "type": "hello",
+        "versions": [1],
+        "group": "acme",
+        "visitor": "v-42",
+        "token": token,
+        "data": {"page": "/account"},
+    }
     js_hello = bytes(await page.evaluate("(frame) => Array.from(herald.encodeFrame(frame))", hello))
-    assert js_hello == codec.encode(Hello(versions=[1], group="acme", visitor="v-42", token=token,
-                                          data={"page": "/account"}))
+    assert js_hello == codec.encode(
+        Hello(versions=[1], group="acme", visitor="v-42", token=token, data={"page": "/account"})
+    )
     assert len(js_hello) == 129
     # Undefined fields are left out, as nil would be; a frame that is no map is refused.
     assert await page.evaluate("() => herald.encodeFrame({type: 'ping', id: undefined}).length") == 11
-    refused = await page.evaluate("() => { try { herald.decodeFrame(new Uint8Array([0x91, 1])); } "
-                                  "catch (e) { return e.code; } }")
+    refused = await page.evaluate(
+        "() => { try { herald.decodeFrame(new Uint8Array([0x91, 1])); } catch (e) { return e.code; } }"
+    )
     assert refused == "bad_frame"
 
 
@@ -106,14 +129,14 @@ async def test_js_client_reconnects_on_4002_1001_and_1012_pings_and_stops_on_450
     )
     hub = herald.app[HUB]
     for attempt, code in enumerate((4002, 1001, 1012), start=2):
-        for connection in list(hub.visitors.values()):
+        for connection in list(hub.visitors.all()):
             connection.close(code, "test")
         await page.wait_for_function(f"window.connects === {attempt}")
         state = await page.evaluate("() => client.welcome.visitor")
         assert state == "v-js" and len(hub.visitors) == 1
     await asyncio.sleep(1.3)  # keepalive 0.5 s: the client pings the server
     assert sent.count("ping") >= 2, sent
-    for connection in list(hub.visitors.values()):
+    for connection in list(hub.visitors.all()):
         connection.close(4500, "token revoked")
     await page.wait_for_function("client.failure !== null")
     assert await page.evaluate("() => [client.failure.closeCode, client.connected]") == [4500, False]
@@ -143,7 +166,7 @@ async def test_js_agent_joins_its_session_again_after_being_moved(browser: Brows
         [key, connected.session],
     )
     assert (await visitor.wait_for(GuestCount)).guests == 1
-    for connection in list(herald.app[HUB].agents()):
+    for connection in list(herald.app[HUB].watchers.agents()):
         connection.leave(CloseCode.RECONNECT, "server draining")
     await page.wait_for_function("window.connects === 2")
     assert [(await visitor.wait_for(GuestCount)).guests for _ in range(2)] == [0, 1]

@@ -14,7 +14,7 @@ from collections.abc import Awaitable, Callable
 
 from playwright.async_api import Locator, Page, expect
 
-from protocol import tokens
+from herald_presence.protocol import tokens
 
 from ..harness import SECRET, HeraldServer, settings
 from .conftest import STEP_TIMEOUT_MS

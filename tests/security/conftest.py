@@ -6,7 +6,7 @@ from typing import Any
 
 import pytest
 
-from server.config import Settings, load
+from herald_presence.server.config import Settings, load
 
 from ..harness import TEST_SETTINGS, HeraldServer, settings
 

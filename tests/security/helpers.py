@@ -15,10 +15,10 @@ from typing import Any
 
 import aiohttp
 
-from protocol import codec, tokens
-from protocol.agent import AgentClient
-from protocol.messages import Error, Hello, Message
-from protocol.visitor import VisitorClient
+from herald_presence.protocol import codec, tokens
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.messages import Error, Hello, Message
 
 from ..harness import SECRET, signal
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 
 import aiohttp
 
-from protocol import tokens
-from protocol.errors import ErrorCode
+from herald_presence.protocol import tokens
+from herald_presence.protocol.errors import ErrorCode
 
 from ..harness import SECRET, HeraldServer
 from .helpers import EVIL, assert_bystanders_served, error_of

@@ -3,10 +3,10 @@ and always under an ``anon.`` ID the server picks, never one they name."""
 
 from __future__ import annotations
 
-from protocol import codec
-from protocol.errors import CloseCode, ErrorCode
-from protocol.messages import Error, Hello, Welcome
-from server.config import Settings
+from herald_presence.protocol import codec
+from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.messages import Error, Hello, Welcome
+from herald_presence.server.config import Settings
 
 from ..harness import HeraldServer
 from .conftest import Launch

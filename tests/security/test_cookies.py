@@ -9,8 +9,8 @@ import base64
 import aiohttp
 import pytest
 
-from protocol import tokens
-from protocol.errors import ErrorCode
+from herald_presence.protocol import tokens
+from herald_presence.protocol.errors import ErrorCode
 
 from ..harness import SECRET, HeraldServer
 from .conftest import Launch

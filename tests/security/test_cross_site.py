@@ -7,9 +7,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from protocol.errors import CloseCode, ErrorCode
-from protocol.messages import Error, Welcome
-from server.config import Settings
+from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.messages import Error, Welcome
+from herald_presence.server.config import Settings
 
 from ..harness import HeraldServer
 from .conftest import Launch

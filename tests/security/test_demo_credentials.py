@@ -12,10 +12,10 @@ import aiohttp
 import pytest
 from aiohttp.test_utils import make_mocked_request
 
-from protocol import tokens
-from protocol.errors import ProtocolError
-from server import http_demo
-from server.config import GroupConfig, Settings
+from herald_presence.protocol import tokens
+from herald_presence.protocol.errors import ProtocolError
+from herald_presence.server.config import GroupConfig, Settings
+from herald_presence.server.web import demo as http_demo
 
 from ..harness import SECRET
 from .conftest import Launch

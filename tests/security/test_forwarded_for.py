@@ -7,7 +7,7 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from server.config import ConfigError, load
+from herald_presence.server.config import ConfigError, load
 
 from ..harness import HeraldServer
 from .conftest import Launch

@@ -6,9 +6,9 @@ from __future__ import annotations
 import aiohttp
 import pytest
 
-from protocol import RequestFailed, tokens
-from protocol.errors import ErrorCode
-from protocol.messages import PresenceChanged, SessionEvent, Signal
+from herald_presence.protocol import RequestFailed, tokens
+from herald_presence.protocol.errors import ErrorCode
+from herald_presence.protocol.messages import PresenceChanged, SessionEvent, Signal
 
 from ..harness import OTHER_SECRET, SECRET, HeraldServer, drain
 from .helpers import assert_bystanders_served, error_of, login, session

@@ -9,9 +9,9 @@ import aiohttp
 import msgpack
 import pytest
 
-from protocol import RequestFailed, codec
-from protocol.errors import CloseCode, ErrorCode
-from protocol.messages import Error, Ping, Pong
+from herald_presence.protocol import RequestFailed, codec
+from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.messages import Error, Ping, Pong
 
 from ..harness import HeraldServer, receive
 from .helpers import assert_bystanders_served, error_of, hello, session

@@ -8,9 +8,9 @@ from pathlib import Path
 
 import aiohttp
 
-from protocol import tokens
-from protocol.agent import AgentClient
-from protocol.visitor import VisitorClient
+from herald_presence.protocol import tokens
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.visitor import VisitorClient
 
 from ..harness import SECRET
 from ..processes import HERALD, start_server

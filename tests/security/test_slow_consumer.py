@@ -25,10 +25,10 @@ from pathlib import Path
 import aiohttp
 import msgpack
 
-from protocol import RequestFailed, codec, tokens
-from protocol.agent import AgentClient
-from protocol.messages import Hello
-from protocol.visitor import VisitorClient
+from herald_presence.protocol import RequestFailed, codec, tokens
+from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.messages import Hello
 
 from ..harness import SECRET, sample, scrape
 from ..processes import HERALD, start_server

@@ -7,9 +7,9 @@ from pathlib import Path
 
 import aiohttp
 
-from protocol import tokens
-from protocol.errors import CloseCode, ErrorCode
-from protocol.messages import Error, Welcome
+from herald_presence.protocol import tokens
+from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.messages import Error, Welcome
 
 from ..harness import OTHER_SECRET, SECRET, HeraldServer
 from .conftest import Launch

@@ -1,0 +1,781 @@
+// Herald's browser client: the visitor and agent SDKs as one ES module.
+//
+// It mirrors the Python SDK (protocol/client/: base.py, visitor.py, agent.py) and
+// speaks the wire protocol of protocol/PROTOCOL.md: binary msgpack frames,
+// hello/welcome, request ids matched to replies, presence, signals and
+// support sessions. A page keeps one client per role; the client rides out
+// network blips and server drains by itself (full-jitter backoff, an
+// app-level ping because browsers cannot see websocket pings) and replays
+// what lives on the connection (presence, subscriptions, session waits).
+//
+// Events are DOM events: `client.addEventListener("signal", (e) => e.detail)`.
+// Server frames that answer no request arrive under their `type`
+// ("presence_changed", "signal", "session_event", "guest_count", "focus",
+// "session_connected", "error"); the client adds "connected",
+// "disconnected" and "stopped".
+
+import { decode, encode } from "./vendor/msgpack.mjs";
+
+/** Protocol versions this client speaks. */
+export const VERSIONS = [1];
+/** What a visitor reports about the co-browse terms dialog. */
+export const TERMS_STATUSES = ["displayed", "accepted", "declined"];
+/** Request id of a request that lost its socket before the reply came. */
+export const DISCONNECTED = "disconnected";
+
+const REPLY_TYPES = new Set(["ack", "snapshot", "visitor", "session_connected", "session_joined", "error"]);
+const CLOSE_NAMES = { 4500: "unauthorized", 4501: "forbidden", 4502: "unsupported_version", 4503: "handshake_failed" };
+
+/**
+ * @typedef {Record<string, string|number|boolean|null>} FlatMap
+ * @typedef {{connection: string, data: FlatMap, visible: boolean, focused: boolean, since: number}} ConnectionState
+ * @typedef {{visitor: string, online: boolean, version: number, connections: ConnectionState[]}} VisitorState
+ * @typedef {{type: "welcome", protocol: number, connection: string, role: string, group: string,
+ *            keepalive: number, visitor?: string, agent?: string, focused?: boolean, server?: string}} Welcome
+ * @typedef {{type: "session_connected", session: string, key: string, key_type: string, show_key: boolean,
+ *            guests: number, id?: number}} SessionConnected
+ * @typedef {{type: "session_joined", id: number, session: string, key: string, visitor: string, guests: number}} SessionJoined
+ * @typedef {{type: "session_event", event: "started"|"ended"|"error", session: string, key: string,
+ *            visitor: string, key_type: string, reason?: string}} SessionEvent
+ * @typedef {{type: "snapshot", id: number, visitors: VisitorState[], group?: boolean}} Snapshot
+ * @typedef {{type: string, [field: string]: any}} Frame
+ * @typedef {string | (() => string | Promise<string>)} Credential
+ *   A token or key; a function is called for a fresh one before every connect.
+ *
+ * The events (`addEventListener(name, (event) => event.detail)`), by name and detail:
+ * @typedef {Object} HeraldEvents
+ * @property {Welcome} connected  up (first time or again) with the role's state restored
+ * @property {{code: number | null, reconnecting: boolean}} disconnected  the socket closed
+ * @property {{failure: Error | null}} stopped  no more connections: closed, or refused (`failure`)
+ * @property {{type: "signal", event: string, data: FlatMap, agent?: string, visitor?: string,
+ *             connection?: string}} signal  a signal from an agent (to a visitor) or a visitor (to an agent)
+ * @property {{type: "presence_changed", change: string, state: VisitorState}} presence_changed  agents
+ * @property {Map<string, VisitorState>} visitors  agents: `AgentClient.visitors` changed
+ * @property {SessionEvent} session_event  agents: a session started, ended or failed
+ * @property {{session: string, code: string}} session_lost  agents: a joined session could not be
+ *   joined again after a reconnect (`code` "session_not_found": it ended meanwhile)
+ * @property {SessionConnected} session_connected  visitors: a session is theirs (also unsolicited)
+ * @property {{type: "guest_count", session: string, guests: number}} guest_count  visitors: agents in the session
+ * @property {{type: "focus", focused: boolean}} focus  visitors: this tab gained or lost focus
+ * @property {{type: "error", code: string, message: string}} error  an error that answers no request
+ */
+
+/** An error the server answered with, or a refusal that stopped the client. */
+export class HeraldError extends Error {
+  /**
+   * @param {string} code the protocol's error code (or "disconnected")
+   * @param {string} message
+   * @param {number} [closeCode] the websocket close code, when the refusal closed it
+   */
+  constructor(code, message, closeCode) {
+    super(`${code}: ${message}`);
+    this.name = "HeraldError";
+    this.code = code;
+    this.closeCode = closeCode;
+  }
+}
+
+/** Whether to reconnect after a close with this code: 4500-4999 need a change first. */
+export function shouldReconnect(code) {
+  return code == null || !(code >= 4500 && code <= 4999);
+}
+
+/**
+ * Full-jitter exponential backoff: attempt n waits uniform(0, min(cap, initial * factor^n)) s,
+ * so clients dropped together do not all come back together.
+ */
+export class Backoff {
+  /** @param {{initial?: number, factor?: number, cap?: number, random?: () => number}} [options] */
+  constructor({ initial = 0.2, factor = 2, cap = 30, random = Math.random } = {}) {
+    Object.assign(this, { initial, factor, cap, random });
+  }
+
+  /** @param {number} attempt from 0 @returns {number} seconds */
+  delay(attempt) {
+    return this.random() * Math.min(this.cap, this.initial * this.factor ** Math.min(attempt, 64));
+  }
+}
+
+/** Frame bytes for a message; undefined fields are left out (nil means absent anyway). */
+export function encodeFrame(message) {
+  return encode(message, { ignoreUndefined: true });
+}
+
+/** A frame from bytes; anything but a map with a string "type" is refused. */
+export function decodeFrame(bytes) {
+  const frame = decode(bytes instanceof ArrayBuffer ? new Uint8Array(bytes) : bytes);
+  if (frame === null || typeof frame !== "object" || Array.isArray(frame) || typeof frame.type !== "string") {
+    throw new HeraldError("bad_frame", "a frame must be a map with a type");
+  }
+  return frame;
+}
+
+/** Resolve a credential to its current value. */
+async function resolveCredential(credential) {
+  return typeof credential === "function" ? await credential() : credential;
+}
+
+/** The websocket URL of a Herald path, from an http(s) base URL. */
+function websocketUrl(baseUrl, path) {
+  const url = new URL(path, baseUrl);
+  url.protocol = url.protocol === "https:" ? "wss:" : "ws:";
+  return url.href;
+}
+
+const sleep = (seconds, signal) =>
+  new Promise((resolve) => {
+    const timer = setTimeout(resolve, seconds * 1000);
+    signal.addEventListener("abort", () => (clearTimeout(timer), resolve()), { once: true });
+  });
+
+/**
+ * One websocket kept alive, requests and events; base of the role clients.
+ * `welcome`, `connected` and `failure` (why it stopped by itself) are read-only.
+ */
+export class HeraldClient extends EventTarget {
+  static PATH = "";
+
+  /**
+   * @param {string} [baseUrl] Herald's http(s) URL; the page's own origin by default
+   * @param {{reconnect?: boolean, backoff?: Backoff, requestTimeout?: number, connectTimeout?: number}} [options]
+   *   times in seconds; requestTimeout is long because a signal may be held for a reconnecting visitor
+   */
+  constructor(baseUrl, { reconnect = true, backoff = new Backoff(), requestTimeout = 30, connectTimeout = 10 } = {}) {
+    super();
+    this.baseUrl = (baseUrl || globalThis.location?.origin || "").replace(/\/+$/, "");
+    Object.assign(this, { reconnect, backoff, requestTimeout, connectTimeout });
+    /** @type {Welcome | null} */
+    this.welcome = null;
+    this.connected = false;
+    /** @type {Error | null} */
+    this.failure = null;
+    this._ws = null;
+    this._nextId = 1;
+    this._pending = new Map();
+    this._running = null;
+    this._stop = null;
+    this._lastError = null;
+  }
+
+  /** This connection's ID, from its welcome. */
+  get connectionId() {
+    return this.welcome?.connection ?? null;
+  }
+
+  /**
+   * Start (if not running) and resolve with the Welcome once connected and restored.
+   * Rejects with a HeraldError on a refusal, or on any failure when reconnect is off.
+   * @returns {Promise<Welcome>}
+   */
+  connect() {
+    if (!this._running) {
+      this.failure = null;
+      this._stop = new AbortController();
+      this._running = this._run(this._stop.signal).finally(() => (this._running = null));
+    }
+    if (this.connected) return Promise.resolve(this.welcome);
+    return new Promise((resolve, reject) => {
+      const done = () => {
+        this.removeEventListener("connected", onConnected);
+        this.removeEventListener("stopped", onStopped);
+      };
+      const onConnected = (event) => (done(), resolve(event.detail));
+      const onStopped = () => (done(), reject(this.failure || new HeraldError("closed", "the client was closed")));
+      this.addEventListener("connected", onConnected);
+      this.addEventListener("stopped", onStopped);
+    });
+  }
+
+  /** Close cleanly (1000) and stop reconnecting; pending requests fail. */
+  async close() {
+    this._stop?.abort();
+    this._ws?.close(1000);
+    await this._running;
+  }
+
+  /**
+   * Send `message` under a fresh id and resolve with the reply frame; rejects with
+   * a HeraldError for an error reply, a lost socket ("disconnected") or a timeout.
+   * Waits for a socket while one is being (re)established.
+   * @param {Frame} message
+   * @returns {Promise<Frame>}
+   */
+  async request(message) {
+    const deadline = Date.now() + this.requestTimeout * 1000;
+    while (!this._ws || this._ws.readyState !== WebSocket.OPEN || !this.welcome) {
+      if (!this._running) throw new HeraldError(DISCONNECTED, "the client is not running; call connect()");
+      await this._changed(deadline);
+    }
+    const id = this._nextId++;
+    const ws = this._ws;
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        this._pending.delete(id);
+        reject(new HeraldError("timeout", `no reply to ${message.type} within ${this.requestTimeout}s`));
+      }, deadline - Date.now());
+      this._pending.set(id, { resolve, reject, timer });
+      ws.send(encodeFrame({ ...message, id }));
+    });
+  }
+
+  /** Send a frame that gets no reply; false when no socket is open to take it. */
+  send(message) {
+    if (!this._ws || this._ws.readyState !== WebSocket.OPEN || !this.welcome) return false;
+    this._ws.send(encodeFrame(message));
+    return true;
+  }
+
+  // --- hooks for the role clients
+
+  /** The hello frame; runs before every connect, so it may fetch fresh credentials. */
+  async _hello() {
+    throw new Error("not implemented");
+  }
+
+  /** Before every websocket: an agent logs in here. */
+  async _prepare() {}
+
+  /** A websocket that closed before its welcome (the agent's login may be stale). */
+  _onHandshakeFailed() {}
+
+  /** Sees every server frame (welcome too) in wire order, before routing. */
+  _onFrame(frame) {}
+
+  /** Restores role state on a new connection; "connected" follows. */
+  async _onWelcome(welcome) {}
+
+  // --- machinery
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  /** Resolve at the next state change (a socket, a welcome, a stop) or at the deadline. */
+  _changed(deadline) {
+    return new Promise((resolve, reject) => {
+      const timer = setTimeout(() => {
+        cleanup();
+        reject(new HeraldError("timeout", "no connection in time"));
+      }, Math.max(0, deadline - Date.now()));
+      const wake = () => (cleanup(), resolve());
+      const cleanup = () => {
+        clearTimeout(timer);
+        for (const type of ["_socket", "stopped"]) this.removeEventListener(type, wake);
+      };
+      for (const type of ["_socket", "stopped"]) this.addEventListener(type, wake);
+    });
+  }
+
+  _failPending(why) {
+    for (const { reject, timer } of this._pending.values()) {
+      clearTimeout(timer);
+      reject(new HeraldError(DISCONNECTED, why));
+    }
+    this._pending.clear();
+  }
+
+  async _run(stop) {
+    let attempt = 0;
+    let code = null;
+    try {
+      while (!stop.aborted) {
+        if (attempt) await sleep(this.backoff.delay(attempt - 1), stop);
+        if (stop.aborted) break;
+        let outcome;
+        try {
+          await this._prepare();
+          const hello = await this._hello();
+          if (stop.aborted) break; // closed while logging in: open nothing
+          outcome = await this._live(hello, stop);
+        } catch (error) {
+          if (error instanceof HeraldError || !this.reconnect) throw error;
+          outcome = { welcomed: false, code: null, error };
+        }
+        code = outcome.code;
+        if (outcome.welcomed) attempt = 0;
+        if (stop.aborted) break;
+        if (!shouldReconnect(code)) throw this._refusal(code);
+        if (!this.reconnect) throw this._refusal(code, outcome.error);
+        attempt += 1;
+        if (outcome.welcomed) this._emit("disconnected", { code, reconnecting: true });
+      }
+    } catch (error) {
+      this.failure = error instanceof Error ? error : new Error(String(error));
+    } finally {
+      this.connected = false;
+      this._ws = null;
+      this._failPending("the client stopped");
+      if (this.welcome) this._emit("disconnected", { code, reconnecting: false });
+      this._emit("stopped", { failure: this.failure });
+    }
+  }
+
+  _refusal(code, error) {
+    const last = this._lastError;
+    if (last) return new HeraldError(last.code, last.message, code ?? undefined);
+    if (error) return error instanceof Error ? error : new Error(String(error));
+    return new HeraldError(CLOSE_NAMES[code] || "closed", `closed with ${code}`, code ?? undefined);
+  }
+
+  /**
+   * One connection from open to close. Resolves with {welcomed, code}: whether it got
+   * a welcome and its close code (1006 when it died without one).
+   */
+  _live(hello, stop) {
+    return new Promise((resolve) => {
+      const ws = new WebSocket(websocketUrl(this.baseUrl, this.constructor.PATH));
+      ws.binaryType = "arraybuffer";
+      this._lastError = null;
+      let welcomed = false;
+      let lastFrame = Date.now();
+      let keepalive = null;
+      const connectTimer = setTimeout(() => ws.close(), this.connectTimeout * 1000);
+      const onAbort = () => ws.close(1000);
+      stop.addEventListener("abort", onAbort, { once: true });
+
+      ws.onopen = () => ws.send(encodeFrame(hello));
+      ws.onmessage = (message) => {
+        lastFrame = Date.now();
+        if (!(message.data instanceof ArrayBuffer)) return; // the protocol is binary
+        let frame;
+        try {
+          frame = decodeFrame(message.data);
+        } catch (error) {
+          console.warn("herald: dropped a frame", error);
+          return;
+        }
+        if (frame.type === "welcome" && !welcomed) {
+          welcomed = true;
+          clearTimeout(connectTimer);
+          keepalive = this._keepalive(ws, frame.keepalive, () => lastFrame);
+          this._ws = ws;
+          this.welcome = frame;
+          this._onFrame(frame);
+          this._emit("_socket");
+          this._ready(ws, frame);
+          return;
+        }
+        this._route(ws, frame);
+      };
+      ws.onclose = (event) => {
+        clearTimeout(connectTimer);
+        clearInterval(keepalive);
+        stop.removeEventListener("abort", onAbort);
+        if (this._ws === ws) this._ws = null;
+        this.connected = false;
+        this._failPending("connection lost");
+        if (!welcomed && !stop.aborted) this._onHandshakeFailed();
+        resolve({ welcomed, code: event.code || 1006 });
+      };
+    });
+  }
+
+  /** Ping every `keepalive` s; close (and so reconnect) after 2.5x that of silence. */
+  _keepalive(ws, keepalive, lastFrame) {
+    if (!(keepalive > 0)) return null;
+    const ping = encodeFrame({ type: "ping" });
+    const tick = Math.min(keepalive / 4, 5) * 1000; // fine enough that pings keep their period
+    let nextPing = Date.now() + keepalive * 1000;
+    return setInterval(() => {
+      const now = Date.now();
+      if (now - lastFrame() > 2.5 * keepalive * 1000) {
+        console.warn("herald: server silent; reconnecting");
+        ws.close(4000, "server silent");
+      } else if (now >= nextPing && ws.readyState === WebSocket.OPEN) {
+        ws.send(ping);
+        nextPing = now + keepalive * 1000;
+      }
+    }, tick);
+  }
+
+  async _ready(ws, welcome) {
+    try {
+      await this._onWelcome(welcome);
+    } catch (error) {
+      if (ws.readyState !== WebSocket.OPEN) return; // dropped mid-restore: the next connection restores again
+      console.warn("herald: restoring state after connect failed", error);
+    }
+    if (this._ws !== ws) return;
+    this.connected = true;
+    this._emit("connected", welcome);
+  }
+
+  _route(ws, frame) {
+    try {
+      this._onFrame(frame);
+    } catch (error) {
+      console.warn("herald: a frame hook failed", error);
+    }
+    if (frame.type === "ping") {
+      ws.send(encodeFrame({ type: "pong" }));
+    } else if (REPLY_TYPES.has(frame.type) && frame.id != null) {
+      const pending = this._pending.get(frame.id);
+      if (!pending) return;
+      this._pending.delete(frame.id);
+      clearTimeout(pending.timer);
+      if (frame.type === "error") pending.reject(new HeraldError(frame.code, frame.message));
+      else pending.resolve(frame);
+    } else if (frame.type !== "pong") {
+      if (frame.type === "error") this._lastError = frame;
+      this._emit(frame.type, frame);
+    }
+  }
+}
+
+/**
+ * A visitor: one tab's presence, reachable by agents. `data` (the merged presence data),
+ * `visible`, `focused` and `session` (the live support session, guests kept current) are read-only.
+ */
+export class VisitorClient extends HeraldClient {
+  static PATH = "/v1/visitor";
+
+  /**
+   * @param {string | undefined} baseUrl
+   * @param {{group: string, visitor?: string, token?: Credential, sessionToken?: Credential,
+   *          data?: FlatMap, visible?: boolean}} identity
+   *   visitor and token, or (a consumer that redeemed a short code) only sessionToken
+   * @param {object} [options] see HeraldClient
+   */
+  constructor(baseUrl, { group, visitor, token, sessionToken, data = {}, visible = true }, options) {
+    super(baseUrl, options);
+    const consumer = sessionToken != null;
+    if (consumer ? visitor != null || token != null : visitor == null || token == null) {
+      throw new TypeError("pass visitor and token, or (a consumer) only a sessionToken");
+    }
+    Object.assign(this, { group, visitor: visitor ?? null, consumer, visible });
+    this._credential = consumer ? sessionToken : token;
+    /** @type {FlatMap} */
+    this.data = withoutNulls(data);
+    this.focused = false;
+    /** @type {SessionConnected | null} */
+    this.session = null;
+    this._sent = { data: {}, visible };
+  }
+
+  /** A consumer: a page that redeemed a short code over REST (see redeemShortCode). */
+  static forSession(baseUrl, group, sessionToken, options) {
+    return new VisitorClient(baseUrl, { group, sessionToken }, options);
+  }
+
+  /** Merge `data` into the presence data; a null value removes a field. Kept for reconnects. */
+  setPresence(data) {
+    this.data = withoutNulls({ ...this.data, ...data });
+    this.send({ type: "presence", data });
+  }
+
+  /** Whether agents see this connection as visible (a hidden one still gets signals). */
+  setVisible(visible) {
+    this.visible = Boolean(visible);
+    this.send({ type: "presence", visible: this.visible });
+  }
+
+  /**
+   * Publish this page's URL and title and follow its visibility, as agents expect to see them.
+   * @returns {() => void} stops following
+   */
+  trackPage() {
+    this.setPresence({ url: location.href, title: document.title });
+    this.setVisible(document.visibilityState === "visible");
+    const follow = () => this.setVisible(document.visibilityState === "visible");
+    document.addEventListener("visibilitychange", follow);
+    return () => document.removeEventListener("visibilitychange", follow);
+  }
+
+  /** Signal the agents watching this visitor (or one `agent`); resolves on the server's ack. */
+  async signalAgent(event, data, agent) {
+    await this.request({ type: "signal", event, data, agent });
+  }
+
+  /** Report the co-browse terms dialog: "displayed", "accepted" or "declined". */
+  async terms(status) {
+    if (!TERMS_STATUSES.includes(status)) throw new TypeError(`terms status must be one of ${TERMS_STATUSES}`);
+    await this.signalAgent("terms", { status });
+  }
+
+  /**
+   * Start a support session (ending a previous one): "visitor" for one-click (agents join by
+   * this visitor's ID), "random" for a short code to show (`show_key`).
+   * @returns {Promise<SessionConnected>}
+   */
+  async startSession(keyType = "visitor") {
+    if (keyType !== "visitor" && keyType !== "random") throw new TypeError('keyType is "visitor" or "random"');
+    return /** @type {SessionConnected} */ (await this.request({ type: "start_session", key_type: keyType }));
+  }
+
+  /** End this visitor's session; the agents in it are told. */
+  async endSession() {
+    const ending = this.session?.session;
+    await this.request({ type: "end_session" });
+    if (this.session?.session === ending) this.session = null;
+  }
+
+  async _hello() {
+    const credential = await resolveCredential(this._credential);
+    this._sent = { data: { ...this.data }, visible: this.visible };
+    const data = Object.keys(this.data).length ? { ...this.data } : undefined;
+    return this.consumer
+      ? { type: "hello", versions: VERSIONS, group: this.group, session_token: credential, data, visible: this.visible }
+      : { type: "hello", versions: VERSIONS, group: this.group, visitor: this.visitor, token: credential, data,
+          visible: this.visible };
+  }
+
+  _onFrame(frame) {
+    if (frame.type === "welcome" || frame.type === "focus") this.focused = Boolean(frame.focused);
+    if (frame.type === "welcome" && this.consumer) this.visitor = frame.visitor;
+    else if (frame.type === "session_connected") this.session = frame;
+    else if (frame.type === "guest_count" && this.session?.session === frame.session) {
+      this.session = { ...this.session, guests: frame.guests };
+    }
+  }
+
+  async _onWelcome() {
+    // Changes made while the hello was in flight missed both it and the socket.
+    const { data: sent, visible } = this._sent;
+    const delta = {};
+    for (const key of Object.keys(sent)) if (!(key in this.data)) delta[key] = null;
+    for (const [key, value] of Object.entries(this.data)) if (sent[key] !== value) delta[key] = value;
+    const changed = Object.keys(delta).length > 0;
+    if (changed || visible !== this.visible) {
+      this.send({ type: "presence", data: changed ? delta : undefined,
+                  visible: visible === this.visible ? undefined : this.visible });
+    }
+  }
+}
+
+/**
+ * An agent: logs in over HTTP (an HttpOnly session cookie that the websocket upgrade carries),
+ * watches visitors and signals them. `visitors` maps each watched visitor to its latest state
+ * (the version rule applied); `waiting` holds session keys waited for and not yet started.
+ * A "visitors" event follows every change of `visitors`.
+ */
+export class AgentClient extends HeraldClient {
+  static PATH = "/v1/agent";
+
+  /**
+   * @param {string | undefined} baseUrl
+   * @param {{group: string, agent: string, key: Credential}} identity
+   *   the login key; a function gets a fresh one whenever the login must be renewed
+   * @param {object} [options] see HeraldClient
+   */
+  constructor(baseUrl, { group, agent, key }, options) {
+    super(baseUrl, options);
+    Object.assign(this, { group, agent });
+    this._key = key;
+    /** @type {Map<string, VisitorState>} */
+    this.visitors = new Map();
+    /** @type {Set<string>} */
+    this.waiting = new Set();
+    /** @type {Set<string>} sessions this agent is in, joined again after a reconnect */
+    this.joined = new Set();
+    this.loginExpires = null;
+    this._loggedIn = false;
+    this._watched = new Set();
+    this._watchGroup = false;
+  }
+
+  /** POST /v1/agent/login: trade the key for the session cookie. Refusals throw HeraldError. */
+  async login() {
+    const key = await resolveCredential(this._key);
+    const response = await fetch(`${this.baseUrl}/v1/agent/login`, {
+      method: "POST",
+      headers: { "Content-Type": "application/json" },
+      body: JSON.stringify({ group: this.group, agent: this.agent, key }),
+      credentials: "include",
+    });
+    const body = await response.json().catch(() => ({}));
+    if (!response.ok) {
+      const { code = `http_${response.status}`, message = response.statusText } = body.error || {};
+      if (response.status >= 400 && response.status < 500 && response.status !== 408 && response.status !== 429) {
+        throw new HeraldError(code, message);
+      }
+      throw new Error(`login answered HTTP ${response.status}: ${code}: ${message}`);
+    }
+    this.loginExpires = body.expires ?? null;
+    this._loggedIn = true;
+    return body;
+  }
+
+  /** End the login on the server and close this client. */
+  async logout() {
+    this.reconnect = false;
+    try {
+      if (this._loggedIn) await fetch(`${this.baseUrl}/v1/agent/logout`, { method: "POST", credentials: "include" });
+    } finally {
+      this._loggedIn = false;
+      await this.close();
+    }
+  }
+
+  /** Watch these visitors (kept across reconnects). @returns {Promise<Snapshot>} */
+  subscribe(visitors) {
+    const added = visitors.filter((v) => !this._watched.has(v));
+    added.forEach((v) => this._watched.add(v));
+    return this._replayable({ type: "subscribe", visitors }, () => added.forEach((v) => this._watched.delete(v)));
+  }
+
+  /** Watch every visitor of the group (kept across reconnects). @returns {Promise<Snapshot>} */
+  subscribeGroup() {
+    const had = this._watchGroup;
+    this._watchGroup = true;
+    return this._replayable({ type: "subscribe", group: true }, () => (this._watchGroup = had));
+  }
+
+  /** Stop watching these visitors and/or the group; they leave `visitors`. */
+  async unsubscribe(visitors = [], group = false) {
+    visitors.forEach((v) => this._watched.delete(v));
+    if (group) this._watchGroup = false;
+    for (const visitor of [...this.visitors.keys()]) if (!this._watching(visitor)) this.visitors.delete(visitor);
+    this._emit("visitors", this.visitors);
+    await this.request({ type: "unsubscribe", visitors: visitors.length ? visitors : undefined,
+                         group: group || undefined });
+  }
+
+  /** One visitor's state, without watching it. @returns {Promise<VisitorState>} */
+  async lookup(visitor) {
+    return (await this.request({ type: "lookup", visitor })).state;
+  }
+
+  /** Send `event` to the visitor's focused connection (or to: "all"); resolves with how many got it. */
+  async signal(visitor, event, data, to = "focused") {
+    return (await this.request({ type: "signal", visitor, event, data, to })).delivered || 0;
+  }
+
+  /** Ask the visitor's page to show the co-browse terms dialog. */
+  showTerms(visitor) {
+    return this.signal(visitor, "showterms");
+  }
+
+  /** Be told (session_event "started") when a session keyed by this visitor ID starts; kept across reconnects. */
+  async waitSession(key) {
+    const added = !this.waiting.has(key);
+    this.waiting.add(key);
+    await this._replayable({ type: "wait_session", key }, () => added && this.waiting.delete(key));
+  }
+
+  /**
+   * Join a session by exactly one of its visitor-ID `key`, the short `code` the visitor read
+   * out, or its `session` ID. @returns {Promise<SessionJoined>}
+   */
+  async joinSession({ key, code, session }) {
+    if ([key, code, session].filter((v) => v != null).length !== 1) {
+      throw new TypeError("join a session by exactly one of key, code or session");
+    }
+    const joined = await this.request({ type: "join_session", key, code, session });
+    this.waiting.delete(joined.key);
+    this.joined.add(joined.session);
+    return /** @type {SessionJoined} */ (joined);
+  }
+
+  /** Leave a session this agent joined; the visitor sees the count drop. */
+  async leaveSession(session) {
+    this.joined.delete(session);
+    await this.request({ type: "leave_session", session });
+  }
+
+  _watching(visitor) {
+    return this._watchGroup || this._watched.has(visitor);
+  }
+
+  /** A request whose effect is recorded for reconnects; a refusal (not a lost socket) undoes it. */
+  async _replayable(message, undo) {
+    try {
+      return await this.request(message);
+    } catch (error) {
+      if (error.code !== DISCONNECTED) undo();
+      throw error;
+    }
+  }
+
+  /** Keep `state` unless it is for someone unwatched or not newer than ours. */
+  _update(state) {
+    const held = this.visitors.get(state?.visitor);
+    if (!state || !this._watching(state.visitor) || (held && state.version <= held.version)) return false;
+    this.visitors.set(state.visitor, state);
+    return true;
+  }
+
+  async _prepare() {
+    if (!this._loggedIn) await this.login();
+  }
+
+  _onHandshakeFailed() {
+    // A browser cannot see why an upgrade failed; a stale login is the likely cause.
+    this._loggedIn = false;
+  }
+
+  async _hello() {
+    return { type: "hello", versions: VERSIONS };
+  }
+
+  _onFrame(frame) {
+    let changed = false;
+    if (frame.type === "welcome") {
+      changed = this.visitors.size > 0;
+      this.visitors.clear(); // rebuilt from the snapshots _onWelcome asks for
+    } else if (frame.type === "snapshot") {
+      for (const state of frame.visitors) changed = this._update(state) || changed;
+    } else if (frame.type === "presence_changed" || frame.type === "visitor") {
+      changed = this._update(frame.state);
+    } else if (frame.type === "session_event" && frame.event === "started") {
+      this.waiting.delete(frame.key);
+    } else if (frame.type === "session_event" && frame.event === "ended") {
+      this.joined.delete(frame.session);
+    }
+    if (changed) queueMicrotask(() => this._emit("visitors", this.visitors));
+  }
+
+  async _onWelcome() {
+    const watched = [...this._watched].sort();
+    for (let start = 0; start < watched.length; start += 1000) {
+      await this.request({ type: "subscribe", visitors: watched.slice(start, start + 1000) });
+    }
+    if (this._watchGroup) await this.request({ type: "subscribe", group: true });
+    for (const key of [...this.waiting].sort()) {
+      if (await this._refusedAgain({ type: "wait_session", key })) this.waiting.delete(key);
+    }
+    for (const session of [...this.joined].sort()) {
+      const code = await this._refusedAgain({ type: "join_session", session });
+      if (code) {
+        this.joined.delete(session);
+        this._emit("session_lost", { session, code });
+      }
+    }
+  }
+
+  /** Replay a request after a reconnect: the error code if it is refused now, else null. */
+  async _refusedAgain(message) {
+    try {
+      await this.request(message);
+      return null;
+    } catch (error) {
+      if (error.code === DISCONNECTED) throw error;
+      return error.code;
+    }
+  }
+}
+
+/**
+ * Short codes over REST, for a page with only JavaScript (PROTOCOL.md §12.1): create a code,
+ * redeem it at once, and connect as the session's visitor with the token.
+ * @returns {Promise<{code: string, session: string, sessionToken: string}>}
+ */
+export async function createShortCode(baseUrl, group) {
+  const base = (baseUrl || location.origin).replace(/\/+$/, "");
+  const groupPath = `${base}/v1/groups/${encodeURIComponent(group)}/codes`;
+  const created = await restJson(await fetch(groupPath, { method: "POST" }));
+  const redeemed = await restJson(await fetch(`${groupPath}/${encodeURIComponent(created.code)}`));
+  return { code: created.code, session: redeemed.session, sessionToken: redeemed.session_token };
+}
+
+async function restJson(response) {
+  const body = await response.json().catch(() => ({}));
+  if (!response.ok) {
+    const { code = `http_${response.status}`, message = response.statusText } = body.error || {};
+    throw new HeraldError(code, message);
+  }
+  return body;
+}
+
+function withoutNulls(data) {
+  return Object.fromEntries(Object.entries(data || {}).filter(([, value]) => value != null));
+}

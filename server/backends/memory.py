@@ -1,0 +1,174 @@
+"""The embedded backend: one process, plain dicts, no Redis.
+
+Nothing here awaits, so every operation is atomic on the event loop. The
+bus delivers with ``call_soon``: in publish order, and never re-entrantly
+inside the publisher's call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import time
+import uuid
+from collections.abc import Callable
+
+from herald_presence.protocol.messages import VisitorState
+from herald_presence.server.model.records import HeldSignal, PresenceChange, VisitorRecord, offline_state
+
+from .base import Announce, Backend, BackendListener, Mutation
+
+TOMBSTONE_SECONDS = 600.0  # how long an offline visitor's last version is kept
+
+
+class MemoryBackend(Backend):
+    def __init__(self, instance_id: str | None = None) -> None:
+        self.instance_id = instance_id or uuid.uuid4().hex[:12]
+        self._groups: dict[str, dict[str, VisitorRecord]] = {}
+        self._tombstones: dict[tuple[str, str], tuple[int, float]] = {}  # last version, forget-after
+        self._held: dict[tuple[str, str], list[tuple[HeldSignal, float]]] = {}
+        self._topics: set[str] = set()
+        self._kv: dict[str, tuple[bytes, float | None]] = {}  # value, expires at (monotonic)
+        self._kv_writes = 0
+        self._listener: BackendListener | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self, listener: BackendListener) -> None:
+        self._listener = listener
+        self._loop = asyncio.get_running_loop()
+
+    async def close(self) -> None:
+        self._listener = None
+
+    # -- presence --------------------------------------------------------
+    def _get(self, group: str, visitor: str) -> VisitorRecord | None:
+        visitors = self._groups.get(group)
+        return visitors.get(visitor) if visitors else None
+
+    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+        record = self._get(group, visitor)
+        if record is None:
+            last, _ = self._tombstones.get((group, visitor), (0, 0.0))
+            record = VisitorRecord(group, visitor, last)
+        change = mutation(record)
+        if change is None:
+            return None
+        if record.online:
+            self._groups.setdefault(group, {})[visitor] = record
+            self._tombstones.pop((group, visitor), None)
+        else:
+            self._remove(record)
+        for topic, message in announce(change):
+            await self.publish(topic, message)
+        return change
+
+    def _remove(self, record: VisitorRecord) -> None:
+        visitors = self._groups.get(record.group, {})
+        visitors.pop(record.visitor, None)
+        if not visitors:
+            self._groups.pop(record.group, None)
+        now = time.monotonic()
+        self._tombstones[(record.group, record.visitor)] = (record.version, now + TOMBSTONE_SECONDS)
+        while self._tombstones:  # insertion order is expiry order: drop the expired from the front
+            oldest = next(iter(self._tombstones))
+            if self._tombstones[oldest][1] > now:
+                break
+            del self._tombstones[oldest]
+
+    async def visitor(self, group: str, visitor: str) -> VisitorState:
+        record = self._get(group, visitor)
+        if record is not None:
+            return record.state()
+        return offline_state(visitor, self._tombstones.get((group, visitor), (0, 0.0))[0])
+
+    async def visitor_record(self, group: str, visitor: str) -> VisitorRecord | None:
+        return self._get(group, visitor)
+
+    async def group_visitors(self, group: str) -> list[VisitorState]:
+        return [record.state() for record in self._groups.get(group, {}).values()]
+
+    async def registered_connections(self) -> list[tuple[str, str, str]]:
+        return [
+            (group, visitor, connection)
+            for group, visitors in self._groups.items()
+            for visitor, record in visitors.items()
+            for connection in record.connections
+        ]
+
+    # -- bus -------------------------------------------------------------
+    async def subscribe(self, topic: str) -> None:
+        self._topics.add(topic)
+
+    async def unsubscribe(self, topic: str) -> None:
+        self._topics.discard(topic)
+
+    async def publish(self, topic: str, message: bytes) -> int:
+        if topic not in self._topics or self._listener is None or self._loop is None:
+            return 0
+        self._loop.call_soon(self._listener.on_bus_message, topic, message)
+        return 1
+
+    # -- held signals ----------------------------------------------------
+    async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None:
+        self._held.setdefault((group, visitor), []).append((signal, time.monotonic() + ttl))
+
+    async def take_held(self, group: str, visitor: str) -> list[HeldSignal]:
+        now = time.monotonic()
+        return [signal for signal, expires in self._held.pop((group, visitor), []) if expires > now]
+
+    async def drop_held(self, group: str, visitor: str, key: str) -> bool:
+        held = self._held.get((group, visitor))
+        if not held:
+            return False
+        kept = [(signal, expires) for signal, expires in held if signal.key != key]
+        if kept:
+            self._held[(group, visitor)] = kept
+        else:
+            del self._held[(group, visitor)]
+        return len(kept) != len(held)
+
+    # -- records -------------------------------------------------------------
+    def _live(self, key: str) -> bytes | None:
+        item = self._kv.get(key)
+        if item is None:
+            return None
+        if item[1] is not None and item[1] <= time.monotonic():
+            del self._kv[key]
+            return None
+        return item[0]
+
+    def _store(self, key: str, value: bytes | None, ttl: float | None) -> None:
+        if value is None:
+            self._kv.pop(key, None)
+            return
+        self._kv[key] = (value, None if ttl is None else time.monotonic() + ttl)
+        self._kv_writes += 1
+        if self._kv_writes % 1024 == 0:  # forget what expired unread, so nothing grows forever
+            now = time.monotonic()
+            for stale in [k for k, (_, expires) in self._kv.items() if expires is not None and expires <= now]:
+                del self._kv[stale]
+
+    async def kv_get(self, key: str) -> bytes | None:
+        return self._live(key)
+
+    async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
+        if only_if_absent and self._live(key) is not None:
+            return False
+        self._store(key, value, ttl)
+        return True
+
+    async def kv_delete(self, key: str) -> bool:
+        return self._kv.pop(key, None) is not None
+
+    async def kv_update(
+        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
+    ) -> bytes | None:
+        value = update(self._live(key))
+        self._store(key, value, ttl)
+        return value
+
+    async def kv_count(self, key: str, window: float) -> int:
+        count = int(self._live(key) or b"0") + 1
+        expires = self._kv[key][1] if count > 1 else None
+        remaining = window if expires is None else expires - time.monotonic()
+        self._store(key, str(count).encode(), remaining)
+        return count

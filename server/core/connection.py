@@ -1,0 +1,271 @@
+"""One client connection: its identity and its single, bounded writer.
+
+Fan-out never awaits a client. ``send`` appends the already-encoded frame
+to a bounded queue and, if no writer is running, starts one; the writer
+exits when the queue is empty, so an idle connection holds no task. A client
+that stops reading lets its queue fill and is closed as a slow consumer;
+nobody else waits for it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import secrets
+import time
+from collections import deque
+from typing import Any
+
+from aiohttp import web
+
+from herald_presence.protocol import codec
+from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.messages import Error, Message, Snapshot
+from herald_presence.server import metrics
+from herald_presence.server.model.limits import FrameRate, queue_full
+from herald_presence.server.model.records import ConnectionRecord
+
+log = logging.getLogger(__name__)
+
+CLOSE_TIMEOUT = 2.0
+FLOOR_SECONDS = 10.0  # how long after a snapshot stale bus events may still arrive
+
+
+def new_connection_id() -> str:
+    return "c" + secrets.token_hex(8)
+
+
+def error_frame(code: ErrorCode | str, message: str, request_id: int | None = None) -> bytes:
+    """The one way an error frame is built (and counted)."""
+    metrics.error(str(code))
+    return codec.encode(Error(code=str(code), message=message, id=request_id))
+
+
+class Connection:
+    """A client's socket and identity; ``send`` queues, one writer drains."""
+
+    __slots__ = (
+        "_closer",
+        "_closing",
+        "_leaving",
+        "_queue",
+        "_writer",
+        "group",
+        "id",
+        "max_queue",
+        "rate",
+        "requests",
+        "role",
+        "subject",
+        "ws",
+    )
+
+    def __init__(self, ws: web.WebSocketResponse, role: str, group: str, subject: str, max_queue: int) -> None:
+        self.ws = ws
+        self.id = new_connection_id()
+        self.role = role
+        self.group = group
+        self.subject = subject  # the visitor ID or agent ID
+        self.max_queue = max_queue
+        # Only while frames wait: an idle connection keeps no deque (760 bytes).
+        self._queue: deque[bytes] | None = None
+        self._writer: asyncio.Task[None] | None = None
+        self._closer: asyncio.Task[None] | None = None
+        self._closing = False
+        self._leaving: tuple[int, str] | None = None  # a close waiting for the request in hand
+        self.requests = 0  # requests of this client being answered now
+        self.rate = FrameRate()
+
+    def __repr__(self) -> str:
+        return f"<{self.role} {self.group}/{self.subject} {self.id}>"
+
+    @property
+    def closing(self) -> bool:
+        return self._closing or self.ws.closed
+
+    def send(self, frame: bytes) -> None:
+        """Queue an encoded frame; never blocks, never raises."""
+        if self.closing:
+            return
+        queue = self._queue
+        if queue is None:
+            self._queue = deque((frame,))
+            self._writer = asyncio.create_task(self._drain(), name=f"writer-{self.id}")
+            return
+        if queue_full(len(queue), self.max_queue):
+            log.warning("closing slow consumer %r: %d frames queued", self, len(queue))
+            metrics.SLOW_CONSUMERS.labels(role=self.role).inc()
+            self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
+            return
+        queue.append(frame)
+
+    def send_message(self, message: Message) -> None:
+        self.send(codec.encode(message))
+
+    def send_error(self, code: ErrorCode | str, message: str, request_id: int | None = None) -> None:
+        self.send(error_frame(code, message, request_id))
+
+    async def _drain(self) -> None:
+        queue = self._queue
+        try:
+            while queue and not self.ws.closed:
+                frame = queue.popleft()
+                await self.ws.send_bytes(frame)
+                metrics.sent(self.role, frame)
+        except (ConnectionError, RuntimeError) as exc:
+            # The peer went away mid-write; the receive loop sees the close.
+            log.debug("write to %r failed: %s", self, exc)
+        finally:
+            # Empty (or given up on): the next send starts a new queue and writer.
+            self._queue, self._writer = None, None
+
+    def close(self, code: int, reason: str) -> None:
+        """Close from anywhere (fan-out, timers): queued frames are dropped,
+        the close frame goes out at once, and a peer that does not take it
+        within CLOSE_TIMEOUT is dropped."""
+        if self._closing:
+            return
+        self._closing = True
+        self._queue = None
+        if self._writer is not None:
+            self._writer.cancel()
+        # Awaited by finish(): the close ends the handler's receive loop,
+        # and the handler waits for it before returning.
+        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason), name=f"close-{self.id}")
+
+    def leave(self, code: int, reason: str) -> None:
+        """Close without losing anything: after the request in hand is
+        answered and every queued frame is written (a drain moving clients
+        to other instances). Frames sent meanwhile still go out."""
+        if self._closing:
+            return
+        if self.requests:
+            self._leaving = (code, reason)  # the last ``request_done`` closes
+            return
+        self._closing = True
+        self._closer = asyncio.get_running_loop().create_task(self._flush_and_close(code, reason))
+
+    def request_started(self) -> None:
+        self.requests += 1
+
+    def request_done(self) -> None:
+        self.requests -= 1
+        if self._leaving is not None and not self.requests:
+            code, reason = self._leaving
+            self._leaving = None
+            self.leave(code, reason)
+
+    async def _flush_and_close(self, code: int, reason: str) -> None:
+        writer = self._writer
+        if writer is not None:
+            await asyncio.wait([writer], timeout=CLOSE_TIMEOUT)
+            writer.cancel()  # a peer that does not read is not waited for longer
+        await self._close(code, reason)
+
+    async def _close(self, code: int, reason: str) -> None:
+        # Grab the transport first: aiohttp lets go of it while closing.
+        transport = self.ws._req.transport if self.ws._req is not None else None
+        try:
+            async with asyncio.timeout(CLOSE_TIMEOUT):
+                await self.ws.close(code=code, message=reason.encode()[:120])
+        except (TimeoutError, ConnectionError, RuntimeError):
+            pass
+        except asyncio.CancelledError:
+            # Cancelling the stuck writer can cancel the close with it; only
+            # our own cancellation (shutdown) goes on up.
+            current = asyncio.current_task()
+            if current is not None and current.cancelling():
+                raise
+        finally:
+            # A peer that does not read would keep a half-closed socket
+            # waiting to flush forever: drop it now (a no-op once closed).
+            if transport is not None:
+                transport.abort()
+
+    async def finish(self) -> None:
+        """Before a handler returns: let queued frames go out and a close
+        started elsewhere complete (both bounded)."""
+        tasks = [task for task in (self._writer, self._closer) if task is not None]
+        if tasks:
+            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+
+
+class VisitorConnection(Connection):
+    """A visitor's connection and its own copy of what it registered, so the
+    instance can register it again if the backend loses it."""
+
+    __slots__ = ("presence",)
+
+    def __init__(
+        self,
+        ws: web.WebSocketResponse,
+        group: str,
+        visitor: str,
+        max_queue: int,
+        instance: str,
+        data: dict[str, Any],
+        visible: bool,
+    ) -> None:
+        super().__init__(ws, "visitor", group, visitor, max_queue)
+        data = {key: value for key, value in data.items() if value is not None}
+        self.presence = ConnectionRecord(self.id, instance, data, visible, round(time.time(), 3))
+
+
+class AgentConnection(Connection):
+    """An agent's connection and what it watches.
+
+    While a subscribe is in flight, events are parked in ``pending`` so that
+    the snapshot goes out first. ``floors`` holds the snapshot's version per
+    visitor for a short while: bus events published before the snapshot was
+    read can still arrive after it and must not be shown twice.
+    """
+
+    __slots__ = ("floors", "floors_until", "pending", "recent_events", "sessions", "topics", "watching_group")
+
+    def __init__(self, ws: web.WebSocketResponse, group: str, agent: str, max_queue: int) -> None:
+        super().__init__(ws, "agent", group, agent, max_queue)
+        self.topics: set[str] = set()
+        self.watching_group = False
+        self.sessions: set[str] = set()  # support sessions joined through this connection
+        self.recent_events: deque[str] | None = None  # dedupe keys of session events seen lately
+        self.pending: list[tuple[str, int | None, bytes]] | None = None
+        self.floors: dict[str, int] | None = None
+        self.floors_until = 0.0
+
+    def deliver(self, visitor: str, version: int | None, frame: bytes) -> None:
+        if self.pending is not None:
+            self.pending.append((visitor, version, frame))
+            return
+        if self.floors is not None and version is not None:
+            if time.monotonic() > self.floors_until:
+                self.floors = None
+            else:
+                floor = self.floors.pop(visitor, None)
+                if floor is not None and version <= floor:
+                    self.floors[visitor] = floor
+                    return
+        self.send(frame)
+
+    def deliver_event(self, frame: bytes, dedupe: str | None) -> None:
+        """A frame that may reach this agent on several topics: once only."""
+        if dedupe is not None:
+            if self.recent_events is None:
+                self.recent_events = deque(maxlen=32)
+            elif dedupe in self.recent_events:
+                return
+            self.recent_events.append(dedupe)
+        self.send(frame)
+
+    def start_snapshot(self) -> None:
+        self.pending = []
+
+    def finish_snapshot(self, snapshot: Snapshot | None) -> None:
+        """Send the snapshot (None: the subscribe failed), then what was parked."""
+        if snapshot is not None:
+            floors = self.floors if self.floors is not None else {}
+            floors.update((state["visitor"], state["version"]) for state in snapshot.visitors)
+            self.floors, self.floors_until = floors, time.monotonic() + FLOOR_SECONDS
+            self.send_message(snapshot)
+        parked, self.pending = self.pending or [], None
+        for visitor, version, frame in parked:
+            self.deliver(visitor, version, frame)

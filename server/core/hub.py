@@ -1,0 +1,128 @@
+"""One instance: its services wired together, and what the backend calls.
+
+The hub owns the instance's lifecycle and is the backend's listener: every
+message from the bus is dispatched here, by kind, to the service that owns
+it (presence and events to the watching agents, inbox messages through the
+inbox's table). Services get the narrow collaborators they use, never the
+hub: connections' registry, watchers, the inbox, the task supervisor, and
+the backend's interfaces one by one.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+from herald_presence.protocol.errors import CloseCode, ProtocolError
+from herald_presence.server import metrics
+from herald_presence.server.backends.base import Backend, BackendUnavailable
+from herald_presence.server.config import Settings
+from herald_presence.server.model import names
+from herald_presence.server.model.limits import ConnectionRate
+from herald_presence.server.model.records import PresenceChange
+
+from .connection import AgentConnection, Connection, VisitorConnection
+from .inbox import Inbox
+from .presence import PresenceService
+from .registry import LocalVisitors, Watchers
+from .sessions import CONSUMER_PREFIX, Sessions
+from .signals import SignalRouter
+from .tasks import TaskSupervisor
+
+log = logging.getLogger(__name__)
+
+
+class Hub:
+    def __init__(self, settings: Settings, backend: Backend) -> None:
+        self.settings = settings
+        self.backend = backend
+        self.instance = backend.instance_id
+        self.tasks = TaskSupervisor()
+        self.visitors = LocalVisitors()
+        self.watchers = Watchers(backend)
+        self.inbox = Inbox(backend, self.instance)
+        self.signals = SignalRouter(
+            settings, backend, backend, backend, self.inbox, self.visitors, self.watchers, self.tasks
+        )
+        self.sessions = Sessions(settings, backend, backend, self.watchers, self.signals, self.instance)
+        self.presence = PresenceService(
+            settings, backend, self.visitors, self.watchers, self.inbox, self.tasks, self._visitor_offline
+        )
+        self.inbox.on(names.FOCUS, self.visitors.tell_focus)
+        self.connection_rate = ConnectionRate(settings.connections_per_address)
+        self.draining = False  # SIGTERM came: not ready, no new connections
+
+    # -- lifecycle -------------------------------------------------------------
+    async def start(self) -> None:
+        await self.backend.start(self)
+        # Without the backend yet, the subscription is still recorded and
+        # made when it comes back: the instance starts degraded, not dead.
+        with contextlib.suppress(BackendUnavailable):
+            await self.backend.subscribe(names.inbox_topic(self.instance))
+
+    async def close(self) -> None:
+        await self.tasks.close()
+        await self.backend.close()
+
+    @property
+    def ready(self) -> bool:
+        """The backend reachable (its bus subscription proven), and not draining."""
+        return self.backend.healthy and not self.draining
+
+    def connections(self) -> list[Connection]:
+        return [*self.visitors.all(), *self.watchers.agents()]
+
+    # -- connections -------------------------------------------------------------
+    async def release_held(self, conn: VisitorConnection) -> None:
+        """After the welcome: the visitor's live session follows this
+        connection, and signals held while it was away are delivered."""
+        with contextlib.suppress(BackendUnavailable):  # they stay held; their senders hear of it
+            if not conn.subject.startswith(CONSUMER_PREFIX):  # a consumer attaches with its token
+                await self.sessions.visitor_connected(conn)
+            await self.signals.release_held(conn)
+
+    async def agent_joined(self, agent: AgentConnection) -> None:
+        metrics.connection_opened(agent.role)
+        with contextlib.suppress(BackendUnavailable):  # recorded; made when the backend is back
+            await self.watchers.watch(agent, [names.agent_topic(agent.group, agent.subject)])
+
+    async def agent_left(self, agent: AgentConnection) -> None:
+        metrics.CONNECTIONS.labels(role=agent.role).dec()
+        for session in list(agent.sessions):  # its guest seats go with it
+            with contextlib.suppress(ProtocolError):
+                await self.sessions.leave(agent, session)
+        await self.watchers.unwatch(agent, list(agent.topics))
+
+    async def _visitor_offline(self, group: str, visitor: str) -> None:
+        await self.sessions.end_visitor_session(group, visitor, "visitor_offline")
+
+    # -- the backend's listener ------------------------------------------------------
+    def on_bus_message(self, topic: str, message: bytes) -> None:
+        try:
+            kind, *items = names.unpack(message)
+            if kind == names.PRESENCE:
+                _group, visitor, version, frame = items
+                self.watchers.deliver(topic, visitor, version, frame)
+            elif kind == names.EVENT:
+                _group, visitor, frame, dedupe = items
+                self.watchers.deliver(topic, visitor, None, frame, dedupe)
+            else:
+                self.inbox.dispatch(kind, items)
+        except Exception:
+            log.exception("dropping bad bus message on %s", topic)
+
+    def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
+        return self.presence.announcement(change)
+
+    def presence_changed(self, change: PresenceChange) -> None:
+        self.presence.changed(change)
+
+    async def backend_restored(self) -> None:
+        """The cluster backend is back after an outage: what we registered may
+        be gone or stale, and agents may have missed changes."""
+        metrics.BACKEND_RECONNECTS.inc()
+        await self.presence.restore()
+        # Changes published while the bus was down never reached our agents:
+        # they reconnect at once and start again from a fresh snapshot.
+        for agent in self.watchers.agents():
+            agent.close(CloseCode.RECONNECT, "resync after a cluster backend outage")

@@ -1,0 +1,186 @@
+"""The presence service: visitors' connections in, announcements out, and
+the snapshots agents start from.
+
+A change is applied by the presence store as one atomic step with its
+announcement: one frame, encoded once, published on the visitor's topic and
+its group's topic, and queued as the same bytes on every local agent that
+watches either.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Coroutine
+from functools import partial
+from typing import Any
+
+from herald_presence.protocol import codec
+from herald_presence.protocol.errors import ProtocolError
+from herald_presence.protocol.messages import PresenceChanged, Snapshot, VisitorInfo, VisitorState
+from herald_presence.server import metrics
+from herald_presence.server.backends.base import BackendUnavailable, Mutation, PresenceStore
+from herald_presence.server.config import Settings
+from herald_presence.server.model import names, presence_rules
+from herald_presence.server.model.limits import check_presence, check_subscriptions
+from herald_presence.server.model.records import ConnectionRecord, PresenceChange, VisitorRecord, offline_state
+
+from .connection import AgentConnection, VisitorConnection
+from .inbox import Inbox
+from .registry import LocalVisitors, Watchers
+from .tasks import TaskSupervisor
+
+log = logging.getLogger(__name__)
+
+OnOffline = Callable[[str, str], Coroutine[Any, Any, Any]]
+
+
+class PresenceService:
+    def __init__(
+        self,
+        settings: Settings,
+        store: PresenceStore,
+        visitors: LocalVisitors,
+        watchers: Watchers,
+        inbox: Inbox,
+        tasks: TaskSupervisor,
+        on_offline: OnOffline,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._visitors = visitors
+        self._watchers = watchers
+        self._inbox = inbox
+        self._tasks = tasks
+        self._on_offline = on_offline  # (group, visitor): its session ends
+
+    # -- visitors ------------------------------------------------------------
+    async def visitor_joined(self, conn: VisitorConnection) -> None:
+        """Register a new connection (``limit_exceeded`` if the visitor has its
+        maximum already, or its presence data is too big)."""
+        check_presence(conn.presence.data, self.settings)
+        self._visitors.add(conn)
+        join = partial(presence_rules.join, connection=conn.presence, limit=self.settings.max_connections_per_visitor)
+        try:
+            await self._visitor_mutate(conn, join, joined=conn.id)
+        except ProtocolError:
+            self._visitors.remove(conn)
+            raise
+        metrics.connection_opened(conn.role)
+
+    async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:
+        if data:
+            # Each frame is within the limits; what it merges into must stay so too.
+            merged = {k: v for k, v in {**conn.presence.data, **data}.items() if v is not None}
+            check_presence(merged, self.settings)
+        update = partial(presence_rules.update, connection=conn.id, data=data, visible=visible)
+        await self._visitor_mutate(conn, update)
+
+    async def visitor_left(self, conn: VisitorConnection) -> None:
+        self._visitors.remove(conn)
+        metrics.CONNECTIONS.labels(role=conn.role).dec()
+        change = await self._visitor_mutate(conn, partial(presence_rules.leave, connection=conn.id))
+        away_since = change.record.away_since if change and change.record else None
+        if away_since is not None:
+            group, visitor = conn.group, conn.subject
+            expire = partial(presence_rules.expire_away, away_since=away_since)
+            self._tasks.later(
+                self.settings.grace_period, lambda: self._mutate(group, visitor, expire), f"grace-{group}/{visitor}"
+            )
+
+    async def restore(self) -> None:
+        """The store is back after an outage: drop what closed meanwhile and
+        register again what lives here (it may be gone or stale)."""
+        for group, visitor, connection in await self._store.registered_connections():
+            if connection not in self._visitors:
+                await self._mutate(group, visitor, partial(presence_rules.drop, connection=connection))
+        for conn in self._visitors.all():
+            await self._visitor_mutate(conn, partial(presence_rules.rejoin, connection=conn.presence))
+
+    async def _visitor_mutate(
+        self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None
+    ) -> PresenceChange | None:
+        """A local connection's presence change. If the store is away the
+        connection lives on: the change is applied to its own copy, and
+        ``restore`` registers that copy again."""
+        try:
+            change = await self._mutate(conn.group, conn.subject, mutation, joined)
+        except BackendUnavailable:
+            log.warning("backend unavailable: presence of %r kept locally until it is back", conn)
+            mutation(VisitorRecord(conn.group, conn.subject, 0, {conn.id: conn.presence}))
+            return None
+        if change is not None and change.record is not None:
+            conn.presence = change.record.connections.get(conn.id, conn.presence)
+        return change
+
+    async def _mutate(
+        self, group: str, visitor: str, mutation: Mutation, joined: str | None = None
+    ) -> PresenceChange | None:
+        """Change a visitor's presence, announce it, move focus if it moved."""
+        change = await self._store.mutate(group, visitor, mutation, self.announcement)
+        if change is not None:
+            self.changed(change)
+        if change is not None and change.focus_moved:
+            live = change.record.connections if change.record else {}
+            if change.focus_before and change.focus_before.connection in live:
+                await self._tell_focus(change.focus_before, False)
+            if change.focus_after and change.focus_after.connection != joined:
+                await self._tell_focus(change.focus_after, True)
+        return change
+
+    def changed(self, change: PresenceChange) -> None:
+        """After a change is stored (here, or by the store reaping a dead
+        instance): a visitor gone offline ends its session."""
+        if change.change == "offline" and change.record is not None:
+            group, visitor = change.record.group, change.record.visitor
+            self._tasks.spawn(self._on_offline(group, visitor), f"end-{group}/{visitor}")
+
+    def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
+        """What agents are told of a change: one frame, encoded once, on the
+        visitor's topic and its group's topic."""
+        if change.change is None or change.record is None:
+            return []
+        record = change.record
+        state = record.state() if record.online else offline_state(record.visitor, change.version)
+        frame = codec.encode(PresenceChanged(change=change.change, state=state))
+        message = names.envelope(names.PRESENCE, record.group, record.visitor, change.version, frame)
+        return [
+            (names.visitor_topic(record.group, record.visitor), message),
+            (names.group_topic(record.group), message),
+        ]
+
+    async def _tell_focus(self, record: ConnectionRecord, focused: bool) -> None:
+        await self._inbox.send(record.instance, names.FOCUS, record.connection, focused)
+
+    # -- agents --------------------------------------------------------------
+    async def subscribe(self, agent: AgentConnection, request_id: int, visitors: list[str], group: bool) -> None:
+        """Watch visitors (or the whole group): a snapshot, then every change after it."""
+        watched = sum(topic.startswith(names.VISITOR_TOPIC) for topic in agent.topics)
+        fresh = {names.visitor_topic(agent.group, v) for v in visitors} - agent.topics
+        check_subscriptions(watched, len(fresh), self.settings)
+        agent.start_snapshot()
+        try:
+            if group:
+                agent.watching_group = True
+                await self._watchers.watch(agent, [names.group_topic(agent.group)])
+                states = await self._store.group_visitors(agent.group)
+            else:
+                await self._watchers.watch(agent, [names.visitor_topic(agent.group, v) for v in visitors])
+                states = [await self._store.visitor(agent.group, v) for v in visitors]
+        except BaseException:
+            agent.finish_snapshot(None)
+            raise
+        agent.finish_snapshot(Snapshot(id=request_id, visitors=states, group=group or None))
+
+    async def unsubscribe(self, agent: AgentConnection, visitors: list[str], group: bool) -> None:
+        topics = [names.visitor_topic(agent.group, v) for v in visitors]
+        if group:
+            agent.watching_group = False
+            topics.append(names.group_topic(agent.group))
+        await self._watchers.unwatch(agent, topics)
+
+    async def lookup(self, agent: AgentConnection, request_id: int, visitor: str) -> None:
+        agent.send_message(VisitorInfo(id=request_id, state=await self.visitor(agent.group, visitor)))
+
+    async def visitor(self, group: str, visitor: str) -> VisitorState:
+        """The visitor's state now (offline ones with their last version)."""
+        return await self._store.visitor(group, visitor)

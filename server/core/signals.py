@@ -1,0 +1,228 @@
+"""Signal routing, both directions, and the accounting of every signal.
+
+Visitor -> agents: a visitor's signal is encoded once and published on its
+visitor's and group's topics (agents watching) or on one agent's topic.
+
+Agent -> visitor: the signal always ends in exactly one answer, an ``ack``
+with the number of visitor connections that got it, or an error. Live
+connections on other instances get it through their instance's inbox, which
+replies with its count. When the visitor is between connections (its grace
+period), the signal is held in the backend; whichever instance the visitor
+comes back to takes it, delivers it and replies to the agent's instance. If
+nobody takes it within ``signal_hold``, the agent's instance drops it and
+says it expired. The store guarantees take and drop are exclusive, so a
+signal is never both delivered and reported expired.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import secrets
+
+from herald_presence.protocol import codec
+from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.messages import Signal
+from herald_presence.server import metrics
+from herald_presence.server.backends.base import BackendUnavailable, Bus, HeldSignalStore, PresenceStore
+from herald_presence.server.config import Settings
+from herald_presence.server.model import names
+from herald_presence.server.model.limits import check_signal
+from herald_presence.server.model.records import ConnectionRecord, HeldSignal, VisitorRecord
+
+from .connection import Connection, VisitorConnection
+from .inbox import Inbox
+from .registry import LocalVisitors, Watchers
+from .tasks import TaskSupervisor
+
+RETRY_PAUSE = 0.05  # seconds between looks at a visitor whose connections are closing
+
+
+def _targets(record: VisitorRecord, to_all: bool) -> list[ConnectionRecord]:
+    focused = record.focused()
+    return list(record.connections.values()) if to_all else [focused] if focused else []
+
+
+class SignalRouter:
+    def __init__(
+        self,
+        settings: Settings,
+        store: PresenceStore,
+        held: HeldSignalStore,
+        bus: Bus,
+        inbox: Inbox,
+        visitors: LocalVisitors,
+        watchers: Watchers,
+        tasks: TaskSupervisor,
+    ) -> None:
+        self.settings = settings
+        self._store = store
+        self._held = held
+        self._bus = bus
+        self._inbox = inbox
+        self._visitors = visitors
+        self._watchers = watchers
+        self._tasks = tasks
+        self._instance = inbox.instance
+        self._replies: dict[str, asyncio.Future[int]] = {}
+        inbox.on(names.DELIVER, self._on_deliver)
+        inbox.on(names.REPLY, self._on_reply)
+        inbox.on(names.PUSH, visitors.deliver)
+
+    # -- visitor -> agents ---------------------------------------------------
+    async def from_visitor(self, conn: Connection, message: Signal) -> int:
+        """Relay a visitor's signal; returns how many instances it reached."""
+        check_signal(message.data, self.settings)
+        frame = codec.encode(
+            Signal(event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id)
+        )
+        envelope = names.envelope(names.EVENT, conn.group, conn.subject, frame, None)
+        if message.agent is not None:
+            topics = [names.agent_topic(conn.group, message.agent)]
+        else:
+            topics = [names.visitor_topic(conn.group, conn.subject), names.group_topic(conn.group)]
+        # Both topics at once: the backend sends them in one write. Each topic
+        # keeps this visitor's order, since the next frame waits for these.
+        counts = await asyncio.gather(*(self._publish_event(topic, conn.subject, envelope, frame) for topic in topics))
+        if message.agent is not None and counts[0] is None:
+            raise BackendUnavailable()
+        return sum(count or 0 for count in counts)
+
+    async def _publish_event(self, topic: str, visitor: str, envelope: bytes, frame: bytes) -> int | None:
+        """Subscribers reached, or, when the cluster is unreachable, 1 if this
+        instance's own agents on the topic still heard it (None if none did)."""
+        try:
+            return await self._bus.publish(topic, envelope)
+        except BackendUnavailable:
+            return 1 if self._watchers.deliver(topic, visitor, None, frame) else None
+
+    # -- agent -> visitor ----------------------------------------------------
+    async def to_visitor(self, group: str, agent: str, message: Signal) -> int:
+        """Deliver an agent's signal; the delivered count, or ProtocolError."""
+        assert message.visitor is not None
+        check_signal(message.data, self.settings)
+        visitor, to_all = message.visitor, message.to == "all"
+        frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent))
+        try:
+            record = await self._store.visitor_record(group, visitor)
+        except BackendUnavailable:
+            return self._deliver_without_backend(group, visitor, frame, to_all)
+        if record is None:
+            raise ProtocolError(ErrorCode.VISITOR_OFFLINE, f"visitor {visitor} is offline")
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.settings.signal_hold
+        while True:
+            if record is not None and record.connections:
+                delivered = await self._deliver(_targets(record, to_all), frame)
+                if delivered:
+                    return delivered
+                # Its connections are closing (their leave is on its way): look again shortly.
+                await asyncio.sleep(RETRY_PAUSE)
+            else:  # away, between connections: hold until it is back
+                delivered = await self._hold(group, visitor, frame, to_all, deadline)
+                if delivered:
+                    return delivered
+            if loop.time() >= deadline:
+                raise ProtocolError(ErrorCode.SIGNAL_EXPIRED, f"visitor {visitor} did not come back in time")
+            record = await self._store.visitor_record(group, visitor)
+
+    async def _deliver(self, targets: list[ConnectionRecord], frame: bytes) -> int:
+        by_instance: dict[str, list[str]] = {}
+        for record in targets:
+            by_instance.setdefault(record.instance, []).append(record.connection)
+        delivered = self._visitors.deliver(by_instance.pop(self._instance, []), frame)
+        waits = []
+        for instance, connections in by_instance.items():
+            key, reply = self._expect_reply()
+            envelope = names.envelope(names.DELIVER, key, self._instance, connections, frame)
+            if await self._bus.publish(names.inbox_topic(instance), envelope):
+                waits.append(self._await_reply(key, reply, self.settings.delivery_timeout))
+            else:
+                self._replies.pop(key, None)
+        for count in await asyncio.gather(*waits):
+            delivered += count
+        return delivered
+
+    def _deliver_without_backend(self, group: str, visitor: str, frame: bytes, to_all: bool) -> int:
+        """The cluster is unreachable: a visitor connected here still gets the
+        signal (its newest connection stands in for the focused one);
+        anyone else is a clear error, never silence."""
+        local = self._visitors.of_visitor(group, visitor)
+        if not local:
+            raise BackendUnavailable()
+        targets = local if to_all else local[-1:]
+        return self._visitors.deliver([c.id for c in targets], frame)
+
+    # -- held signals ----------------------------------------------------------
+    async def _hold(self, group: str, visitor: str, frame: bytes, to_all: bool, deadline: float) -> int:
+        """Wait until the visitor's instance delivers the signal (its count),
+        or 0 if the visitor turned out to be back already: deliver directly."""
+        remaining = max(0.0, deadline - asyncio.get_running_loop().time())
+        key, reply = self._expect_reply()
+        held = HeldSignal(key, self._instance, frame, to_all)
+        metrics.HELD_SIGNALS.inc()
+        try:
+            delivered = await self._await_held(group, visitor, held, reply, remaining)
+        except ProtocolError as exc:
+            if exc.code == ErrorCode.SIGNAL_EXPIRED:
+                metrics.HELD_OUTCOMES.labels(outcome="expired").inc()
+            raise
+        finally:
+            metrics.HELD_SIGNALS.dec()
+        if delivered:
+            metrics.HELD_OUTCOMES.labels(outcome="delivered").inc()
+        return delivered
+
+    async def _await_held(
+        self, group: str, visitor: str, held: HeldSignal, reply: asyncio.Future[int], remaining: float
+    ) -> int:
+        key = held.key
+        await self._held.hold(group, visitor, held, remaining + self.settings.delivery_timeout)
+        # The visitor may have come back between our look and the hold.
+        record = await self._store.visitor_record(group, visitor)
+        if record is not None and record.connections and await self._held.drop_held(group, visitor, key):
+            self._replies.pop(key, None)
+            return 0
+        try:
+            return await asyncio.wait_for(asyncio.shield(reply), remaining)
+        except TimeoutError:
+            pass
+        if await self._held.drop_held(group, visitor, key):
+            self._replies.pop(key, None)
+            raise ProtocolError(ErrorCode.SIGNAL_EXPIRED, f"visitor {visitor} did not come back in time")
+        # Taken just now by the visitor's instance: its reply is on the way.
+        return await self._await_reply(key, reply, self.settings.delivery_timeout)
+
+    async def release_held(self, conn: VisitorConnection) -> None:
+        """A visitor connection joined: deliver what waited for it."""
+        for held in await self._held.take_held(conn.group, conn.subject):
+            conn.send(held.frame)
+            await self._inbox.send(held.reply_to, names.REPLY, held.key, 1)
+
+    # -- replies ---------------------------------------------------------------
+    def _expect_reply(self) -> tuple[str, asyncio.Future[int]]:
+        key = secrets.token_hex(8)
+        future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
+        self._replies[key] = future
+        return key, future
+
+    async def _await_reply(self, key: str, future: asyncio.Future[int], seconds: float) -> int:
+        try:
+            return await asyncio.wait_for(future, seconds)
+        except TimeoutError:
+            raise ProtocolError(ErrorCode.DELIVERY_FAILED, "the visitor's instance did not confirm delivery") from None
+        finally:
+            self._replies.pop(key, None)
+
+    def _on_reply(self, key: str, delivered: int) -> None:
+        future = self._replies.get(key)
+        if future is not None and not future.done():
+            future.set_result(delivered)
+
+    def _on_deliver(self, key: str, reply_to: str, connections: list[str], frame: bytes) -> None:
+        delivered = self._visitors.deliver(connections, frame)
+        self._tasks.spawn(self._inbox.send(reply_to, names.REPLY, key, delivered), f"reply-{key}")
+
+    # -- pushes ------------------------------------------------------------------
+    async def push(self, instance: str, connections: list[str], frame: bytes) -> None:
+        """Queue a frame on visitor connections wherever they are held, no reply."""
+        await self._inbox.send(instance, names.PUSH, connections, frame)

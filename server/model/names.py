@@ -1,0 +1,162 @@
+"""Every name in shared state, and the envelopes carried on the bus.
+
+One module, so that a key's or topic's shape is decided in one place and a
+Redis Cluster hash tag (the group in braces) cannot be forgotten in another.
+
+Bus topics route a message only to the instances that hold its recipients:
+
+* ``v:{group}:{visitor}`` — one visitor's presence changes and signals, for
+  instances with an agent watching that visitor;
+* ``g:{group}`` — the same events, for instances with an agent watching the
+  whole group;
+* ``a:{group}:{agent}`` — signals a visitor addresses to one agent;
+* ``k:{group}:{key}`` — a session key's lifecycle, for agents waiting for it;
+* ``s:{group}:{session}`` — a session's lifecycle, for agents in it;
+* ``i:{instance}`` — an instance's inbox: deliveries to its visitor
+  connections and their replies, focus changes, pushes (guest counts).
+
+Envelopes are msgpack arrays whose first item names the kind; the client
+frame inside is already encoded, so a receiving instance forwards the same
+bytes to every local recipient.
+
+Records (``RecordStore`` keys) name their group in braces too; ``RedisNames``
+is the layout of the Redis backend's own keys and channels under a prefix.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import msgpack
+
+# -- envelopes -----------------------------------------------------------------
+PRESENCE = "p"  # [kind, group, visitor, version, frame]
+EVENT = "s"  # [kind, group, visitor, frame, dedupe key or nil]: a visitor's signal, a session event
+DELIVER = "d"  # [kind, key, reply_to, [connection...], frame]
+PUSH = "x"  # [kind, [connection...], frame]: to visitor connections, no reply
+REPLY = "r"  # [kind, key, delivered]
+FOCUS = "f"  # [kind, connection, focused]
+
+
+def pack(value: Any) -> bytes:
+    """The one msgpack encoding of shared state: envelopes and stored records."""
+    return msgpack.packb(value, use_bin_type=True)
+
+
+def unpack(data: bytes) -> Any:
+    return msgpack.unpackb(data, raw=False, use_list=True)
+
+
+def envelope(*items: Any) -> bytes:
+    return pack(items)
+
+
+# -- bus topics ------------------------------------------------------------------
+VISITOR_TOPIC = "v:"  # prefix of visitor topics: agents watching one visitor
+
+
+def visitor_topic(group: str, visitor: str) -> str:
+    return f"v:{{{group}}}:{visitor}"
+
+
+def group_topic(group: str) -> str:
+    return f"g:{{{group}}}"
+
+
+def agent_topic(group: str, agent: str) -> str:
+    return f"a:{{{group}}}:{agent}"
+
+
+def key_topic(group: str, key: str) -> str:
+    return f"k:{{{group}}}:{key}"
+
+
+def session_topic(group: str, session: str) -> str:
+    return f"s:{{{group}}}:{session}"
+
+
+def inbox_topic(instance: str) -> str:
+    return f"i:{instance}"
+
+
+# -- records ---------------------------------------------------------------------
+def session_key(group: str, session: str) -> str:
+    return f"{{{group}}}:session:{session}"
+
+
+def session_by_key(group: str, key: str) -> str:
+    return f"{{{group}}}:session-key:{key}"
+
+
+def session_by_visitor(group: str, visitor: str) -> str:
+    return f"{{{group}}}:visitor-session:{visitor}"
+
+
+def code_key(group: str, code: str) -> str:
+    return f"{{{group}}}:code:{code}"
+
+
+def group_settings_key(group: str) -> str:
+    return f"{{{group}}}:settings"
+
+
+def revoked_login_key(login_session: str) -> str:
+    return f"agent-session-revoked:{login_session}"
+
+
+def lookups_by_address(address: str) -> str:
+    return f"rate:address:{address}"
+
+
+def lookups_by_group(group: str) -> str:
+    return f"{{{group}}}:rate:lookups"
+
+
+# -- the Redis backend's layout ----------------------------------------------------
+class RedisNames:
+    """Keys and channels of the Redis backend, all under ``prefix``.
+
+    * ``{group}:v:<visitor>`` hash: the visitor's record;
+    * ``{group}:online`` set: visitor IDs with a record;
+    * ``{group}:held:<visitor>`` hash: held signals;
+    * ``instances`` sorted set: instance ID -> last heartbeat (unix ms);
+    * ``inst:<id>:conns`` / ``inst:<id>:away``: what an instance registered
+      and whose grace periods it runs; ``reap:<id>``: the reaper's lock;
+    * every bus topic is the channel ``<prefix>:<topic>``; ``probe:<id>`` is
+      an instance's probe of its own subscription;
+    * records are ``<prefix>:<record key>``.
+    """
+
+    def __init__(self, prefix: str) -> None:
+        self.prefix = prefix
+        self.instances = f"{prefix}:instances"
+
+    def visitor(self, group: str, visitor: str) -> str:
+        return f"{self.prefix}:{{{group}}}:v:{visitor}"
+
+    def online(self, group: str) -> str:
+        return f"{self.prefix}:{{{group}}}:online"
+
+    def held(self, group: str, visitor: str) -> str:
+        return f"{self.prefix}:{{{group}}}:held:{visitor}"
+
+    def instance_connections(self, instance: str) -> str:
+        return f"{self.prefix}:inst:{instance}:conns"
+
+    def instance_away(self, instance: str) -> str:
+        return f"{self.prefix}:inst:{instance}:away"
+
+    def reap_lock(self, instance: str) -> str:
+        return f"{self.prefix}:reap:{instance}"
+
+    def record(self, key: str) -> str:
+        return f"{self.prefix}:{key}"
+
+    def channel(self, topic: str) -> bytes:
+        return f"{self.prefix}:{topic}".encode()
+
+    def topic(self, channel: bytes) -> str:
+        return channel[len(self.prefix) + 1 :].decode()
+
+    def probe(self, instance: str) -> bytes:
+        return self.channel(f"probe:{instance}")

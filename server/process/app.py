@@ -1,0 +1,69 @@
+"""Builds the aiohttp application: the backend, the instance, the routes."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from herald_presence.protocol.errors import CloseCode
+from herald_presence.server import __version__, logs
+from herald_presence.server.backends.base import Backend
+from herald_presence.server.backends.memory import MemoryBackend
+from herald_presence.server.config import Settings
+from herald_presence.server.core.hub import Hub
+from herald_presence.server.web import admin, auth, codes, crm, demo, health, keys, pages
+from herald_presence.server.web.agent_ws import agent_endpoint
+from herald_presence.server.web.visitor_ws import visitor_endpoint
+
+log = logging.getLogger(__name__)
+
+
+def make_backend(settings: Settings) -> Backend:
+    """Redis when a URL is configured, else the embedded memory backend."""
+    if not settings.redis_url:
+        return MemoryBackend()
+    from herald_presence.server.backends.redis import RedisBackend
+
+    return RedisBackend(
+        settings.redis_url,
+        prefix=settings.redis_prefix,
+        grace_period=settings.grace_period,
+        heartbeat=settings.instance_heartbeat,
+        dead_after=settings.instance_dead_after,
+        probe_timeout=max(3.0, settings.instance_heartbeat * 3),
+    )
+
+
+def make_app(settings: Settings, backend: Backend | None = None) -> web.Application:
+    app = web.Application(client_max_size=64 * 1024)
+    keys.install(app, settings, Hub(settings, backend or make_backend(settings)))
+    auth.setup_sessions(app, settings)
+    app.router.add_get("/v1/visitor", visitor_endpoint)
+    app.router.add_get("/v1/agent", agent_endpoint)
+    app.router.add_post("/v1/agent/login", auth.login)
+    app.router.add_post("/v1/agent/logout", auth.logout)
+    for routes in (codes, admin, crm, demo, pages, health):
+        routes.add_routes(app)
+    app.cleanup_ctx.append(_run_hub)
+    app.on_shutdown.append(_close_connections)
+    return app
+
+
+async def _run_hub(app: web.Application) -> AsyncIterator[None]:
+    hub = app[keys.HUB]
+    logs.set_instance(hub.instance)
+    await hub.start()
+    log.info("herald %s instance %s ready", __version__, hub.instance)
+    yield
+    await hub.close()
+
+
+async def _close_connections(app: web.Application) -> None:
+    """Tell every client to reconnect (elsewhere) before the process stops."""
+    connections = app[keys.HUB].connections()
+    for conn in connections:
+        conn.close(CloseCode.GOING_AWAY, "server shutting down")
+    for conn in connections:
+        await conn.finish()

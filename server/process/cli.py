@@ -1,0 +1,125 @@
+"""``herald serve`` and ``herald token``."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import sys
+
+from herald_presence.protocol import tokens
+from herald_presence.server import __version__
+from herald_presence.server.config import ConfigError, Settings, ensure_demo_group, load
+
+HELP = {
+    "host": "address to listen on",
+    "port": "port to listen on",
+    "keepalive": "seconds of silence before a server ping (0.8-1x per connection); silent for 1.5x this closes",
+    "handshake_timeout": "seconds a new connection has to send its hello",
+    "grace_period": "seconds before a visitor whose last connection closed is announced offline",
+    "signal_hold": "seconds a signal waits for a reconnecting visitor before it expires",
+    "delivery_timeout": "seconds to wait for another instance to confirm a delivery",
+    "max_frame_bytes": "largest accepted frame; bigger ones close the connection with 1009",
+    "max_queue": "outbound frames queued per connection before it is closed as a slow consumer",
+    "message_rate": "frames per second a connection may send, sustained (token bucket)",
+    "message_burst": "frames a connection may send at once above the rate",
+    "connections_per_address": "new websocket connections per client address per minute, per instance",
+    "max_connections_per_visitor": "connections (tabs, devices) one visitor may hold at once",
+    "max_subscriptions_per_agent": "visitor IDs one agent connection may watch",
+    "max_presence_bytes": "largest presence data of a connection (msgpack bytes)",
+    "max_presence_fields": "most fields in a connection's presence data (at most the protocol's 32)",
+    "max_signal_bytes": "largest data of one signal (msgpack bytes)",
+    "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
+    "session_max_age": "seconds an agent login lasts",
+    "cookie_secure": "mark the session cookie Secure (set it behind HTTPS)",
+    "cookie_samesite": "SameSite of the session cookie: Strict, Lax or None",
+    "session_ttl": "seconds a support session (and a claimed short code) lives at most",
+    "code_length": "default digits of a short code (groups can change theirs at run time)",
+    "code_ttl": "default seconds an unclaimed short code lives",
+    "code_lookups_per_address": "short-code look-ups allowed per client address per minute",
+    "code_lookups_per_group": "short-code look-ups allowed per group per minute, all addresses together",
+    "admin_token": "bearer token of the admin API (at least 16 characters); empty disables it",
+    "trusted_proxies": "comma-separated addresses or CIDRs of proxies whose X-Forwarded-For names the client",
+    "redis_url": "Redis URL for cluster mode; empty keeps the embedded memory backend",
+    "redis_prefix": "prefix of every Redis key and channel (several clusters can share a Redis)",
+    "instance_heartbeat": "seconds between an instance's heartbeats in Redis",
+    "instance_dead_after": "seconds without a heartbeat before an instance's visitors are dropped",
+    "drain_timeout": "seconds from SIGTERM to exit at most; clients are moved to other instances meanwhile",
+    "drain_spread": "seconds over which a draining instance asks its connections to reconnect (at most half the drain)",
+    "workers": "processes serving the port together (SO_REUSEPORT); more than 1 needs redis_url",
+    "log_level": "DEBUG, INFO, WARNING or ERROR",
+    "log_format": "text, or json (one object per line, with connection IDs)",
+}
+
+
+def _serve_parser(sub: argparse._SubParsersAction) -> None:
+    serve = sub.add_parser("serve", help="run the server")
+    serve.add_argument("--config", help="TOML file with settings and [groups.<id>] tables")
+    serve.add_argument("--group", action="append", default=[], metavar="ID=SECRET", help="add a group (repeatable)")
+    for field in dataclasses.fields(Settings):
+        if field.name != "groups":
+            serve.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=HELP[field.name])
+
+
+def _token_parser(sub: argparse._SubParsersAction) -> None:
+    token = sub.add_parser("token", help="mint a visitor token, agent login key or REST API key")
+    token.add_argument("role", choices=[tokens.VISITOR, tokens.AGENT, tokens.API])
+    token.add_argument("--group", required=True)
+    token.add_argument("--id", help="the visitor or agent ID (not for api)")
+    token.add_argument("--secret", required=True, help="the group's secret")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="herald", description="Herald presence and signalling server")
+    parser.add_argument("--version", action="version", version=f"herald {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True)
+    _serve_parser(sub)
+    _token_parser(sub)
+    args = parser.parse_args(argv)
+    if args.command == "token":
+        if args.role == tokens.API:
+            print(tokens.api_key(args.secret, args.group, args.ttl))
+        elif args.id is None:
+            parser.error("--id is required for visitor and agent tokens")
+        else:
+            print(tokens.make_token(args.secret, args.role, args.group, args.id, args.ttl))
+        return
+    flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "group")}
+    if args.group:
+        flags["groups"] = ",".join(args.group)
+    try:
+        settings = load(args.config, flags=flags)
+    except ConfigError as exc:
+        sys.exit(f"herald: {exc}")
+    serve(settings)
+
+
+SERVER_EXTRA = ("aiohttp_session", "redis", "prometheus_client")  # the "server" extra's imports
+
+
+def serve(settings: Settings) -> None:
+    from herald_presence.server import logs
+
+    try:
+        from . import runner
+    except ModuleNotFoundError as exc:
+        if exc.name not in SERVER_EXTRA:
+            raise
+        sys.exit(f"herald: serving needs the server's dependencies: pip install 'herald-presence[server]' ({exc})")
+    logs.setup(settings.log_level, settings.log_format)
+    demo = ensure_demo_group(settings)
+    if demo is not None:
+        print(
+            "\n  DEMO MODE: no group is configured, so this server made a demo group for trying it out.\n"
+            f"  group: {demo.id}\n  secret: {demo.secrets[0]}   (random, new at every start)\n"
+            f"  visitor token: herald token visitor --group {demo.id} --id <visitor> --secret <secret>\n"
+            f"  in a browser on this machine: http://{settings.host}:{settings.port}/console"
+            f" and http://{settings.host}:{settings.port}/demo/visitor\n"
+            "  Configure real groups with --group ID=SECRET, HERALD_GROUPS or a TOML file.\n",
+            flush=True,
+        )
+    sys.exit(runner.run(settings))
+
+
+if __name__ == "__main__":
+    main()

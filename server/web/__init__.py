@@ -1,0 +1,1 @@
+"""The aiohttp edge: websocket endpoints, HTTP routes, auth, pages, health."""

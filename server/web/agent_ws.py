@@ -1,0 +1,127 @@
+"""``GET /v1/agent``: an agent's connection (needs a login session)."""
+
+from __future__ import annotations
+
+import logging
+import time
+from functools import partial
+
+from aiohttp import web
+
+from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.messages import (
+    Ack,
+    JoinSession,
+    LeaveSession,
+    Lookup,
+    Message,
+    Signal,
+    Subscribe,
+    Unsubscribe,
+    WaitSession,
+)
+from herald_presence.server import logs, metrics
+from herald_presence.server.core.connection import AgentConnection
+from herald_presence.server.core.presence import PresenceService
+from herald_presence.server.core.sessions import Sessions
+from herald_presence.server.core.signals import SignalRouter
+from herald_presence.server.core.tasks import TaskSupervisor
+
+from . import auth
+from .http_common import error_response
+from .keys import HUB, PRESENCE, SESSIONS, SETTINGS, SIGNALS
+from .websocket import (
+    answering_errors,
+    open_websocket,
+    read_hello,
+    refuse,
+    refused_before_upgrade,
+    serve_frames,
+    welcome,
+)
+
+log = logging.getLogger(__name__)
+
+
+async def agent_endpoint(request: web.Request) -> web.StreamResponse:
+    settings, hub = request.app[SETTINGS], request.app[HUB]
+    refused = refused_before_upgrade(request, hub)
+    if refused is not None:
+        return refused
+    identity = await auth.agent_identity(request)
+    if identity is None:
+        return error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")
+    group, agent_id = identity
+    if not await auth.origin_allowed(request, group):
+        return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    ws = await open_websocket(request, settings)
+    try:
+        _hello, version = await read_hello(ws, settings)
+    except ProtocolError as exc:
+        await refuse(ws, exc)
+        return ws
+    agent = AgentConnection(ws, group.id, agent_id, settings.max_queue)
+    logs.CONNECTION.set(agent.id)  # this handler's log lines (and its tasks') name it
+    try:
+        await hub.agent_joined(agent)
+        agent.send_message(welcome(agent, version, settings, agent=agent_id))
+        log.debug("agent %s/%s connected", group.id, agent_id)
+        app = request.app
+        handle = partial(_handle, app[PRESENCE], app[SESSIONS], app[SIGNALS], hub.tasks, agent)
+        await serve_frames(agent, settings, handle)
+    finally:
+        await hub.agent_left(agent)
+        await agent.finish()
+        log.debug("agent connection closed (%s)", ws.close_code)
+    return ws
+
+
+async def _handle(
+    presence: PresenceService,
+    sessions: Sessions,
+    signals: SignalRouter,
+    tasks: TaskSupervisor,
+    agent: AgentConnection,
+    message: Message,
+) -> None:
+    if isinstance(message, Signal):
+        if message.visitor is None:
+            raise ProtocolError(ErrorCode.INVALID, "visitor: is required")
+        # Delivery may wait for a reconnecting visitor: never block this loop.
+        tasks.spawn(
+            answering_errors(agent, message.id, _signal(signals, agent, message)),
+            f"signal-{agent.id}-{message.id}",
+        )
+    elif isinstance(message, Subscribe | Unsubscribe):
+        if not message.visitors and not message.group:
+            raise ProtocolError(ErrorCode.INVALID, "name visitors, or set group")
+        if isinstance(message, Subscribe):
+            await presence.subscribe(agent, message.id, message.visitors or [], bool(message.group))
+        else:
+            await presence.unsubscribe(agent, message.visitors or [], bool(message.group))
+            agent.send_message(Ack(id=message.id))
+    elif isinstance(message, Lookup):
+        await presence.lookup(agent, message.id, message.visitor)
+    elif isinstance(message, WaitSession):
+        await sessions.wait(agent, message.key)
+        agent.send_message(Ack(id=message.id))
+        await sessions.tell_if_live(agent, message.key)
+    elif isinstance(message, JoinSession):
+        join = sessions.join(agent, message.id, key=message.key, code=message.code, session=message.session)
+        agent.send_message(await join)
+    elif isinstance(message, LeaveSession):
+        await sessions.leave(agent, message.session)
+        agent.send_message(Ack(id=message.id))
+    else:
+        raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not an agent message")
+
+
+async def _signal(signals: SignalRouter, agent: AgentConnection, message: Signal) -> None:
+    started, outcome = time.perf_counter(), "error"
+    try:
+        delivered = await signals.to_visitor(agent.group, agent.subject, message)
+        outcome = "delivered"
+    finally:
+        metrics.SIGNAL_DELIVERY.labels(outcome=outcome).observe(time.perf_counter() - started)
+    if message.id is not None:
+        agent.send_message(Ack(id=message.id, delivered=delivered))

@@ -1,0 +1,163 @@
+"""Who may connect: visitor tokens, agent login sessions, Origin checks.
+
+Visitors prove their ID with a token their company's back end signed with
+the group's secret (see ``protocol.tokens``). Agents trade a signed login key
+for an encrypted, HttpOnly session cookie; the agent websocket needs it.
+A browser's Origin must be Herald's own or one its group allows on every
+upgrade, login and REST call, against cross-site websocket hijacking;
+clients without an Origin (not browsers) prove themselves by credential.
+Logout revokes the session ID in the backend, since a copy of the cookie
+would otherwise outlive it.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import logging
+import secrets
+import time
+from typing import Any
+
+from aiohttp import web
+from aiohttp_session import get_session, new_session
+from aiohttp_session import setup as setup_session_middleware
+from aiohttp_session.cookie_storage import EncryptedCookieStorage
+
+from herald_presence.protocol import checks, tokens
+from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.messages import Hello
+from herald_presence.server.backends.base import BackendUnavailable
+from herald_presence.server.config import ConfigError, GroupConfig, Settings
+from herald_presence.server.core import group_settings
+from herald_presence.server.model.names import revoked_login_key
+
+from .http_common import STATUS, allowed_origin, error_response
+from .keys import RECORDS, SETTINGS
+
+log = logging.getLogger(__name__)
+
+COOKIE_NAME = "HERALD_SESSION"
+
+
+def setup_sessions(app: web.Application, settings: Settings) -> None:
+    if settings.session_secret:
+        try:
+            key = base64.urlsafe_b64decode(settings.session_secret)
+        except ValueError:
+            raise ConfigError("session_secret must be url-safe base64") from None
+        if len(key) != 32:
+            raise ConfigError("session_secret must decode to 32 bytes")
+    else:
+        # Sessions then live as long as this process and only on this instance.
+        key = secrets.token_bytes(32)
+    storage = EncryptedCookieStorage(
+        key,
+        cookie_name=COOKIE_NAME,
+        max_age=settings.session_max_age,
+        httponly=True,
+        secure=settings.cookie_secure,
+        samesite=settings.cookie_samesite,
+    )
+    setup_session_middleware(app, storage)
+
+
+async def allowed_origins(request: web.Request, group: GroupConfig) -> list[str]:
+    """The group's configured origins plus those set at run time (admin API)."""
+    runtime = await group_settings.load(request.app[RECORDS], request.app[SETTINGS], group.id)
+    return [*group.allowed_origins, *runtime.allowed_origins]
+
+
+async def origin_allowed(request: web.Request, group: GroupConfig) -> bool:
+    """No Origin (not a browser: it proves itself with a credential), Herald's
+    own pages, or an origin the group allows. Anything else is a foreign
+    page trying to borrow a visitor's or agent's credentials."""
+    if "Origin" not in request.headers:
+        return True
+    return allowed_origin(request, await allowed_origins(request, group)) is not None
+
+
+async def require_origin(request: web.Request, group: GroupConfig) -> None:
+    if not await origin_allowed(request, group):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+
+
+ANONYMOUS_PREFIX = "anon."
+
+
+def verify_visitor(settings: Settings, hello: Hello) -> tuple[GroupConfig, str]:
+    """The group and visitor ID a hello proves. Without visitor and token, a
+    group that allows anonymous visitors gives a fresh ``anon.`` ID: an
+    anonymous visitor can never choose (or claim) an ID."""
+    group = settings.groups.get(hello.group or "")
+    if group is None:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
+    if hello.visitor is None and hello.token is None and group.allow_anonymous:
+        return group, ANONYMOUS_PREFIX + secrets.token_hex(8)
+    if hello.visitor is None or hello.token is None:
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "a visitor hello needs group, visitor and token")
+    tokens.verify_token(group.secrets, tokens.VISITOR, group.id, hello.visitor, hello.token)
+    return group, hello.visitor
+
+
+async def login(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/agent/login`` with ``{"group", "agent", "key"}``."""
+    settings = request.app[SETTINGS]
+    try:
+        body: Any = await request.json()
+        if not isinstance(body, dict):
+            raise ValueError
+        group_id = checks.identifier(body.get("group"), "group")
+        agent = checks.identifier(body.get("agent"), "agent")
+        key = checks.token(body.get("key"), "key")
+    except (ValueError, json.JSONDecodeError):
+        return error_response(400, ErrorCode.INVALID, "expected a JSON object with group, agent and key")
+    except ProtocolError as exc:
+        return error_response(400, exc.code, exc.message)
+    group = settings.groups.get(group_id)
+    if group is None:
+        return error_response(401, ErrorCode.UNAUTHORIZED, "unknown group or bad key")
+    if not await origin_allowed(request, group):
+        return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    try:
+        tokens.verify_token(group.secrets, tokens.AGENT, group.id, agent, key)
+    except ProtocolError as exc:
+        log.info("agent login refused for %s/%s: %s", group_id, agent, exc.code)
+        return error_response(STATUS.get(exc.code, 401), exc.code, exc.message)
+    session = await new_session(request)
+    expires = int(time.time()) + settings.session_max_age
+    session.update({"group": group.id, "agent": agent, "expires": expires, "sid": secrets.token_hex(16)})
+    log.info("agent %s/%s logged in", group.id, agent)
+    return web.json_response({"group": group.id, "agent": agent, "expires": expires})
+
+
+async def logout(request: web.Request) -> web.StreamResponse:
+    """End the login everywhere: the session lives in the cookie, so a copy
+    of it would outlive a cleared cookie; its ID is recorded as revoked (in
+    the backend, for every instance) until the session would have expired."""
+    session = await get_session(request)
+    session_id, expires = session.get("sid"), session.get("expires", 0)
+    if isinstance(session_id, str) and expires > time.time():
+        await request.app[RECORDS].kv_set(revoked_login_key(session_id), b"1", ttl=expires - time.time())
+    session.invalidate()
+    return web.json_response({"ok": True})
+
+
+async def agent_identity(request: web.Request) -> tuple[GroupConfig, str] | None:
+    """The logged-in agent of this request's session, if still valid."""
+    settings = request.app[SETTINGS]
+    session = await get_session(request)
+    group = settings.groups.get(session.get("group", ""))
+    agent, session_id = session.get("agent"), session.get("sid")
+    if group is None or not isinstance(agent, str) or not isinstance(session_id, str):
+        return None
+    if session.get("expires", 0) < time.time():
+        return None
+    try:
+        if await request.app[RECORDS].kv_get(revoked_login_key(session_id)) is not None:
+            return None
+    except BackendUnavailable:
+        # Local agents keep working through a Redis outage; a logout made
+        # meanwhile is only enforced again once Redis is back.
+        log.warning("backend unavailable: cannot check whether %s/%s logged out", group.id, agent)
+    return group, agent

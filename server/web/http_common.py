@@ -1,0 +1,158 @@
+"""What the HTTP API shares: JSON errors, CORS, client addresses, credentials.
+
+Errors are the protocol's error values with an HTTP status: a client sees
+the same ``code`` over REST as over the websocket.
+"""
+
+from __future__ import annotations
+
+import functools
+import hmac
+import ipaddress
+import json
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+from aiohttp import web
+
+from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.server import metrics
+from herald_presence.server.config import GroupConfig, Settings, trusted_networks
+from herald_presence.server.model.limits import count
+
+from .keys import SETTINGS
+
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+STATUS = {
+    ErrorCode.INVALID: 400,
+    ErrorCode.BAD_FRAME: 400,
+    ErrorCode.UNAUTHORIZED: 401,
+    ErrorCode.TOKEN_EXPIRED: 401,
+    ErrorCode.FORBIDDEN: 403,
+    ErrorCode.SESSION_NOT_FOUND: 404,
+    ErrorCode.VISITOR_OFFLINE: 404,
+    ErrorCode.AGENT_OFFLINE: 404,
+    ErrorCode.SIGNAL_EXPIRED: 410,
+    ErrorCode.RATE_LIMITED: 429,
+    ErrorCode.BACKEND_UNAVAILABLE: 503,
+    ErrorCode.CODE_SPACE_EXHAUSTED: 503,
+    ErrorCode.DRAINING: 503,
+    ErrorCode.DELIVERY_FAILED: 504,
+}
+
+
+def error_response(status: int, code: ErrorCode | str, message: str) -> web.Response:
+    metrics.error(str(code))
+    return web.json_response({"error": {"code": str(code), "message": message}}, status=status)
+
+
+def json_errors(handler: Handler) -> Handler:
+    """Turn ``ProtocolError`` into its JSON error response."""
+
+    @functools.wraps(handler)
+    async def wrapped(request: web.Request) -> web.StreamResponse:
+        try:
+            return await handler(request)
+        except ProtocolError as exc:
+            count(exc)
+            response = error_response(STATUS.get(exc.code, 500), exc.code, exc.message)
+            if exc.code == ErrorCode.RATE_LIMITED:
+                response.headers["Retry-After"] = "60"
+            return response
+
+    return wrapped
+
+
+async def read_json(request: web.Request) -> dict[str, Any]:
+    try:
+        body = await request.json()
+    except (ValueError, json.JSONDecodeError):
+        body = None
+    if not isinstance(body, dict):
+        raise ProtocolError(ErrorCode.INVALID, "expected a JSON object")
+    return body
+
+
+def bearer(request: web.Request) -> str:
+    scheme, _, credential = request.headers.get("Authorization", "").partition(" ")
+    if scheme.lower() != "bearer" or not credential.strip():
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, "an Authorization: Bearer credential is required")
+    return credential.strip()
+
+
+def same_secret(given: str, expected: str) -> bool:
+    return hmac.compare_digest(given.encode(), expected.encode())
+
+
+def group_of(settings: Settings, group_id: str) -> GroupConfig:
+    group = settings.groups.get(group_id)
+    if group is None:
+        raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "unknown group")
+    return group
+
+
+# -- CORS ----------------------------------------------------------------------
+
+
+def allowed_origin(request: web.Request, origins: list[str]) -> str | None:
+    """The request's Origin if the group allows it (or it is Herald's own)."""
+    origin = request.headers.get("Origin")
+    if origin is None:
+        return None
+    if origin in origins or "*" in origins or origin == f"{request.scheme}://{request.host}":
+        return origin
+    return None
+
+
+def with_cors(response: web.StreamResponse, origin: str | None, credentials: bool = False) -> web.StreamResponse:
+    if origin is not None:
+        response.headers["Access-Control-Allow-Origin"] = origin
+        response.headers["Vary"] = "Origin"
+        if credentials:
+            response.headers["Access-Control-Allow-Credentials"] = "true"
+    return response
+
+
+def preflight(origin: str | None, methods: str) -> web.Response:
+    response = web.Response(status=204 if origin else 403)
+    if origin is not None:
+        with_cors(response, origin, credentials=True)
+        response.headers["Access-Control-Allow-Methods"] = methods
+        response.headers["Access-Control-Allow-Headers"] = "Content-Type, Authorization"
+        response.headers["Access-Control-Max-Age"] = "600"
+    return response
+
+
+# -- client addresses -----------------------------------------------------------
+
+
+def client_address(request: web.Request) -> str:
+    """The address per-address limits count: the TCP peer, or, when the peer
+    is a trusted proxy, the nearest address in X-Forwarded-For that is not
+    one (the hops further left were written by the client and prove nothing)."""
+    peer = request.remote or "unknown"
+    trusted = trusted_networks(request.app[SETTINGS].trusted_proxies)
+    if not trusted or not _within(peer, trusted):
+        return peer
+    hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", []) for hop in value.split(",")]
+    for hop in reversed([hop for hop in hops if hop]):
+        if not _within(hop, trusted):
+            return hop if _is_address(hop) else peer
+    return peer
+
+
+def _is_address(text: str) -> bool:
+    try:
+        ipaddress.ip_address(text)
+    except ValueError:
+        return False
+    return True
+
+
+def _within(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6Network, ...]) -> bool:
+    try:
+        ip = ipaddress.ip_address(address)
+    except ValueError:
+        return False
+    return any(ip in network for network in networks)

@@ -1,0 +1,29 @@
+"""Typed keys for what the application holds: the settings, the instance,
+and each service a handler may use (handlers take what they need, by name)."""
+
+from __future__ import annotations
+
+from aiohttp import web
+
+from herald_presence.server.backends.base import RecordStore
+from herald_presence.server.config import Settings
+from herald_presence.server.core.hub import Hub
+from herald_presence.server.core.presence import PresenceService
+from herald_presence.server.core.sessions import Sessions
+from herald_presence.server.core.signals import SignalRouter
+
+SETTINGS = web.AppKey("settings", Settings)
+HUB = web.AppKey("hub", Hub)  # the instance: lifecycle, readiness, admission
+PRESENCE = web.AppKey("presence", PresenceService)
+SIGNALS = web.AppKey("signals", SignalRouter)
+SESSIONS = web.AppKey("sessions", Sessions)
+RECORDS = web.AppKey("records", RecordStore)
+
+
+def install(app: web.Application, settings: Settings, hub: Hub) -> None:
+    app[SETTINGS] = settings
+    app[HUB] = hub
+    app[PRESENCE] = hub.presence
+    app[SIGNALS] = hub.signals
+    app[SESSIONS] = hub.sessions
+    app[RECORDS] = hub.backend

@@ -1,0 +1,201 @@
+"""What both websocket endpoints share: upgrade, hello, the frame loop.
+
+Bad frames are answered with an ``error`` frame and dropped; the connection
+lives on. Only the handshake closes on failure, with a close code that tells
+the client whether reconnecting can help.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import random
+from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from typing import Any
+
+from aiohttp import WSMsgType, web
+
+from herald_presence.protocol import codec
+from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
+from herald_presence.protocol.messages import SUPPORTED_VERSIONS, Hello, Message, Ping, Pong, Welcome
+from herald_presence.server import __version__, metrics
+from herald_presence.server.config import Settings
+from herald_presence.server.core.connection import CLOSE_TIMEOUT, Connection, error_frame
+from herald_presence.server.core.hub import Hub
+from herald_presence.server.model.limits import ConnectionLimit, Verdict, count
+
+from .http_common import client_address, error_response
+
+log = logging.getLogger(__name__)
+
+SERVER_NAME = f"herald/{__version__}"
+
+_HANDSHAKE_CLOSE = {
+    ErrorCode.UNAUTHORIZED: CloseCode.UNAUTHORIZED,
+    ErrorCode.TOKEN_EXPIRED: CloseCode.UNAUTHORIZED,
+    ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
+    ErrorCode.UNSUPPORTED_VERSION: CloseCode.UNSUPPORTED_VERSION,
+}
+
+
+class HandshakeTimeout(ProtocolError):
+    """No hello in time: maybe a slow network, so the client may retry."""
+
+    def __init__(self) -> None:
+        super().__init__(ErrorCode.HANDSHAKE_REQUIRED, "no hello within the handshake timeout")
+
+
+def refused_before_upgrade(request: web.Request, hub: Hub) -> web.Response | None:
+    """A 503 while draining (the client retries, elsewhere: readiness is
+    already false), a 429 for an address opening connections too fast."""
+    if hub.draining:
+        response = error_response(503, ErrorCode.DRAINING, "this instance is shutting down; reconnect")
+        response.headers["Retry-After"] = "1"
+        return response
+    if hub.connection_rate.allow(client_address(request)):
+        return None
+    return error_response(429, ErrorCode.RATE_LIMITED, "too many new connections from this address")
+
+
+async def open_websocket(request: web.Request, settings: Settings) -> web.WebSocketResponse:
+    ws = web.WebSocketResponse(
+        # Pings after this much silence; no pong within half of it closes (half-open
+        # TCP). Each connection's own period, 0.8-1 x keepalive: clients that
+        # connected together (after a deploy, a drain) drift apart instead of
+        # being pinged in one burst every keepalive seconds.
+        heartbeat=settings.keepalive * random.uniform(0.8, 1.0),
+        # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted.
+        max_msg_size=settings.max_frame_bytes + 1,  # bigger frames close with 1009
+        timeout=CLOSE_TIMEOUT,
+        # No permessage-deflate, though every browser offers it: our frames are
+        # small msgpack maps that barely shrink, while each negotiated
+        # connection holds zlib state (~100 KiB more RSS per connection,
+        # measured) and pays deflate CPU on every frame. Not inflating
+        # anything also leaves no decompression bomb to defuse.
+        compress=False,
+    )
+    await ws.prepare(request)
+    return ws
+
+
+async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hello, int]:
+    """The client's hello and the protocol version both speak."""
+    try:
+        async with asyncio.timeout(settings.handshake_timeout):
+            msg = await ws.receive()
+    except TimeoutError:
+        raise HandshakeTimeout() from None
+    if msg.type is not WSMsgType.BINARY:
+        raise ProtocolError(ErrorCode.BAD_FRAME, "the first frame must be a binary hello")
+    hello = codec.decode(msg.data, settings.max_frame_bytes)
+    if not isinstance(hello, Hello):
+        raise ProtocolError(ErrorCode.HANDSHAKE_REQUIRED, "the first frame must be a hello")
+    common = set(hello.versions) & set(SUPPORTED_VERSIONS)
+    if not common:
+        raise ProtocolError(ErrorCode.UNSUPPORTED_VERSION, f"this server speaks protocol {list(SUPPORTED_VERSIONS)}")
+    return hello, max(common)
+
+
+async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
+    """Answer a failed handshake with an error frame, then close."""
+    count(error)
+    frame = error_frame(error.code, error.message)
+    if ws.closed:
+        return
+    if isinstance(error, HandshakeTimeout):
+        code = CloseCode.HANDSHAKE_TIMEOUT
+    elif isinstance(error, ConnectionLimit):
+        code = CloseCode.TOO_MANY_CONNECTIONS
+    else:
+        code = _HANDSHAKE_CLOSE.get(error.code, CloseCode.HANDSHAKE_FAILED)
+    try:
+        await ws.send_bytes(frame)
+        await ws.close(code=code, message=error.message.encode()[:120])
+    except (ConnectionError, RuntimeError):
+        pass
+
+
+def welcome(conn: Connection, version: int, settings: Settings, **role_fields: Any) -> Welcome:
+    return Welcome(
+        protocol=version,
+        connection=conn.id,
+        role=conn.role,
+        group=conn.group,
+        keepalive=settings.keepalive,
+        server=SERVER_NAME,
+        **role_fields,
+    )
+
+
+async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[Message], Awaitable[None]]) -> None:
+    """Answer every frame until the connection ends: the frames both roles
+    share here, the role's own through ``handle``, errors as error frames."""
+    async for message in messages(conn, settings):
+        if conn.closing:
+            continue  # it arrived after our close: unanswered, so the client counts it as not done
+        metrics.received(conn.role, message.TYPE)
+        if isinstance(message, Ping):
+            conn.send_message(Pong())
+        elif isinstance(message, Pong):
+            pass
+        elif isinstance(message, Hello):
+            conn.send_error(ErrorCode.INVALID, "hello was already received")
+        else:
+            await answering_errors(conn, getattr(message, "id", None), handle(message))
+
+
+def _within_rate(conn: Connection, settings: Settings) -> bool:
+    """Frames over the rate are refused (one error frame per streak), and a
+    connection that keeps going is closed as flooding."""
+    verdict = conn.rate.take(settings.message_rate, settings.message_burst)
+    if verdict is Verdict.ALLOWED:
+        return True
+    if verdict is Verdict.FIRST_REFUSED:
+        conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_rate:g} frames per second; frames dropped")
+    elif verdict is Verdict.FLOODING:
+        log.warning("closing %r: flooding", conn)
+        conn.close(CloseCode.FLOODING, "flooding")
+    return False
+
+
+async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Message]:
+    """Decoded frames until the connection ends; errors go back as frames."""
+    max_bytes = settings.max_frame_bytes
+    async for msg in conn.ws:
+        if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) and not _within_rate(conn, settings):
+            continue
+        if msg.type is WSMsgType.BINARY:
+            try:
+                yield codec.decode(msg.data, max_bytes)
+            except ProtocolError as exc:
+                conn.send_error(exc.code, exc.message, exc.request_id)
+        elif msg.type is WSMsgType.TEXT:
+            conn.send_error(ErrorCode.BAD_FRAME, "frames must be binary msgpack")
+        elif msg.type is WSMsgType.ERROR:
+            error = conn.ws.exception()
+            if getattr(error, "code", None) == CloseCode.MESSAGE_TOO_BIG:
+                metrics.limit_hit("max_frame_bytes")
+            log.debug("%r ended with %s", conn, error)
+            return
+
+
+def answering_errors(conn: Connection, request_id: int | None, work: Awaitable[None]) -> Coroutine[Any, Any, None]:
+    """Run one request; whatever goes wrong reaches the client as an error
+    frame with the request's ID, never as silence. The request counts as
+    started at once (even if spawned to run later): a drain closes the
+    connection only once its requests are answered."""
+    conn.request_started()
+    return _answer(conn, request_id, work)
+
+
+async def _answer(conn: Connection, request_id: int | None, work: Awaitable[None]) -> None:
+    try:
+        await work
+    except ProtocolError as exc:
+        count(exc)
+        conn.send_error(exc.code, exc.message, request_id)
+    except Exception:
+        log.exception("request from %r failed", conn)
+        conn.send_error(ErrorCode.INTERNAL, "internal error", request_id)
+    finally:
+        conn.request_done()
