@@ -71,11 +71,17 @@ function setSession(visitor, text, { joinable = false } = {}) {
 
 async function showTerms(visitor) {
   const button = card(visitor).element.querySelector('[data-action="terms"]');
+  const strong = field(card(visitor).element, "terms");
   button.disabled = true;
+  setTerms(visitor, "asking", "asking…");
   try {
     await client.waitSession(visitor); // told when the session starts after the visitor accepts
     const delivered = await client.showTerms(visitor);
-    setTerms(visitor, "sent", `sent to ${delivered} tab${delivered === 1 ? "" : "s"}`);
+    // In a cluster the visitor's answer can overtake the ack (they travel on
+    // different channels): an answer already shown is newer than "sent".
+    if (strong.dataset.status === "asking") {
+      setTerms(visitor, "sent", `sent to ${delivered} tab${delivered === 1 ? "" : "s"}`);
+    }
     log(`Asked ${visitor} to show the terms`);
   } catch (error) {
     setTerms(visitor, "failed", `not delivered (${error.code || error.message})`);
