@@ -3,6 +3,7 @@ are the folders (the layers contract is checked in test_lint.py)."""
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 import tomllib
@@ -63,3 +64,16 @@ def test_every_package_folder_is_installed() -> None:
     config = tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["setuptools"]
     assert set(config["packages"]) == packages()
     assert config["package-dir"] == {package: folder for folder, package in ROOTS.items()}
+
+
+def test_architecture_md_names_only_paths_that_exist() -> None:
+    """ARCHITECTURE.md matches the code: every path it names is there."""
+    text = (REPO / "ARCHITECTURE.md").read_text()
+    code = set(re.findall(r"`([^`\s]+)`", text))
+    paths = {name for name in code if "/" in name and "<" not in name and not name.startswith("/")}
+    files = {name for name in code if "/" not in name and re.fullmatch(r"[a-z_]+\.(py|md)", name)}
+    assert paths and files
+    missing = [path for path in sorted(paths) if not (REPO / path).exists()]
+    sources = {path.name for folder in ROOTS for path in (REPO / folder).rglob("*") if path.is_file()}
+    missing += [name for name in sorted(files) if name not in sources and not (REPO / name).exists()]
+    assert not missing, f"ARCHITECTURE.md names what is not in the repository: {missing}"

@@ -66,6 +66,44 @@ async def test_signal_with_to_all_reaches_every_tab(herald: HeraldServer) -> Non
         assert got.data == {"selector": "#pay"}
 
 
+async def test_a_signal_to_all_held_for_a_reconnecting_visitor_reaches_every_tab_that_comes_back(
+    herald: HeraldServer,
+) -> None:
+    agent = await herald.agent("alice")
+    await agent.subscribe(["v1"])
+    tabs = [await herald.visitor("v1") for _ in range(2)]
+    for tab in tabs:
+        await tab.close()
+    await asyncio.sleep(0.05)  # the server has seen both closes: the visitor is away
+
+    pending = asyncio.create_task(agent.signal("v1", "highlight", {"selector": "#pay"}, to="all"))
+    await asyncio.sleep(0.1)
+    assert not pending.done(), "held, not answered, while the visitor is away"
+    first = await herald.visitor("v1")
+    assert (await first.wait_for(signal("highlight"))).data == {"selector": "#pay"}
+    assert await pending == 1, "answered once, by the first tab back"
+    second = await herald.visitor("v1")  # within signal_hold: it gets the signal too
+    assert (await second.wait_for(signal("highlight"))).data == {"selector": "#pay"}
+    for tab in (first, second):
+        assert not [e for e in await drain(tab, 0.2) if isinstance(e, Signal)], "each tab gets it once"
+
+
+async def test_a_held_signal_to_the_focused_tab_reaches_only_the_first_tab_back(herald: HeraldServer) -> None:
+    agent = await herald.agent("alice")
+    tabs = [await herald.visitor("v1") for _ in range(2)]
+    for tab in tabs:
+        await tab.close()
+    await asyncio.sleep(0.05)
+
+    pending = asyncio.create_task(agent.show_terms("v1"))
+    await asyncio.sleep(0.1)
+    first = await herald.visitor("v1")
+    await first.wait_for(signal("showterms"))
+    assert await pending == 1
+    second = await herald.visitor("v1")
+    assert not [e for e in await drain(second, 0.3) if isinstance(e, Signal)]
+
+
 async def test_visitor_signal_reaches_every_watching_agent(herald: HeraldServer) -> None:
     by_id = await herald.agent("by-id")
     await by_id.subscribe(["v1"])

@@ -109,21 +109,27 @@ class Bus(ABC):
 class HeldSignalStore(ABC):
     """Signals waiting for a visitor between connections.
 
-    Stored per visitor and taken exactly once: either by ``take_held`` (the
-    visitor came back) or by ``drop_held`` (the hold ran out), never both.
-    A held signal expires by itself after its ``ttl``.
+    Stored per visitor. Each is claimed exactly once: either by a
+    ``take_held`` (the visitor came back; that taker answers the sender) or
+    by ``drop_held`` (the hold ran out), never both. A signal for the focused
+    connection is removed when taken. A signal for every connection
+    (``to_all``) stays after its claim: each connection that comes back
+    while it is held takes it too (not as the first), so every tab that
+    returns gets it once. A held signal expires by itself after its ``ttl``.
     """
 
     @abstractmethod
     async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None: ...
 
     @abstractmethod
-    async def take_held(self, group: str, visitor: str) -> list[HeldSignal]:
-        """Every live signal held for the visitor, removed."""
+    async def take_held(self, group: str, visitor: str) -> list[tuple[HeldSignal, bool]]:
+        """Every live signal held for the visitor, as (signal, first): the
+        first taker of a signal answers its sender; atomic per visitor."""
 
     @abstractmethod
     async def drop_held(self, group: str, visitor: str, key: str) -> bool:
-        """Remove one held signal; True if it was still there (not taken)."""
+        """Remove one held signal; True if it was there, unexpired, and
+        nobody had claimed it yet."""
 
 
 class RecordStore(ABC):
@@ -131,7 +137,9 @@ class RecordStore(ABC):
 
     Keys name their group in braces (``{acme}:code:123456``, see
     ``model.names``) so that a Redis Cluster keeps a group together. A
-    ``ttl`` of None means no expiry; an expired record is never returned.
+    ``ttl`` is in seconds (any positive amount, however small, stores a
+    record that expires); an expired record is never returned, updated or
+    deleted.
     """
 
     @abstractmethod
@@ -139,8 +147,9 @@ class RecordStore(ABC):
 
     @abstractmethod
     async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
-        """Store ``value``; with ``only_if_absent``, only if the key has none
-        (atomic: of two instances racing, exactly one wins). True if stored."""
+        """Store ``value`` (``ttl`` None: no expiry); with ``only_if_absent``,
+        only if the key has none (atomic: of two instances racing, exactly
+        one wins). True if stored."""
 
     @abstractmethod
     async def kv_delete(self, key: str) -> bool:
@@ -151,7 +160,8 @@ class RecordStore(ABC):
         self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
     ) -> bytes | None:
         """Atomically replace the value with ``update(old)`` (None deletes);
-        returns the new value. ``update`` may run more than once."""
+        returns the new value. ``update`` may run more than once. ``ttl``
+        None keeps the record's expiry (none for a new record)."""
 
     @abstractmethod
     async def kv_count(self, key: str, window: float) -> int:

@@ -11,6 +11,7 @@ import asyncio
 import time
 import uuid
 from collections.abc import Callable
+from dataclasses import dataclass
 
 from herald_presence.protocol.messages import VisitorState
 from herald_presence.server.model.records import HeldSignal, PresenceChange, VisitorRecord, offline_state
@@ -20,12 +21,19 @@ from .base import Announce, Backend, BackendListener, Mutation
 TOMBSTONE_SECONDS = 600.0  # how long an offline visitor's last version is kept
 
 
+@dataclass(slots=True)
+class _Held:
+    signal: HeldSignal
+    expires: float  # monotonic
+    claimed: bool = False  # taken once already (a to_all signal stays for later connections)
+
+
 class MemoryBackend(Backend):
     def __init__(self, instance_id: str | None = None) -> None:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self._groups: dict[str, dict[str, VisitorRecord]] = {}
         self._tombstones: dict[tuple[str, str], tuple[int, float]] = {}  # last version, forget-after
-        self._held: dict[tuple[str, str], list[tuple[HeldSignal, float]]] = {}
+        self._held: dict[tuple[str, str], list[_Held]] = {}
         self._topics: set[str] = set()
         self._kv: dict[str, tuple[bytes, float | None]] = {}  # value, expires at (monotonic)
         self._kv_writes = 0
@@ -109,22 +117,28 @@ class MemoryBackend(Backend):
 
     # -- held signals ----------------------------------------------------
     async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None:
-        self._held.setdefault((group, visitor), []).append((signal, time.monotonic() + ttl))
+        self._held.setdefault((group, visitor), []).append(_Held(signal, time.monotonic() + ttl))
 
-    async def take_held(self, group: str, visitor: str) -> list[HeldSignal]:
+    async def take_held(self, group: str, visitor: str) -> list[tuple[HeldSignal, bool]]:
         now = time.monotonic()
-        return [signal for signal, expires in self._held.pop((group, visitor), []) if expires > now]
-
-    async def drop_held(self, group: str, visitor: str, key: str) -> bool:
-        held = self._held.get((group, visitor))
-        if not held:
-            return False
-        kept = [(signal, expires) for signal, expires in held if signal.key != key]
+        live = [held for held in self._held.pop((group, visitor), []) if held.expires > now]
+        taken = [(held.signal, not held.claimed) for held in live]
+        kept = [held for held in live if held.signal.to_all]  # every returning connection gets these
+        for held in kept:
+            held.claimed = True
         if kept:
             self._held[(group, visitor)] = kept
-        else:
+        return taken
+
+    async def drop_held(self, group: str, visitor: str, key: str) -> bool:
+        held = self._held.get((group, visitor), [])
+        dropped = next((h for h in held if h.signal.key == key), None)
+        if dropped is None:
+            return False
+        held.remove(dropped)
+        if not held:
             del self._held[(group, visitor)]
-        return len(kept) != len(held)
+        return not dropped.claimed and dropped.expires > time.monotonic()
 
     # -- records -------------------------------------------------------------
     def _live(self, key: str) -> bytes | None:
@@ -136,11 +150,15 @@ class MemoryBackend(Backend):
             return None
         return item[0]
 
-    def _store(self, key: str, value: bytes | None, ttl: float | None) -> None:
+    def _store(self, key: str, value: bytes | None, ttl: float | None, keep_expiry: bool = False) -> None:
         if value is None:
             self._kv.pop(key, None)
             return
-        self._kv[key] = (value, None if ttl is None else time.monotonic() + ttl)
+        if ttl is not None:
+            expires = time.monotonic() + ttl
+        else:
+            expires = self._kv[key][1] if keep_expiry and key in self._kv else None
+        self._kv[key] = (value, expires)
         self._kv_writes += 1
         if self._kv_writes % 1024 == 0:  # forget what expired unread, so nothing grows forever
             now = time.monotonic()
@@ -157,13 +175,13 @@ class MemoryBackend(Backend):
         return True
 
     async def kv_delete(self, key: str) -> bool:
-        return self._kv.pop(key, None) is not None
+        return self._live(key) is not None and self._kv.pop(key, None) is not None
 
     async def kv_update(
         self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
     ) -> bytes | None:
         value = update(self._live(key))
-        self._store(key, value, ttl)
+        self._store(key, value, ttl, keep_expiry=True)
         return value
 
     async def kv_count(self, key: str, window: float) -> int:

@@ -29,11 +29,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import math
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from functools import partial
-from typing import Any
+from typing import Any, TypeVar
 
 import redis.asyncio as aioredis
 from redis.asyncio.retry import Retry
@@ -50,11 +51,13 @@ from herald_presence.server.model.records import (
     VisitorRecord,
     offline_state,
 )
+from herald_presence.server.tasks import TaskSupervisor
 
 from .base import Announce, Backend, BackendListener, BackendUnavailable, Mutation
 from .redis_batch import CommandBatcher
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 CONNECTION_FIELD = b"c:"
 MAX_WATCH_RETRIES = 50
@@ -103,9 +106,8 @@ class RedisBackend(Backend):
         self._topics: set[str] = set()
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
         self._pubsub: Any = None
+        self._tasks = TaskSupervisor()  # the bus listener, upkeep and restores: named, logged, cancelled
         self._listen_task: asyncio.Task[None] | None = None
-        self._upkeep_task: asyncio.Task[None] | None = None
-        self._restore_task: asyncio.Task[None] | None = None
         self._bus_lost = False
         self._redis_ok = False
         self._last_probe = 0.0
@@ -119,8 +121,8 @@ class RedisBackend(Backend):
 
     async def start(self, listener: BackendListener) -> None:
         self._listener = listener
-        self._listen_task = asyncio.create_task(self._listen(), name=f"redis-bus-{self.instance_id}")
-        self._upkeep_task = asyncio.create_task(self._upkeep(), name=f"redis-upkeep-{self.instance_id}")
+        self._listen_task = self._tasks.spawn(self._listen(), f"redis-bus-{self.instance_id}")
+        self._tasks.spawn(self._upkeep(), f"redis-upkeep-{self.instance_id}")
         # Serve once the bus works, or start degraded and recover in the background.
         deadline = time.monotonic() + self.command_timeout * 2
         while not self.healthy and time.monotonic() < deadline:
@@ -130,11 +132,7 @@ class RedisBackend(Backend):
             log.error("Redis is not reachable yet; serving local connections only until it is")
 
     async def close(self) -> None:
-        tasks = [t for t in (self._upkeep_task, self._listen_task, self._restore_task) if t is not None]
-        for task in tasks:
-            task.cancel()
-        if tasks:
-            await asyncio.wait(tasks)
+        await self._tasks.close()
         await self._batch.close()
         # Heartbeat 0: our remaining connections and grace periods are now
         # for the other instances to settle.
@@ -157,30 +155,41 @@ class RedisBackend(Backend):
         away_by = raw.get(b"away_by")
         return record, away_by.decode() if away_by else None
 
-    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
-        key = self.names.visitor(group, visitor)
+    async def _watched(self, key: str, step: Callable[[Any], Awaitable[T]], what: str) -> T:
+        """Run ``step(pipe)`` as an optimistic transaction on ``key``: it reads
+        what it needs, then queues its writes after ``pipe.multi()`` and
+        executes them (or unwatches and returns early). Another writer of the
+        key in between makes EXEC fail, and ``step`` runs again on its result."""
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 for _ in range(MAX_WATCH_RETRIES):
                     try:
                         await pipe.watch(key)
-                        record, away_by = self._load(group, visitor, await pipe.hgetall(key))
-                        before = ({c: r.instance for c, r in record.connections.items()}, record.away_since, away_by)
-                        change = mutation(record)
-                        if change is None:
-                            await pipe.unwatch()
-                            return None
-                        pipe.multi()
-                        self._store(pipe, record, *before)
-                        for topic, message in announce(change):
-                            pipe.publish(self.names.channel(topic), message)
-                        await pipe.execute()
-                        return change
+                        return await step(pipe)
                     except WatchError:
-                        continue  # another instance changed this visitor first: redo on its result
+                        continue
         except (RedisError, OSError) as exc:
             raise BackendUnavailable() from exc
-        raise BackendUnavailable(f"visitor {visitor} is changing too fast to update")
+        raise BackendUnavailable(f"{what} is changing too fast to update")
+
+    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+        key = self.names.visitor(group, visitor)
+
+        async def step(pipe: Any) -> PresenceChange | None:
+            record, away_by = self._load(group, visitor, await pipe.hgetall(key))
+            before = ({c: r.instance for c, r in record.connections.items()}, record.away_since, away_by)
+            change = mutation(record)
+            if change is None:
+                await pipe.unwatch()
+                return None
+            pipe.multi()
+            self._store(pipe, record, *before)
+            for topic, message in announce(change):
+                pipe.publish(self.names.channel(topic), message)
+            await pipe.execute()
+            return change
+
+        return await self._watched(key, step, f"visitor {visitor}")
 
     def _store(
         self,
@@ -298,7 +307,7 @@ class RedisBackend(Backend):
                 await pubsub.subscribe(*self._confirmed)
                 self._pubsub = pubsub
                 if self._bus_lost:
-                    self._restore_task = asyncio.create_task(self._restore(), name=f"redis-restore-{self.instance_id}")
+                    self._tasks.spawn(self._restore(), f"redis-restore-{self.instance_id}")
                 async for message in pubsub.listen():
                     self._dispatch(message)
                     backoff = 0.05
@@ -344,19 +353,28 @@ class RedisBackend(Backend):
                 await self._listener.backend_restored()
             except BackendUnavailable:
                 self._bus_lost = True  # lost again meanwhile; the next restore retries
+            except Exception:
+                log.exception("re-registering after the Redis outage failed")
+                self._bus_lost = True
 
     # -- liveness ----------------------------------------------------------
     async def _upkeep(self) -> None:
         """Heartbeat, probe our own subscription, reap dead instances."""
         while True:
             await asyncio.sleep(self.heartbeat)
-            await self._beat()
-            if self._pubsub is not None and time.monotonic() - self._last_probe > self.probe_timeout:
-                log.warning("Redis pub/sub stopped delivering (probe lost); reconnecting it")
-                await self._restart_listener()
-            if self._redis_ok:
-                with contextlib.suppress(BackendUnavailable):
+            try:
+                await self._beat()
+                if self._pubsub is not None and time.monotonic() - self._last_probe > self.probe_timeout:
+                    log.warning("Redis pub/sub stopped delivering (probe lost); reconnecting it")
+                    await self._restart_listener()
+                if self._redis_ok:
                     await self._reap()
+            except BackendUnavailable:
+                pass  # Redis went away mid-way: the next heartbeat tries again
+            except Exception:
+                # Upkeep must outlive any one bad pass: without heartbeats the
+                # other instances would reap this one's live visitors.
+                log.exception("Redis upkeep failed; trying again at the next heartbeat")
 
     async def _beat(self) -> None:
         try:
@@ -378,23 +396,23 @@ class RedisBackend(Backend):
             old.cancel()
             await asyncio.wait([old])  # unlike awaiting it, never swallows our own cancellation
         self._bus_lost = True
-        self._listen_task = asyncio.create_task(self._listen(), name=f"redis-bus-{self.instance_id}")
+        self._listen_task = self._tasks.spawn(self._listen(), f"redis-bus-{self.instance_id}")
 
     async def _reap(self) -> None:
         cutoff = int((time.time() - self.dead_after) * 1000)
         try:
             dead = [d.decode() for d in await self._redis.zrangebyscore(self.names.instances, 0, cutoff)]
+            for instance in dead:
+                if instance == self.instance_id:
+                    continue  # we were cut off for a while; the restore re-registers us
+                lock = self.names.reap_lock(instance)
+                if await self._redis.set(lock, self.instance_id, nx=True, px=_ms(self.dead_after)):
+                    try:
+                        await self._reap_instance(instance)
+                    finally:
+                        await self._redis.delete(lock)
         except (RedisError, OSError) as exc:
             raise BackendUnavailable() from exc
-        for instance in dead:
-            if instance == self.instance_id:
-                continue  # we were cut off for a while; the restore re-registers us
-            lock = self.names.reap_lock(instance)
-            if await self._redis.set(lock, self.instance_id, nx=True, px=int(self.dead_after * 1000)):
-                try:
-                    await self._reap_instance(instance)
-                finally:
-                    await self._redis.delete(lock)
 
     async def _reap_instance(self, instance: str) -> None:
         listener = self._listener
@@ -427,39 +445,59 @@ class RedisBackend(Backend):
             await self._redis.delete(self.names.instance_connections(instance), self.names.instance_away(instance))
 
     # -- held signals --------------------------------------------------------
+    # A held signal is the field <key> of the visitor's held hash: msgpack
+    # [reply_to, frame, to_all, expires (unix s), claimed].
     async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None:
         key = self.names.held(group, visitor)
-        expires = time.time() + ttl
+        ms = _ms(ttl)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hset(key, signal.key, pack((signal.reply_to, signal.frame, signal.to_all, expires)))
-                pipe.pexpire(key, int(ttl * 1000))
+                pipe.hset(key, signal.key, _pack_held(signal, time.time() + ttl, claimed=False))
+                # The hash lives as long as its longest-lived signal.
+                pipe.pexpire(key, ms, nx=True)
+                pipe.pexpire(key, ms, gt=True)
                 await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackendUnavailable() from exc
 
-    async def take_held(self, group: str, visitor: str) -> list[HeldSignal]:
+    async def take_held(self, group: str, visitor: str) -> list[tuple[HeldSignal, bool]]:
         key = self.names.held(group, visitor)
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                pipe.hgetall(key)
-                pipe.delete(key)
-                raw, _ = await pipe.execute()
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable() from exc
-        now = time.time()
-        held = []
-        for name, value in raw.items():
-            reply_to, frame, to_all, expires = unpack(value)
-            if expires > now:
-                held.append(HeldSignal(name.decode(), reply_to, frame, to_all))
-        return held
+
+        async def step(pipe: Any) -> list[tuple[HeldSignal, bool]]:
+            raw = await pipe.hgetall(key)
+            if not raw:
+                await pipe.unwatch()
+                return []
+            now, taken = time.time(), []
+            pipe.multi()
+            for name, value in raw.items():
+                reply_to, frame, to_all, expires, claimed = unpack(value)
+                signal = HeldSignal(name.decode(), reply_to, frame, to_all)
+                if expires <= now or not to_all:
+                    pipe.hdel(key, name)
+                elif not claimed:
+                    pipe.hset(key, name, _pack_held(signal, expires, claimed=True))
+                if expires > now:
+                    taken.append((signal, not claimed))
+            await pipe.execute()
+            return taken
+
+        return await self._watched(key, step, f"held signals of {visitor}")
 
     async def drop_held(self, group: str, visitor: str, key: str) -> bool:
-        try:
-            return bool(await self._redis.hdel(self.names.held(group, visitor), key))
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable() from exc
+        name = self.names.held(group, visitor)
+
+        async def step(pipe: Any) -> bool:
+            value = await pipe.hget(name, key)
+            if value is None or unpack(value)[4]:  # gone, or claimed by a taker
+                await pipe.unwatch()
+                return False
+            pipe.multi()
+            pipe.hdel(name, key)
+            await pipe.execute()
+            return True
+
+        return await self._watched(name, step, f"held signals of {visitor}")
 
     # -- records -------------------------------------------------------------
     async def kv_get(self, key: str) -> bytes | None:
@@ -469,7 +507,7 @@ class RedisBackend(Backend):
             raise BackendUnavailable() from exc
 
     async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
-        expiry = int(ttl * 1000) if ttl is not None else None
+        expiry = _ms(ttl) if ttl is not None else None
         try:
             return bool(await self._redis.set(self.names.record(key), value, px=expiry, nx=only_if_absent))
         except (RedisError, OSError) as exc:
@@ -485,32 +523,38 @@ class RedisBackend(Backend):
         self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
     ) -> bytes | None:
         name = self.names.record(key)
-        try:
-            async with self._redis.pipeline(transaction=True) as pipe:
-                for _ in range(MAX_WATCH_RETRIES):
-                    try:
-                        await pipe.watch(name)
-                        value = update(await pipe.get(name))
-                        pipe.multi()
-                        if value is None:
-                            pipe.delete(name)
-                        else:
-                            pipe.set(name, value, px=int(ttl * 1000) if ttl is not None else None)
-                        await pipe.execute()
-                        return value
-                    except WatchError:
-                        continue
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable() from exc
-        raise BackendUnavailable(f"{key} is changing too fast to update")
+
+        async def step(pipe: Any) -> bytes | None:
+            value = update(await pipe.get(name))
+            pipe.multi()
+            if value is None:
+                pipe.delete(name)
+            elif ttl is None:
+                pipe.set(name, value, keepttl=True)
+            else:
+                pipe.set(name, value, px=_ms(ttl))
+            await pipe.execute()
+            return value
+
+        return await self._watched(name, step, key)
 
     async def kv_count(self, key: str, window: float) -> int:
         name = self.names.record(key)
         try:
             async with self._redis.pipeline(transaction=True) as pipe:
                 pipe.incr(name)
-                pipe.pexpire(name, int(window * 1000), nx=True)
+                pipe.pexpire(name, _ms(window), nx=True)
                 count, _ = await pipe.execute()
         except (RedisError, OSError) as exc:
             raise BackendUnavailable() from exc
         return int(count)
+
+
+def _ms(seconds: float) -> int:
+    """A ttl in Redis's milliseconds: rounded up, so any positive ttl expires
+    (``PX 0`` is an error, not an instant expiry)."""
+    return max(1, math.ceil(seconds * 1000))
+
+
+def _pack_held(signal: HeldSignal, expires: float, claimed: bool) -> bytes:
+    return pack((signal.reply_to, signal.frame, signal.to_all, expires, claimed))

@@ -1,2 +1,3 @@
-"""The instance's services: connections, watchers, presence, signal routing,
-support sessions, short codes, group settings, owned background tasks."""
+"""The instance's services: connections, watchers, the inbox, presence,
+signal routing, support sessions, short codes, group settings, and the hub
+that wires them."""

@@ -20,6 +20,7 @@ from herald_presence.server.config import Settings
 from herald_presence.server.model import names
 from herald_presence.server.model.limits import ConnectionRate
 from herald_presence.server.model.records import PresenceChange
+from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import AgentConnection, Connection, VisitorConnection
 from .inbox import Inbox
@@ -27,7 +28,6 @@ from .presence import PresenceService
 from .registry import LocalVisitors, Watchers
 from .sessions import CONSUMER_PREFIX, Sessions
 from .signals import SignalRouter
-from .tasks import TaskSupervisor
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +48,10 @@ class Hub:
         self.presence = PresenceService(
             settings, backend, self.visitors, self.watchers, self.inbox, self.tasks, self._visitor_offline
         )
+        # What arrives on this instance's inbox, by kind (model/names.py):
+        self.inbox.on(names.DELIVER, self.signals.on_deliver)
+        self.inbox.on(names.REPLY, self.signals.on_reply)
+        self.inbox.on(names.PUSH, self.visitors.deliver)
         self.inbox.on(names.FOCUS, self.visitors.tell_focus)
         self.connection_rate = ConnectionRate(settings.connections_per_address)
         self.draining = False  # SIGTERM came: not ready, no new connections

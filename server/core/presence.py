@@ -23,11 +23,11 @@ from herald_presence.server.config import Settings
 from herald_presence.server.model import names, presence_rules
 from herald_presence.server.model.limits import check_presence, check_subscriptions
 from herald_presence.server.model.records import ConnectionRecord, PresenceChange, VisitorRecord, offline_state
+from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import AgentConnection, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
-from .tasks import TaskSupervisor
 
 log = logging.getLogger(__name__)
 

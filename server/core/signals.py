@@ -28,11 +28,11 @@ from herald_presence.server.config import Settings
 from herald_presence.server.model import names
 from herald_presence.server.model.limits import check_signal
 from herald_presence.server.model.records import ConnectionRecord, HeldSignal, VisitorRecord
+from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import Connection, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
-from .tasks import TaskSupervisor
 
 RETRY_PAUSE = 0.05  # seconds between looks at a visitor whose connections are closing
 
@@ -64,9 +64,6 @@ class SignalRouter:
         self._tasks = tasks
         self._instance = inbox.instance
         self._replies: dict[str, asyncio.Future[int]] = {}
-        inbox.on(names.DELIVER, self._on_deliver)
-        inbox.on(names.REPLY, self._on_reply)
-        inbox.on(names.PUSH, visitors.deliver)
 
     # -- visitor -> agents ---------------------------------------------------
     async def from_visitor(self, conn: Connection, message: Signal) -> int:
@@ -193,10 +190,14 @@ class SignalRouter:
         return await self._await_reply(key, reply, self.settings.delivery_timeout)
 
     async def release_held(self, conn: VisitorConnection) -> None:
-        """A visitor connection joined: deliver what waited for it."""
-        for held in await self._held.take_held(conn.group, conn.subject):
+        """A visitor connection joined: deliver what waited for it. The first
+        connection back answers the sender (delivered to 1); a ``to: all``
+        signal also reaches each connection that comes back after it while
+        it is held, without a second answer."""
+        for held, first in await self._held.take_held(conn.group, conn.subject):
             conn.send(held.frame)
-            await self._inbox.send(held.reply_to, names.REPLY, held.key, 1)
+            if first:
+                await self._inbox.send(held.reply_to, names.REPLY, held.key, 1)
 
     # -- replies ---------------------------------------------------------------
     def _expect_reply(self) -> tuple[str, asyncio.Future[int]]:
@@ -213,12 +214,14 @@ class SignalRouter:
         finally:
             self._replies.pop(key, None)
 
-    def _on_reply(self, key: str, delivered: int) -> None:
+    def on_reply(self, key: str, delivered: int) -> None:
+        """An instance answered a delivery (or a held signal was taken)."""
         future = self._replies.get(key)
         if future is not None and not future.done():
             future.set_result(delivered)
 
-    def _on_deliver(self, key: str, reply_to: str, connections: list[str], frame: bytes) -> None:
+    def on_deliver(self, key: str, reply_to: str, connections: list[str], frame: bytes) -> None:
+        """Another instance asks for a frame on connections held here; answer with the count."""
         delivered = self._visitors.deliver(connections, frame)
         self._tasks.spawn(self._inbox.send(reply_to, names.REPLY, key, delivered), f"reply-{key}")
 

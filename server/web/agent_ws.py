@@ -25,7 +25,7 @@ from herald_presence.server.core.connection import AgentConnection
 from herald_presence.server.core.presence import PresenceService
 from herald_presence.server.core.sessions import Sessions
 from herald_presence.server.core.signals import SignalRouter
-from herald_presence.server.core.tasks import TaskSupervisor
+from herald_presence.server.tasks import TaskSupervisor
 
 from . import auth
 from .http_common import error_response
