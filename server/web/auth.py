@@ -134,11 +134,20 @@ async def login(request: web.Request) -> web.StreamResponse:
 async def logout(request: web.Request) -> web.StreamResponse:
     """End the login everywhere: the session lives in the cookie, so a copy
     of it would outlive a cleared cookie; its ID is recorded as revoked (in
-    the backend, for every instance) until the session would have expired."""
+    the backend, for every instance) until the session would have expired.
+    While the backend is unreachable the logout is refused (503) and the
+    cookie stays valid: a logout that could not be recorded everywhere must
+    not look done."""
     session = await get_session(request)
     session_id, expires = session.get("sid"), session.get("expires", 0)
     if isinstance(session_id, str) and expires > time.time():
-        await request.app[RECORDS].kv_set(revoked_login_key(session_id), b"1", ttl=expires - time.time())
+        try:
+            await request.app[RECORDS].kv_set(revoked_login_key(session_id), b"1", ttl=expires - time.time())
+        except BackendUnavailable as exc:
+            log.warning("logout refused: cannot record the revocation while the backend is unreachable")
+            response = error_response(503, exc.code, "the logout cannot be recorded now; try again shortly")
+            response.headers["Retry-After"] = "1"
+            return response
     session.invalidate()
     return web.json_response({"ok": True})
 

@@ -12,7 +12,9 @@ import pytest
 from herald_presence.protocol import tokens
 from herald_presence.protocol.errors import ErrorCode
 
+from ..conftest import Start
 from ..harness import SECRET, HeraldServer
+from ..redis_server import RedisServer
 from .conftest import Launch
 from .helpers import assert_bystanders_served, error_of, login, session
 
@@ -148,3 +150,24 @@ async def test_login_cookie_is_secure_with_cookie_secure(start_herald) -> None: 
     attributes = _attributes(response.headers["Set-Cookie"])
     assert "secure" in attributes and "httponly" in attributes
     assert attributes["samesite"] == "Strict"
+
+
+async def test_logout_during_a_redis_outage_is_refused_so_a_copied_cookie_is_never_left_working_unseen(
+    start_instance: Start, private_redis: RedisServer
+) -> None:
+    """A logout that cannot be recorded for every instance must not look done:
+    503, the cookie stays valid, and the logout succeeds once Redis is back."""
+    herald = await start_instance(private_redis)
+    async with session() as http:
+        response = await login(http, herald.base_url)
+        copied = response.cookies[COOKIE].value
+        private_redis.stop()
+        refused = await http.post(herald.base_url + "/v1/agent/logout")
+        assert (refused.status, await error_of(refused)) == (503, ErrorCode.BACKEND_UNAVAILABLE)
+        assert refused.headers["Retry-After"] == "1"
+        assert "Set-Cookie" not in refused.headers, "the browser keeps its cookie: it is still logged in"
+        private_redis.start()
+        await asyncio.sleep(0.5)  # the pool's next command reconnects
+        assert (await http.post(herald.base_url + "/v1/agent/logout")).status == 200
+    assert await _upgrade_status(herald, copied) == (401, ErrorCode.UNAUTHORIZED)
+    await assert_bystanders_served(herald.base_url)
