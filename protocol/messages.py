@@ -97,6 +97,9 @@ class Signal(Message):
     connection (default) or all of them, ``id`` asks for an ``ack``.
     Visitor -> server: ``agent`` addresses one agent instead of every agent
     watching. Server -> client: ``agent`` / ``visitor`` name the sender.
+    ``sid`` names one logical signal: a sender that retries it keeps its
+    ``sid``, the server relays it unchanged, and receivers drop a ``sid``
+    they have seen, so a retried signal is acted on once.
     """
 
     event: str = wire(checks.event_name)
@@ -106,6 +109,7 @@ class Signal(Message):
     agent: str | None = wire(checks.identifier, None)
     to: str | None = wire(checks.one_of("focused", "all"), None)
     connection: str | None = wire(checks.identifier, None)
+    sid: str | None = wire(checks.identifier, None)
 
 
 # --- client -> server --------------------------------------------------------

@@ -16,6 +16,7 @@ reported as ``SessionLost``).
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable
 from typing import Any
@@ -45,11 +46,15 @@ from herald_presence.protocol.messages import (
     Welcome,
 )
 
-from .base import DISCONNECTED, WS, Credential, HeraldClient, R, Refused, SessionLost, resolve_credential
+from .base import DISCONNECTED, WS, Credential, HeraldClient, R, Refused, SessionLost, resolve_credential, signal_id
 
 LOGIN_PATH = "/v1/agent/login"
 LOGOUT_PATH = "/v1/agent/logout"
+SIGNAL_RETRIES = 2  # times a signal is sent again, same sid, after delivery_failed or a lost socket
 _STALE_SESSION = (ErrorCode.UNAUTHORIZED, ErrorCode.TOKEN_EXPIRED)
+# The visitor did not get the signal (or it is not known whether it did), and a
+# repeat under its sid is shown once: worth one more try. Other errors are final.
+_RETRIED = (ErrorCode.DELIVERY_FAILED, DISCONNECTED)
 log = logging.getLogger(__name__)
 
 
@@ -69,7 +74,9 @@ async def _http_error(response: aiohttp.ClientResponse) -> tuple[str, str]:
 class AgentClient(HeraldClient):
     """An agent connection. ``visitors`` maps each watched visitor to its latest
     state; ``waiting`` holds the session keys waited for and not yet started;
-    ``login_expires`` is when the current login session ends (unix s)."""
+    ``login_expires`` is when the current login session ends (unix s). A
+    visitor's signal whose ``sid`` was seen already is dropped (see
+    ``HeraldClient``)."""
 
     PATH = "/v1/agent"
 
@@ -115,13 +122,51 @@ class AgentClient(HeraldClient):
         """One visitor's state, without watching it."""
         return (await self.request(Lookup(id=0, visitor=visitor), VisitorInfo)).state
 
-    async def signal(self, visitor: str, event: str, data: dict[str, Any] | None = None, to: str = "focused") -> int:
+    async def signal(
+        self,
+        visitor: str,
+        event: str,
+        data: dict[str, Any] | None = None,
+        to: str = "focused",
+        *,
+        sid: str | None = None,
+        retries: int = SIGNAL_RETRIES,
+    ) -> int:
         """Send ``event`` to the visitor's focused connection (or ``to="all"``) and
         return how many connections got it. If the visitor is reconnecting the
         server holds the signal; ``RequestFailed("signal_expired")`` if it never
-        comes back, ``visitor_offline`` if it is gone."""
-        ack = await self.request(Signal(event=event, data=data, visitor=visitor, to=to), Ack)
-        return ack.delivered or 0
+        comes back, ``visitor_offline`` if it is gone.
+
+        ``sid`` names this one logical signal (an identifier); by default a
+        fresh random one. The visitor's SDK drops a ``sid`` it has already
+        seen, so the signal is acted on once however often it is sent. When
+        the answer is ``delivery_failed`` (the visitor's instance did not
+        confirm in time: the visitor did not get it, short of a lost
+        confirmation), or the socket went away before the answer
+        (``disconnected``: the signal may have gone out), the call sends it
+        again under the same ``sid``, up to ``retries``
+        times (0: never) within ``request_timeout`` in all, and then raises
+        the last error. Every other error (``visitor_offline``,
+        ``signal_expired``, ``forbidden``, ``limit_exceeded``, ...) is raised
+        at once. ``TimeoutError`` if ``request_timeout`` runs out first. To
+        retry later yourself, pass the same ``sid`` again."""
+        if retries < 0:
+            raise ValueError("retries must be 0 or more")
+        message = Signal(event=event, data=data, visitor=visitor, to=to, sid=signal_id(sid))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        attempt = 0
+        while True:
+            try:
+                ack = await self.request(message, Ack, timeout=max(0.0, deadline - loop.time()))
+            except RequestFailed as exc:
+                running = self._runner is not None and not (self._stopped or self._closed)
+                if exc.code not in _RETRIED or attempt >= retries or loop.time() >= deadline or not running:
+                    raise
+                attempt += 1
+                log.info("herald agent: %s to %s got %s; sent again as sid %s", event, visitor, exc.code, message.sid)
+                continue
+            return ack.delivered or 0
 
     async def wait_session(self, key: str) -> None:
         """Be told (``session_event`` "started") when a session keyed by this
@@ -150,9 +195,11 @@ class AgentClient(HeraldClient):
         self._joined.discard(session)
         await self.request(LeaveSession(id=0, session=session), Ack)
 
-    async def show_terms(self, visitor: str) -> int:
-        """Ask the visitor's page to show the co-browse terms dialog."""
-        return await self.signal(visitor, "showterms")
+    async def show_terms(self, visitor: str, *, sid: str | None = None, retries: int = SIGNAL_RETRIES) -> int:
+        """Ask the visitor's page to show the co-browse terms dialog: ``signal``
+        with the event ``showterms``, so it is shown once even when it had to
+        be sent again (``sid`` and ``retries`` as there)."""
+        return await self.signal(visitor, "showterms", sid=sid, retries=retries)
 
     async def logout(self) -> None:
         """End the login session on the server and close this client."""

@@ -15,13 +15,14 @@ import inspect
 import itertools
 import logging
 import random
+import secrets
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
 
 import aiohttp
 
-from herald_presence.protocol import codec
+from herald_presence.protocol import checks, codec
 from herald_presence.protocol.errors import CloseCode, HeraldError, ProtocolError, RequestFailed, should_reconnect
 from herald_presence.protocol.messages import (
     Ack,
@@ -32,6 +33,7 @@ from herald_presence.protocol.messages import (
     Pong,
     SessionConnected,
     SessionJoined,
+    Signal,
     Snapshot,
     VisitorInfo,
     Welcome,
@@ -45,6 +47,7 @@ DISCONNECTED = "disconnected"  # RequestFailed code: the socket went away before
 _REPLIES = (Ack, Snapshot, VisitorInfo, SessionConnected, SessionJoined, Error)
 _PING, _PONG = codec.encode(Ping()), codec.encode(Pong())
 _CLOSE_NAMES = {code.value: code.name.lower() for code in CloseCode}
+SIGNAL_MEMORY = 256  # signal IDs a client remembers, to drop a signal it was sent again
 
 Credential: TypeAlias = str | Callable[[], str | Awaitable[str]]
 R = TypeVar("R", bound=Message)
@@ -55,6 +58,46 @@ async def resolve_credential(credential: Credential) -> str:
     """A token or key; a zero-argument callable (sync or async) is called for a fresh one."""
     value = credential() if callable(credential) else credential
     return await value if inspect.isawaitable(value) else value
+
+
+def new_sid() -> str:
+    """A fresh signal ID (``sid``, PROTOCOL.md §5.6): 16 hex characters from the
+    CSPRNG, so two logical signals never share one."""
+    return secrets.token_hex(8)
+
+
+def signal_id(sid: str | None) -> str:
+    """The ``sid`` a caller gave (checked: an identifier, else ``ProtocolError``
+    invalid), or a fresh one."""
+    return new_sid() if sid is None else checks.identifier(sid, "sid")
+
+
+class RecentIds:
+    """The last ``size`` distinct IDs seen, the oldest forgotten first, so that
+    memory stays bounded however many arrive."""
+
+    __slots__ = ("_ids", "size")
+
+    def __init__(self, size: int) -> None:
+        if size < 1:
+            raise ValueError("remember at least one ID")
+        self.size = size
+        self._ids: dict[str, None] = {}  # insertion-ordered: the first key is the oldest
+
+    def __len__(self) -> int:
+        return len(self._ids)
+
+    def __contains__(self, value: object) -> bool:
+        return value in self._ids
+
+    def add(self, value: str) -> bool:
+        """Remember ``value``; False if it was already remembered."""
+        if value in self._ids:
+            return False
+        self._ids[value] = None
+        if len(self._ids) > self.size:
+            del self._ids[next(iter(self._ids))]
+        return True
 
 
 class ClientClosed(HeraldError):
@@ -114,7 +157,12 @@ class HeraldClient:
     """One websocket kept alive, requests and events; base of the role clients.
     ``welcome``, ``connected`` and ``failure`` (why it stopped by itself) are
     read-only. ``request_timeout`` is long: the server may hold an agent's
-    signal for a reconnecting visitor before answering."""
+    signal for a reconnecting visitor before answering.
+
+    A received ``signal`` whose ``sid`` is among the last ``signal_memory``
+    sids this client got (across reconnects) is a repeat of one already
+    emitted (a sender's retry, PROTOCOL.md §5.6): it is dropped and counted
+    in ``duplicate_signals``. Signals without a ``sid`` are never dropped."""
 
     PATH: ClassVar[str] = ""
 
@@ -130,10 +178,13 @@ class HeraldClient:
         close_timeout: float = 2.0,
         max_events: int = 10_000,
         max_frame_bytes: int = 4 * 1024 * 1024,
+        signal_memory: int = SIGNAL_MEMORY,
     ) -> None:
         self.base_url, self.reconnect, self.backoff = base_url.rstrip("/"), reconnect, backoff or Backoff()
         self.request_timeout, self.connect_timeout, self.close_timeout = request_timeout, connect_timeout, close_timeout
         self.max_frame_bytes, self.dropped_events = max_frame_bytes, 0
+        self.duplicate_signals = 0  # received signals dropped as repeats of a sid already seen
+        self._seen_sids = RecentIds(signal_memory)
         self.welcome: Welcome | None = None
         self.connected = self._stopped = self._closed = False
         self.failure: Exception | None = None
@@ -396,6 +447,10 @@ class HeraldClient:
                 frame = codec.decode(msg.data, self.max_frame_bytes)
                 if isinstance(frame, Welcome):
                     return frame
+                if isinstance(frame, Signal) and frame.sid is not None and not self._seen_sids.add(frame.sid):
+                    self.duplicate_signals += 1  # a retry of a signal already emitted: acted on once
+                    log.debug("herald %s: dropped a repeated signal %s (sid %s)", self.PATH, frame.event, frame.sid)
+                    continue
                 self._on_frame(frame)
                 if isinstance(frame, Ping):
                     await self._write(ws, _PONG)

@@ -35,7 +35,7 @@ from herald_presence.protocol.messages import (
     Welcome,
 )
 
-from .base import Credential, HeraldClient, resolve_credential
+from .base import Credential, HeraldClient, resolve_credential, signal_id
 
 TERMS_STATUSES = ("displayed", "accepted", "declined")
 
@@ -43,6 +43,8 @@ TERMS_STATUSES = ("displayed", "accepted", "declined")
 class VisitorClient(HeraldClient):
     """A visitor connection. ``data`` (the merged presence data), ``visible`` and
     ``focused`` (whether agents' signals come to this connection) are read-only.
+    An agent's signal whose ``sid`` this connection has seen already (an
+    agent's retry) is dropped, so it is acted on once (see ``HeraldClient``).
 
     Give ``visitor`` and ``token``, or (a consumer, see ``for_session``) only a
     ``session_token``; a consumer's ``visitor`` is the one its welcome names."""
@@ -128,16 +130,24 @@ class VisitorClient(HeraldClient):
         self.visible = visible
         await self.send(Presence(visible=visible))
 
-    async def signal_agent(self, event: str, data: dict[str, Any] | None = None, agent: str | None = None) -> None:
+    async def signal_agent(
+        self, event: str, data: dict[str, Any] | None = None, agent: str | None = None, *, sid: str | None = None
+    ) -> None:
         """Send ``event`` to the agents watching this visitor (or just ``agent``)
-        and wait for the server's ack; ``RequestFailed`` if it refuses."""
-        await self.request(Signal(event=event, data=data, agent=agent), Ack)
+        and wait for the server's ack; ``RequestFailed`` if it refuses.
 
-    async def terms(self, status: str) -> None:
-        """Report the co-browse terms dialog: displayed, accepted or declined."""
+        ``sid`` names this one logical signal (an identifier); by default a
+        fresh random one. The agents' SDKs drop a ``sid`` they have already
+        seen: to send it again after a lost socket (``RequestFailed``
+        ``disconnected``), pass the same ``sid`` (``base.new_sid()`` makes one)."""
+        await self.request(Signal(event=event, data=data, agent=agent, sid=signal_id(sid)), Ack)
+
+    async def terms(self, status: str, *, sid: str | None = None) -> None:
+        """Report the co-browse terms dialog: displayed, accepted or declined
+        (``sid`` as in ``signal_agent``)."""
         if status not in TERMS_STATUSES:
             raise ValueError(f"terms status must be one of {', '.join(TERMS_STATUSES)}, not {status!r}")
-        await self.signal_agent("terms", {"status": status})
+        await self.signal_agent("terms", {"status": status}, sid=sid)
 
     async def _hello(self) -> Hello:
         credential = await resolve_credential(self._credential)

@@ -46,7 +46,13 @@ class BackendListener(Protocol):
 
     async def backend_restored(self) -> None:
         """The backend was lost and is back: messages may have been missed,
-        and what this instance registered may be gone."""
+        and what this instance registered may be gone. Called again until it
+        returns without raising."""
+
+    async def registrations_lost(self) -> None:
+        """This instance was taken for dead (cut off, frozen) and its
+        connections removed: register again those that live here. Called
+        again until it returns without raising."""
 
 
 class PresenceStore(ABC):

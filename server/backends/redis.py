@@ -36,9 +36,6 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
-import redis.asyncio as aioredis
-from redis.asyncio.retry import Retry
-from redis.backoff import ExponentialBackoff, NoBackoff
 from redis.exceptions import RedisError, WatchError
 
 from herald_presence.protocol.messages import VisitorState
@@ -51,17 +48,26 @@ from herald_presence.server.model.records import (
     VisitorRecord,
     offline_state,
 )
-from herald_presence.server.tasks import TaskSupervisor
+from herald_presence.server.tasks import TaskSupervisor, until_done
 
 from .base import Announce, Backend, BackendListener, BackendUnavailable, Mutation
 from .redis_batch import CommandBatcher
+from .redis_connect import connect
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 CONNECTION_FIELD = b"c:"
 MAX_WATCH_RETRIES = 50
-MAX_CONNECTIONS = 32  # per instance, besides the pub/sub connection
+# An instance's heartbeat, stamped with Redis's own clock (instances' clocks
+# may disagree; Redis's is the one every instance reads). Answers whether the
+# instance was missing from the set (it was taken for dead and reaped) and
+# Redis's time, against which staleness is judged.
+HEARTBEAT_SCRIPT = """
+local now = redis.call('TIME')
+local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
+return {redis.call('ZADD', KEYS[1], ms, ARGV[1]), ms}
+"""
 
 
 class RedisBackend(Backend):
@@ -87,21 +93,8 @@ class RedisBackend(Backend):
         self.probe_timeout = probe_timeout
         self.command_timeout = command_timeout
         self.tombstone_ms = int(tombstone_ttl * 1000)
-        timeouts = {"socket_timeout": command_timeout, "socket_connect_timeout": command_timeout}
-        # A bounded pool that makes bursts wait for a connection rather than
-        # fail. Commands retry once: the first use of a pooled connection
-        # after a Redis restart fails, the retry reconnects.
-        pool = aioredis.BlockingConnectionPool.from_url(
-            url,
-            max_connections=MAX_CONNECTIONS,
-            timeout=command_timeout,
-            retry=Retry(ExponentialBackoff(cap=0.2, base=0.02), 1),
-            **timeouts,
-        )
-        self._redis = aioredis.Redis(connection_pool=pool)
+        self._redis, self._bus = connect(url, command_timeout)
         self._batch = CommandBatcher(self._redis, self.instance_id)  # the hot path's commands
-        # Pub/sub never retries silently: a dropped subscription must be seen.
-        self._bus = aioredis.Redis.from_url(url, retry=Retry(NoBackoff(), 0), **timeouts)
         self._listener: BackendListener | None = None
         self._topics: set[str] = set()
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
@@ -111,6 +104,11 @@ class RedisBackend(Backend):
         self._bus_lost = False
         self._redis_ok = False
         self._last_probe = 0.0
+        self._beats = 0
+        self._last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
+        self._in_contact_since = 0.0  # monotonic: heartbeats since then with no gap
+        self._redis_ms = 0  # Redis's clock at the last heartbeat
+        self._resyncs: dict[str, asyncio.Task[None]] = {}  # by what they do: one of each at a time
         self.reconnects = 0
 
     # -- lifecycle ---------------------------------------------------------
@@ -132,15 +130,24 @@ class RedisBackend(Backend):
             log.error("Redis is not reachable yet; serving local connections only until it is")
 
     async def close(self) -> None:
+        """Stop the background work, tell the others we are gone, close the
+        connections; each step bounded, so a stuck socket never stops a
+        shutdown."""
         await self._tasks.close()
         await self._batch.close()
-        # Heartbeat 0: our remaining connections and grace periods are now
-        # for the other instances to settle.
-        with contextlib.suppress(RedisError, OSError):
-            await self._redis.zadd(self.names.instances, {self.instance_id: 0})
-        await self._bus.aclose()
-        await self._redis.aclose()
-        await self._redis.connection_pool.disconnect()
+        for step, name in (
+            # Heartbeat 0: our remaining connections and grace periods are now
+            # for the other instances to settle.
+            (partial(self._redis.zadd, self.names.instances, {self.instance_id: 0}), "last heartbeat"),
+            (self._bus.aclose, "closing the bus connection"),
+            (self._redis.aclose, "closing the command connections"),
+            (self._redis.connection_pool.disconnect, "closing the command connections"),
+        ):
+            try:
+                async with asyncio.timeout(self.command_timeout * 2):
+                    await step()
+            except (RedisError, OSError, TimeoutError) as exc:
+                log.warning("closing: %s failed (%r); going on", name, exc)
 
     # -- presence ----------------------------------------------------------
     def _load(self, group: str, visitor: str, raw: dict[bytes, bytes]) -> tuple[VisitorRecord, str | None]:
@@ -348,18 +355,37 @@ class RedisBackend(Backend):
         self.reconnects += 1
         self._bus_lost = False
         log.warning("Redis pub/sub restored (%d channels); resyncing", len(self._confirmed))
-        if self._listener is not None:
-            try:
-                await self._listener.backend_restored()
-            except BackendUnavailable:
-                self._bus_lost = True  # lost again meanwhile; the next restore retries
-            except Exception:
-                log.exception("re-registering after the Redis outage failed")
-                self._bus_lost = True
+        self._until_done("backend_restored")
+
+    def _until_done(self, callback: str) -> None:
+        """Call the listener's ``callback`` (``backend_restored`` or
+        ``registrations_lost``) until it succeeds: a fault that outlives the
+        first attempt must not leave this instance's visitors unregistered.
+        One of each at a time: a call that starts later covers what the
+        earlier trigger asked for."""
+        running = self._resyncs.get(callback)
+        if running is None or running.done():
+            self._resyncs[callback] = self._tasks.spawn(self._retry(callback), f"redis-{callback}-{self.instance_id}")
+
+    async def _retry(self, callback: str) -> None:
+        listener = self._listener
+        if listener is not None:
+            await until_done(getattr(listener, callback), callback)
 
     # -- liveness ----------------------------------------------------------
     async def _upkeep(self) -> None:
-        """Heartbeat, probe our own subscription, reap dead instances."""
+        """Heartbeat, probe our own subscription, reap dead instances.
+
+        Liveness that survives a stall: an instance is dead when its last
+        heartbeat is older than ``dead_after`` by Redis's clock, and only an
+        instance that has itself been heartbeating without a gap for a full
+        ``dead_after`` may reap. After a Redis stall (or a failover, or this
+        instance being frozen or cut off), every survivor's contact starts
+        again, so each has a full ``dead_after`` to heartbeat before anyone
+        judges it; an instance that was really gone is reaped ``dead_after``
+        after contact resumed. An instance that finds itself missing from
+        the heartbeat set (it was reaped while cut off or frozen) registers
+        its live connections again at once."""
         while True:
             await asyncio.sleep(self.heartbeat)
             try:
@@ -379,14 +405,22 @@ class RedisBackend(Backend):
     async def _beat(self) -> None:
         try:
             async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.zadd(self.names.instances, {self.instance_id: int(time.time() * 1000)})
+                pipe.eval(HEARTBEAT_SCRIPT, 1, self.names.instances, self.instance_id)
                 pipe.publish(self._probe_channel, b"probe")
-                await pipe.execute()
-            self._redis_ok = True
+                (missing, redis_ms), _ = await pipe.execute()
         except (RedisError, OSError) as exc:
             if self._redis_ok:
                 log.warning("Redis unreachable: %r", exc)
             self._redis_ok = False
+            return
+        now = time.monotonic()
+        if self._last_beat is None or now - self._last_beat > self.heartbeat + self.command_timeout:
+            self._in_contact_since = now  # a gap: judging the others starts again
+        self._last_beat, self._redis_ms, self._redis_ok = now, int(redis_ms), True
+        if missing and self._beats:
+            log.warning("this instance was taken for dead and reaped; registering its connections again")
+            self._until_done("registrations_lost")
+        self._beats += 1
 
     async def _restart_listener(self) -> None:
         """Drop the pub/sub connection and start over (the old one is fully
@@ -399,7 +433,9 @@ class RedisBackend(Backend):
         self._listen_task = self._tasks.spawn(self._listen(), f"redis-bus-{self.instance_id}")
 
     async def _reap(self) -> None:
-        cutoff = int((time.time() - self.dead_after) * 1000)
+        if time.monotonic() - self._in_contact_since < self.dead_after:
+            return  # not in contact long enough to tell a dead instance from a stalled Redis
+        cutoff = self._redis_ms - int(self.dead_after * 1000)
         try:
             dead = [d.decode() for d in await self._redis.zrangebyscore(self.names.instances, 0, cutoff)]
             for instance in dead:
@@ -446,7 +482,7 @@ class RedisBackend(Backend):
 
     # -- held signals --------------------------------------------------------
     # A held signal is the field <key> of the visitor's held hash: msgpack
-    # [reply_to, frame, to_all, expires (unix s), claimed].
+    # [reply_to, frame, to_all, answer_by, expires (unix s), claimed].
     async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None:
         key = self.names.held(group, visitor)
         ms = _ms(ttl)
@@ -471,8 +507,8 @@ class RedisBackend(Backend):
             now, taken = time.time(), []
             pipe.multi()
             for name, value in raw.items():
-                reply_to, frame, to_all, expires, claimed = unpack(value)
-                signal = HeldSignal(name.decode(), reply_to, frame, to_all)
+                reply_to, frame, to_all, answer_by, expires, claimed = unpack(value)
+                signal = HeldSignal(name.decode(), reply_to, frame, to_all, answer_by)
                 if expires <= now or not to_all:
                     pipe.hdel(key, name)
                 elif not claimed:
@@ -489,7 +525,7 @@ class RedisBackend(Backend):
 
         async def step(pipe: Any) -> bool:
             value = await pipe.hget(name, key)
-            if value is None or unpack(value)[4]:  # gone, or claimed by a taker
+            if value is None or unpack(value)[-1]:  # gone, or claimed by a taker
                 await pipe.unwatch()
                 return False
             pipe.multi()
@@ -557,4 +593,4 @@ def _ms(seconds: float) -> int:
 
 
 def _pack_held(signal: HeldSignal, expires: float, claimed: bool) -> bytes:
-    return pack((signal.reply_to, signal.frame, signal.to_all, expires, claimed))
+    return pack((signal.reply_to, signal.frame, signal.to_all, signal.answer_by, expires, claimed))

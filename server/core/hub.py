@@ -121,6 +121,9 @@ class Hub:
     def presence_changed(self, change: PresenceChange) -> None:
         self.presence.changed(change)
 
+    async def registrations_lost(self) -> None:
+        await self.presence.restore()
+
     async def backend_restored(self) -> None:
         """The cluster backend is back after an outage: what we registered may
         be gone or stale, and agents may have missed changes."""

@@ -9,6 +9,7 @@ watches either.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import Callable, Coroutine
 from functools import partial
@@ -23,13 +24,15 @@ from herald_presence.server.config import Settings
 from herald_presence.server.model import names, presence_rules
 from herald_presence.server.model.limits import check_presence, check_subscriptions
 from herald_presence.server.model.records import ConnectionRecord, PresenceChange, VisitorRecord, offline_state
-from herald_presence.server.tasks import TaskSupervisor
+from herald_presence.server.tasks import TaskSupervisor, until_done
 
 from .connection import AgentConnection, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
 
 log = logging.getLogger(__name__)
+
+REPAIR_FIRST, REPAIR_MAX = 0.1, 2.0  # seconds between attempts to store what the store missed
 
 OnOffline = Callable[[str, str], Coroutine[Any, Any, Any]]
 
@@ -52,6 +55,8 @@ class PresenceService:
         self._inbox = inbox
         self._tasks = tasks
         self._on_offline = on_offline  # (group, visitor): its session ends
+        self._unsynced: dict[str, VisitorConnection] = {}  # connection ID -> one whose change the store missed
+        self._repairer: asyncio.Task[None] | None = None
 
     # -- visitors ------------------------------------------------------------
     async def visitor_joined(self, conn: VisitorConnection) -> None:
@@ -78,14 +83,22 @@ class PresenceService:
     async def visitor_left(self, conn: VisitorConnection) -> None:
         self._visitors.remove(conn)
         metrics.CONNECTIONS.labels(role=conn.role).dec()
-        change = await self._visitor_mutate(conn, partial(presence_rules.leave, connection=conn.id))
+        try:
+            await self._leave(conn)
+        except BackendUnavailable:
+            log.warning("backend unavailable: the leave of %r is stored once it is back", conn)
+            self._repair_later(conn)
+
+    async def _leave(self, conn: VisitorConnection) -> None:
+        """Store a connection's end; the last one starts the grace period,
+        whose end is retried until it is stored (no ghost outlives a fault)."""
+        change = await self._mutate(conn.group, conn.subject, partial(presence_rules.leave, connection=conn.id))
         away_since = change.record.away_since if change and change.record else None
         if away_since is not None:
             group, visitor = conn.group, conn.subject
-            expire = partial(presence_rules.expire_away, away_since=away_since)
-            self._tasks.later(
-                self.settings.grace_period, lambda: self._mutate(group, visitor, expire), f"grace-{group}/{visitor}"
-            )
+            expire = partial(self._mutate, group, visitor, partial(presence_rules.expire_away, away_since=away_since))
+            name = f"grace-{group}/{visitor}"
+            self._tasks.later(self.settings.grace_period, lambda: until_done(expire, name, BackendUnavailable), name)
 
     async def restore(self) -> None:
         """The store is back after an outage: drop what closed meanwhile and
@@ -100,17 +113,47 @@ class PresenceService:
         self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None
     ) -> PresenceChange | None:
         """A local connection's presence change. If the store is away the
-        connection lives on: the change is applied to its own copy, and
-        ``restore`` registers that copy again."""
+        connection lives on: the change is applied to its own copy, which is
+        registered again as soon as the store takes it (``_repair``)."""
         try:
-            change = await self._mutate(conn.group, conn.subject, mutation, joined)
+            return await self._apply(conn, mutation, joined)
         except BackendUnavailable:
             log.warning("backend unavailable: presence of %r kept locally until it is back", conn)
             mutation(VisitorRecord(conn.group, conn.subject, 0, {conn.id: conn.presence}))
+            self._repair_later(conn)
             return None
+
+    async def _apply(
+        self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None
+    ) -> PresenceChange | None:
+        change = await self._mutate(conn.group, conn.subject, mutation, joined)
         if change is not None and change.record is not None:
             conn.presence = change.record.connections.get(conn.id, conn.presence)
         return change
+
+    def _repair_later(self, conn: VisitorConnection) -> None:
+        self._unsynced[conn.id] = conn
+        if self._repairer is None or self._repairer.done():
+            self._repairer = self._tasks.spawn(self._repair(), "presence-repair")
+
+    async def _repair(self) -> None:
+        """Bring the store in line with the connections whose changes it
+        missed: a live one is registered again as it is now, a closed one
+        leaves (and its grace period starts). Retried until all are stored."""
+        delay = REPAIR_FIRST
+        while self._unsynced:
+            await asyncio.sleep(delay)
+            delay = REPAIR_FIRST
+            for connection, conn in list(self._unsynced.items()):
+                try:
+                    if connection in self._visitors:
+                        await self._apply(conn, partial(presence_rules.rejoin, connection=conn.presence))
+                    else:
+                        await self._leave(conn)
+                except BackendUnavailable:
+                    delay = min(delay * 2, REPAIR_MAX)
+                    break
+                self._unsynced.pop(connection, None)
 
     async def _mutate(
         self, group: str, visitor: str, mutation: Mutation, joined: str | None = None
@@ -132,7 +175,8 @@ class PresenceService:
         instance): a visitor gone offline ends its session."""
         if change.change == "offline" and change.record is not None:
             group, visitor = change.record.group, change.record.visitor
-            self._tasks.spawn(self._on_offline(group, visitor), f"end-{group}/{visitor}")
+            name = f"end-{group}/{visitor}"
+            self._tasks.spawn(until_done(partial(self._on_offline, group, visitor), name, BackendUnavailable), name)
 
     def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
         """What agents are told of a change: one frame, encoded once, on the

@@ -17,7 +17,9 @@ signal is never both delivered and reported expired.
 from __future__ import annotations
 
 import asyncio
+import logging
 import secrets
+import time
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
@@ -34,7 +36,19 @@ from .connection import Connection, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
 
+log = logging.getLogger(__name__)
+
 RETRY_PAUSE = 0.05  # seconds between looks at a visitor whose connections are closing
+
+
+def _too_late(answer_by: float, key: str) -> bool:
+    """Past ``answer_by`` the sender has answered ``delivery_failed`` or
+    ``signal_expired``: delivering now (after this instance was frozen, or
+    its bus backlog was late) would contradict that answer."""
+    late = time.time() - answer_by
+    if late > 0:
+        log.warning("dropping signal %s: %.1fs past the time its sender answered without it", key, late)
+    return late > 0
 
 
 def _targets(record: VisitorRecord, to_all: bool) -> list[ConnectionRecord]:
@@ -70,7 +84,9 @@ class SignalRouter:
         """Relay a visitor's signal; returns how many instances it reached."""
         check_signal(message.data, self.settings)
         frame = codec.encode(
-            Signal(event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id)
+            Signal(
+                event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id, sid=message.sid
+            )
         )
         envelope = names.envelope(names.EVENT, conn.group, conn.subject, frame, None)
         if message.agent is not None:
@@ -98,7 +114,7 @@ class SignalRouter:
         assert message.visitor is not None
         check_signal(message.data, self.settings)
         visitor, to_all = message.visitor, message.to == "all"
-        frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent))
+        frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent, sid=message.sid))
         try:
             record = await self._store.visitor_record(group, visitor)
         except BackendUnavailable:
@@ -128,9 +144,10 @@ class SignalRouter:
             by_instance.setdefault(record.instance, []).append(record.connection)
         delivered = self._visitors.deliver(by_instance.pop(self._instance, []), frame)
         waits = []
+        answer_by = time.time() + self.settings.delivery_timeout
         for instance, connections in by_instance.items():
             key, reply = self._expect_reply()
-            envelope = names.envelope(names.DELIVER, key, self._instance, connections, frame)
+            envelope = names.envelope(names.DELIVER, key, self._instance, answer_by, connections, frame)
             if await self._bus.publish(names.inbox_topic(instance), envelope):
                 waits.append(self._await_reply(key, reply, self.settings.delivery_timeout))
             else:
@@ -155,7 +172,9 @@ class SignalRouter:
         or 0 if the visitor turned out to be back already: deliver directly."""
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         key, reply = self._expect_reply()
-        held = HeldSignal(key, self._instance, frame, to_all)
+        # After the hold ends and a taker's reply has had delivery_timeout to come:
+        answer_by = time.time() + remaining + self.settings.delivery_timeout
+        held = HeldSignal(key, self._instance, frame, to_all, answer_by)
         metrics.HELD_SIGNALS.inc()
         try:
             delivered = await self._await_held(group, visitor, held, reply, remaining)
@@ -195,6 +214,8 @@ class SignalRouter:
         signal also reaches each connection that comes back after it while
         it is held, without a second answer."""
         for held, first in await self._held.take_held(conn.group, conn.subject):
+            if _too_late(held.answer_by, held.key):
+                continue
             conn.send(held.frame)
             if first:
                 await self._inbox.send(held.reply_to, names.REPLY, held.key, 1)
@@ -220,8 +241,10 @@ class SignalRouter:
         if future is not None and not future.done():
             future.set_result(delivered)
 
-    def on_deliver(self, key: str, reply_to: str, connections: list[str], frame: bytes) -> None:
+    def on_deliver(self, key: str, reply_to: str, answer_by: float, connections: list[str], frame: bytes) -> None:
         """Another instance asks for a frame on connections held here; answer with the count."""
+        if _too_late(answer_by, key):
+            return
         delivered = self._visitors.deliver(connections, frame)
         self._tasks.spawn(self._inbox.send(reply_to, names.REPLY, key, delivered), f"reply-{key}")
 

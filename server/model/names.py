@@ -32,7 +32,7 @@ import msgpack
 # -- envelopes -----------------------------------------------------------------
 PRESENCE = "p"  # [kind, group, visitor, version, frame]
 EVENT = "s"  # [kind, group, visitor, frame, dedupe key or nil]: a visitor's signal, a session event
-DELIVER = "d"  # [kind, key, reply_to, [connection...], frame]
+DELIVER = "d"  # [kind, key, reply_to, answer_by (unix s), [connection...], frame]
 PUSH = "x"  # [kind, [connection...], frame]: to visitor connections, no reply
 REPLY = "r"  # [kind, key, delivered]
 FOCUS = "f"  # [kind, connection, focused]

@@ -88,6 +88,7 @@ class HeldSignal:
     reply_to: str  # instance ID of the agent's instance
     frame: bytes  # the encoded Signal the visitor will get
     to_all: bool  # every connection of the visitor, not only the focused one
+    answer_by: float  # unix time after which its sender has answered without it: never deliver it then
 
 
 @dataclass(slots=True)

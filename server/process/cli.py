@@ -118,7 +118,11 @@ def serve(settings: Settings) -> None:
             "  Configure real groups with --group ID=SECRET, HERALD_GROUPS or a TOML file.\n",
             flush=True,
         )
-    sys.exit(runner.run(settings))
+    try:
+        code = runner.run(settings)
+    except ConfigError as exc:  # found while building the app (a malformed redis_url)
+        sys.exit(f"herald: {exc}")
+    sys.exit(code)
 
 
 if __name__ == "__main__":

@@ -46,7 +46,8 @@ async def lookup_visitor(request: web.Request) -> web.StreamResponse:
 @json_errors
 async def signal_visitor(request: web.Request) -> web.StreamResponse:
     """``POST /v1/groups/{group}/visitors/{visitor}/signals`` with
-    ``{"event", "data"?, "to"?}`` -> ``{"delivered": n}``."""
+    ``{"event", "data"?, "to"?, "agent"?, "sid"?}`` -> ``{"delivered": n}``;
+    a back end that retries a signal sends the same ``sid``."""
     group = await _authorize(request)
     visitor = checks.identifier(request.match_info["visitor"], "visitor")
     body = await read_json(request)
@@ -55,6 +56,7 @@ async def signal_visitor(request: web.Request) -> web.StreamResponse:
         data=checks.flat_map(body.get("data") or {}, "data"),
         visitor=visitor,
         to=checks.one_of("focused", "all")(body.get("to", "focused"), "to"),
+        sid=checks.identifier(body["sid"], "sid") if body.get("sid") is not None else None,
     )
     sender = checks.identifier(body.get("agent", "crm"), "agent")
     delivered = await request.app[SIGNALS].to_visitor(group, sender, message)

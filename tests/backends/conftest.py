@@ -70,6 +70,10 @@ class RecordingListener:
         self.restores += 1
         self.restored.set()
 
+    async def registrations_lost(self) -> None:
+        self.restores += 1
+        self.restored.set()
+
     # -- for the tests -----------------------------------------------------
     async def next_message(self, within: float = WAIT) -> Message:
         async with asyncio.timeout(within):
@@ -139,7 +143,27 @@ async def another_instance(
 
     yield start
     for backend in reversed(started):
-        await backend.close()
+        await closed_in_time(backend)
+
+
+async def closed_in_time(backend: Backend, within: float = 10.0) -> None:
+    """Close ``backend``; a close that hangs fails the test with what is still running."""
+    try:
+        async with asyncio.timeout(within):
+            await backend.close()
+    except TimeoutError:
+        pytest.fail("backend.close() hung:\n" + "\n".join(awaiting(task) for task in asyncio.all_tasks()))
+
+
+def awaiting(task: asyncio.Task[Any]) -> str:
+    """A task's chain of awaits, outermost first."""
+    chain, coro = [], task.get_coro()
+    while coro is not None and hasattr(coro, "cr_frame"):
+        if coro.cr_frame is not None:
+            chain.append(f"{coro.cr_code.co_name}:{coro.cr_frame.f_lineno}")
+        coro = coro.cr_await
+    chain.append(repr(coro)[:120])
+    return f"{task.get_name()}: " + " -> ".join(chain)
 
 
 @pytest.fixture

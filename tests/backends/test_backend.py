@@ -51,7 +51,7 @@ async def test_every_operation_raises_backend_unavailable_when_redis_is_gone(
     await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), silent)
     private_redis.stop()
 
-    held = HeldSignal("k1", backend.instance_id, b"frame", False)
+    held = HeldSignal("k1", backend.instance_id, b"frame", False, time.time() + 60)
     operations: dict[str, Callable[[], Awaitable[object]]] = {
         "mutate": lambda: backend.mutate(GROUP, "v2", joins(conn(backend, "c2")), silent),
         "visitor": lambda: backend.visitor(GROUP, "v1"),

@@ -8,15 +8,18 @@ signal expires by itself after its own ttl."""
 from __future__ import annotations
 
 import asyncio
+import time
 
 from herald_presence.server.backends.base import Backend
 from herald_presence.server.model.records import HeldSignal
 
 from .conftest import GROUP, REDIS_ONLY, StartBackend
 
+ANSWER_BY = time.time() + 3600  # the senders of these signals wait long
+
 
 def signal(key: str, to_all: bool = False) -> HeldSignal:
-    return HeldSignal(key, "agent-instance", b"\x93frame-" + key.encode(), to_all)
+    return HeldSignal(key, "agent-instance", b"\x93frame-" + key.encode(), to_all, ANSWER_BY)
 
 
 def keys(taken: list[tuple[HeldSignal, bool]]) -> list[tuple[str, bool]]:

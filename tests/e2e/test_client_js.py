@@ -14,10 +14,11 @@ from playwright.async_api import Browser, Page
 
 from herald_presence.protocol import codec, tokens
 from herald_presence.protocol.errors import CloseCode
-from herald_presence.protocol.messages import GuestCount, Hello
+from herald_presence.protocol.messages import Ack, GuestCount, Hello, Signal
 from herald_presence.server.web.keys import HUB
 
-from ..harness import SECRET, HeraldServer, settings
+from ..harness import SECRET, HeraldServer, receive, settings
+from ..test_signals import ScriptedHerald
 
 # A page of Herald's origin with no script of its own: the client is imported into it.
 BLANK = "/js/vendor/msgpack.LICENSE"
@@ -172,3 +173,105 @@ async def test_js_agent_joins_its_session_again_after_being_moved(browser: Brows
     assert [(await visitor.wait_for(GuestCount)).guests for _ in range(2)] == [0, 1]
     assert await page.evaluate("() => [...agent.joined]") == [connected.session]
     await page.evaluate("() => agent.close()")
+
+
+# --- signal IDs ------------------------------------------------------------------
+
+
+async def test_js_visitor_drops_a_signal_whose_sid_it_has_seen(browser: Browser, herald: HeraldServer) -> None:
+    page = await client_page(browser, herald)
+    token = tokens.visitor_token(SECRET, "acme", "v-sid")
+    await page.evaluate(
+        """async (token) => {
+            window.got = [];
+            window.client = new herald.VisitorClient(undefined, {group: "acme", visitor: "v-sid", token});
+            client.addEventListener("signal", (e) => got.push(e.detail.sid ?? null));
+            await client.connect();
+        }""",
+        token,
+    )
+    agent = await herald.agent("alice")
+    assert await agent.show_terms("v-sid", sid="terms-1") == 1
+    assert await agent.show_terms("v-sid", sid="terms-1") == 1  # sent again: the server relays it
+    assert await agent.show_terms("v-sid", sid="terms-2") == 1
+    for _ in range(2):  # no sid: never dropped
+        assert (await agent.request(Signal(event="showterms", visitor="v-sid"), Ack)).delivered == 1
+    await page.wait_for_function("got.length >= 4")
+    await asyncio.sleep(0.2)
+    assert await page.evaluate("() => [got, client.duplicateSignals]") == [["terms-1", "terms-2", None, None], 1]
+
+
+async def test_js_agent_sends_fresh_sids_and_drops_a_visitor_signal_it_has_seen(
+    browser: Browser, herald: HeraldServer
+) -> None:
+    page = await client_page(browser, herald)
+    key = tokens.agent_key(SECRET, "acme", "js-agent")
+    await page.evaluate(
+        """async (key) => {
+            window.got = [];
+            window.agent = new herald.AgentClient(undefined, {group: "acme", agent: "js-agent", key});
+            agent.addEventListener("signal", (e) => got.push([e.detail.event, e.detail.sid ?? null]));
+            await agent.connect();
+            await agent.subscribe(["v1"]);
+        }""",
+        key,
+    )
+    visitor = await herald.visitor("v1")
+    await visitor.terms("accepted", sid="answer-1")
+    await visitor.terms("accepted", sid="answer-1")
+    await visitor.signal_agent("cobrowse")
+    await page.wait_for_function("got.length >= 2")
+    await asyncio.sleep(0.2)
+    got = await page.evaluate("() => got")
+    assert got[0] == ["terms", "answer-1"] and got[1][0] == "cobrowse" and len(got) == 2
+    assert await page.evaluate("() => agent.duplicateSignals") == 1
+
+    async with herald.raw_visitor("raw") as raw:
+        delivered = await page.evaluate(
+            "async () => [await agent.showTerms('raw'), await agent.signal('raw', 'highlight', {n: 1}, 'all')]"
+        )
+        assert delivered == [1, 1]
+        sids = [(await receive(raw)).sid for _ in range(2)]  # type: ignore[attr-defined]
+    assert all(isinstance(sid, str) and len(sid) == 16 and int(sid, 16) >= 0 for sid in sids) and sids[0] != sids[1]
+    refused = await page.evaluate(
+        "async () => { try { await agent.signal('raw', 'x', {}, 'all', {sid: 'a b'}); } catch (e) { return e.code; } }"
+    )
+    assert refused == "invalid"
+
+
+async def test_js_agent_sends_a_signal_again_with_its_sid_after_delivery_failed_or_a_lost_socket(
+    browser: Browser,
+) -> None:
+    server = await ScriptedHerald(["delivery_failed", "ack"]).start()
+    try:
+        page = await browser.new_page()
+        page.set_default_timeout(5_000)
+        await page.goto(server.base_url + "/blank")
+        await page.evaluate(
+            """async () => {
+                window.herald = await import('/js/herald.js');
+                window.agent = new herald.AgentClient(undefined, {group: "acme", agent: "alice", key: "k"},
+                                                      {backoff: new herald.Backoff({initial: 0.01})});
+                await agent.connect();
+            }"""
+        )
+        show = (
+            "async (options) => { try { return await agent.showTerms('v1', options); } catch (e) { return e.code; } }"
+        )
+        assert await page.evaluate(show) == 1
+        assert len(server.received) == 2 and len({m.sid for m in server.received}) == 1
+
+        server.script(["drop", "ack"])  # the socket goes away before the answer: sent again once back
+        assert await page.evaluate(show, {"sid": "mine-1"}) == 1
+        assert [m.sid for m in server.received] == ["mine-1", "mine-1"]
+
+        server.script(["delivery_failed"])  # never delivered: two more sends, then the last error
+        assert await page.evaluate(show) == "delivery_failed"
+        assert len(server.received) == 3 and len({m.sid for m in server.received}) == 1
+
+        server.script(["visitor_offline", "ack"])  # final: not sent again
+        assert await page.evaluate(show) == "visitor_offline"
+        assert len(server.received) == 1
+        await page.evaluate("() => agent.close()")
+    finally:
+        await server.runner.cleanup()

@@ -22,9 +22,17 @@ export const VERSIONS = [1];
 export const TERMS_STATUSES = ["displayed", "accepted", "declined"];
 /** Request id of a request that lost its socket before the reply came. */
 export const DISCONNECTED = "disconnected";
+/** How many signal ids (`sid`) a client remembers, to drop a signal it was sent again. */
+export const SIGNAL_MEMORY = 256;
+/** How many times an agent's signal is sent again, same sid, after delivery_failed or a lost socket. */
+export const SIGNAL_RETRIES = 2;
 
 const REPLY_TYPES = new Set(["ack", "snapshot", "visitor", "session_connected", "session_joined", "error"]);
 const CLOSE_NAMES = { 4500: "unauthorized", 4501: "forbidden", 4502: "unsupported_version", 4503: "handshake_failed" };
+// The visitor did not get the signal (or it is not known whether it did), and a repeat
+// under its sid is shown once: worth one more try. Other errors are final.
+const RETRIED = new Set(["delivery_failed", DISCONNECTED]);
+const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
 
 /**
  * @typedef {Record<string, string|number|boolean|null>} FlatMap
@@ -48,7 +56,8 @@ const CLOSE_NAMES = { 4500: "unauthorized", 4501: "forbidden", 4502: "unsupporte
  * @property {{code: number | null, reconnecting: boolean}} disconnected  the socket closed
  * @property {{failure: Error | null}} stopped  no more connections: closed, or refused (`failure`)
  * @property {{type: "signal", event: string, data: FlatMap, agent?: string, visitor?: string,
- *             connection?: string}} signal  a signal from an agent (to a visitor) or a visitor (to an agent)
+ *             connection?: string, sid?: string}} signal  a signal from an agent (to a visitor) or a visitor
+ *   (to an agent); one whose `sid` the client has seen already (a sender's retry) is dropped, not emitted
  * @property {{type: "presence_changed", change: string, state: VisitorState}} presence_changed  agents
  * @property {Map<string, VisitorState>} visitors  agents: `AgentClient.visitors` changed
  * @property {SessionEvent} session_event  agents: a session started, ended or failed
@@ -110,6 +119,24 @@ export function decodeFrame(bytes) {
   return frame;
 }
 
+/**
+ * A fresh signal id (`sid`, PROTOCOL.md §5.6): 16 hex characters from the CSPRNG, so two
+ * logical signals never share one.
+ * @returns {string}
+ */
+export function newSid() {
+  return Array.from(crypto.getRandomValues(new Uint8Array(8)), (b) => b.toString(16).padStart(2, "0")).join("");
+}
+
+/** The sid a caller gave (checked: an identifier), or a fresh one. */
+function signalId(sid) {
+  if (sid == null) return newSid();
+  if (typeof sid !== "string" || !IDENTIFIER.test(sid)) {
+    throw new HeraldError("invalid", "sid: must be 1-128 characters of A-Z a-z 0-9 . _ : @ + -");
+  }
+  return sid;
+}
+
 /** Resolve a credential to its current value. */
 async function resolveCredential(credential) {
   return typeof credential === "function" ? await credential() : credential;
@@ -131,19 +158,33 @@ const sleep = (seconds, signal) =>
 /**
  * One websocket kept alive, requests and events; base of the role clients.
  * `welcome`, `connected` and `failure` (why it stopped by itself) are read-only.
+ * A received signal whose `sid` is among the last `signalMemory` sids this client got
+ * (across reconnects) repeats one already emitted (a sender's retry): it is dropped and
+ * counted in `duplicateSignals`. Signals without a sid are never dropped.
  */
 export class HeraldClient extends EventTarget {
   static PATH = "";
 
   /**
    * @param {string} [baseUrl] Herald's http(s) URL; the page's own origin by default
-   * @param {{reconnect?: boolean, backoff?: Backoff, requestTimeout?: number, connectTimeout?: number}} [options]
-   *   times in seconds; requestTimeout is long because a signal may be held for a reconnecting visitor
+   * @param {{reconnect?: boolean, backoff?: Backoff, requestTimeout?: number, connectTimeout?: number,
+   *          signalMemory?: number}} [options]
+   *   times in seconds; requestTimeout is long because a signal may be held for a reconnecting visitor;
+   *   signalMemory: how many received sids are remembered (SIGNAL_MEMORY by default)
    */
-  constructor(baseUrl, { reconnect = true, backoff = new Backoff(), requestTimeout = 30, connectTimeout = 10 } = {}) {
+  constructor(
+    baseUrl,
+    { reconnect = true, backoff = new Backoff(), requestTimeout = 30, connectTimeout = 10,
+      signalMemory = SIGNAL_MEMORY } = {},
+  ) {
     super();
     this.baseUrl = (baseUrl || globalThis.location?.origin || "").replace(/\/+$/, "");
     Object.assign(this, { reconnect, backoff, requestTimeout, connectTimeout });
+    /** Received signals dropped as repeats of a sid already seen. */
+    this.duplicateSignals = 0;
+    this._signalMemory = Math.max(1, signalMemory);
+    /** @type {Set<string>} insertion-ordered: the first is the oldest */
+    this._seenSids = new Set();
     /** @type {Welcome | null} */
     this.welcome = null;
     this.connected = false;
@@ -153,6 +194,7 @@ export class HeraldClient extends EventTarget {
     this._nextId = 1;
     this._pending = new Map();
     this._running = null;
+    this._stopped = false;
     this._stop = null;
     this._lastError = null;
   }
@@ -170,6 +212,7 @@ export class HeraldClient extends EventTarget {
   connect() {
     if (!this._running) {
       this.failure = null;
+      this._stopped = false;
       this._stop = new AbortController();
       this._running = this._run(this._stop.signal).finally(() => (this._running = null));
     }
@@ -198,12 +241,13 @@ export class HeraldClient extends EventTarget {
    * a HeraldError for an error reply, a lost socket ("disconnected") or a timeout.
    * Waits for a socket while one is being (re)established.
    * @param {Frame} message
+   * @param {{timeout?: number}} [options] seconds; requestTimeout by default
    * @returns {Promise<Frame>}
    */
-  async request(message) {
-    const deadline = Date.now() + this.requestTimeout * 1000;
+  async request(message, { timeout = this.requestTimeout } = {}) {
+    const deadline = Date.now() + timeout * 1000;
     while (!this._ws || this._ws.readyState !== WebSocket.OPEN || !this.welcome) {
-      if (!this._running) throw new HeraldError(DISCONNECTED, "the client is not running; call connect()");
+      if (this._halted()) throw new HeraldError(DISCONNECTED, "the client is not running; call connect()");
       await this._changed(deadline);
     }
     const id = this._nextId++;
@@ -211,7 +255,7 @@ export class HeraldClient extends EventTarget {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         this._pending.delete(id);
-        reject(new HeraldError("timeout", `no reply to ${message.type} within ${this.requestTimeout}s`));
+        reject(new HeraldError("timeout", `no reply to ${message.type} within ${timeout}s`));
       }, deadline - Date.now());
       this._pending.set(id, { resolve, reject, timer });
       ws.send(encodeFrame({ ...message, id }));
@@ -245,6 +289,11 @@ export class HeraldClient extends EventTarget {
   async _onWelcome(welcome) {}
 
   // --- machinery
+
+  /** Stopped, stopping (close() was called) or never started: no socket will come. */
+  _halted() {
+    return !this._running || this._stopped || Boolean(this._stop?.signal.aborted);
+  }
 
   _emit(type, detail) {
     this.dispatchEvent(new CustomEvent(type, { detail }));
@@ -302,6 +351,7 @@ export class HeraldClient extends EventTarget {
     } catch (error) {
       this.failure = error instanceof Error ? error : new Error(String(error));
     } finally {
+      this._stopped = true; // before failing what is pending: nothing may wait for a socket now
       this.connected = false;
       this._ws = null;
       this._failPending("the client stopped");
@@ -400,7 +450,19 @@ export class HeraldClient extends EventTarget {
     this._emit("connected", welcome);
   }
 
+  /** Remember a received sid; false if it was remembered already (the oldest is forgotten first). */
+  _firstSid(sid) {
+    if (this._seenSids.has(sid)) return false;
+    this._seenSids.add(sid);
+    if (this._seenSids.size > this._signalMemory) this._seenSids.delete(this._seenSids.values().next().value);
+    return true;
+  }
+
   _route(ws, frame) {
+    if (frame.type === "signal" && typeof frame.sid === "string" && !this._firstSid(frame.sid)) {
+      this.duplicateSignals += 1; // a retry of a signal already emitted: acted on once
+      return;
+    }
     try {
       this._onFrame(frame);
     } catch (error) {
@@ -425,6 +487,8 @@ export class HeraldClient extends EventTarget {
 /**
  * A visitor: one tab's presence, reachable by agents. `data` (the merged presence data),
  * `visible`, `focused` and `session` (the live support session, guests kept current) are read-only.
+ * An agent's signal whose sid this tab has seen already (an agent's retry) is dropped, so it is
+ * acted on once (see HeraldClient).
  */
 export class VisitorClient extends HeraldClient {
   static PATH = "/v1/visitor";
@@ -481,15 +545,28 @@ export class VisitorClient extends HeraldClient {
     return () => document.removeEventListener("visibilitychange", follow);
   }
 
-  /** Signal the agents watching this visitor (or one `agent`); resolves on the server's ack. */
-  async signalAgent(event, data, agent) {
-    await this.request({ type: "signal", event, data, agent });
+  /**
+   * Signal the agents watching this visitor (or one `agent`); resolves on the server's ack.
+   * @param {string} event
+   * @param {FlatMap} [data]
+   * @param {string} [agent] address this agent only
+   * @param {{sid?: string}} [options] sid: names this one logical signal (an identifier; a fresh
+   *   random one by default). Agents' clients drop a sid they have seen: to send it again after a
+   *   lost socket ("disconnected"), pass the same sid (newSid() makes one).
+   */
+  async signalAgent(event, data, agent, options) {
+    const { sid } = options ?? {};
+    await this.request({ type: "signal", event, data, agent, sid: signalId(sid) });
   }
 
-  /** Report the co-browse terms dialog: "displayed", "accepted" or "declined". */
-  async terms(status) {
+  /**
+   * Report the co-browse terms dialog: "displayed", "accepted" or "declined".
+   * @param {string} status
+   * @param {{sid?: string}} [options] as in signalAgent
+   */
+  async terms(status, options) {
     if (!TERMS_STATUSES.includes(status)) throw new TypeError(`terms status must be one of ${TERMS_STATUSES}`);
-    await this.signalAgent("terms", { status });
+    await this.signalAgent("terms", { status }, undefined, options);
   }
 
   /**
@@ -546,7 +623,8 @@ export class VisitorClient extends HeraldClient {
  * An agent: logs in over HTTP (an HttpOnly session cookie that the websocket upgrade carries),
  * watches visitors and signals them. `visitors` maps each watched visitor to its latest state
  * (the version rule applied); `waiting` holds session keys waited for and not yet started.
- * A "visitors" event follows every change of `visitors`.
+ * A "visitors" event follows every change of `visitors`. A visitor's signal whose sid was seen
+ * already is dropped (see HeraldClient).
  */
 export class AgentClient extends HeraldClient {
   static PATH = "/v1/agent";
@@ -635,14 +713,52 @@ export class AgentClient extends HeraldClient {
     return (await this.request({ type: "lookup", visitor })).state;
   }
 
-  /** Send `event` to the visitor's focused connection (or to: "all"); resolves with how many got it. */
-  async signal(visitor, event, data, to = "focused") {
-    return (await this.request({ type: "signal", visitor, event, data, to })).delivered || 0;
+  /**
+   * Send `event` to the visitor's focused connection (or to: "all"); resolves with how many
+   * connections got it. A visitor that is reconnecting has it held; "signal_expired" if it never
+   * comes back, "visitor_offline" if it is gone.
+   *
+   * The signal goes out under one `sid`; the visitor's client drops a sid it has already seen, so
+   * the signal is acted on once however often it is sent. When the answer is "delivery_failed"
+   * (the visitor's instance did not confirm in time: the visitor did not get it, short of a lost
+   * confirmation) or the socket went away before the answer ("disconnected": it may have gone
+   * out), it is sent again under the same sid, up to `retries` times within requestTimeout in
+   * all; then the last error rejects ("timeout" if requestTimeout runs out first).
+   * Every other error (visitor_offline, signal_expired, forbidden, limit_exceeded, ...) rejects
+   * at once.
+   * @param {string} visitor
+   * @param {string} event
+   * @param {FlatMap} [data]
+   * @param {"focused" | "all"} [to]
+   * @param {{sid?: string, retries?: number}} [options] sid: names this one logical signal (an
+   *   identifier; a fresh random one by default; pass the same one to send it again yourself);
+   *   retries: how many times to send it again (SIGNAL_RETRIES by default; 0: never)
+   * @returns {Promise<number>}
+   */
+  async signal(visitor, event, data, to = "focused", options) {
+    const { sid, retries = SIGNAL_RETRIES } = options ?? {};
+    const message = { type: "signal", visitor, event, data, to, sid: signalId(sid) };
+    const deadline = Date.now() + this.requestTimeout * 1000;
+    for (let attempt = 0; ; attempt++) {
+      try {
+        const timeout = Math.max(0, deadline - Date.now()) / 1000;
+        return (await this.request(message, { timeout })).delivered || 0;
+      } catch (error) {
+        if (!RETRIED.has(error.code) || attempt >= retries || Date.now() >= deadline || this._halted()) throw error;
+        console.info(`herald: ${event} to ${visitor} got ${error.code}; sent again as sid ${message.sid}`);
+      }
+    }
   }
 
-  /** Ask the visitor's page to show the co-browse terms dialog. */
-  showTerms(visitor) {
-    return this.signal(visitor, "showterms");
+  /**
+   * Ask the visitor's page to show the co-browse terms dialog: signal "showterms", shown once
+   * even when it had to be sent again.
+   * @param {string} visitor
+   * @param {{sid?: string, retries?: number}} [options] as in signal
+   * @returns {Promise<number>}
+   */
+  showTerms(visitor, options) {
+    return this.signal(visitor, "showterms", undefined, "focused", options);
   }
 
   /** Be told (session_event "started") when a session keyed by this visitor ID starts; kept across reconnects. */
