@@ -19,15 +19,20 @@ import pytest
 from .processes import free_port
 
 
+def redis_binary() -> str:
+    """redis-server's path; a skip without it, a failure under CI=true."""
+    binary = shutil.which("redis-server")
+    if binary is None:
+        message = "redis-server is not on PATH (apt-get install redis-server)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
+
+
 class RedisServer:
     def __init__(self) -> None:
-        binary = shutil.which("redis-server")
-        if binary is None:
-            message = "redis-server is not on PATH (apt-get install redis-server)"
-            if os.environ.get("CI") == "true":
-                pytest.fail(message)
-            pytest.skip(message)
-        self.binary = binary
+        self.binary = redis_binary()
         self.port = free_port()
         self.dir = tempfile.mkdtemp(prefix="herald-redis-")
         self.process: subprocess.Popen[bytes] | None = None

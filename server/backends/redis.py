@@ -320,6 +320,11 @@ class RedisBackend(Backend):
                     backoff = 0.05
             except (RedisError, OSError) as exc:
                 log.warning("Redis pub/sub connection lost: %r", exc)
+            except Exception:
+                # Whatever a broken connection raises (during a failover redis-py
+                # can raise RuntimeError from a closed transport), this loop
+                # must outlive it: without it the instance never resubscribes.
+                log.exception("Redis pub/sub failed; reconnecting")
             finally:
                 self._pubsub = None
                 self._bus_lost = True

@@ -39,6 +39,10 @@ from .registry import LocalVisitors, Watchers
 log = logging.getLogger(__name__)
 
 RETRY_PAUSE = 0.05  # seconds between looks at a visitor whose connections are closing
+# A receiving instance must deliver by the sender's timeout less this share of
+# it, so that its reply still arrives in time: a delivery the sender will count
+# as failed is never made.
+REPLY_MARGIN = 0.25
 
 
 def _too_late(answer_by: float, key: str) -> bool:
@@ -144,7 +148,7 @@ class SignalRouter:
             by_instance.setdefault(record.instance, []).append(record.connection)
         delivered = self._visitors.deliver(by_instance.pop(self._instance, []), frame)
         waits = []
-        answer_by = time.time() + self.settings.delivery_timeout
+        answer_by = time.time() + self.settings.delivery_timeout * (1 - REPLY_MARGIN)
         for instance, connections in by_instance.items():
             key, reply = self._expect_reply()
             envelope = names.envelope(names.DELIVER, key, self._instance, answer_by, connections, frame)
@@ -172,8 +176,8 @@ class SignalRouter:
         or 0 if the visitor turned out to be back already: deliver directly."""
         remaining = max(0.0, deadline - asyncio.get_running_loop().time())
         key, reply = self._expect_reply()
-        # After the hold ends and a taker's reply has had delivery_timeout to come:
-        answer_by = time.time() + remaining + self.settings.delivery_timeout
+        # The hold, then the delivery_timeout a taker's reply has to come back:
+        answer_by = time.time() + remaining + self.settings.delivery_timeout * (1 - REPLY_MARGIN)
         held = HeldSignal(key, self._instance, frame, to_all, answer_by)
         metrics.HELD_SIGNALS.inc()
         try:

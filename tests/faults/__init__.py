@@ -1,0 +1,1 @@
+"""Cluster fault tests with real processes: Redis stalls, partitions, failovers and slow instances."""
