@@ -7,6 +7,7 @@ a frame costs one call per field and nothing else.
 
 from __future__ import annotations
 
+import math
 import re
 from collections.abc import Callable
 from typing import Any
@@ -24,6 +25,15 @@ MAX_DATA_FIELDS = 32
 MAX_TOKEN_CHARS = 512
 MAX_VISITORS_PER_REQUEST = 1000
 MAX_REQUEST_ID = 2**53 - 1  # fits a JavaScript number exactly
+
+# Bounds on every container and string in a client's frame, known field or
+# not, enforced by the msgpack decoder as it reads each header, before it
+# builds anything (codec.unpack): what a frame may make the server allocate
+# and walk. Each is the largest thing a valid frame needs.
+MAX_MAP_ENTRIES = 64  # a frame's own fields (a dozen at most today, room for more) and flat maps (32)
+MAX_ARRAY_ITEMS = MAX_VISITORS_PER_REQUEST  # the longest list: a subscribe's visitor IDs
+MAX_STRING_BYTES = 4 * MAX_VALUE_CHARS  # the longest string, in UTF-8; binaries (never valid) alike
+MAX_EXT_BYTES = 12  # the largest msgpack timestamp; other extension types are refused anyway
 
 _ID_RE = re.compile(rf"[A-Za-z0-9._:@+\-]{{1,{MAX_ID_CHARS}}}")
 _EVENT_RE = re.compile(rf"[A-Za-z0-9._:\-]{{1,{MAX_EVENT_CHARS}}}")
@@ -65,8 +75,8 @@ def non_negative_int(value: Any, field: str) -> int:
 
 
 def number(value: Any, field: str) -> float | int:
-    if type(value) not in (int, float):
-        raise invalid(field, "must be a number")
+    if type(value) not in (int, float) or (type(value) is float and not math.isfinite(value)):
+        raise invalid(field, "must be a finite number")
     return value
 
 
@@ -103,6 +113,8 @@ def flat_map(value: Any, field: str) -> dict[str, Any]:
             raise invalid(f"{field}.{key}", f"is longer than {MAX_VALUE_CHARS} characters")
         if kind is int and not -(2**63) <= item < 2**64:
             raise invalid(f"{field}.{key}", "is out of range")
+        if kind is float and not math.isfinite(item):  # NaN and infinities have no JSON (the REST API)
+            raise invalid(f"{field}.{key}", "must be a finite number")
     return value
 
 

@@ -55,6 +55,7 @@ class CloseCode(IntEnum):
     FORBIDDEN = 4501
     UNSUPPORTED_VERSION = 4502
     HANDSHAKE_FAILED = 4503
+    SESSION_ENDED = 4504  # a consumer's support session ended: its session token opens nothing any more
 
 
 def should_reconnect(close_code: int | None) -> bool:

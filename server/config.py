@@ -40,6 +40,7 @@ class GroupConfig:
     secrets: list[str]
     allowed_origins: list[str] = field(default_factory=list)
     allow_anonymous: bool = False  # visitors without an ID (pre-login pages) may connect
+    allow_consumer_codes: bool = False  # pages without a back end may create and redeem short codes over REST
     demo: bool = False
 
 
@@ -56,12 +57,19 @@ class Settings:
     max_queue: int = 1024  # outbound frames buffered per connection before "slow consumer"
     message_rate: float = 50.0  # frames per second a connection may send, sustained
     message_burst: int = 100  # frames a connection may send at once above the rate
+    message_bytes_rate: int = 64 * 1024  # bytes per second a connection may send, sustained (pings too)
+    message_bytes_burst: int = 256 * 1024  # bytes a connection may send at once above it (>= max_frame_bytes)
     connections_per_address: int = 60  # new websockets per client address per minute (per instance)
+    max_connections_per_address: int = 256  # TCP connections open at once from one untrusted address (per instance)
+    max_connections: int = 0  # TCP connections open at once per instance; 0: the open-file limit less a reserve
+    request_timeout: float = 10.0  # seconds to send a request's headers (since connecting or an answer), then its body
     max_connections_per_visitor: int = 10  # tabs and devices of one visitor at once
-    max_subscriptions_per_agent: int = 1000  # visitor IDs one agent connection may watch
+    max_subscriptions_per_agent: int = 1000  # visitor IDs and session keys one agent connection may watch
     max_presence_bytes: int = 4096  # a connection's presence data, msgpack-encoded
     max_presence_fields: int = MAX_DATA_FIELDS  # fields of a connection's presence data (the protocol allows 32)
     max_signal_bytes: int = 8192  # a signal's data, msgpack-encoded
+    visitor_signal_rate: float = 10.0  # signals per second one visitor may send one agent connection
+    visitor_signal_burst: int = 20  # signals one visitor may send one agent connection at once
     session_secret: str = ""  # 32 url-safe base64 bytes; random per start when empty
     session_max_age: int = 8 * 3600
     cookie_secure: bool = False
@@ -70,6 +78,7 @@ class Settings:
     code_length: int = 6  # default digits of a short code; groups may change theirs at run time
     code_ttl: float = 300.0  # default seconds an unclaimed short code lives
     code_lookups_per_address: int = 10  # short-code look-ups per client address per minute
+    failed_credentials_per_address: int = 30  # refused logins or admin tokens per client address per minute
     code_lookups_per_group: int = 300  # short-code look-ups per group per minute, all addresses together
     admin_token: str = ""  # bearer token of the admin API; empty disables it
     trusted_proxies: str = ""  # comma-separated addresses/CIDRs whose X-Forwarded-For names the client
@@ -140,7 +149,7 @@ def _parse_group_pairs(text: str) -> dict[str, GroupConfig]:
     return groups
 
 
-_GROUP_KEYS = {"secret", "secrets", "allowed_origins", "allow_anonymous"}
+_GROUP_KEYS = {"secret", "secrets", "allowed_origins", "allow_anonymous", "allow_consumer_codes"}
 
 
 def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> None:
@@ -159,10 +168,11 @@ def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> Non
     origins = table.get("allowed_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         raise ConfigError(f"group {group_id!r}: allowed_origins must be a list of strings")
-    anonymous = table.get("allow_anonymous", False)
-    if not isinstance(anonymous, bool):
-        raise ConfigError(f"group {group_id!r}: allow_anonymous must be true or false")
-    groups[group_id] = GroupConfig(group_id, list(found), list(origins), anonymous)
+    flags = {name: table.get(name, False) for name in ("allow_anonymous", "allow_consumer_codes")}
+    for name, value in flags.items():
+        if not isinstance(value, bool):
+            raise ConfigError(f"group {group_id!r}: {name} must be true or false")
+    groups[group_id] = GroupConfig(group_id, list(found), list(origins), **flags)
 
 
 def load(
@@ -203,6 +213,8 @@ def _validate(settings: Settings) -> None:
     for name in ("grace_period", "signal_hold"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if settings.visitor_signal_rate <= 0 or settings.visitor_signal_burst < 1:
+        raise ConfigError("visitor_signal_rate must be positive and visitor_signal_burst at least 1")
     if not 1 <= settings.max_presence_fields <= MAX_DATA_FIELDS:
         raise ConfigError(f"max_presence_fields must be 1-{MAX_DATA_FIELDS} (the protocol's ceiling)")
     if not 4 <= settings.code_length <= 12:
@@ -215,6 +227,10 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("drain_timeout must be positive and drain_spread not negative")
     if settings.workers < 1:
         raise ConfigError("workers must be at least 1")
+    if settings.max_connections_per_address < 1 or settings.max_connections < 0:
+        raise ConfigError("max_connections_per_address must be at least 1, max_connections not negative (0: automatic)")
+    if settings.request_timeout <= 0:
+        raise ConfigError("request_timeout must be positive")
     if settings.workers > 1 and not settings.redis_url:
         raise ConfigError("workers > 1 needs redis_url: each worker is an instance of a cluster")
     if settings.workers > 1 and settings.port == 0:
@@ -227,6 +243,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("log_format must be text or json")
     if settings.max_frame_bytes < 1024 or settings.max_queue < 1:
         raise ConfigError("max_frame_bytes must be at least 1024 and max_queue at least 1")
+    if settings.message_bytes_rate <= 0 or settings.message_bytes_burst < settings.max_frame_bytes:
+        raise ConfigError("message_bytes_rate must be positive and message_bytes_burst at least max_frame_bytes")
     if settings.instance_dead_after < settings.instance_heartbeat * 3:
         raise ConfigError("instance_dead_after must be at least 3 heartbeats")
     if not settings.redis_prefix or any(c in settings.redis_prefix for c in "{} "):
@@ -245,6 +263,7 @@ def ensure_demo_group(settings: Settings) -> GroupConfig | None:
     """
     if settings.groups:
         return None
-    group = GroupConfig(DEMO_GROUP, [secrets.token_urlsafe(24)], demo=True)
+    # The demo pages include the consumer short-code flow: the demo group opts in.
+    group = GroupConfig(DEMO_GROUP, [secrets.token_urlsafe(24)], allow_consumer_codes=True, demo=True)
     settings.groups[DEMO_GROUP] = group
     return group

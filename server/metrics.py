@@ -31,6 +31,11 @@ LIMIT_HITS = Counter(
     registry=REGISTRY,
 )
 CONNECTIONS = Gauge("herald_connections", "Open websocket connections, by role", ["role"], registry=REGISTRY)
+TCP_CONNECTIONS = Gauge(
+    "herald_tcp_connections",
+    "Client TCP connections open on this instance (websockets, HTTP, and sockets that sent nothing yet)",
+    registry=REGISTRY,
+)
 CONNECTIONS_OPENED = Counter(
     "herald_connections_opened",
     "Websocket connections that completed the handshake, by role",

@@ -7,10 +7,10 @@ websockets when a test needs to send bytes no SDK would.
 from __future__ import annotations
 
 import contextlib
+from collections.abc import Iterable
 from typing import Any
 
 import aiohttp
-from aiohttp import web
 
 from herald_presence.protocol import codec, tokens
 from herald_presence.protocol.client.agent import AgentClient
@@ -19,6 +19,7 @@ from herald_presence.protocol.messages import Hello, Message
 from herald_presence.server.backends.base import Backend
 from herald_presence.server.config import Settings, load
 from herald_presence.server.process.app import make_app
+from herald_presence.server.web.listener import HeraldRunner, HeraldSite
 
 SECRET = "test-secret-acme-0123456789"
 OTHER_SECRET = "test-secret-other-0123456789"
@@ -33,14 +34,26 @@ TEST_SETTINGS = {
     # Tests open many connections from one address and send bursts; each
     # limit is tested on its own with its real (or a small) value.
     "connections_per_address": "100000",
+    "max_connections_per_address": "100000",
     "message_rate": "100000",
     "message_burst": "100000",
+    "message_bytes_rate": "100000000",
+    "message_bytes_burst": "100000000",
+    "visitor_signal_rate": "100000",
+    "visitor_signal_burst": "100000",
+    "failed_credentials_per_address": "100000",
 }
 
 
-def settings(**overrides: Any) -> Settings:
+def settings(*, consumer_codes: Iterable[str] = (), **overrides: Any) -> Settings:
+    """The test groups ``acme`` and ``other`` and the test timings, with
+    overrides; ``consumer_codes`` names the groups that opt into short codes
+    from consumer pages (a TOML-only group key, off by default)."""
     flags = {**TEST_SETTINGS, "groups": f"acme={SECRET},other={OTHER_SECRET}", **overrides}
-    return load(env={}, flags={k: str(v) for k, v in flags.items()})
+    loaded = load(env={}, flags={k: str(v) for k, v in flags.items()})
+    for group in consumer_codes:
+        loaded.groups[group].allow_consumer_codes = True
+    return loaded
 
 
 class HeraldServer:
@@ -49,7 +62,7 @@ class HeraldServer:
     def __init__(self, settings: Settings, backend: Backend | None = None) -> None:
         self.settings = settings
         self.app = make_app(settings, backend)
-        self.runner = web.AppRunner(self.app, shutdown_timeout=2)
+        self.runner = HeraldRunner(self.app, settings, shutdown_timeout=2)
         self.port = 0
         self.clients: list[VisitorClient | AgentClient] = []
 
@@ -59,9 +72,9 @@ class HeraldServer:
 
     async def start(self) -> HeraldServer:
         await self.runner.setup()
-        self.site = web.TCPSite(self.runner, "127.0.0.1", self.port)
+        self.site = HeraldSite(self.runner, "127.0.0.1", self.port)  # what the process listens with
         await self.site.start()
-        self.port = self.site._server.sockets[0].getsockname()[1]  # type: ignore[union-attr]
+        self.port = self.site.port
         return self
 
     async def stop(self) -> None:

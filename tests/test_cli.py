@@ -35,13 +35,13 @@ from .processes import (
 )
 
 
-def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedProcess[str]:
-    """Run ``herald ARGS`` to completion (killed after ``timeout``) and capture its output."""
+def run_cli(*args: str, timeout: float = CLI_TIMEOUT, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    """Run ``herald ARGS`` with ``stdin`` to completion (killed after ``timeout``) and capture its output."""
     return subprocess.run(
         [str(HERALD), *args],
         cwd=REPO,
         env=clean_env(),
-        stdin=subprocess.DEVNULL,
+        input=stdin,
         capture_output=True,
         text=True,
         timeout=timeout,
@@ -50,10 +50,16 @@ def run_cli(*args: str, timeout: float = CLI_TIMEOUT) -> subprocess.CompletedPro
 
 
 def mint(role: str, group: str, subject: str, secret: str) -> str:
-    """A token made the way the README says: ``herald token <role> --group --id --secret``."""
-    result = run_cli("token", role, "--group", group, "--id", subject, "--secret", secret)
+    """A token made the way the README says: ``herald token <role> --group --id``, the
+    secret on standard input (never on the command line, where ``ps`` shows it)."""
+    result = run_cli("token", role, "--group", group, "--id", subject, stdin=secret + "\n")
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def test_token_without_a_secret_on_stdin_is_one_clear_error() -> None:
+    result = run_cli("token", "visitor", "--group", "acme", "--id", "v1")
+    assert result.returncode == 2 and "no secret on standard input" in result.stderr
 
 
 @pytest.fixture

@@ -134,6 +134,8 @@ async def test_a_visitor_signal_on_a_reaches_the_watching_agent_on_b_only(start_
     await watching.subscribe(["v1"])
     addressed = await b.agent("addressed")
     visitor = await a.visitor("v1")
+    await addressed.show_terms("v1")  # so v1 may answer it by name
+    await visitor.wait_for(signal("showterms"))
     await visitor.signal_agent("terms", {"status": "declined"}, agent="addressed")
     assert (await addressed.wait_for(signal("terms"))).data == {"status": "declined"}
     assert not [e for e in await drain(watching, 0.3) if isinstance(e, Signal)]

@@ -7,6 +7,7 @@ or raises ``ProtocolError`` with the right ``ErrorCode``, and nothing else.
 
 from __future__ import annotations
 
+import math
 import os
 import string
 from typing import Any
@@ -18,14 +19,18 @@ from hypothesis import strategies as st
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.checks import (
+    MAX_ARRAY_ITEMS,
     MAX_DATA_FIELDS,
     MAX_EVENT_CHARS,
     MAX_FRAME_BYTES,
     MAX_ID_CHARS,
     MAX_KEY_CHARS,
+    MAX_MAP_ENTRIES,
     MAX_REQUEST_ID,
+    MAX_STRING_BYTES,
     MAX_TOKEN_CHARS,
     MAX_VALUE_CHARS,
+    MAX_VISITORS_PER_REQUEST,
 )
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.protocol.messages import (
@@ -111,7 +116,7 @@ events = st.text(EVENT_ALPHABET, min_size=1, max_size=MAX_EVENT_CHARS)
 request_ids = st.integers(0, MAX_REQUEST_ID)
 uints = st.integers(0, 2**64 - 1)  # msgpack's whole unsigned range
 ints = st.integers(-(2**63), 2**64 - 1)  # everything msgpack can carry
-floats = st.floats(allow_nan=False)  # NaN != NaN would break equality, not the codec
+floats = st.floats(allow_nan=False, allow_infinity=False)  # NaN and infinities are refused (no JSON for them)
 texts = st.text(max_size=MAX_VALUE_CHARS)
 tokens = st.text(min_size=1, max_size=MAX_TOKEN_CHARS)
 scalars = st.none() | st.booleans() | ints | floats | texts
@@ -549,10 +554,78 @@ def test_moderate_nesting_inside_an_unknown_field_is_fine() -> None:
 
 
 def _ping_of_size(size: int) -> bytes:
-    base = len(codec.encode_map({"type": "ping", "pad": ""}))
-    frame = codec.encode_map({"type": "ping", "pad": "x" * (size - base - 2)})  # str16 header: 2 more bytes
+    """A ping padded to ``size`` bytes with unknown string fields, each within the string bound."""
+    raw: dict[str, Any] = {"type": "ping"}
+    raw |= {f"pad{i}": "x" * MAX_STRING_BYTES for i in range((size - 1024) // (MAX_STRING_BYTES + 16))}
+    base = len(codec.encode_map({**raw, "last": ""}))
+    frame = codec.encode_map({**raw, "last": "x" * (size - base - 2)})  # str16 header: 2 more bytes
     assert len(frame) == size
     return frame
+
+
+# --- bounds on every map, array and string of a client's frame (checked before building) ---------
+
+
+def _ping_with(**fields: Any) -> bytes:
+    return msgpack.packb({"type": "ping", **fields}, use_bin_type=True)
+
+
+def test_the_bounds_fit_every_frame_a_client_may_send() -> None:
+    assert MAX_ARRAY_ITEMS >= MAX_VISITORS_PER_REQUEST and MAX_MAP_ENTRIES >= 2 * MAX_DATA_FIELDS
+    assert 4 * max(MAX_VALUE_CHARS, MAX_TOKEN_CHARS, MAX_ID_CHARS) <= MAX_STRING_BYTES  # UTF-8: 4 bytes a char
+    longest = "\U0001f600" * MAX_VALUE_CHARS  # 4 bytes each in UTF-8
+    assert decoded_map({"type": "presence", "data": {"k": longest}}) == Presence(data={"k": longest})
+    visitors = [f"v{i}" for i in range(MAX_VISITORS_PER_REQUEST)]
+    assert decoded_map({"type": "subscribe", "id": 1, "visitors": visitors}) == Subscribe(id=1, visitors=visitors)
+
+
+def test_containers_and_strings_at_the_bounds_are_accepted_even_in_unknown_fields() -> None:
+    fields = {f"k{i}": None for i in range(MAX_MAP_ENTRIES - 4)}
+    frame = _ping_with(
+        many=[None] * MAX_ARRAY_ITEMS,
+        map={f"k{i}": 1 for i in range(MAX_MAP_ENTRIES)},
+        text="x" * MAX_STRING_BYTES,
+        **fields,
+    )
+    assert codec.decode(frame) == Ping()
+
+
+@pytest.mark.parametrize(
+    ("fields", "why"),
+    [
+        ({f"f{i:07d}": i % 100 for i in range(5900)}, "a map has more than"),  # the CPU finding: ~58 KiB
+        ({"x": {f"k{i}": 1 for i in range(MAX_MAP_ENTRIES + 1)}}, "a map has more than"),
+        ({"x": [None] * (MAX_ARRAY_ITEMS + 1)}, "an array has more than"),
+        ({"x": [[None] * (MAX_ARRAY_ITEMS + 1)]}, "an array has more than"),
+        ({"x": "x" * (MAX_STRING_BYTES + 1)}, "a string is longer than"),
+        ({"x": b"x" * (MAX_STRING_BYTES + 1)}, "a binary is longer than"),
+    ],
+    ids=["5900-unknown-fields", "nested-map", "array", "nested-array", "string", "binary"],
+)
+def test_a_frame_over_a_bound_is_invalid_and_keeps_its_request_id(fields: dict[str, Any], why: str) -> None:
+    error = refused(msgpack.packb({"type": "signal", "id": 42, "event": "e", **fields}, use_bin_type=True))
+    assert error.code == ErrorCode.INVALID and error.message.startswith("frame: " + why), error
+    assert error.request_id == 42
+    error = refused(msgpack.packb({**fields, "type": "signal", "event": "e"}, use_bin_type=True))
+    assert error.code == ErrorCode.INVALID and error.request_id is None
+
+
+def test_a_subscribe_over_the_visitor_limit_is_answered_with_its_id() -> None:
+    error = refused_map({"type": "subscribe", "id": 7, "visitors": ["v"] * (MAX_VISITORS_PER_REQUEST + 1)})
+    assert (error.code, error.request_id) == (ErrorCode.INVALID, 7)
+
+
+def test_a_long_extension_is_a_bad_frame() -> None:
+    assert refused(_ping_with(x=msgpack.ExtType(1, b"x" * 13))).code == ErrorCode.BAD_FRAME
+    assert codec.decode(_ping_with(x=msgpack.Timestamp(1, 2))) == Ping()  # 12 bytes, ignored when unknown
+
+
+def test_frames_from_the_server_are_bounded_by_their_size_only() -> None:
+    state = {"visitor": "v", "online": False, "version": 0, "connections": []}
+    snapshot = Snapshot(id=1, visitors=[{**state, "visitor": f"v{i}"} for i in range(MAX_ARRAY_ITEMS + 1)])
+    frame = codec.encode(snapshot)
+    assert codec.decode(frame, len(frame), from_server=True) == snapshot
+    assert refused(frame, len(frame)).code == ErrorCode.INVALID
 
 
 def test_a_frame_over_the_size_limit_is_too_large() -> None:
@@ -844,3 +917,12 @@ def test_near_valid_maps_decode_or_raise_a_protocol_error(raw: dict[Any, Any]) -
 @given(frame=mutated_frames())
 def test_mutated_frames_decode_or_raise_a_protocol_error(frame: bytes) -> None:
     assert_decodes_or_refuses(frame)
+
+
+@pytest.mark.parametrize("value", [math.nan, math.inf, -math.inf])
+def test_a_non_finite_number_in_presence_data_is_invalid(value: float) -> None:
+    """Presence data reaches the REST API as JSON, which has no NaN or Infinity."""
+    frame = codec.encode_map({"type": "presence", "data": {"x": value}})
+    with pytest.raises(ProtocolError) as refused:
+        codec.decode(frame)
+    assert refused.value.code == ErrorCode.INVALID

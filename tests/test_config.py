@@ -184,6 +184,12 @@ def test_a_bad_group_id_is_refused(tmp_path: Path, group_id: str) -> None:
         ("grace_period", "nope"),
         ("grace_period", "nan"),  # compares false with everything, so no check ever fires
         ("signal_hold", "-1"),
+        ("max_connections_per_address", "0"),  # nobody could connect
+        ("max_connections", "-1"),
+        ("request_timeout", "0"),
+        ("request_timeout", "inf"),  # a half-sent request held for good
+        ("message_bytes_rate", "0"),
+        ("message_bytes_burst", "65535"),  # under max_frame_bytes: the largest frames could never pass
     ],
 )
 def test_a_bad_number_is_refused(name: str, raw: str) -> None:
@@ -231,6 +237,19 @@ def test_an_unknown_toml_key_is_refused(tmp_path: Path) -> None:
         load(toml_file(tmp_path, "grace_peroid = 1.0\n"), env={})
 
 
+def test_consumer_codes_are_a_group_choice_off_by_default(tmp_path: Path) -> None:
+    config = toml_file(
+        tmp_path,
+        f'[groups.acme]\nsecrets = ["{ACME}"]\nallow_consumer_codes = true\n\n[groups.beta]\nsecrets = ["{BETA}"]\n',
+    )
+    groups = load(config, env={"HERALD_GROUPS": f"gamma={ACME}"}).groups
+    assert groups["acme"].allow_consumer_codes is True
+    assert groups["beta"].allow_consumer_codes is False
+    assert groups["gamma"].allow_consumer_codes is False  # id=secret pairs never opt in
+    with pytest.raises(ConfigError, match="allow_consumer_codes"):
+        load(toml_file(tmp_path, f'[groups.acme]\nsecrets = ["{ACME}"]\nallow_consumer_codes = "yes"\n'), env={})
+
+
 def test_an_unknown_key_in_a_toml_group_is_refused(tmp_path: Path) -> None:
     """A typo such as ``allowed_origin`` must not silently leave a group without its origins."""
     config = toml_file(
@@ -271,6 +290,7 @@ def test_a_server_with_no_group_gets_a_random_demo_group() -> None:
     assert demo.id == DEMO_GROUP == "demo"
     assert len(demo.secrets) == 1 and len(demo.secrets[0]) >= 16
     assert settings.groups == {"demo": demo}
+    assert demo.allow_consumer_codes  # so that the demo's consumer page works
     assert ensure_demo_group(settings) is None  # once is enough
 
 

@@ -82,7 +82,12 @@ NAMES = ("fuzz-visitor", "fuzz-agent", "peer-visitor", "peer-agent", "nobody")
 # Anti-abuse limits, raised where this server has them: the fuzzer sends far
 # faster than any client may and opens a connection per handshake, and what
 # it checks is the frame contract, not the rate limiter.
-UNTHROTTLED = {"message_rate": 1_000_000, "message_burst": 1_000_000, "connections_per_address": 1_000_000}
+UNTHROTTLED = {
+    "message_rate": 1_000_000,
+    "message_burst": 1_000_000,
+    "connections_per_address": 1_000_000,
+    "max_connections_per_address": 1_000_000,
+}
 
 
 def unthrottled() -> dict[str, Any]:

@@ -7,6 +7,7 @@ import msgpack
 import pytest
 
 from herald_presence.protocol import RequestFailed, codec, tokens
+from herald_presence.protocol.checks import MAX_STRING_BYTES
 from herald_presence.protocol.client.base import Refused
 from herald_presence.protocol.errors import CloseCode, ErrorCode
 from herald_presence.protocol.messages import Error, Hello, Ping, Pong
@@ -122,8 +123,10 @@ async def test_hello_with_oversized_presence_is_refused(herald: HeraldServer) ->
 
 async def test_a_frame_of_exactly_the_size_limit_is_accepted(herald: HeraldServer) -> None:
     async with herald.raw_visitor() as ws:
-        overhead = len(msgpack.packb({"type": "ping", "pad": ""})) + 2  # a long str's header is 2 bytes longer
-        frame = msgpack.packb({"type": "ping", "pad": "x" * (herald.settings.max_frame_bytes - overhead)})
+        # Padded with unknown fields, each string within the protocol's bound on strings.
+        raw = {"type": "ping", **{f"pad{i}": "x" * MAX_STRING_BYTES for i in range(7)}}
+        overhead = len(msgpack.packb({**raw, "last": ""})) + 2  # a long str's header is 2 bytes longer
+        frame = msgpack.packb({**raw, "last": "x" * (herald.settings.max_frame_bytes - overhead)})
         assert len(frame) == herald.settings.max_frame_bytes
         await ws.send_bytes(frame)
         assert isinstance(await receive(ws), Pong)

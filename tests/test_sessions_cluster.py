@@ -19,6 +19,7 @@ from .conftest import Start
 from .harness import OTHER_SECRET, SECRET, signal
 
 ADMIN_TOKEN = "admin-token-0123456789"
+CONSUMERS = {"consumer_codes": ("acme",)}  # acme opts into short codes from consumer pages
 
 
 async def fetch(http: aiohttp.ClientSession, method: str, url: str, **options: Any) -> tuple[int, Any]:
@@ -31,7 +32,7 @@ async def test_codes_created_concurrently_on_two_instances_are_unique(start_inst
     # 200 codes of 10**4: collisions between the instances' draws are likely,
     # the code space is far from full.
     limits = {"code_length": 4, "code_lookups_per_address": 10_000, "code_lookups_per_group": 10_000}
-    a, b = await start_instance(**limits), await start_instance(**limits)
+    a, b = await start_instance(**limits, **CONSUMERS), await start_instance(**limits, **CONSUMERS)
     async with aiohttp.ClientSession() as http:
         replies = await asyncio.gather(
             *(fetch(http, "POST", f"{(a, b)[i % 2].base_url}/v1/groups/acme/codes") for i in range(200))
@@ -52,7 +53,10 @@ async def test_codes_created_concurrently_on_two_instances_are_unique(start_inst
 
 
 async def test_a_code_length_changed_through_one_instance_is_used_by_another(start_instance: Start) -> None:
-    a, b = await start_instance(admin_token=ADMIN_TOKEN), await start_instance(admin_token=ADMIN_TOKEN)
+    a, b = (
+        await start_instance(admin_token=ADMIN_TOKEN, **CONSUMERS),
+        await start_instance(admin_token=ADMIN_TOKEN, **CONSUMERS),
+    )
     async with aiohttp.ClientSession() as http:
         status, body = await fetch(
             http,
@@ -126,7 +130,7 @@ async def test_codes_stay_unique_when_concurrent_draws_collide_often(
     # many of the 200 concurrent draws hit a code the other instance just took.
     monkeypatch.setattr(short_codes, "random_code", lambda length: f"{secrets.randbelow(400):04d}")
     limits = {"code_length": 4, "code_lookups_per_address": 10_000, "code_lookups_per_group": 10_000}
-    a, b = await start_instance(**limits), await start_instance(**limits)
+    a, b = await start_instance(**limits, **CONSUMERS), await start_instance(**limits, **CONSUMERS)
     async with aiohttp.ClientSession() as http:
         replies = await asyncio.gather(
             *(fetch(http, "POST", f"{(a, b)[i % 2].base_url}/v1/groups/acme/codes") for i in range(200))

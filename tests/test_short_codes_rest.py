@@ -46,6 +46,15 @@ async def fetch(http: aiohttp.ClientSession, method: str, url: str, **options: A
         return Reply(response.status, response.headers.copy(), json.loads(text) if text else None)
 
 
+# Both test groups opt into consumer codes (a group that does not is refused: tests/security/test_consumers.py).
+CONSUMERS = {"consumer_codes": ("acme", "other")}
+
+
+@pytest.fixture
+async def herald(start_herald: Start) -> HeraldServer:
+    return await start_herald(**CONSUMERS)
+
+
 @pytest.fixture
 async def http() -> AsyncIterator[aiohttp.ClientSession]:
     async with aiohttp.ClientSession() as session:
@@ -204,7 +213,7 @@ async def test_a_code_a_visitors_app_shows_cannot_be_redeemed(
 
 
 async def test_cors_follows_the_groups_allowed_origins(start_herald: Start, http: aiohttp.ClientSession) -> None:
-    herald = await start_herald(admin_token=ADMIN_TOKEN)
+    herald = await start_herald(admin_token=ADMIN_TOKEN, **CONSUMERS)
     changed = await fetch(
         http,
         "PUT",
@@ -251,7 +260,7 @@ async def test_cors_follows_the_groups_allowed_origins(start_herald: Start, http
 
 
 async def test_look_ups_per_address_are_rate_limited(start_herald: Start, http: aiohttp.ClientSession) -> None:
-    herald = await start_herald(code_lookups_per_address=5)
+    herald = await start_herald(code_lookups_per_address=5, **CONSUMERS)
     for guess in range(5):
         miss = await consume(http, herald, f"{guess:06d}")
         assert (miss.status, miss.error) == (404, "session_not_found")
@@ -261,7 +270,7 @@ async def test_look_ups_per_address_are_rate_limited(start_herald: Start, http: 
 
 
 async def test_look_ups_per_group_are_rate_limited_too(start_herald: Start, http: aiohttp.ClientSession) -> None:
-    herald = await start_herald(code_lookups_per_group=5, code_lookups_per_address=100)
+    herald = await start_herald(code_lookups_per_group=5, code_lookups_per_address=100, **CONSUMERS)
     for guess in range(5):
         assert (await consume(http, herald, f"{guess:06d}")).status == 404
     limited = await consume(http, herald, "000005")
@@ -272,7 +281,7 @@ async def test_look_ups_per_group_are_rate_limited_too(start_herald: Start, http
 
 
 async def test_agent_look_ups_count_against_the_limit(start_herald: Start, http: aiohttp.ClientSession) -> None:
-    herald = await start_herald(code_lookups_per_address=5)
+    herald = await start_herald(code_lookups_per_address=5, **CONSUMERS)
     for guess in range(3):
         assert (await consume(http, herald, f"{guess:06d}")).status == 404
     async with logged_in(herald) as agent_http:
@@ -291,7 +300,7 @@ async def test_agent_look_ups_count_against_the_limit(start_herald: Start, http:
 async def test_admin_api_checks_its_token_and_values_and_changes_the_code_length(
     start_herald: Start, http: aiohttp.ClientSession
 ) -> None:
-    herald = await start_herald(admin_token=ADMIN_TOKEN)
+    herald = await start_herald(admin_token=ADMIN_TOKEN, **CONSUMERS)
     url = herald.base_url + "/v1/admin/groups/acme/settings"
 
     missing = await fetch(http, "GET", url)
@@ -301,7 +310,7 @@ async def test_admin_api_checks_its_token_and_values_and_changes_the_code_length
 
     current = await fetch(http, "GET", url, headers=bearer(ADMIN_TOKEN))
     assert current.status == 200
-    assert current.body == {"code_length": 6, "code_ttl": 300.0, "allowed_origins": []}
+    assert current.body == {"code_length": 6, "code_ttl": 300.0, "allowed_origins": [], "allow_consumer_codes": True}
 
     for bad in (
         {"code_length": 3},
@@ -311,6 +320,8 @@ async def test_admin_api_checks_its_token_and_values_and_changes_the_code_length
         {"surprise": 1},
         {"code_ttl": 5},
         {"allowed_origins": "https://shop.example"},
+        {"allow_consumer_codes": "yes"},
+        {"allow_consumer_codes": 1},
         {},
     ):
         refused = await fetch(http, "PUT", url, json=bad, headers=bearer(ADMIN_TOKEN))

@@ -141,6 +141,8 @@ async def test_visitor_can_address_one_agent(herald: HeraldServer) -> None:
     bob = await herald.agent("bob")
     await bob.subscribe(["v1"])
     visitor = await herald.visitor("v1")
+    await alice.show_terms("v1")  # alice asked: v1 may answer her by name, though she does not watch it
+    await visitor.wait_for(signal("showterms"))
     await visitor.signal_agent("terms", {"status": "declined"}, agent="alice")
     got = await alice.wait_for(signal("terms"))
     assert got.data == {"status": "declined"} and got.visitor == "v1"

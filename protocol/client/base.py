@@ -444,7 +444,7 @@ class HeraldClient:
             if msg.type is aiohttp.WSMsgType.TEXT:
                 continue  # the protocol is binary; text frames are ignored
             try:
-                frame = codec.decode(msg.data, self.max_frame_bytes)
+                frame = codec.decode(msg.data, self.max_frame_bytes, from_server=True)
                 if isinstance(frame, Welcome):
                     return frame
                 if isinstance(frame, Signal) and frame.sid is not None and not self._seen_sids.add(frame.sid):

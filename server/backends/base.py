@@ -170,6 +170,17 @@ class RecordStore(ABC):
         None keeps the record's expiry (none for a new record)."""
 
     @abstractmethod
+    async def kv_swap(self, key: str, value: bytes | None, ttl: float | None = None) -> bytes | None:
+        """Store ``value`` (None deletes the record; ``ttl`` None: no expiry)
+        and return the live value it replaced, in one atomic step that never
+        retries against other writers, however many race it."""
+
+    @abstractmethod
+    async def kv_delete_if(self, key: str, value: bytes) -> bool:
+        """Delete the record only if it holds ``value`` (atomically, without
+        retries); True if it did."""
+
+    @abstractmethod
     async def kv_count(self, key: str, window: float) -> int:
         """Count one more hit in a window that starts at the first hit and
         lasts ``window`` seconds; the hits so far in it."""

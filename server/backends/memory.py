@@ -184,6 +184,17 @@ class MemoryBackend(Backend):
         self._store(key, value, ttl, keep_expiry=True)
         return value
 
+    async def kv_swap(self, key: str, value: bytes | None, ttl: float | None = None) -> bytes | None:
+        before = self._live(key)
+        self._store(key, value, ttl)
+        return before
+
+    async def kv_delete_if(self, key: str, value: bytes) -> bool:
+        if self._live(key) != value:
+            return False
+        del self._kv[key]
+        return True
+
     async def kv_count(self, key: str, window: float) -> int:
         count = int(self._live(key) or b"0") + 1
         expires = self._kv[key][1] if count > 1 else None

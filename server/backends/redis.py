@@ -69,6 +69,12 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 return {redis.call('ZADD', KEYS[1], ms, ARGV[1]), ms}
 """
 
+# Compare-and-delete in one step (kv_delete_if): no WATCH to lose against other writers.
+DELETE_IF_SCRIPT = """
+if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
+return 0
+"""
+
 
 class RedisBackend(Backend):
     def __init__(
@@ -578,6 +584,22 @@ class RedisBackend(Backend):
             return value
 
         return await self._watched(name, step, key)
+
+    async def kv_swap(self, key: str, value: bytes | None, ttl: float | None = None) -> bytes | None:
+        name = self.names.record(key)
+        try:
+            if value is None:
+                return await self._redis.getdel(name)
+            expiry = _ms(ttl) if ttl is not None else None
+            return await self._redis.set(name, value, px=expiry, get=True)
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
+
+    async def kv_delete_if(self, key: str, value: bytes) -> bool:
+        try:
+            return bool(await self._redis.eval(DELETE_IF_SCRIPT, 1, self.names.record(key), value))
+        except (RedisError, OSError) as exc:
+            raise BackendUnavailable() from exc
 
     async def kv_count(self, key: str, window: float) -> int:
         name = self.names.record(key)

@@ -22,13 +22,16 @@ from herald_presence.protocol import codec
 from herald_presence.protocol.errors import CloseCode, ErrorCode
 from herald_presence.protocol.messages import Error, Message, Snapshot
 from herald_presence.server import metrics
-from herald_presence.server.model.limits import FrameRate, queue_full
+from herald_presence.server.config import Settings
+from herald_presence.server.model.limits import FrameRate, RecentKeys, SignalBudgets, queue_full
+from herald_presence.server.model.names import KEY_TOPIC, VISITOR_TOPIC, visitor_topic
 from herald_presence.server.model.records import ConnectionRecord
 
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 2.0
 FLOOR_SECONDS = 10.0  # how long after a snapshot stale bus events may still arrive
+SIGNALLED_REMEMBERED = 256  # visitors an agent connection signalled, who may answer it by name
 
 
 def new_connection_id() -> str:
@@ -217,34 +220,75 @@ class AgentConnection(Connection):
     While a subscribe is in flight, events are parked in ``pending`` so that
     the snapshot goes out first. ``floors`` holds the snapshot's version per
     visitor for a short while: bus events published before the snapshot was
-    read can still arrive after it and must not be shown twice.
+    read can still arrive after it and must not be shown twice. Each floor
+    expires on its own, so repeated subscribes cannot make them pile up.
+
+    Who may address this agent: a visitor it watches (one visitor or the
+    whole group), one it signalled, or the visitor of a session it joined;
+    ``signal_budgets`` bounds what each such visitor may send it.
     """
 
-    __slots__ = ("floors", "floors_until", "pending", "recent_events", "sessions", "topics", "watching_group")
+    __slots__ = (
+        "floors",
+        "pending",
+        "recent_events",
+        "sessions",
+        "signal_budgets",
+        "signalled",
+        "topics",
+        "watching_group",
+    )
 
     def __init__(self, ws: web.WebSocketResponse, group: str, agent: str, max_queue: int) -> None:
         super().__init__(ws, "agent", group, agent, max_queue)
         self.topics: set[str] = set()
         self.watching_group = False
-        self.sessions: set[str] = set()  # support sessions joined through this connection
+        self.sessions: dict[str, str] = {}  # support sessions joined through this connection -> their visitor
         self.recent_events: deque[str] | None = None  # dedupe keys of session events seen lately
         self.pending: list[tuple[str, int | None, bytes]] | None = None
-        self.floors: dict[str, int] | None = None
-        self.floors_until = 0.0
+        self.floors: dict[str, tuple[int, float]] | None = None  # visitor -> (version, until)
+        self.signalled: RecentKeys | None = None  # visitors this agent signalled lately
+        self.signal_budgets: SignalBudgets | None = None
 
     def deliver(self, visitor: str, version: int | None, frame: bytes) -> None:
         if self.pending is not None:
             self.pending.append((visitor, version, frame))
             return
         if self.floors is not None and version is not None:
-            if time.monotonic() > self.floors_until:
+            floor = self.floors.pop(visitor, None)
+            if floor is not None and version <= floor[0] and time.monotonic() < floor[1]:
+                self.floors[visitor] = floor
+                return
+            if not self.floors:
                 self.floors = None
-            else:
-                floor = self.floors.pop(visitor, None)
-                if floor is not None and version <= floor:
-                    self.floors[visitor] = floor
-                    return
         self.send(frame)
+
+    def may_hear_from(self, visitor: str, watching: bool) -> bool:
+        """Whether a visitor's signal addressed to this agent reaches it:
+        ``watching`` (the caller knows the topic it came on), or this agent
+        signalled that visitor lately, or is in its session."""
+        if watching or self.watching_group or visitor_topic(self.group, visitor) in self.topics:
+            return True
+        return (self.signalled is not None and visitor in self.signalled) or visitor in self.sessions.values()
+
+    def watched(self) -> int:
+        """Visitor IDs and session keys this connection watches (one limit for both)."""
+        return sum(topic.startswith((VISITOR_TOPIC, KEY_TOPIC)) for topic in self.topics)
+
+    def note_signalled(self, visitor: str) -> None:
+        if self.signalled is None:
+            self.signalled = RecentKeys(SIGNALLED_REMEMBERED)
+        self.signalled.add(visitor)
+
+    def within_signal_budget(self, visitor: str, size: int, settings: Settings) -> bool:
+        if self.signal_budgets is None:
+            self.signal_budgets = SignalBudgets(settings)
+        return self.signal_budgets.take(visitor, size)
+
+    def forget_floors(self, visitors: list[str]) -> None:
+        if self.floors is not None:
+            for visitor in visitors:
+                self.floors.pop(visitor, None)
 
     def deliver_event(self, frame: bytes, dedupe: str | None) -> None:
         """A frame that may reach this agent on several topics: once only."""
@@ -262,9 +306,11 @@ class AgentConnection(Connection):
     def finish_snapshot(self, snapshot: Snapshot | None) -> None:
         """Send the snapshot (None: the subscribe failed), then what was parked."""
         if snapshot is not None:
-            floors = self.floors if self.floors is not None else {}
-            floors.update((state["visitor"], state["version"]) for state in snapshot.visitors)
-            self.floors, self.floors_until = floors, time.monotonic() + FLOOR_SECONDS
+            now = time.monotonic()
+            floors = {v: floor for v, floor in (self.floors or {}).items() if floor[1] > now}  # the expired go
+            until = now + FLOOR_SECONDS
+            floors.update((state["visitor"], (state["version"], until)) for state in snapshot.visitors)
+            self.floors = floors or None
             self.send_message(snapshot)
         parked, self.pending = self.pending or [], None
         for visitor, version, frame in parked:

@@ -12,7 +12,7 @@ from typing import Any
 
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.server.backends.base import RecordStore
-from herald_presence.server.config import Settings
+from herald_presence.server.config import GroupConfig, Settings
 from herald_presence.server.model.names import group_settings_key, pack, unpack
 from herald_presence.server.model.records import GroupSettings
 
@@ -26,7 +26,19 @@ async def load(records: RecordStore, settings: Settings, group: str) -> GroupSet
         code_length=values.get("code_length", settings.code_length),
         code_ttl=values.get("code_ttl", settings.code_ttl),
         allowed_origins=values.get("allowed_origins", []),
+        allow_consumer_codes=values.get("allow_consumer_codes", _configured(settings, group).allow_consumer_codes),
     )
+
+
+def _configured(settings: Settings, group: str) -> GroupConfig:
+    return settings.groups.get(group) or GroupConfig(group, [])
+
+
+async def consumer_codes_allowed(records: RecordStore, settings: Settings, group: str) -> bool:
+    """Whether the group takes short codes from consumer pages (REST create
+    and redeem, and the consumer's websocket): its TOML
+    ``allow_consumer_codes``, unless the admin API set it at run time."""
+    return (await load(records, settings, group)).allow_consumer_codes
 
 
 def _validated(changes: Any) -> dict[str, Any]:
@@ -44,6 +56,8 @@ def _validated(changes: Any) -> dict[str, Any]:
     origins = changes.get("allowed_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins) or len(origins) > 100:
         raise ProtocolError(ErrorCode.INVALID, "allowed_origins must be a list of origins")
+    if type(changes.get("allow_consumer_codes", False)) is not bool:
+        raise ProtocolError(ErrorCode.INVALID, "allow_consumer_codes must be true or false")
     return changes
 
 

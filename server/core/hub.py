@@ -39,12 +39,14 @@ class Hub:
         self.instance = backend.instance_id
         self.tasks = TaskSupervisor()
         self.visitors = LocalVisitors()
-        self.watchers = Watchers(backend)
+        self.watchers = Watchers(backend, settings)
         self.inbox = Inbox(backend, self.instance)
         self.signals = SignalRouter(
             settings, backend, backend, backend, self.inbox, self.visitors, self.watchers, self.tasks
         )
-        self.sessions = Sessions(settings, backend, backend, self.watchers, self.signals, self.instance)
+        self.sessions = Sessions(
+            settings, backend, backend, self.watchers, self.signals, self.instance, presence=backend, inbox=self.inbox
+        )
         self.presence = PresenceService(
             settings, backend, self.visitors, self.watchers, self.inbox, self.tasks, self._visitor_offline
         )
@@ -53,6 +55,7 @@ class Hub:
         self.inbox.on(names.REPLY, self.signals.on_reply)
         self.inbox.on(names.PUSH, self.visitors.deliver)
         self.inbox.on(names.FOCUS, self.visitors.tell_focus)
+        self.inbox.on(names.CLOSE, self.visitors.close)
         self.connection_rate = ConnectionRate(settings.connections_per_address)
         self.draining = False  # SIGTERM came: not ready, no new connections
 

@@ -64,7 +64,8 @@ class PresenceService:
         maximum already, or its presence data is too big)."""
         check_presence(conn.presence.data, self.settings)
         self._visitors.add(conn)
-        join = partial(presence_rules.join, connection=conn.presence, limit=self.settings.max_connections_per_visitor)
+        limit = presence_rules.connection_limit(conn.subject, self.settings.max_connections_per_visitor)
+        join = partial(presence_rules.join, connection=conn.presence, limit=limit)
         try:
             await self._visitor_mutate(conn, join, joined=conn.id)
         except ProtocolError:
@@ -180,8 +181,9 @@ class PresenceService:
 
     def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
         """What agents are told of a change: one frame, encoded once, on the
-        visitor's topic and its group's topic."""
-        if change.change is None or change.record is None:
+        visitor's topic and its group's topic. A consumer's presence is
+        announced to nobody (it belongs to its support session only)."""
+        if change.change is None or change.record is None or not presence_rules.announced(change.record.visitor):
             return []
         record = change.record
         state = record.state() if record.online else offline_state(record.visitor, change.version)
@@ -198,18 +200,17 @@ class PresenceService:
     # -- agents --------------------------------------------------------------
     async def subscribe(self, agent: AgentConnection, request_id: int, visitors: list[str], group: bool) -> None:
         """Watch visitors (or the whole group): a snapshot, then every change after it."""
-        watched = sum(topic.startswith(names.VISITOR_TOPIC) for topic in agent.topics)
         fresh = {names.visitor_topic(agent.group, v) for v in visitors} - agent.topics
-        check_subscriptions(watched, len(fresh), self.settings)
+        check_subscriptions(agent.watched(), len(fresh), self.settings)
         agent.start_snapshot()
         try:
             if group:
                 agent.watching_group = True
                 await self._watchers.watch(agent, [names.group_topic(agent.group)])
-                states = await self._store.group_visitors(agent.group)
+                states = [s for s in await self._store.group_visitors(agent.group) if _shown(s)]
             else:
                 await self._watchers.watch(agent, [names.visitor_topic(agent.group, v) for v in visitors])
-                states = [await self._store.visitor(agent.group, v) for v in visitors]
+                states = [await self.visitor(agent.group, v) for v in visitors]
         except BaseException:
             agent.finish_snapshot(None)
             raise
@@ -217,6 +218,7 @@ class PresenceService:
 
     async def unsubscribe(self, agent: AgentConnection, visitors: list[str], group: bool) -> None:
         topics = [names.visitor_topic(agent.group, v) for v in visitors]
+        agent.forget_floors(visitors)
         if group:
             agent.watching_group = False
             topics.append(names.group_topic(agent.group))
@@ -226,5 +228,12 @@ class PresenceService:
         agent.send_message(VisitorInfo(id=request_id, state=await self.visitor(agent.group, visitor)))
 
     async def visitor(self, group: str, visitor: str) -> VisitorState:
-        """The visitor's state now (offline ones with their last version)."""
+        """The visitor's state now (offline ones with their last version);
+        a consumer always looks offline."""
+        if not presence_rules.announced(visitor):
+            return offline_state(visitor)
         return await self._store.visitor(group, visitor)
+
+
+def _shown(state: VisitorState) -> bool:
+    return presence_rules.announced(state["visitor"])

@@ -7,7 +7,8 @@ from collections.abc import Iterable
 
 from herald_presence.protocol.messages import Focus
 from herald_presence.server.backends.base import Bus
-from herald_presence.server.model.names import VISITOR_TOPIC
+from herald_presence.server.config import Settings
+from herald_presence.server.model.names import AGENT_TOPIC, VISITOR_TOPIC
 
 from .connection import AgentConnection, VisitorConnection
 
@@ -51,13 +52,22 @@ class LocalVisitors:
         if conn is not None:
             conn.send_message(Focus(focused=focused))
 
+    def close(self, connections: list[str], code: int, reason: str) -> None:
+        """Close those of ``connections`` held here, once what they were sent
+        (and the request in hand's answer) is written."""
+        for connection in connections:
+            conn = self._by_id.get(connection)
+            if conn is not None:
+                conn.leave(code, reason)
+
 
 class Watchers:
     """Local agents by the bus topics they watch; the first watcher of a
     topic subscribes it, the last to leave unsubscribes it."""
 
-    def __init__(self, bus: Bus) -> None:
+    def __init__(self, bus: Bus, settings: Settings) -> None:
         self._bus = bus
+        self._settings = settings
         self._by_topic: dict[str, set[AgentConnection]] = {}
 
     def agents(self) -> set[AgentConnection]:
@@ -86,15 +96,24 @@ class Watchers:
                 await self._bus.unsubscribe(topic)
 
     def deliver(self, topic: str, visitor: str, version: int | None, frame: bytes, dedupe: str | None = None) -> int:
-        """Queue a bus event's frame on the agents watching ``topic``; how many."""
+        """Queue a bus event's frame on the agents watching ``topic``; how many.
+        A visitor's signal (no version, no dedupe key) reaches an agent that
+        may hear from that visitor, within its budget (model/limits.py)."""
         watchers = self._by_topic.get(topic)
         if not watchers:
             return 0
         # An agent watching the whole group gets the group topic's copy.
         skip_group_watchers = topic.startswith(VISITOR_TOPIC)
+        visitor_signal = version is None and dedupe is None
+        addressed = topic.startswith(AGENT_TOPIC)
         delivered = 0
         for agent in watchers:
             if skip_group_watchers and agent.watching_group:
+                continue
+            if visitor_signal and not (
+                agent.may_hear_from(visitor, watching=not addressed)
+                and agent.within_signal_budget(visitor, len(frame), self._settings)
+            ):
                 continue
             if dedupe is None:
                 agent.deliver(visitor, version, frame)

@@ -5,9 +5,15 @@ that key, the visitor is never shown a code) or by a random short code the
 visitor reads out. Its record lives in the backend, so the visitor, the
 agents and the REST consumer may each be on a different instance.
 
+A visitor has at most one live session: each start claims the visitor's
+index (``names.session_by_visitor``) in one atomic step and ends the session
+it displaced, so of starts that race (several tabs, several instances) one
+stays live and the others end, their codes released.
+
 Lifecycle events (``session_event``) go out on the key's topic (agents
 waiting for it), the session's topic (agents in it), and the visitor's and
-group's presence topics (agents watching). One event may reach an agent on
+group's presence topics (agents watching; not for a consumer's session: a
+consumer belongs to its session only). One event may reach an agent on
 several topics; it carries a dedupe key so that the agent sees it once.
 """
 
@@ -18,20 +24,22 @@ import secrets
 from collections.abc import Callable
 
 from herald_presence.protocol import codec, tokens
-from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from herald_presence.protocol.messages import GuestCount, SessionConnected, SessionEvent, SessionJoined
-from herald_presence.server.backends.base import Bus, RecordStore
+from herald_presence.server.backends.base import Bus, PresenceStore, RecordStore
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names
-from herald_presence.server.model.records import SupportSession
+from herald_presence.server.model.limits import check_subscriptions
+from herald_presence.server.model.presence_rules import CONSUMER_PREFIX, announced, is_consumer
+from herald_presence.server.model.records import GroupSettings, SupportSession
 
 from . import group_settings, short_codes
 from .connection import AgentConnection, VisitorConnection
+from .inbox import Inbox
 from .registry import Watchers
 from .signals import SignalRouter
 
 SESSION_ROLE = "session-visitor"  # role of the token a REST consumer presents on the websocket
-CONSUMER_PREFIX = "consumer."  # visitor ID of a consumer: consumer.<session>
 
 
 class Sessions:
@@ -43,6 +51,9 @@ class Sessions:
         watchers: Watchers,
         signals: SignalRouter,
         instance: str,
+        *,
+        presence: PresenceStore,
+        inbox: Inbox,
     ) -> None:
         self.settings = settings
         self._records = records
@@ -50,19 +61,23 @@ class Sessions:
         self._watchers = watchers
         self._signals = signals
         self._instance = instance
+        self._presence = presence  # where a consumer's connection is, to close it when its session ends
+        self._inbox = inbox
 
     # -- records -------------------------------------------------------------
     async def load(self, group: str, session: str) -> SupportSession | None:
         data = await self._records.kv_get(names.session_key(group, session))
         return SupportSession.unpack(data) if data else None
 
-    async def _save(self, session: SupportSession) -> None:
-        await self._records.kv_set(
-            names.session_key(session.group, session.id), session.pack(), self.settings.session_ttl
-        )
+    async def _save(self, session: SupportSession, ttl: float | None = None) -> None:
+        ttl = self.settings.session_ttl if ttl is None else ttl
+        await self._records.kv_set(names.session_key(session.group, session.id), session.pack(), ttl)
 
-    async def _edit(self, group: str, session: str, edit: Callable[[SupportSession], None]) -> SupportSession | None:
-        """Apply ``edit(session)`` atomically; None if the session is gone."""
+    async def _edit(
+        self, group: str, session: str, edit: Callable[[SupportSession], None], keep_expiry: bool = False
+    ) -> SupportSession | None:
+        """Apply ``edit(session)`` atomically; None if the session is gone.
+        The session then lives ``session_ttl`` more, unless ``keep_expiry``."""
 
         def update(data: bytes | None) -> bytes | None:
             if data is None:
@@ -71,13 +86,16 @@ class Sessions:
             edit(record)
             return record.pack()
 
-        data = await self._records.kv_update(names.session_key(group, session), update, self.settings.session_ttl)
+        ttl = None if keep_expiry else self.settings.session_ttl
+        data = await self._records.kv_update(names.session_key(group, session), update, ttl)
         return SupportSession.unpack(data) if data else None
 
-    async def _new(self, group: str, key_type: str, visitor: str | None) -> SupportSession:
+    async def _new(
+        self, group: str, key_type: str, visitor: str | None, rules: GroupSettings | None = None
+    ) -> SupportSession:
         session_id = "s" + secrets.token_hex(8)
         if key_type == "random":
-            rules = await group_settings.load(self._records, self.settings, group)
+            rules = rules or await group_settings.load(self._records, self.settings, group)
             key = await short_codes.allocate(self._records, group, session_id, rules.code_length, rules.code_ttl)
             code: str | None = key
         else:
@@ -87,10 +105,15 @@ class Sessions:
 
     # -- visitors --------------------------------------------------------------
     async def start(self, conn: VisitorConnection, key_type: str, request_id: int | None) -> SessionConnected:
-        """The visitor starts a session; a previous one of its own ends."""
-        if conn.subject.startswith(CONSUMER_PREFIX):
+        """The visitor starts a session; a previous one of its own ends.
+
+        The new session is stored first, then claims the visitor's index
+        atomically, getting back what it displaced, which it ends. Starts
+        that race each end the one they displaced: whatever their order, the
+        last to claim is the only one live, and every other's code is
+        released. A start that fails (no free code) leaves the live one be."""
+        if is_consumer(conn.subject):
             raise ProtocolError(ErrorCode.INVALID, "a consumer is already in its session")
-        await self.end_visitor_session(conn.group, conn.subject, "replaced")
         try:
             session = await self._new(conn.group, key_type, conn.subject)
         except ProtocolError as exc:
@@ -99,46 +122,76 @@ class Sessions:
             await self._announce(failed, "error", str(exc.code))
             raise
         session.connection, session.instance = conn.id, self._instance
-        await self._save(session)
-        ttl = self.settings.session_ttl
-        if key_type == "visitor":
-            await self._records.kv_set(names.session_by_key(conn.group, session.key), session.id.encode(), ttl)
-        await self._records.kv_set(names.session_by_visitor(conn.group, conn.subject), session.id.encode(), ttl)
-        await self._announce(session, "started")
+        await self._save(session)  # stored before it is claimed: whoever displaces it can end it
+        previous = await self._claim(conn.group, conn.subject, session.id)
+        if previous is not None and previous != session.id:
+            await self.end(conn.group, previous, "replaced")
+        # A start racing this one may have displaced (and ended) it already.
+        if await self._records.kv_get(names.session_key(conn.group, session.id)) is not None:
+            await self._announce(session, "started")
         return _connected(session, request_id)
+
+    async def _claim(self, group: str, visitor: str, session_id: str) -> str | None:
+        """Point the visitor's index at ``session_id`` and get back the session
+        it pointed at, in one atomic step that never retries (however many
+        starts race it, none fails for want of a turn)."""
+        index = names.session_by_visitor(group, visitor)
+        before = await self._records.kv_swap(index, session_id.encode(), self.settings.session_ttl)
+        return before.decode() if before else None
 
     async def end_visitor_session(self, group: str, visitor: str, reason: str) -> bool:
         """End the visitor's live session, if it has one."""
         session_id = await self._records.kv_get(names.session_by_visitor(group, visitor))
-        session = await self.load(group, session_id.decode()) if session_id else None
-        if session is None:
+        if session_id is None:
             return False
-        await self.end(session, reason)
+        if await self.end(group, session_id.decode(), reason):
+            return True
+        await self._release(names.session_by_visitor(group, visitor), session_id.decode())  # a stale index
+        return False
+
+    async def end(self, group: str, session_id: str, reason: str) -> bool:
+        """End a session: release its code, forget it, release the visitor's
+        index, tell the agents, and close a consumer's connection. Taking the
+        record is atomic: of several enders (a start that displaced it, the
+        visitor's end_session) one ends it. False if it had ended already."""
+        record = await self.load(group, session_id)
+        if record is None:
+            return False
+        code = names.code_key(group, record.code) if record.code is not None else None
+        if code is not None:  # before: a retry after a failure further on still finds the record
+            await self._release(code, session_id)
+        taken = await self._records.kv_swap(names.session_key(group, session_id), None)
+        if taken is None:
+            return False
+        session = SupportSession.unpack(taken)
+        if code is not None:  # and after: an agent's join may have just claimed it (see ``join``)
+            await self._release(code, session_id)
+        await self._release(names.session_by_visitor(group, session.visitor), session_id)
+        await self._announce(session, "ended", reason)
+        if is_consumer(session.visitor):
+            await self._close_consumer(session)
         return True
 
-    async def end(self, session: SupportSession, reason: str) -> None:
-        """Forget the session and release its key and code; tell the agents."""
-        own = session.id.encode()
+    async def _release(self, index: str, session_id: str) -> None:
+        """Clear ``index`` unless it already points at another session."""
+        await self._records.kv_delete_if(index, session_id.encode())
 
-        def release(value: bytes | None) -> bytes | None:
-            return None if value == own else value  # unless it already points at a newer session
-
-        await self._records.kv_delete(names.session_key(session.group, session.id))
-        indexes = [
-            names.session_by_key(session.group, session.key),
-            names.session_by_visitor(session.group, session.visitor),
-        ]
-        if session.code is not None:
-            indexes.append(names.code_key(session.group, session.code))
-        for index in indexes:
-            await self._records.kv_update(index, release)
-        await self._announce(session, "ended", reason)
+    async def _close_consumer(self, session: SupportSession) -> None:
+        """A consumer's session ended: so does its connection (wherever it is),
+        and its session token opens nothing any more (``consumer_session``)."""
+        record = await self._presence.visitor_record(session.group, session.visitor)
+        for held in record.connections.values() if record else ():
+            code, reason = int(CloseCode.SESSION_ENDED), "the support session has ended"
+            await self._inbox.send(held.instance, names.CLOSE, [held.connection], code, reason)
 
     # -- REST consumers ----------------------------------------------------------
     async def create_for_consumer(self, group: str) -> SupportSession:
-        """A random-key session for a page that only has JavaScript."""
-        session = await self._new(group, "random", None)
-        await self._save(session)
+        """A random-key session for a page that only has JavaScript. Until its
+        consumer connects (or an agent joins) it lives as long as its code:
+        a code created and abandoned costs nothing after ``code_ttl``."""
+        rules = await group_settings.load(self._records, self.settings, group)
+        session = await self._new(group, "random", None, rules)
+        await self._save(session, rules.code_ttl)
         await self._announce(session, "started")
         return session
 
@@ -152,10 +205,10 @@ class Sessions:
         def take(record: SupportSession) -> None:
             # Only sessions made for a consumer: a code a visitor's app shows
             # must never let a guesser in on the visitor's side.
-            taken.append(record.redeemed or not record.visitor.startswith(CONSUMER_PREFIX))
+            taken.append(record.redeemed or not is_consumer(record.visitor))
             record.redeemed = True
 
-        session = await self._edit(group, session_id, take)
+        session = await self._edit(group, session_id, take, keep_expiry=True)  # still gone after code_ttl
         if session is None or taken != [False]:
             return None
         secret = self.settings.groups[group].secrets[0]
@@ -167,6 +220,19 @@ class Sessions:
         bound to group, session and role), or ``unauthorized``."""
         session_id, _, signed = session_token.partition(".")
         tokens.verify_token(self.settings.groups[group].secrets, SESSION_ROLE, group, session_id, signed)
+        return session_id
+
+    async def consumer_session(self, group: str, session_token: str) -> str:
+        """The session a consumer may connect to with this token: the token is
+        good (``unauthorized``), its group still takes consumer codes
+        (``unauthorized``), and the session is live, made for a consumer and
+        redeemed (``session_not_found``: a token outlives nothing)."""
+        session_id = self.verify_consumer(group, session_token)
+        if not await group_settings.consumer_codes_allowed(self._records, self.settings, group):
+            raise ProtocolError(ErrorCode.UNAUTHORIZED, "this group takes no short codes from consumer pages")
+        record = await self.load(group, session_id)
+        if record is None or record.visitor != CONSUMER_PREFIX + session_id or not record.redeemed:
+            raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session of this token has ended")
         return session_id
 
     async def visitor_connected(self, conn: VisitorConnection) -> None:
@@ -186,20 +252,24 @@ class Sessions:
         session = await self._edit(conn.group, session_id, take_over)
         if session is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
-        await self._records.kv_set(
-            names.session_by_visitor(conn.group, conn.subject), session.id.encode(), self.settings.session_ttl
-        )
+        # A consumer's index is made here; a visitor's already points at its
+        # session, or at a newer one whose claim stands.
+        index = names.session_by_visitor(conn.group, conn.subject)
+        await self._records.kv_set(index, session.id.encode(), self.settings.session_ttl, only_if_absent=True)
         return _connected(session, None)
 
     # -- agents ------------------------------------------------------------------
     async def wait(self, agent: AgentConnection, key: str) -> None:
-        """Watch for a session with this key (confirmed before returning)."""
-        await self._watchers.watch(agent, [names.key_topic(agent.group, key)])
+        """Watch for a session with this key (confirmed before returning); keys
+        count with watched visitors against ``max_subscriptions_per_agent``."""
+        topic = names.key_topic(agent.group, key)
+        if topic not in agent.topics:
+            check_subscriptions(agent.watched(), 1, self.settings)
+        await self._watchers.watch(agent, [topic])
 
     async def tell_if_live(self, agent: AgentConnection, key: str) -> None:
         """A waiting agent whose session already started hears of it now."""
-        session_id = await self._records.kv_get(names.session_by_key(agent.group, key))
-        session = await self.load(agent.group, session_id.decode()) if session_id else None
+        session = await self._by_key(agent.group, key)
         if session is not None:
             frame, dedupe = _event_frame(session, "started", None)
             agent.deliver_event(frame, dedupe)
@@ -208,18 +278,27 @@ class Sessions:
         if sum(x is not None for x in (key, code, session)) != 1:
             raise ProtocolError(ErrorCode.INVALID, "name exactly one of key, code or session")
         if key is not None:
-            found = await self._records.kv_get(names.session_by_key(group, key))
-            session = found.decode() if found else None
-        elif code is not None:
-            session = await short_codes.resolve(self._records, group, code)
-        record = await self.load(group, session) if session else None
+            record = await self._by_key(group, key)
+        else:
+            if code is not None:
+                session = await short_codes.resolve(self._records, group, code)
+            record = await self.load(group, session) if session else None
         if record is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "no live session has that key, code or ID")
         return record
 
+    async def _by_key(self, group: str, key: str) -> SupportSession | None:
+        """The live one-click session keyed by ``key``: the session of the
+        visitor whose ID it is, if that is a one-click one."""
+        session_id = await self._records.kv_get(names.session_by_visitor(group, key))
+        record = await self.load(group, session_id.decode()) if session_id else None
+        return record if record is not None and record.key_type == "visitor" and record.key == key else None
+
     async def join(
         self, agent: AgentConnection, request_id: int, *, key: str | None, code: str | None, session: str | None
     ) -> SessionJoined:
+        if code is not None:  # a guess like any other: the agent's and the group's look-up budgets
+            await short_codes.limit_agent_lookups(self._records, self.settings, agent.group, agent.subject)
         found = await self.find(agent.group, key=key, code=code, session=session)
 
         def add(record: SupportSession) -> None:
@@ -232,7 +311,10 @@ class Sessions:
         if joined.code is not None:  # claimed: the code now lives as long as the session
             code_key = names.code_key(joined.group, joined.code)
             await self._records.kv_set(code_key, joined.id.encode(), self.settings.session_ttl)
-        agent.sessions.add(joined.id)
+            if await self.load(agent.group, joined.id) is None:  # it ended meanwhile: its code goes too
+                await self._release(code_key, joined.id)
+                raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
+        agent.sessions[joined.id] = joined.visitor
         await self._watchers.watch(agent, [names.session_topic(agent.group, joined.id)])
         await self._tell_guests(joined)
         return SessionJoined(
@@ -244,7 +326,7 @@ class Sessions:
             if agent.id in record.guests:
                 record.guests.remove(agent.id)
 
-        agent.sessions.discard(session_id)
+        agent.sessions.pop(session_id, None)
         await self._watchers.unwatch(agent, [names.session_topic(agent.group, session_id)])
         left = await self._edit(agent.group, session_id, remove)
         if left is None:
@@ -260,12 +342,10 @@ class Sessions:
     async def _announce(self, session: SupportSession, event: str, reason: str | None = None) -> None:
         frame, dedupe = _event_frame(session, event, reason)
         envelope = names.envelope(names.EVENT, session.group, session.visitor, frame, dedupe)
-        for topic in (
-            names.key_topic(session.group, session.key),
-            names.session_topic(session.group, session.id),
-            names.visitor_topic(session.group, session.visitor),
-            names.group_topic(session.group),
-        ):
+        topics = [names.key_topic(session.group, session.key), names.session_topic(session.group, session.id)]
+        if announced(session.visitor):  # a consumer's sessions are for the agents in them (or waiting for them)
+            topics += [names.visitor_topic(session.group, session.visitor), names.group_topic(session.group)]
+        for topic in topics:
             await self._bus.publish(topic, envelope)
 
 

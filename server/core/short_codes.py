@@ -15,7 +15,7 @@ from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.server.backends.base import RecordStore
 from herald_presence.server.config import Settings
 from herald_presence.server.model.limits import check_lookups
-from herald_presence.server.model.names import code_key, lookups_by_address, lookups_by_group
+from herald_presence.server.model.names import code_key, lookups_by_address, lookups_by_agent, lookups_by_group
 
 ATTEMPTS = 24  # collisions retried before the code space counts as full
 LOOKUP_WINDOW = 60.0  # seconds: look-up budgets are per minute
@@ -44,8 +44,22 @@ async def resolve(records: RecordStore, group: str, code: str) -> str | None:
 
 
 async def limit_lookups(records: RecordStore, settings: Settings, group: str, address: str) -> None:
-    """Count a short-code look-up against its address's and its group's
-    budgets (cluster-wide); ``rate_limited`` over either."""
-    per_address = await records.kv_count(lookups_by_address(address), LOOKUP_WINDOW)
+    """Count a short-code look-up over REST against its address's and its
+    group's budgets (cluster-wide); ``rate_limited`` over either."""
+    await _limit(records, settings, group, lookups_by_address(address))
+
+
+async def limit_agent_lookups(records: RecordStore, settings: Settings, group: str, agent: str) -> None:
+    """Count an agent's ``join_session {code}`` against the agent's own budget
+    (the size of an address's) and its group's: an agent connection is no
+    way around the guessing limits."""
+    await _limit(records, settings, group, lookups_by_agent(group, agent))
+
+
+async def _limit(records: RecordStore, settings: Settings, group: str, own: str) -> None:
+    """Only a look-up within its own budget counts against the group's:
+    one address (or agent) spends at most its own share of the group's."""
+    per_own = await records.kv_count(own, LOOKUP_WINDOW)
+    check_lookups(per_own, None, settings)
     per_group = await records.kv_count(lookups_by_group(group), LOOKUP_WINDOW)
-    check_lookups(per_address, per_group, settings)
+    check_lookups(per_own, per_group, settings)

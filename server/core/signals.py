@@ -29,6 +29,7 @@ from herald_presence.server.backends.base import BackendUnavailable, Bus, HeldSi
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names
 from herald_presence.server.model.limits import check_signal
+from herald_presence.server.model.presence_rules import CONSUMER_PREFIX, is_consumer
 from herald_presence.server.model.records import ConnectionRecord, HeldSignal, VisitorRecord
 from herald_presence.server.tasks import TaskSupervisor
 
@@ -95,6 +96,8 @@ class SignalRouter:
         envelope = names.envelope(names.EVENT, conn.group, conn.subject, frame, None)
         if message.agent is not None:
             topics = [names.agent_topic(conn.group, message.agent)]
+        elif is_consumer(conn.subject):  # scoped to its session: only the agents in it hear it
+            topics = [names.session_topic(conn.group, conn.subject.removeprefix(CONSUMER_PREFIX))]
         else:
             topics = [names.visitor_topic(conn.group, conn.subject), names.group_topic(conn.group)]
         # Both topics at once: the backend sends them in one write. Each topic

@@ -7,12 +7,19 @@ The decisions live here; the edge carries out the answer:
 setting                        checked by                             answer
 =============================  =====================================  ==========================
 ``message_rate``/``_burst``    ``FrameRate`` (each frame)             ``rate_limited``, then 4003
+``message_bytes_rate/_burst``  ``FrameRate`` (each frame's bytes)     ``rate_limited``, then 4003
 ``connections_per_address``    ``ConnectionRate`` (each upgrade)      HTTP 429
+``max_connections_per_address`` ``OpenConnections`` (each accept)     socket closed at once
+``max_connections``            ``OpenConnections`` (each accept)      socket closed at once
+``request_timeout``            aiohttp's keep-alive timer; ``read_json``  socket closed / HTTP 408
 ``max_connections_per_visitor`` ``presence_rules.join`` (atomic)      close 4004
 ``max_subscriptions_per_agent`` ``check_subscriptions``               ``limit_exceeded``
 ``max_presence_bytes/_fields`` ``check_presence``                     ``limit_exceeded``
 ``max_signal_bytes``           ``check_signal``                       ``limit_exceeded``
+``visitor_signal_rate/_burst`` ``SignalBudgets`` (per agent, visitor) dropped for that agent
 ``code_lookups_per_*``         ``check_lookups``                      ``rate_limited`` / 429
+``failed_credentials_per_``    ``check_failed_credentials``           ``rate_limited`` / 429
+``address``                    (agent login, admin token)
 ``max_frame_bytes``            aiohttp's reader and the codec         close 1009
 ``max_queue``                  ``queue_full`` (the writer)            close 4001
 =============================  =====================================  ==========================
@@ -32,7 +39,8 @@ from herald_presence.server.config import Settings
 
 WINDOW = 60.0
 MAX_TRACKED_ADDRESSES = 50_000
-FLOOD_DROPS = 200  # frames refused in a row before a flooding connection is closed
+FLOOD_DROPS = 200  # frames refused (net of those forgiven) before a flooding connection is closed
+FLOOD_FORGIVEN = 4  # refused frames each allowed one forgives: only a client far over its budget floods
 
 
 class LimitExceeded(ProtocolError):
@@ -61,36 +69,62 @@ def count(error: ProtocolError) -> None:
 class Verdict(Enum):
     ALLOWED = "allowed"
     REFUSED = "refused"  # dropped; the first of a streak is answered with rate_limited
-    FIRST_REFUSED = "first_refused"
-    FLOODING = "flooding"  # refused FLOOD_DROPS times in a row: close the connection
+    FIRST_REFUSED = "first_refused"  # by the frame rate
+    FIRST_REFUSED_BYTES = "first_refused_bytes"  # by the byte budget
+    FLOODING = "flooding"  # FLOOD_DROPS refused, net of those forgiven: close the connection
 
 
 class FrameRate:
-    """A connection's frames per second: a token bucket of ``burst`` frames
-    refilled at ``rate`` per second, and the streak of frames refused."""
+    """What a connection may send: two token buckets refilled together,
+    ``message_burst`` frames refilled at ``message_rate`` per second and
+    ``message_bytes_burst`` bytes at ``message_bytes_rate`` per second.
+    Every frame the client sends after its hello counts, websocket pings and
+    pongs too: the frame rate bounds the work per frame, the byte budget
+    what a frame's size costs (reading and decoding it). A frame is taken
+    from both or refused (and then takes nothing).
 
-    __slots__ = ("dropped", "refilled", "tokens")
+    Refused frames are dropped; the first of each streak is answered. A
+    connection is flooding once ``FLOOD_DROPS`` frames were refused net of
+    ``FLOOD_FORGIVEN`` per frame allowed: at once after 200 in a row, and
+    within seconds for a client that keeps sending more than five times
+    what its budgets let through, however it paces itself (45 costly
+    frames a second, under the frame rate, let through one a second by
+    the byte budget, refuse ~44). A client at twice its budget is slowed
+    down, never closed."""
+
+    __slots__ = ("bytes", "dropped", "refilled", "refusing", "tokens")
 
     def __init__(self) -> None:
         self.tokens = -1.0  # filled on first use
+        self.bytes = 0.0
         self.refilled = 0.0
-        self.dropped = 0
+        self.dropped = 0  # refused frames, net of those forgiven
+        self.refusing = False  # the last frame was refused: a streak is on
 
-    def take(self, rate: float, burst: int) -> Verdict:
+    def take(self, size: int, settings: Settings) -> Verdict:
+        """One frame of ``size`` payload bytes."""
         now = time.monotonic()
+        burst, byte_burst = float(settings.message_burst), float(settings.message_bytes_burst)
         if self.tokens < 0:
-            self.tokens, self.refilled = float(burst), now
-        self.tokens = min(float(burst), self.tokens + (now - self.refilled) * rate)
-        self.refilled = now
-        if self.tokens >= 1:
+            self.tokens, self.bytes, self.refilled = burst, byte_burst, now
+        elapsed, self.refilled = now - self.refilled, now
+        self.tokens = min(burst, self.tokens + elapsed * settings.message_rate)
+        self.bytes = min(byte_burst, self.bytes + elapsed * settings.message_bytes_rate)
+        if self.tokens >= 1 and self.bytes >= size:
             self.tokens -= 1
-            self.dropped = 0
+            self.bytes -= size
+            self.dropped = max(0, self.dropped - FLOOD_FORGIVEN)
+            self.refusing = False
             return Verdict.ALLOWED
         self.dropped += 1
-        if self.dropped == 1:
-            metrics.limit_hit("message_rate")
-            return Verdict.FIRST_REFUSED
-        return Verdict.FLOODING if self.dropped >= FLOOD_DROPS else Verdict.REFUSED
+        first, self.refusing = not self.refusing, True
+        if first:
+            metrics.limit_hit("message_rate" if self.tokens < 1 else "message_bytes_rate")
+        if self.dropped >= FLOOD_DROPS:
+            return Verdict.FLOODING
+        if first:
+            return Verdict.FIRST_REFUSED if self.tokens < 1 else Verdict.FIRST_REFUSED_BYTES
+        return Verdict.REFUSED
 
 
 def queue_full(queued: int, max_queue: int) -> bool:
@@ -126,14 +160,65 @@ class ConnectionRate:
         return False
 
 
-def check_lookups(per_address: int, per_group: int, settings: Settings) -> None:
-    """Short-code look-ups counted this minute, by address and by group: a
-    budget for each, so that guessing a live code stays impractical even
-    from many addresses."""
+class OpenConnections:
+    """Client TCP connections open on this instance right now, whatever they
+    carry (a websocket, keep-alive HTTP, nothing yet): at most ``per_address``
+    from one untrusted address and ``total`` in all. Decided when a socket is
+    accepted, before a byte is read, so that sockets which never send a
+    request are bounded too. A trusted proxy's connections (``address`` None)
+    count toward ``total`` only: its clients are counted at the upgrade."""
+
+    __slots__ = ("by_address", "open", "per_address", "total")
+
+    def __init__(self, per_address: int, total: int) -> None:
+        self.per_address, self.total = per_address, total
+        self.open = 0
+        self.by_address: dict[str, int] = {}  # only addresses holding a connection: at most ``total`` keys
+
+    def admit(self, address: str | None) -> str | None:
+        """Count a new connection from ``address``; or the setting that refuses it (counted as a limit hit)."""
+        if self.open >= self.total:
+            metrics.limit_hit("max_connections")
+            return "max_connections"
+        if address is not None:
+            held = self.by_address.get(address, 0)
+            if held >= self.per_address:
+                metrics.limit_hit("max_connections_per_address")
+                return "max_connections_per_address"
+            self.by_address[address] = held + 1
+        self.open += 1
+        metrics.TCP_CONNECTIONS.inc()
+        return None
+
+    def release(self, address: str | None) -> None:
+        """An admitted connection from ``address`` closed."""
+        self.open -= 1
+        metrics.TCP_CONNECTIONS.dec()
+        if address is not None:
+            held = self.by_address.pop(address, 1) - 1
+            if held > 0:
+                self.by_address[address] = held
+
+
+def check_lookups(per_address: int, per_group: int | None, settings: Settings) -> None:
+    """Short-code look-ups counted this minute, by address (or by agent, for
+    an agent's ``join_session {code}``) and by group: a budget for each, so
+    that guessing a live code stays impractical even from many addresses.
+    ``per_group`` None checks the address's budget alone: a look-up over it
+    is refused before it counts against the group's, so that one address
+    cannot spend its group's budget."""
     over_address = per_address > settings.code_lookups_per_address
-    if over_address or per_group > settings.code_lookups_per_group:
+    if over_address or (per_group is not None and per_group > settings.code_lookups_per_group):
         setting = "code_lookups_per_address" if over_address else "code_lookups_per_group"
         raise LimitExceeded(setting, "too many short-code look-ups; try again in a minute", ErrorCode.RATE_LIMITED)
+
+
+def check_failed_credentials(failed: int, settings: Settings) -> None:
+    """A client address whose credentials were refused ``failed`` times this
+    minute: over ``failed_credentials_per_address``, no more are even tried."""
+    if failed >= settings.failed_credentials_per_address:
+        why = "too many refused credentials; try again in a minute"
+        raise LimitExceeded("failed_credentials_per_address", why, ErrorCode.RATE_LIMITED)
 
 
 # -- sizes and counts ------------------------------------------------------------------
@@ -154,7 +239,57 @@ def check_signal(data: dict[str, Any] | None, settings: Settings) -> None:
 
 
 def check_subscriptions(watched: int, adding: int, settings: Settings) -> None:
-    """An agent connection that watches ``watched`` visitors asks for ``adding`` more."""
+    """An agent connection that watches ``watched`` visitors and session keys asks for ``adding`` more."""
     limit = settings.max_subscriptions_per_agent
     if watched + adding > limit:
-        raise LimitExceeded("max_subscriptions_per_agent", f"an agent connection may watch {limit} visitors")
+        raise LimitExceeded(
+            "max_subscriptions_per_agent", f"an agent connection may watch {limit} visitors and session keys"
+        )
+
+
+# -- per recipient -----------------------------------------------------------------------
+MAX_SENDERS_TRACKED = 1024  # visitors whose budget toward one agent connection is remembered
+
+
+class RecentKeys:
+    """The last ``size`` distinct keys added, the oldest forgotten first."""
+
+    __slots__ = ("_keys", "size")
+
+    def __init__(self, size: int) -> None:
+        self.size = size
+        self._keys: dict[str, None] = {}  # insertion-ordered: the first key is the oldest
+
+    def add(self, key: str) -> None:
+        self._keys.pop(key, None)
+        self._keys[key] = None
+        if len(self._keys) > self.size:
+            del self._keys[next(iter(self._keys))]
+
+    def __contains__(self, key: object) -> bool:
+        return key in self._keys
+
+
+class SignalBudgets:
+    """What each visitor may send one agent connection: ``visitor_signal_rate``
+    signals per second with a burst of ``visitor_signal_burst``. Over it the
+    signal is dropped for that agent (counted), so no visitor can fill an
+    agent's queue until it is closed as a slow consumer."""
+
+    __slots__ = ("_buckets", "burst", "rate")
+
+    def __init__(self, settings: Settings) -> None:
+        self.rate, self.burst = settings.visitor_signal_rate, float(settings.visitor_signal_burst)
+        self._buckets: dict[str, tuple[float, float]] = {}  # visitor -> (tokens, refilled at)
+
+    def take(self, visitor: str, size: int) -> bool:
+        now = time.monotonic()
+        tokens, refilled = self._buckets.pop(visitor, (self.burst, now))
+        tokens = min(self.burst, tokens + (now - refilled) * self.rate)
+        allowed = tokens >= 1
+        self._buckets[visitor] = (tokens - 1 if allowed else tokens, now)  # re-inserted: the newest
+        if len(self._buckets) > MAX_SENDERS_TRACKED:
+            del self._buckets[next(iter(self._buckets))]
+        if not allowed:
+            metrics.limit_hit("visitor_signal_rate")
+        return allowed

@@ -13,7 +13,8 @@ Bus topics route a message only to the instances that hold its recipients:
 * ``k:{group}:{key}`` — a session key's lifecycle, for agents waiting for it;
 * ``s:{group}:{session}`` — a session's lifecycle, for agents in it;
 * ``i:{instance}`` — an instance's inbox: deliveries to its visitor
-  connections and their replies, focus changes, pushes (guest counts).
+  connections and their replies, focus changes, pushes (guest counts),
+  closes (a consumer whose session ended).
 
 Envelopes are msgpack arrays whose first item names the kind; the client
 frame inside is already encoded, so a receiving instance forwards the same
@@ -36,6 +37,7 @@ DELIVER = "d"  # [kind, key, reply_to, answer_by (unix s), [connection...], fram
 PUSH = "x"  # [kind, [connection...], frame]: to visitor connections, no reply
 REPLY = "r"  # [kind, key, delivered]
 FOCUS = "f"  # [kind, connection, focused]
+CLOSE = "c"  # [kind, [connection...], close code, reason]: close visitor connections (a consumer's session ended)
 
 
 def pack(value: Any) -> bytes:
@@ -53,6 +55,8 @@ def envelope(*items: Any) -> bytes:
 
 # -- bus topics ------------------------------------------------------------------
 VISITOR_TOPIC = "v:"  # prefix of visitor topics: agents watching one visitor
+AGENT_TOPIC = "a:"  # prefix of agent topics: what is addressed to one agent by name
+KEY_TOPIC = "k:"  # prefix of session key topics: agents waiting for a session
 
 
 def visitor_topic(group: str, visitor: str) -> str:
@@ -84,11 +88,9 @@ def session_key(group: str, session: str) -> str:
     return f"{{{group}}}:session:{session}"
 
 
-def session_by_key(group: str, key: str) -> str:
-    return f"{{{group}}}:session-key:{key}"
-
-
 def session_by_visitor(group: str, visitor: str) -> str:
+    """The visitor's live session (at most one): claimed atomically by each
+    start, and a one-click session's key (the visitor's ID) finds it too."""
     return f"{{{group}}}:visitor-session:{visitor}"
 
 
@@ -110,6 +112,16 @@ def lookups_by_address(address: str) -> str:
 
 def lookups_by_group(group: str) -> str:
     return f"{{{group}}}:rate:lookups"
+
+
+def failed_credentials(kind: str, address: str) -> str:
+    """Refused logins (``login``) or admin tokens (``admin``) of one client address."""
+    return f"rate:failed-{kind}:{address}"
+
+
+def lookups_by_agent(group: str, agent: str) -> str:
+    """An agent's own short-code budget (``join_session {code}``), like an address's."""
+    return f"{{{group}}}:rate:agent:{agent}"
 
 
 # -- the Redis backend's layout ----------------------------------------------------

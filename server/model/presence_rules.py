@@ -14,6 +14,26 @@ from typing import Any
 from .limits import ConnectionLimit
 from .records import ConnectionRecord, PresenceChange, VisitorRecord
 
+# A consumer (a page that redeemed a short code over REST) is the visitor of
+# its support session only: its ID is consumer.<session>, it holds this many
+# connections at once, and agents are never told of its presence.
+CONSUMER_PREFIX = "consumer."
+CONSUMER_CONNECTIONS = 1
+
+
+def is_consumer(visitor: str) -> bool:
+    return visitor.startswith(CONSUMER_PREFIX)
+
+
+def connection_limit(visitor: str, per_visitor: int) -> int:
+    """Connections the visitor may hold at once: ``per_visitor``, one for a consumer."""
+    return CONSUMER_CONNECTIONS if is_consumer(visitor) else per_visitor
+
+
+def announced(visitor: str) -> bool:
+    """Whether agents hear of the visitor's presence (a consumer's is its session's business)."""
+    return not is_consumer(visitor)
+
 
 def next_version(previous: int) -> int:
     """Microseconds since the epoch, or one more than before if that is

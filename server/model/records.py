@@ -121,6 +121,7 @@ class GroupSettings:
     code_length: int  # digits in a short code (Live Assist's "Short CID Length")
     code_ttl: float  # seconds an unclaimed short code lives
     allowed_origins: list[str] = field(default_factory=list)  # added to the configured ones
+    allow_consumer_codes: bool = False  # short codes over REST for pages without a back end (overrides TOML)
 
     def to_json(self) -> dict[str, Any]:
         return dataclasses.asdict(self)

@@ -22,12 +22,19 @@ HELP = {
     "max_queue": "outbound frames queued per connection before it is closed as a slow consumer",
     "message_rate": "frames per second a connection may send, sustained (token bucket)",
     "message_burst": "frames a connection may send at once above the rate",
+    "message_bytes_rate": "bytes per second a connection may send, sustained (token bucket; pings count)",
+    "message_bytes_burst": "bytes a connection may send at once above the rate (at least max_frame_bytes)",
     "connections_per_address": "new websocket connections per client address per minute, per instance",
+    "max_connections_per_address": "TCP connections one client address may hold open at once, per instance",
+    "max_connections": "TCP connections open at once per instance (0: the open-file limit less 256)",
+    "request_timeout": "seconds to send a request's headers (since connecting or the last answer), then its body",
     "max_connections_per_visitor": "connections (tabs, devices) one visitor may hold at once",
-    "max_subscriptions_per_agent": "visitor IDs one agent connection may watch",
+    "max_subscriptions_per_agent": "visitor IDs and session keys one agent connection may watch",
     "max_presence_bytes": "largest presence data of a connection (msgpack bytes)",
     "max_presence_fields": "most fields in a connection's presence data (at most the protocol's 32)",
     "max_signal_bytes": "largest data of one signal (msgpack bytes)",
+    "visitor_signal_rate": "signals per second one visitor may send one agent connection (more are dropped)",
+    "visitor_signal_burst": "signals one visitor may send one agent connection at once above the rate",
     "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
     "session_max_age": "seconds an agent login lasts",
     "cookie_secure": "mark the session cookie Secure (set it behind HTTPS)",
@@ -36,6 +43,7 @@ HELP = {
     "code_length": "default digits of a short code (groups can change theirs at run time)",
     "code_ttl": "default seconds an unclaimed short code lives",
     "code_lookups_per_address": "short-code look-ups allowed per client address per minute",
+    "failed_credentials_per_address": "refused agent logins or admin tokens allowed per client address per minute",
     "code_lookups_per_group": "short-code look-ups allowed per group per minute, all addresses together",
     "admin_token": "bearer token of the admin API (at least 16 characters); empty disables it",
     "trusted_proxies": "comma-separated addresses or CIDRs of proxies whose X-Forwarded-For names the client",
@@ -65,7 +73,12 @@ def _token_parser(sub: argparse._SubParsersAction) -> None:
     token.add_argument("role", choices=[tokens.VISITOR, tokens.AGENT, tokens.API])
     token.add_argument("--group", required=True)
     token.add_argument("--id", help="the visitor or agent ID (not for api)")
-    token.add_argument("--secret", required=True, help="the group's secret")
+    token.add_argument(
+        "--secret",
+        default="-",
+        help="the group's secret; '-' (the default) reads it from standard input, so that it is not on the "
+        "command line for every user of the machine to read (ps, shell history)",
+    )
     token.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
 
 
@@ -77,6 +90,10 @@ def main(argv: list[str] | None = None) -> None:
     _token_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "token":
+        if args.secret == "-":
+            args.secret = sys.stdin.readline().strip()
+            if not args.secret:
+                parser.error("no secret on standard input (or give --secret)")
         if args.role == tokens.API:
             print(tokens.api_key(args.secret, args.group, args.ttl))
         elif args.id is None:
@@ -112,7 +129,7 @@ def serve(settings: Settings) -> None:
         print(
             "\n  DEMO MODE: no group is configured, so this server made a demo group for trying it out.\n"
             f"  group: {demo.id}\n  secret: {demo.secrets[0]}   (random, new at every start)\n"
-            f"  visitor token: herald token visitor --group {demo.id} --id <visitor> --secret <secret>\n"
+            f"  visitor token: echo <secret> | herald token visitor --group {demo.id} --id <visitor>\n"
             f"  in a browser on this machine: http://{settings.host}:{settings.port}/console"
             f" and http://{settings.host}:{settings.port}/demo/visitor\n"
             "  Configure real groups with --group ID=SECRET, HERALD_GROUPS or a TOML file.\n",

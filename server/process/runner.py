@@ -18,15 +18,15 @@ import contextlib
 import gc
 import logging
 import os
+import resource
 import secrets
 import signal
 import time
 
-from aiohttp import web
-
 from herald_presence.server.config import Settings
 from herald_presence.server.core.connection import CLOSE_TIMEOUT
 from herald_presence.server.web.access_log import AccessLogger
+from herald_presence.server.web.listener import HeraldRunner, HeraldSite
 
 from .app import make_app
 from .drain import drain
@@ -47,6 +47,7 @@ GC_THRESHOLDS = (10_000, 100, 10)
 
 def run(settings: Settings) -> int:
     """Serve until stopped; the process's exit code."""
+    _raise_open_file_limit()
     if settings.workers > 1:
         return _supervise(settings)
     return _run_instance(settings, reuse_port=False)
@@ -65,9 +66,9 @@ def _run_instance(settings: Settings, reuse_port: bool) -> int:
 
 async def _serve(settings: Settings, reuse_port: bool) -> None:
     app = make_app(settings)
-    runner = web.AppRunner(app, access_log_class=AccessLogger, shutdown_timeout=CLOSE_TIMEOUT)
+    runner = HeraldRunner(app, settings, access_log_class=AccessLogger, shutdown_timeout=CLOSE_TIMEOUT)
     await runner.setup()
-    site = web.TCPSite(runner, settings.host, settings.port, reuse_port=reuse_port or None)
+    site = HeraldSite(runner, settings.host, settings.port, reuse_port=reuse_port)
     await site.start()
     # Long-lived objects made so far never need collecting; keeping them out
     # of the GC's generations shortens the pauses that hurt tail latency.
@@ -95,6 +96,20 @@ async def _serve(settings: Settings, reuse_port: bool) -> None:
             await draining
     finally:
         await runner.cleanup()  # closes whatever is left with 1001, then the hub
+
+
+def _raise_open_file_limit() -> None:
+    """Every client connection is a file descriptor: take the soft limit up to
+    the hard one (as Go programs do), so that ``max_connections``, which stays
+    below it, is what the host allows rather than a shell's default of 1,024."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    target = hard if hard != resource.RLIM_INFINITY else 1 << 20  # Linux refuses an unlimited one
+    if soft == resource.RLIM_INFINITY or soft >= target:
+        return
+    try:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (target, hard))
+    except (ValueError, OSError) as exc:
+        log.warning("could not raise the open-file limit from %d to %d: %s", soft, target, exc)
 
 
 def _share_random_secrets(settings: Settings) -> None:

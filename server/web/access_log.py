@@ -1,8 +1,12 @@
-"""An access log that never writes query strings.
+"""An access log that never writes a capability and cannot be forged.
 
-Short codes travel as ``?appkey=``: a log line must not hand out the
-capability it records. Tokens never travel in URLs at all (they are in the
-first websocket frame or in JSON bodies), and cookies are never logged.
+Short codes travel as ``?appkey=`` and, on the native routes, as a path
+segment (``/v1/groups/acme/codes/097317``): a log line must not hand out the
+capability it records, so query strings are never written and a route's
+``code`` segment is written as ``<code>``. The path is written as it came,
+percent-encoded, so a ``%0A`` in it cannot start a forged log line. Tokens
+never travel in URLs at all (they are in the first websocket frame or in
+JSON bodies), and cookies are never logged.
 """
 
 from __future__ import annotations
@@ -12,22 +16,37 @@ from aiohttp.abc import AbstractAccessLogger
 
 from .http_common import client_address
 
+REDACTED = ("code",)  # route segments that are capabilities
+
+
+def logged_path(request: web.BaseRequest) -> str:
+    """The request's path as it came (still percent-encoded, no query), its
+    capability segments replaced."""
+    path = request.rel_url.raw_path
+    match_info = getattr(request, "match_info", None)
+    for name in REDACTED:
+        value = match_info.get(name) if match_info is not None else None
+        if value:
+            path = path.replace(f"/{value}", f"/<{name}>")
+    return path
+
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         address = client_address(request) if isinstance(request, web.Request) else request.remote
+        path = logged_path(request)
         self.logger.info(
             '%s "%s %s" %s %.1fms',
             address,
             request.method,
-            request.path,  # no query string
+            path,
             response.status,
             time * 1000,
             extra={
                 "http": {
                     "remote": address,
                     "method": request.method,
-                    "path": request.path,
+                    "path": path,
                     "status": response.status,
                     "ms": round(time * 1000, 1),
                 }

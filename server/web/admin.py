@@ -8,10 +8,10 @@ from __future__ import annotations
 from aiohttp import web
 
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
-from herald_presence.server.core import group_settings
+from herald_presence.server.core import attempts, group_settings
 
 from . import auth
-from .http_common import bearer, group_of, json_errors, read_json, same_secret
+from .http_common import bearer, client_address, group_of, json_errors, read_json, same_secret
 from .keys import RECORDS, SETTINGS
 
 
@@ -19,7 +19,10 @@ async def _authorize(request: web.Request) -> str:
     settings = request.app[SETTINGS]
     if not settings.admin_token:
         raise ProtocolError(ErrorCode.FORBIDDEN, "the admin API is disabled (set admin_token)")
+    records, address = request.app[RECORDS], client_address(request)
+    await attempts.refuse_if_over(records, settings, "admin", address)
     if not same_secret(bearer(request), settings.admin_token):
+        await attempts.count_refusal(records, "admin", address)
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "wrong admin token")
     group = group_of(settings, request.match_info["group"])
     await auth.require_origin(request, group)

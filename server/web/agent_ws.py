@@ -117,6 +117,8 @@ async def _handle(
 
 
 async def _signal(signals: SignalRouter, agent: AgentConnection, message: Signal) -> None:
+    assert message.visitor is not None
+    agent.note_signalled(message.visitor)  # the visitor may answer this agent by name
     started, outcome = time.perf_counter(), "error"
     try:
         delivered = await signals.to_visitor(agent.group, agent.subject, message)

@@ -13,7 +13,6 @@ would otherwise outlive it.
 from __future__ import annotations
 
 import base64
-import json
 import logging
 import secrets
 import time
@@ -29,10 +28,11 @@ from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.protocol.messages import Hello
 from herald_presence.server.backends.base import BackendUnavailable
 from herald_presence.server.config import ConfigError, GroupConfig, Settings
-from herald_presence.server.core import group_settings
+from herald_presence.server.core import attempts, group_settings
+from herald_presence.server.model.limits import LimitExceeded, count
 from herald_presence.server.model.names import revoked_login_key
 
-from .http_common import STATUS, allowed_origin, error_response
+from .http_common import STATUS, allowed_origin, client_address, error_response, read_body
 from .keys import RECORDS, SETTINGS
 
 log = logging.getLogger(__name__)
@@ -85,13 +85,22 @@ async def require_origin(request: web.Request, group: GroupConfig) -> None:
 ANONYMOUS_PREFIX = "anon."
 
 
+# Checks a credential for a group that does not exist: no token can match it,
+# so an unknown group is refused exactly like a bad credential of a real one
+# (same code, same message), and nobody learns which groups exist.
+_NO_GROUP = GroupConfig("-", [secrets.token_urlsafe(32)])
+
+
+def group_or_stand_in(settings: Settings, group_id: str | None) -> GroupConfig:
+    """The group, or a stand-in whose credentials are all refused as bad."""
+    return settings.groups.get(group_id or "") or _NO_GROUP
+
+
 def verify_visitor(settings: Settings, hello: Hello) -> tuple[GroupConfig, str]:
     """The group and visitor ID a hello proves. Without visitor and token, a
     group that allows anonymous visitors gives a fresh ``anon.`` ID: an
     anonymous visitor can never choose (or claim) an ID."""
-    group = settings.groups.get(hello.group or "")
-    if group is None:
-        raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
+    group = group_or_stand_in(settings, hello.group)
     if hello.visitor is None and hello.token is None and group.allow_anonymous:
         return group, ANONYMOUS_PREFIX + secrets.token_hex(8)
     if hello.visitor is None or hello.token is None:
@@ -103,6 +112,7 @@ def verify_visitor(settings: Settings, hello: Hello) -> tuple[GroupConfig, str]:
 async def login(request: web.Request) -> web.StreamResponse:
     """``POST /v1/agent/login`` with ``{"group", "agent", "key"}``."""
     settings = request.app[SETTINGS]
+    await read_body(request)  # within request_timeout, or 408
     try:
         body: Any = await request.json()
         if not isinstance(body, dict):
@@ -110,19 +120,28 @@ async def login(request: web.Request) -> web.StreamResponse:
         group_id = checks.identifier(body.get("group"), "group")
         agent = checks.identifier(body.get("agent"), "agent")
         key = checks.token(body.get("key"), "key")
-    except (ValueError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         return error_response(400, ErrorCode.INVALID, "expected a JSON object with group, agent and key")
     except ProtocolError as exc:
         return error_response(400, exc.code, exc.message)
-    group = settings.groups.get(group_id)
-    if group is None:
-        return error_response(401, ErrorCode.UNAUTHORIZED, "unknown group or bad key")
-    if not await origin_allowed(request, group):
+    records, address = request.app[RECORDS], client_address(request)
+    try:
+        await attempts.refuse_if_over(records, settings, "login", address)
+    except LimitExceeded as exc:
+        count(exc)
+        response = error_response(429, exc.code, exc.message)
+        response.headers["Retry-After"] = "60"
+        return response
+    group = group_or_stand_in(settings, group_id)
+    if group is not _NO_GROUP and not await origin_allowed(request, group):
         return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
     try:
-        tokens.verify_token(group.secrets, tokens.AGENT, group.id, agent, key)
+        tokens.verify_token(group.secrets, tokens.AGENT, group_id, agent, key)
     except ProtocolError as exc:
         log.info("agent login refused for %s/%s: %s", group_id, agent, exc.code)
+        await attempts.count_refusal(records, "login", address)
+        if exc.code == ErrorCode.UNAUTHORIZED:  # an unknown group and a bad key look the same
+            return error_response(401, exc.code, "unknown group or bad key")
         return error_response(STATUS.get(exc.code, 401), exc.code, exc.message)
     session = await new_session(request)
     expires = int(time.time()) + settings.session_max_age
@@ -139,6 +158,10 @@ async def logout(request: web.Request) -> web.StreamResponse:
     cookie stays valid: a logout that could not be recorded everywhere must
     not look done."""
     session = await get_session(request)
+    group = request.app[SETTINGS].groups.get(session.get("group", ""))
+    if group is not None and not await origin_allowed(request, group):
+        # A foreign page must not log an agent out (a nuisance CSRF on a cookie it cannot read).
+        return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
     session_id, expires = session.get("sid"), session.get("expires", 0)
     if isinstance(session_id, str) and expires > time.time():
         try:

@@ -9,6 +9,11 @@ The agent types the code and joins the same session.
 Two route families: the native ``/v1/groups/{group}/codes...`` and the
 shape existing Live Assist consumer pages call
 (``/assistserver/shortcode/...``).
+
+Consumer codes are a feature a group opts into (``allow_consumer_codes``):
+for any other group the create and redeem routes answer 403 ``forbidden``
+before anything is counted or made, since whoever holds a code becomes the
+visitor of its session. The agents' look-up routes serve every group.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from aiohttp import web
 from herald_presence.protocol import checks
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.server.config import GroupConfig
+from herald_presence.server.core.group_settings import consumer_codes_allowed
 from herald_presence.server.core.short_codes import limit_lookups
 from herald_presence.server.model.records import SupportSession
 
@@ -31,10 +37,13 @@ async def _origin(request: web.Request, group: GroupConfig) -> str | None:
 
 
 async def _consumer_origin(request: web.Request, group: GroupConfig) -> str | None:
-    """The consumer page's origin; a browser page of a foreign origin is refused."""
+    """The consumer page's origin; a browser page of a foreign origin is
+    refused, and so is everyone for a group that takes no consumer codes."""
     origin = await _origin(request, group)
     if "Origin" in request.headers and origin is None:
         raise ProtocolError(ErrorCode.FORBIDDEN, "origin not allowed for this group")
+    if not await consumer_codes_allowed(request.app[RECORDS], request.app[SETTINGS], group.id):
+        raise ProtocolError(ErrorCode.FORBIDDEN, "this group takes no short codes from consumer pages")
     return origin
 
 

@@ -21,7 +21,7 @@ from herald_presence.protocol import checks, tokens
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.server.config import GroupConfig
 
-from .http_common import allowed_origin, json_errors, read_json
+from .http_common import allowed_origin, client_address, json_errors, read_json
 from .keys import SETTINGS
 
 VISITOR_TTL = 3600  # seconds; the demo visitor page reconnects with a fresh one anyway
@@ -35,10 +35,20 @@ def _is_loopback(address: str | None) -> bool:
         return False
 
 
+LOOPBACK_NAMES = ("localhost", "127.0.0.1", "[::1]")
+
+
 def _demo_group(request: web.Request) -> GroupConfig:
-    """The demo group, for a client on this machine; 404 otherwise."""
+    """The demo group, for a client on this machine asking this machine by a
+    loopback name; 404 otherwise. The client is the one per-address limits
+    count (behind a trusted proxy: the client it names, not the proxy), and
+    the Host must be a loopback name too: a page of ``evil.example`` whose
+    name resolves to 127.0.0.1 (DNS rebinding) is its own origin and would
+    otherwise pass as Herald's own page."""
     demo = next((group for group in request.app[SETTINGS].groups.values() if group.demo), None)
-    if demo is None or not _is_loopback(request.remote):
+    host = request.host or ""
+    host = host[: host.find("]") + 1] if host.startswith("[") else host.rsplit(":", 1)[0]
+    if demo is None or not _is_loopback(client_address(request)) or host not in LOOPBACK_NAMES:
         raise web.HTTPNotFound()
     return demo
 

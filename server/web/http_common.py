@@ -6,6 +6,7 @@ the same ``code`` over REST as over the websocket.
 
 from __future__ import annotations
 
+import asyncio
 import functools
 import hmac
 import ipaddress
@@ -64,10 +65,27 @@ def json_errors(handler: Handler) -> Handler:
     return wrapped
 
 
+async def read_body(request: web.Request) -> bytes:
+    """The request's body, which must arrive within ``request_timeout`` of its
+    headers: a client trickling it gets 408 and its connection closed (a body
+    that never ends would hold the connection and this handler for good)."""
+    try:
+        async with asyncio.timeout(request.app[SETTINGS].request_timeout):
+            return await request.read()
+    except TimeoutError:
+        metrics.limit_hit("request_timeout")
+        metrics.error(str(ErrorCode.INVALID))
+        body = json.dumps({"error": {"code": str(ErrorCode.INVALID), "message": "the request body came too slowly"}})
+        raise web.HTTPRequestTimeout(
+            text=body, content_type="application/json", headers={"Connection": "close"}
+        ) from None
+
+
 async def read_json(request: web.Request) -> dict[str, Any]:
+    await read_body(request)  # aiohttp keeps it: request.json() parses what was read
     try:
         body = await request.json()
-    except (ValueError, json.JSONDecodeError):
+    except (ValueError, RecursionError):  # RecursionError: JSON nested deeper than the parser goes
         body = None
     if not isinstance(body, dict):
         raise ProtocolError(ErrorCode.INVALID, "expected a JSON object")

@@ -7,7 +7,7 @@ from functools import partial
 
 from aiohttp import web
 
-from herald_presence.protocol.errors import ErrorCode, ProtocolError
+from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from herald_presence.protocol.messages import Ack, EndSession, Hello, Message, Presence, Signal, StartSession
 from herald_presence.server import logs
 from herald_presence.server.config import Settings
@@ -15,11 +15,11 @@ from herald_presence.server.core.connection import VisitorConnection
 from herald_presence.server.core.presence import PresenceService
 from herald_presence.server.core.sessions import CONSUMER_PREFIX, Sessions
 from herald_presence.server.core.signals import SignalRouter
+from herald_presence.server.model.presence_rules import is_consumer
 
 from . import auth
 from .keys import HUB, PRESENCE, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
-    answering_errors,
     open_websocket,
     read_hello,
     refuse,
@@ -40,7 +40,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     ws = await open_websocket(request, settings)
     try:
         hello, version = await read_hello(ws, settings)
-        group, visitor, consumer_session = _identify(settings, sessions, hello)
+        group, visitor, consumer_session = await _identify(settings, sessions, hello)
         await auth.require_origin(request, settings.groups[group])
     except ProtocolError as exc:
         log.info("visitor handshake refused: %s", exc.code)
@@ -58,8 +58,8 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=True))
         log.debug("visitor %s/%s connected", group, visitor)
-        if consumer_session is not None:
-            await answering_errors(conn, None, _attach(sessions, conn, consumer_session))
+        if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
+            return ws  # closed: a consumer is nothing without its session
         await hub.release_held(conn)
         await serve_frames(conn, settings, partial(_handle, presence, sessions, app[SIGNALS], conn))
     finally:
@@ -69,20 +69,32 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-def _identify(settings: Settings, sessions: Sessions, hello: Hello) -> tuple[str, str, str | None]:
+async def _identify(settings: Settings, sessions: Sessions, hello: Hello) -> tuple[str, str, str | None]:
     """(group, visitor ID, session) from a hello: a visitor's own token, or
-    the session token of a consumer that redeemed a short code."""
+    the session token of a consumer that redeemed a short code (its group
+    takes consumer codes and its session is live)."""
     if hello.session_token is not None and hello.visitor is None and hello.token is None:
         if hello.group not in settings.groups:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
-        session = sessions.verify_consumer(hello.group, hello.session_token)
+        session = await sessions.consumer_session(hello.group, hello.session_token)
         return hello.group, CONSUMER_PREFIX + session, session
     group, visitor = auth.verify_visitor(settings, hello)
+    if is_consumer(visitor):
+        raise ProtocolError(ErrorCode.UNAUTHORIZED, f"visitor IDs starting with {CONSUMER_PREFIX} are the server's")
     return group.id, visitor, None
 
 
-async def _attach(sessions: Sessions, conn: VisitorConnection, session: str) -> None:
-    conn.send_message(await sessions.attach(conn, session))
+async def _attach(sessions: Sessions, conn: VisitorConnection, session: str) -> bool:
+    """The consumer's connection becomes its session's; if the session ended
+    meanwhile (or cannot be reached), the consumer is told and closed."""
+    try:
+        conn.send_message(await sessions.attach(conn, session))
+        return True
+    except ProtocolError as exc:
+        conn.send_error(exc.code, exc.message)
+        ended = exc.code == ErrorCode.SESSION_NOT_FOUND
+        conn.leave(CloseCode.SESSION_ENDED if ended else CloseCode.RECONNECT, exc.message)
+        return False
 
 
 async def _handle(

@@ -8,6 +8,7 @@ the client whether reconnecting can help.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
@@ -29,12 +30,16 @@ from .http_common import client_address, error_response
 log = logging.getLogger(__name__)
 
 SERVER_NAME = f"herald/{__version__}"
+HANDSHAKE_CONTROL_FRAMES = 4  # pings and pongs taken before the hello; more are refused as no hello
+_COUNTED = frozenset((WSMsgType.BINARY, WSMsgType.TEXT, WSMsgType.PING, WSMsgType.PONG))
 
 _HANDSHAKE_CLOSE = {
     ErrorCode.UNAUTHORIZED: CloseCode.UNAUTHORIZED,
     ErrorCode.TOKEN_EXPIRED: CloseCode.UNAUTHORIZED,
     ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
     ErrorCode.UNSUPPORTED_VERSION: CloseCode.UNSUPPORTED_VERSION,
+    ErrorCode.SESSION_NOT_FOUND: CloseCode.SESSION_ENDED,  # a consumer's session ended: its token is spent
+    ErrorCode.BACKEND_UNAVAILABLE: CloseCode.RECONNECT,  # a consumer's session could not be checked: try again
 }
 
 
@@ -64,6 +69,12 @@ async def open_websocket(request: web.Request, settings: Settings) -> web.WebSoc
         # connected together (after a deploy, a drain) drift apart instead of
         # being pinged in one burst every keepalive seconds.
         heartbeat=settings.keepalive * random.uniform(0.8, 1.0),
+        # Pings and pongs come to our loop (``messages``), which counts them
+        # against the connection's frame rate and byte budget like any frame
+        # and answers pings within them: aiohttp's autoping answered every
+        # ping, unseen and unlimited. The heartbeat needs no autoping: any
+        # bytes arriving (the pong to its ping too) are what keep it alive.
+        autoping=False,
         # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted.
         max_msg_size=settings.max_frame_bytes + 1,  # bigger frames close with 1009
         timeout=CLOSE_TIMEOUT,
@@ -83,6 +94,14 @@ async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hel
     try:
         async with asyncio.timeout(settings.handshake_timeout):
             msg = await ws.receive()
+            # A few control frames may come first (a pong, a client's own
+            # keepalive ping): answered as aiohttp would; more are no hello.
+            for _ in range(HANDSHAKE_CONTROL_FRAMES):
+                if msg.type is WSMsgType.PING:
+                    await _pong(ws, msg.data)
+                elif msg.type is not WSMsgType.PONG:
+                    break
+                msg = await ws.receive()
     except TimeoutError:
         raise HandshakeTimeout() from None
     if msg.type is not WSMsgType.BINARY:
@@ -144,31 +163,45 @@ async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[M
             await answering_errors(conn, getattr(message, "id", None), handle(message))
 
 
-def _within_rate(conn: Connection, settings: Settings) -> bool:
-    """Frames over the rate are refused (one error frame per streak), and a
-    connection that keeps going is closed as flooding."""
-    verdict = conn.rate.take(settings.message_rate, settings.message_burst)
+def _within_rate(conn: Connection, settings: Settings, size: int) -> bool:
+    """Frames over the frame rate or the byte budget are refused (one error
+    frame per streak), and a connection that keeps going is closed as flooding."""
+    verdict = conn.rate.take(size, settings)
     if verdict is Verdict.ALLOWED:
         return True
     if verdict is Verdict.FIRST_REFUSED:
         conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_rate:g} frames per second; frames dropped")
+    elif verdict is Verdict.FIRST_REFUSED_BYTES:
+        conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_bytes_rate} bytes per second; frames dropped")
     elif verdict is Verdict.FLOODING:
         log.warning("closing %r: flooding", conn)
         conn.close(CloseCode.FLOODING, "flooding")
     return False
 
 
+async def _pong(ws: web.WebSocketResponse, payload: bytes) -> None:
+    with contextlib.suppress(ConnectionError, RuntimeError):  # closing: the receive loop ends on its own
+        await ws.pong(payload)
+
+
 async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Message]:
-    """Decoded frames until the connection ends; errors go back as frames."""
+    """Decoded frames until the connection ends; errors go back as frames.
+    Every frame counts against the rate and the byte budget before anything
+    else is done with it: data frames, and the control frames (pings,
+    pongs) that aiohttp hands us since it no longer answers them."""
     max_bytes = settings.max_frame_bytes
     async for msg in conn.ws:
-        if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) and not _within_rate(conn, settings):
-            continue
+        if msg.type in _COUNTED and (conn.closing or not _within_rate(conn, settings, len(msg.data))):
+            continue  # over a limit, or after we started closing: dropped unread
         if msg.type is WSMsgType.BINARY:
             try:
                 yield codec.decode(msg.data, max_bytes)
             except ProtocolError as exc:
                 conn.send_error(exc.code, exc.message, exc.request_id)
+        elif msg.type is WSMsgType.PING:
+            await _pong(conn.ws, msg.data)
+        elif msg.type is WSMsgType.PONG:
+            pass  # the answer to our heartbeat's ping: its arrival already reset the heartbeat
         elif msg.type is WSMsgType.TEXT:
             conn.send_error(ErrorCode.BAD_FRAME, "frames must be binary msgpack")
         elif msg.type is WSMsgType.ERROR:

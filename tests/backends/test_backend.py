@@ -68,6 +68,9 @@ async def test_every_operation_raises_backend_unavailable_when_redis_is_gone(
         "kv_set only_if_absent": lambda: backend.kv_set(code_key(GROUP, "1"), b"x", only_if_absent=True),
         "kv_delete": lambda: backend.kv_delete(code_key(GROUP, "1")),
         "kv_update": lambda: backend.kv_update(code_key(GROUP, "1"), lambda value: b"x"),
+        "kv_swap": lambda: backend.kv_swap(code_key(GROUP, "1"), b"x", ttl=10),
+        "kv_swap None": lambda: backend.kv_swap(code_key(GROUP, "1"), None),
+        "kv_delete_if": lambda: backend.kv_delete_if(code_key(GROUP, "1"), b"x"),
         "kv_count": lambda: backend.kv_count(lookups_by_group(GROUP), window=10),
     }
     outcomes = {name: await outcome(operation) for name, operation in operations.items()}

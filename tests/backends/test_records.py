@@ -1,7 +1,7 @@
 """The RecordStore contract: small records by key, each with an optional
-ttl after which it is never returned; ``only_if_absent`` and ``kv_update``
-are atomic, across instances too; ``kv_count`` counts hits in a window that
-starts at the first hit."""
+ttl after which it is never returned; ``only_if_absent``, ``kv_update``,
+``kv_swap`` and ``kv_delete_if`` are atomic, across instances too;
+``kv_count`` counts hits in a window that starts at the first hit."""
 
 from __future__ import annotations
 
@@ -161,6 +161,51 @@ async def test_update_is_atomic_across_instances(backend: Backend, another_insta
     results = await asyncio.gather(*updates)
     assert await other.kv_get(KEY) == b"40"
     assert sorted(int(r or b"0") for r in results) == list(range(1, 41))
+
+
+async def test_swap_stores_and_returns_what_it_replaced(backend: Backend) -> None:
+    assert await backend.kv_swap(KEY, b"first", ttl=10) is None
+    assert await backend.kv_swap(KEY, b"second", ttl=0.3) == b"first"
+    assert await backend.kv_get(KEY) == b"second"
+    await asyncio.sleep(0.45)  # the ttl given with the swap applies: an expired record is not returned
+    assert await backend.kv_swap(KEY, b"third") is None
+    assert await backend.kv_swap(KEY, None) == b"third"  # None takes it away
+    assert await backend.kv_get(KEY) is None
+    assert await backend.kv_swap(KEY, None) is None
+
+
+async def test_swap_hands_each_value_to_exactly_one_racer(backend: Backend) -> None:
+    """A session index claimed by racing starts: every value stored is
+    returned to exactly one later swapper, except the one that stays."""
+    values = [f"s{n}".encode() for n in range(50)]
+    before = await asyncio.gather(*(backend.kv_swap(KEY, v, ttl=10) for v in values))
+    last = await backend.kv_get(KEY)
+    assert before.count(None) == 1
+    assert sorted(v for v in before if v is not None) == sorted(v for v in values if v != last)
+
+
+@REDIS_ONLY
+async def test_swap_hands_each_value_to_exactly_one_racer_across_instances(
+    backend: Backend, another_instance: StartBackend
+) -> None:
+    other = await another_instance()
+    racers = [(instance, f"{name}{n}".encode()) for n in range(20) for instance, name in ((backend, "a"), (other, "b"))]
+    before = await asyncio.gather(*(i.kv_swap(KEY, v, ttl=10) for i, v in racers))
+    last = await other.kv_get(KEY)
+    assert before.count(None) == 1
+    assert sorted(v for v in before if v is not None) == sorted(v for _, v in racers if v != last)
+
+
+async def test_delete_if_deletes_only_the_value_it_names(backend: Backend) -> None:
+    await backend.kv_set(KEY, b"mine", ttl=10)
+    assert await backend.kv_delete_if(KEY, b"theirs") is False
+    assert await backend.kv_get(KEY) == b"mine"
+    assert await backend.kv_delete_if(KEY, b"mine") is True
+    assert await backend.kv_get(KEY) is None
+    assert await backend.kv_delete_if(KEY, b"mine") is False
+    await backend.kv_set(KEY, b"mine", ttl=0.2)
+    await asyncio.sleep(0.35)
+    assert await backend.kv_delete_if(KEY, b"mine") is False  # expired: nothing to delete
 
 
 async def test_count_counts_hits_in_a_window_then_starts_again(backend: Backend) -> None:

@@ -29,6 +29,7 @@ from .clients import GROUP, SECRET
 # the default an operator gets.
 RAISED_LIMITS = {
     "--connections-per-address": "1000000",
+    "--max-connections-per-address": "1000000",
     "--message-rate": "1000000",
     "--message-burst": "1000000",
 }

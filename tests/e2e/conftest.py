@@ -106,7 +106,7 @@ def demo_settings(**overrides: Any) -> Settings:
     """A server as a zero-config ``herald serve`` runs it: only the demo group
     (with a fixed secret, so that the instances of a cluster share it)."""
     server_settings = settings(**overrides)
-    server_settings.groups = {"demo": GroupConfig("demo", [DEMO_SECRET], demo=True)}
+    server_settings.groups = {"demo": GroupConfig("demo", [DEMO_SECRET], allow_consumer_codes=True, demo=True)}
     return server_settings
 
 

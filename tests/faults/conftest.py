@@ -115,6 +115,7 @@ def herald_argv(redis_url: str, prefix: str, session_secret: str) -> list[str]:
         "--instance-heartbeat", str(HEARTBEAT), "--instance-dead-after", str(DEAD_AFTER),
         "--grace-period", str(GRACE), "--delivery-timeout", str(DELIVERY_TIMEOUT), "--signal-hold", str(SIGNAL_HOLD),
         "--connections-per-address", "100000", "--message-rate", "100000", "--message-burst", "100000",
+        "--max-connections-per-address", "100000",
     ]  # fmt: skip
 
 

@@ -82,7 +82,7 @@ async def test_agent_login_from_a_foreign_origin(launch: Launch, origin: str) ->
 
 
 async def test_rest_code_create_from_a_foreign_origin(start_herald) -> None:  # type: ignore[no-untyped-def]
-    herald = await start_herald(admin_token=ADMIN_TOKEN)
+    herald = await start_herald(admin_token=ADMIN_TOKEN, consumer_codes=["acme"])
     async with aiohttp.ClientSession() as http:
         # The CRM origin is allowed at run time, through the admin API.
         changed = await http.put(

@@ -84,3 +84,29 @@ async def test_demo_mode_mints_nothing_for_other_machines(address: str) -> None:
     assert request.remote == address
     with pytest.raises(aiohttp.web.HTTPNotFound):
         await http_demo.demo_info(request)
+
+
+async def test_demo_mode_mints_nothing_for_a_page_whose_name_was_rebound_to_this_machine(launch: Launch) -> None:
+    """DNS rebinding: evil.example resolves to 127.0.0.1, so its page is a
+    loopback client of its own origin; its Host gives it away."""
+    herald = await launch(configure=_demo_mode)
+    rebound = f"evil.example:{herald.port}"
+    headers = {"Host": rebound, "Origin": f"http://{rebound}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.post(herald.base_url + "/demo/credentials", json=ASKS[0], headers=headers) as response:
+            assert response.status == 404
+            assert "token" not in await response.text()
+        async with http.post(herald.base_url + "/demo/credentials", json=ASKS[0]) as response:
+            assert response.status == 200  # Herald's own pages, asked by a loopback name, still get theirs
+    await assert_bystanders_served(herald.base_url, secret=DEMO_SECRET, group="demo")
+
+
+async def test_demo_mode_mints_nothing_for_a_remote_client_behind_a_trusted_proxy(launch: Launch) -> None:
+    """Behind a load balancer every client is a loopback peer: the client the
+    proxy names is the one that must be on this machine."""
+    herald = await launch(configure=_demo_mode, trusted_proxies="127.0.0.1")
+    async with aiohttp.ClientSession() as http:
+        headers = {"X-Forwarded-For": "203.0.113.7"}
+        async with http.post(herald.base_url + "/demo/credentials", json=ASKS[0], headers=headers) as response:
+            assert response.status == 404
+    await assert_bystanders_served(herald.base_url, secret=DEMO_SECRET, group="demo")

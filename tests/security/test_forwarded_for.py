@@ -48,7 +48,7 @@ async def test_a_garbage_hop_falls_back_to_the_proxy_address(launch: Launch) -> 
 
 
 async def test_short_code_lookups_count_the_forwarded_client(launch: Launch) -> None:
-    herald = await launch(code_lookups_per_address=LIMIT, trusted_proxies="127.0.0.1")
+    herald = await launch(code_lookups_per_address=LIMIT, trusted_proxies="127.0.0.1", consumer_codes=["acme"])
     url = herald.base_url + "/v1/groups/acme/codes/000000"
     async with aiohttp.ClientSession() as session:
         answers = [("203.0.113.7", 404), ("203.0.113.7", 404), ("203.0.113.7", 429), ("203.0.113.8", 404)]

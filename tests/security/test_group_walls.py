@@ -57,7 +57,8 @@ async def test_agent_of_another_group_joining_a_session_by_code_key_or_id(herald
     await assert_bystanders_served(herald.base_url)
 
 
-async def test_agent_of_another_group_looking_up_a_code_over_rest(herald: HeraldServer) -> None:
+async def test_agent_of_another_group_looking_up_a_code_over_rest(start_herald) -> None:  # type: ignore[no-untyped-def]
+    herald: HeraldServer = await start_herald(consumer_codes=["acme"])
     async with session() as http:
         created = await http.post(herald.base_url + "/v1/groups/acme/codes")
         assert created.status == 201

@@ -52,7 +52,11 @@ async def test_credentials_never_reach_the_logs(tmp_path: Path) -> None:
             ):
                 await agent.subscribe(["v-logged"])
                 await show_terms_round_trip(agent, visitor)
-            # A consumer: code created, redeemed over the compat route (?appkey=), redeemed again (refused).
+            # A consumer: the group opts in (admin API), then a code is created, redeemed over the
+            # compat route (?appkey=), redeemed again (refused).
+            opt_in = {"allow_consumer_codes": True}
+            admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
+            assert (await http.put(base + "/v1/admin/groups/acme/settings", json=opt_in, headers=admin)).status == 200
             created = await http.put(base + "/assistserver/shortcode/create")
             code = (await created.json())["shortCode"]
             seen["short code"] = code
@@ -68,7 +72,6 @@ async def test_credentials_never_reach_the_logs(tmp_path: Path) -> None:
                 assert (await crm.get(base + "/v1/groups/acme/visitors/v-logged")).status == 200
                 signal = await crm.post(base + "/v1/groups/acme/visitors/v-logged/signals", json={"event": "x"})
                 assert signal.status in (404, 410)  # gone by now: the error path is logged too
-            admin = {"Authorization": f"Bearer {ADMIN_TOKEN}"}
             assert (await http.get(base + "/v1/admin/groups/acme/settings", headers=admin)).status == 200
             wrong = {"Authorization": f"Bearer {ADMIN_TOKEN[::-1]}"}
             assert (await http.get(base + "/v1/admin/groups/acme/settings", headers=wrong)).status == 401

@@ -198,6 +198,8 @@ async def test_never_reading_visitor_flooded_with_the_largest_signals(tmp_path: 
     server = start_server(
         tmp_path, str(HERALD), "serve", "--group", f"acme={SECRET}", "--max-queue", str(MAX_QUEUE),
         "--connections-per-address", "100000", "--message-rate", "100000", "--message-burst", "100000",
+        "--message-bytes-rate", "100000000", "--message-bytes-burst", "100000000",
+        "--max-connections-per-address", "100000",
         "--grace-period", "0.5", "--signal-hold", "0.5", "--log-level", "WARNING",
     )  # fmt: skip
     base, pid = server.base_url, server.proc.pid

@@ -28,7 +28,9 @@ export const SIGNAL_MEMORY = 256;
 export const SIGNAL_RETRIES = 2;
 
 const REPLY_TYPES = new Set(["ack", "snapshot", "visitor", "session_connected", "session_joined", "error"]);
-const CLOSE_NAMES = { 4500: "unauthorized", 4501: "forbidden", 4502: "unsupported_version", 4503: "handshake_failed" };
+const CLOSE_NAMES = {
+  4500: "unauthorized", 4501: "forbidden", 4502: "unsupported_version", 4503: "handshake_failed", 4504: "session_ended",
+};
 // The visitor did not get the signal (or it is not known whether it did), and a repeat
 // under its sid is shown once: worth one more try. Other errors are final.
 const RETRIED = new Set(["delivery_failed", DISCONNECTED]);
