@@ -280,10 +280,10 @@ class AgentConnection(Connection):
             self.signalled = RecentKeys(SIGNALLED_REMEMBERED)
         self.signalled.add(visitor)
 
-    def within_signal_budget(self, visitor: str, size: int, settings: Settings) -> bool:
+    def within_signal_budget(self, visitor: str, settings: Settings) -> bool:
         if self.signal_budgets is None:
             self.signal_budgets = SignalBudgets(settings)
-        return self.signal_budgets.take(visitor, size)
+        return self.signal_budgets.take(visitor)
 
     def forget_floors(self, visitors: list[str]) -> None:
         if self.floors is not None:

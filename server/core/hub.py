@@ -106,15 +106,14 @@ class Hub:
     # -- the backend's listener ------------------------------------------------------
     def on_bus_message(self, topic: str, message: bytes) -> None:
         try:
-            kind, *items = names.unpack(message)
-            if kind == names.PRESENCE:
-                _group, visitor, version, frame = items
-                self.watchers.deliver(topic, visitor, version, frame)
-            elif kind == names.EVENT:
-                _group, visitor, frame, dedupe = items
-                self.watchers.deliver(topic, visitor, None, frame, dedupe)
+            item = names.unpack(message)  # indexed, not re-packed: this runs for every bus message
+            kind = item[0]
+            if kind == names.PRESENCE:  # [kind, group, visitor, version, frame]
+                self.watchers.deliver(topic, item[2], item[3], item[4])
+            elif kind == names.EVENT:  # [kind, group, visitor, frame, dedupe]
+                self.watchers.deliver(topic, item[2], None, item[3], item[4])
             else:
-                self.inbox.dispatch(kind, items)
+                self.inbox.dispatch(item)
         except Exception:
             log.exception("dropping bad bus message on %s", topic)
 

@@ -26,6 +26,6 @@ class Inbox:
         else:
             await self._bus.publish(inbox_topic(instance), envelope(kind, *items))
 
-    def dispatch(self, kind: str, items: list[Any]) -> None:
-        """An envelope that arrived on this instance's inbox topic."""
-        self._handlers[kind](*items)
+    def dispatch(self, item: list[Any]) -> None:
+        """An envelope (``[kind, ...]``) that arrived on this instance's inbox topic."""
+        self._handlers[item[0]](*item[1:])

@@ -112,7 +112,7 @@ class Watchers:
                 continue
             if visitor_signal and not (
                 agent.may_hear_from(visitor, watching=not addressed)
-                and agent.within_signal_budget(visitor, len(frame), self._settings)
+                and agent.within_signal_budget(visitor, self._settings)
             ):
                 continue
             if dedupe is None:

@@ -74,6 +74,11 @@ class Verdict(Enum):
     FLOODING = "flooding"  # FLOOD_DROPS refused, net of those forgiven: close the connection
 
 
+def refilled(level: float, elapsed: float, rate: float, burst: float) -> float:
+    """A token bucket's level after ``elapsed`` seconds of refilling at ``rate``, at most ``burst``."""
+    return min(burst, level + elapsed * rate)
+
+
 class FrameRate:
     """What a connection may send: two token buckets refilled together,
     ``message_burst`` frames refilled at ``message_rate`` per second and
@@ -108,8 +113,8 @@ class FrameRate:
         if self.tokens < 0:
             self.tokens, self.bytes, self.refilled = burst, byte_burst, now
         elapsed, self.refilled = now - self.refilled, now
-        self.tokens = min(burst, self.tokens + elapsed * settings.message_rate)
-        self.bytes = min(byte_burst, self.bytes + elapsed * settings.message_bytes_rate)
+        self.tokens = refilled(self.tokens, elapsed, settings.message_rate, burst)
+        self.bytes = refilled(self.bytes, elapsed, settings.message_bytes_rate, byte_burst)
         if self.tokens >= 1 and self.bytes >= size:
             self.tokens -= 1
             self.bytes -= size
@@ -282,10 +287,10 @@ class SignalBudgets:
         self.rate, self.burst = settings.visitor_signal_rate, float(settings.visitor_signal_burst)
         self._buckets: dict[str, tuple[float, float]] = {}  # visitor -> (tokens, refilled at)
 
-    def take(self, visitor: str, size: int) -> bool:
+    def take(self, visitor: str) -> bool:
         now = time.monotonic()
-        tokens, refilled = self._buckets.pop(visitor, (self.burst, now))
-        tokens = min(self.burst, tokens + (now - refilled) * self.rate)
+        tokens, last = self._buckets.pop(visitor, (self.burst, now))
+        tokens = refilled(tokens, now - last, self.rate, self.burst)
         allowed = tokens >= 1
         self._buckets[visitor] = (tokens - 1 if allowed else tokens, now)  # re-inserted: the newest
         if len(self._buckets) > MAX_SENDERS_TRACKED:
