@@ -663,6 +663,33 @@ class Readiness:
         return "; ".join(parts)
 
 
+def shared_problems(
+    fault: str,
+    connects: list[object],
+    verdict: Verdict,
+    readiness: Readiness,
+    unready: list[int],
+    during: tuple[float, float],
+) -> list[str]:
+    """What every fault test requires: clients could connect during the
+    ``fault``, no ghost and nobody lost (``verdict``), /readyz answered 503
+    on the ``unready`` instances ``during`` the fault, and 200 everywhere at
+    the end."""
+    problems = []
+    failed = [repr(c) for c in connects if isinstance(c, BaseException)]
+    if failed:
+        problems.append(f"clients that could not connect during the {fault}: {failed}")
+    if not verdict.clean:
+        problems.append(verdict.report())
+    never = [i for i in unready if not readiness.saw(i, 503, *during)]
+    if never:
+        problems.append(f"/readyz never answered 503 during the {fault} on instances {never}")
+    not_ready_after = [i for i in range(len(readiness.seen)) if readiness.last(i) != 200]
+    if not_ready_after:
+        problems.append(f"/readyz not 200 at the end on instances {not_ready_after}")
+    return problems
+
+
 # --- fixtures -----------------------------------------------------------------------
 
 

@@ -21,7 +21,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from ..redis_server import RedisServer
-from .conftest import DEAD_AFTER, HEARTBEAT, Audit, Cluster, Readiness, bounded
+from .conftest import DEAD_AFTER, HEARTBEAT, Audit, Cluster, Readiness, bounded, shared_problems
 from .tcp_proxy import TcpProxy
 
 pytestmark = pytest.mark.timeout(60)
@@ -84,12 +84,9 @@ async def test_an_instance_cut_off_from_redis_is_reported_offline_and_converges_
     }
 
     connects = await asyncio.gather(*arrivals, return_exceptions=True)
-    failed_connects = [repr(c) for c in connects if isinstance(c, BaseException)]
     verdict = await audit.verify(healed_at)
     await readiness.stop()
 
-    c_not_ready = readiness.saw(CUT_OFF, 503, cut_at, healed_at + 0.5)
-    not_ready_after = [i for i in range(3) if readiness.last(i) != 200]
     times = sorted(t for by_view in reported.values() for t in by_view.values() if t is not None)
     story = (
         f"C (instance {CUT_OFF}) cut off from Redis for {healed_at - cut_at:.2f}s (dead_after {DEAD_AFTER}s); "
@@ -99,17 +96,9 @@ async def test_an_instance_cut_off_from_redis_is_reported_offline_and_converges_
         f"proxy: {proxy.accepted} connections accepted"
     )
     print(f"\n{story}\n{verdict.report()}\nreadyz: {readiness.summary(cut_at)}\n{audit.visitor_report()}")
-    problems = []
+    problems = shared_problems("cut", connects, verdict, readiness, [CUT_OFF], (cut_at, healed_at + 0.5))
     if late:
         problems.append(f"C's visitors not reported offline by A and B within {REPORTED_WITHIN}s of the cut: {late}")
-    if failed_connects:
-        problems.append(f"clients that could not connect during the cut: {failed_connects}")
-    if not verdict.clean:
-        problems.append(verdict.report())
-    if not c_not_ready:
-        problems.append("C's /readyz never answered 503 while it was cut off from Redis")
-    if not_ready_after:
-        problems.append(f"/readyz not 200 at the end on instances {not_ready_after}")
     assert not problems, (
         story
         + "\n"

@@ -20,7 +20,7 @@ from collections.abc import Awaitable, Callable
 import pytest
 
 from ..redis_server import RedisServer
-from .conftest import DEAD_AFTER, SETTLE, WATCH, Audit, Cluster, Readiness, bounded, continue_process
+from .conftest import DEAD_AFTER, Audit, Cluster, Readiness, bounded, continue_process, shared_problems
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -65,25 +65,14 @@ async def test_redis_frozen_for_twice_instance_dead_after_loses_no_live_visitor_
     stalled_for = resumed_at - frozen_at
 
     connects = await asyncio.gather(*returning, *newcomers, return_exceptions=True)
-    failed_connects = [repr(c) for c in connects if isinstance(c, BaseException)]
     verdict = await audit.verify(resumed_at)  # watches until SETTLE + WATCH after the resume
     await readiness.stop()
 
-    not_ready_during = [i for i in range(3) if not readiness.saw(i, 503, frozen_at, resumed_at + 0.5)]
-    not_ready_after = [i for i in range(3) if readiness.last(i) != 200]
     print(
         f"\nRedis frozen {stalled_for:.2f}s; live {len(audit.live())}, left {len(audit.closed())}\n"
         f"{verdict.report()}\nreadyz: {readiness.summary(frozen_at)}\n{audit.visitor_report()}"
     )
-    problems = []
-    if failed_connects:
-        problems.append(f"clients that could not connect during the stall: {failed_connects}")
-    if not verdict.clean:
-        problems.append(verdict.report())
-    if not_ready_during:
-        problems.append(f"/readyz never answered 503 during the stall on instances {not_ready_during}")
-    if not_ready_after:
-        problems.append(f"/readyz not 200 {SETTLE + WATCH:.0f}s after the resume on instances {not_ready_after}")
+    problems = shared_problems("stall", connects, verdict, readiness, [0, 1, 2], (frozen_at, resumed_at + 0.5))
     assert not problems, (
         f"Redis frozen for {stalled_for:.2f}s (dead_after {DEAD_AFTER}s):\n"
         + "\n".join(problems)

@@ -18,7 +18,7 @@ from collections.abc import Awaitable, Callable
 
 import pytest
 
-from .conftest import SETTLE, Audit, Cluster, Readiness, SignalRecord, bounded
+from .conftest import SETTLE, Audit, Cluster, Readiness, SignalRecord, bounded, shared_problems
 from .sentinel import SentinelCluster
 
 pytestmark = pytest.mark.timeout(75)  # and the Sentinels' start (about 7 s), outside the test's own budget
@@ -75,31 +75,20 @@ async def test_sentinel_failover_loses_no_live_visitor(
     async with asyncio.timeout(30):
         await asyncio.gather(*sending)
     connects = await asyncio.gather(*arrivals, return_exceptions=True)
-    failed_connects = [repr(c) for c in connects if isinstance(c, BaseException)]
     verdict = await audit.verify(promoted_at)
     await readiness.stop()
 
     wrong, unanswered = audit.judge_signals()
-    not_ready_during = [i for i in range(3) if not readiness.saw(i, 503, killed_at, promoted_at + SETTLE)]
-    not_ready_after = [i for i in range(3) if readiness.last(i) != 200]
     story = (
         f"master killed; the Sentinels promoted the replica {took:.2f}s later; "
         f"{len(audit.signals)} signals: {audit.signal_tally()}"
     )
     print(f"\n{story}\n{verdict.report()}\nreadyz: {readiness.summary(killed_at)}\n{audit.visitor_report()}")
-    problems = []
+    problems = shared_problems("failover", connects, verdict, readiness, [0, 1, 2], (killed_at, promoted_at + SETTLE))
     if wrong:
         problems.append(f"{len(wrong)} signals answered wrongly: {wrong[:10]}")
     if unanswered:
         problems.append(f"{len(unanswered)} signals never answered: {unanswered[:10]}")
-    if failed_connects:
-        problems.append(f"clients that could not connect during the failover: {failed_connects}")
-    if not verdict.clean:
-        problems.append(verdict.report())
-    if not_ready_during:
-        problems.append(f"/readyz never answered 503 during the failover on instances {not_ready_during}")
-    if not_ready_after:
-        problems.append(f"/readyz not 200 at the end on instances {not_ready_after}")
     assert not problems, (
         story
         + "\n"
