@@ -122,19 +122,24 @@ class Connection:
             # Empty (or given up on): the next send starts a new queue and writer.
             self._queue, self._writer = None, None
 
-    def close(self, code: int, reason: str) -> None:
-        """Close from anywhere (fan-out, timers): queued frames are dropped,
-        the close frame goes out at once, and a peer that does not take it
-        within CLOSE_TIMEOUT is dropped."""
+    def close(self, code: int, reason: str, flush: bool = False) -> None:
+        """Close from anywhere (fan-out, timers): queued frames are dropped
+        (or, with ``flush``, written first for at most CLOSE_TIMEOUT: the
+        error frame that explains the close), the close frame goes out, and
+        a peer that does not take it within CLOSE_TIMEOUT is dropped."""
         if self._closing:
             return
         self._closing = True
-        self._queue = None
-        if self._writer is not None:
-            self._writer.cancel()
+        if flush:
+            closing = self._flush_and_close(code, reason)
+        else:
+            self._queue = None
+            if self._writer is not None:
+                self._writer.cancel()
+            closing = self._close(code, reason)
         # Awaited by finish(): the close ends the handler's receive loop,
         # and the handler waits for it before returning.
-        self._closer = asyncio.get_running_loop().create_task(self._close(code, reason), name=f"close-{self.id}")
+        self._closer = asyncio.get_running_loop().create_task(closing, name=f"close-{self.id}")
 
     def leave(self, code: int, reason: str) -> None:
         """Close without losing anything: after the request in hand is
@@ -145,8 +150,7 @@ class Connection:
         if self.requests:
             self._leaving = (code, reason)  # the last ``request_done`` closes
             return
-        self._closing = True
-        self._closer = asyncio.get_running_loop().create_task(self._flush_and_close(code, reason))
+        self.close(code, reason, flush=True)
 
     def request_started(self) -> None:
         self.requests += 1

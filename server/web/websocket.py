@@ -175,7 +175,7 @@ def _within_rate(conn: Connection, settings: Settings, size: int) -> bool:
         conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_bytes_rate} bytes per second; frames dropped")
     elif verdict is Verdict.FLOODING:
         log.warning("closing %r: flooding", conn)
-        conn.close(CloseCode.FLOODING, "flooding")
+        conn.close(CloseCode.FLOODING, "flooding", flush=True)  # the streak's rate_limited goes first
     return False
 
 
