@@ -161,14 +161,46 @@ def connection_state(value: Any, field: str) -> dict[str, Any]:
     return _record(value, field, _CONNECTION_STATE)
 
 
+MAX_CONNECTIONS_LISTED = MAX_DATA_FIELDS * 32  # connections in one visitor state or delta
+
 _VISITOR_STATE: dict[str, Check] = {
     "visitor": identifier,
     "online": boolean,
     "version": non_negative_int,
-    "connections": list_of(connection_state, MAX_DATA_FIELDS * 32),
+    "connections": list_of(connection_state, MAX_CONNECTIONS_LISTED),
 }
 
 
 def visitor_state(value: Any, field: str) -> dict[str, Any]:
     """A visitor's state as the server sends it (clients decode these)."""
     return _record(value, field, _VISITOR_STATE)
+
+
+def connection_delta(value: Any, field: str) -> dict[str, Any]:
+    _record(value, field, {"connection": identifier})
+    for key, check in _CONNECTION_DELTA.items():
+        if key in value:
+            check(value[key], f"{field}.{key}")
+    return value
+
+
+_CONNECTION_DELTA: dict[str, Check] = {"data": flat_map, "visible": boolean, "since": number}
+
+
+def optional_identifier(value: Any, field: str) -> str | None:
+    return None if value is None else identifier(value, field)
+
+
+_VISITOR_DELTA: dict[str, Check] = {
+    "visitor": identifier,
+    "version": non_negative_int,
+    "base": non_negative_int,
+    "changed": list_of(connection_delta, MAX_CONNECTIONS_LISTED),
+    "removed": list_of(identifier, MAX_CONNECTIONS_LISTED),
+    "focused": optional_identifier,
+}
+
+
+def visitor_delta(value: Any, field: str) -> dict[str, Any]:
+    """What changed in a visitor's state, as the server sends it."""
+    return _record(value, field, _VISITOR_DELTA)

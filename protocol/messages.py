@@ -35,6 +35,25 @@ class VisitorState(TypedDict):
     connections: list[ConnectionState]
 
 
+class ConnectionDelta(TypedDict, total=False):
+    connection: str  # required; the rest only when they changed
+    data: dict[str, Any]  # merged key by key into the connection's data (nil deletes); complete for a new one
+    visible: bool
+    since: float  # only for a connection that joined
+
+
+class VisitorDelta(TypedDict):
+    """What one change did to a visitor that stays online: apply it to the
+    state of version ``base`` to get the state of version ``version``."""
+
+    visitor: str
+    version: int
+    base: int
+    changed: list[ConnectionDelta]  # connections that joined or changed
+    removed: list[str]  # connections that left
+    focused: str | None  # the focused connection after the change (all others are not)
+
+
 def wire(check: Check, default: Any = dataclasses.MISSING) -> Any:
     """Declare a message field and the check that validates it on decode."""
     return dataclasses.field(default=default, metadata={"check": check})
@@ -215,17 +234,24 @@ class VisitorInfo(Message):
     state: VisitorState = wire(checks.visitor_state)
 
 
-PRESENCE_CHANGES = ("online", "offline", "data", "visibility", "connections")
+PRESENCE_CHANGES = ("online", "offline", "data", "visibility", "connections", "focus")
 
 
 @message("presence_changed")
 class PresenceChanged(Message):
-    """Server -> agent: one visitor changed. ``change`` says what; ``state``
-    is the visitor's whole state after it, with a version one higher (or
-    more) than the last the agent saw."""
+    """Server -> agent: one visitor changed. ``change`` says what; either
+    ``state``, the visitor's whole state after it (online, offline), or
+    ``delta``, what changed since the version the agent holds (a visitor
+    that stays online: data, visibility, connections). Versions grow with
+    every change."""
 
     change: str = wire(checks.one_of(*PRESENCE_CHANGES))
-    state: VisitorState = wire(checks.visitor_state)
+    state: VisitorState | None = wire(checks.visitor_state, None)
+    delta: VisitorDelta | None = wire(checks.visitor_delta, None)
+
+    def __post_init__(self) -> None:
+        if (self.state is None) == (self.delta is None):
+            raise checks.invalid("state", "exactly one of state and delta is required")
 
 
 @message("focus")

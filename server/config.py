@@ -75,6 +75,7 @@ class Settings:
     cookie_secure: bool = False
     cookie_samesite: str = "Lax"
     session_ttl: float = 8 * 3600  # a support session (and a claimed code) lives at most this long
+    presence_rate: float = 4.0  # presence changes per second a connection makes; faster ones coalesce, latest wins
     code_length: int = 6  # default digits of a short code; groups may change theirs at run time
     code_ttl: float = 300.0  # default seconds an unclaimed short code lives
     code_lookups_per_address: int = 10  # short-code look-ups per client address per minute
@@ -207,7 +208,7 @@ def load(
 
 
 def _validate(settings: Settings) -> None:
-    for name in ("keepalive", "handshake_timeout", "delivery_timeout", "instance_heartbeat"):
+    for name in ("keepalive", "handshake_timeout", "delivery_timeout", "instance_heartbeat", "presence_rate"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be positive")
     for name in ("grace_period", "signal_hold"):

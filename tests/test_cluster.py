@@ -104,7 +104,8 @@ async def test_held_signal_reaches_the_visitor_back_on_another_instance(start_in
 
 
 async def test_snapshot_then_changes_has_no_gap_and_no_duplicate_across_instances(start_instance: Start) -> None:
-    a, b = await start_instance(), await start_instance()
+    # Every change announced (none coalesced), so that any gap would show.
+    a, b = await start_instance(presence_rate=10_000), await start_instance(presence_rate=10_000)
     visitor = await a.visitor("busy", data={"page": 0})
     agent = await b.agent("alice")
 

@@ -95,20 +95,25 @@ async def test_presence_data_merges_and_visibility_changes_reach_agents(herald: 
     assert hidden.state["version"] > removed.state["version"]
 
 
-async def test_changes_arrive_in_order_with_increasing_versions(herald: HeraldServer) -> None:
+async def test_rapid_changes_coalesce_in_order_latest_values_winning(herald: HeraldServer) -> None:
     agent = await herald.agent("alice")
     await agent.subscribe(["v1"])
     visitor = await herald.visitor("v1")
     await agent.wait_for(changed("online", "v1"))
+    started = asyncio.get_running_loop().time()
     for page in range(20):
-        await visitor.publish(page=page)
+        await visitor.publish(page=page, **{f"step{page % 3}": page})
     pages, versions = [], []
-    while len(pages) < 20:
+    while not pages or pages[-1] != 19:
         event = await agent.wait_for(changed("data", "v1"))
         pages.append(event.state["connections"][0]["data"]["page"])
         versions.append(event.state["version"])
-    assert pages == list(range(20))
-    assert versions == sorted(set(versions))
+    took = asyncio.get_running_loop().time() - started
+    assert pages == sorted(set(pages)) and versions == sorted(set(versions))
+    # Faster than presence_rate, they coalesce: the first at once, then one per turn, the latest values.
+    assert len(pages) <= 2 + took * herald.settings.presence_rate, (pages, took)
+    assert agent.visitors["v1"]["connections"][0]["data"] == {"page": 19, "step0": 18, "step1": 19, "step2": 17}
+    assert await drain(agent, 0.5) == []
 
 
 async def test_group_subscription_sees_every_visitor_of_the_group(herald: HeraldServer) -> None:

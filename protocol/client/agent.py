@@ -40,13 +40,26 @@ from herald_presence.protocol.messages import (
     Snapshot,
     Subscribe,
     Unsubscribe,
+    VisitorDelta,
     VisitorInfo,
     VisitorState,
     WaitSession,
     Welcome,
 )
+from herald_presence.protocol.presence import apply_delta
 
-from .base import DISCONNECTED, WS, Credential, HeraldClient, R, Refused, SessionLost, resolve_credential, signal_id
+from .base import (
+    DISCONNECTED,
+    WS,
+    Credential,
+    Event,
+    HeraldClient,
+    R,
+    Refused,
+    SessionLost,
+    resolve_credential,
+    signal_id,
+)
 
 LOGIN_PATH = "/v1/agent/login"
 LOGOUT_PATH = "/v1/agent/logout"
@@ -89,6 +102,9 @@ class AgentClient(HeraldClient):
         self._watch_group = False
         self._waiting: set[str] = set()
         self._joined: set[str] = set()
+        # visitor -> (change, newest version) of deltas that missed a change, while it is looked up
+        self._missed: dict[str, tuple[str, int]] = {}
+        self._lookups: set[asyncio.Task[None]] = set()
 
     @property
     def waiting(self) -> frozenset[str]:
@@ -249,6 +265,44 @@ class AgentClient(HeraldClient):
         if held is None or state.get("version", 0) > held.get("version", 0):
             self.visitors[visitor] = state
 
+    def _apply(self, change: str, delta: VisitorDelta) -> VisitorState | None:
+        """Apply what changed to the state held, and return the new state. If
+        a change was missed, None: the visitor is looked up (once at a time,
+        again if more was missed meanwhile) and the change emitted then."""
+        visitor = delta["visitor"]
+        held = self.visitors.get(visitor)
+        if not self._watching(visitor) or (held is not None and held["version"] >= delta["version"]):
+            return None  # not ours, or older than what we hold
+        state = apply_delta(held, delta)
+        if state is not None:
+            self.visitors[visitor] = state
+            return state
+        missed = self._missed.get(visitor)
+        self._missed[visitor] = (change, max(missed[1] if missed else 0, delta["version"]))
+        if missed is None:
+            task = asyncio.create_task(self._look_up_missed(visitor), name=f"herald lookup {visitor}")
+            self._lookups.add(task)
+            task.add_done_callback(self._lookups.discard)
+        return None
+
+    async def _look_up_missed(self, visitor: str) -> None:
+        try:
+            while self._watching(visitor):
+                await self.lookup(visitor)  # its answer updates the view as it is read
+                held = self.visitors.get(visitor)
+                if held is not None and held["version"] >= self._missed[visitor][1]:
+                    self._emit(PresenceChanged(change=self._missed[visitor][0], state=held))
+                    break
+        except RequestFailed as exc:
+            log.debug("herald agent: looking %s up failed (%s); the next snapshot brings it", visitor, exc)
+        finally:
+            self._missed.pop(visitor, None)
+
+    def _emit(self, event: Event) -> None:
+        if isinstance(event, PresenceChanged) and event.state is None:
+            return  # a delta we could not apply: emitted once the visitor is looked up
+        super()._emit(event)
+
     async def _hello(self) -> Hello:
         """Log in (a fresh session cookie for the upgrade), then a bare hello."""
         body = {"group": self.group, "agent": self.agent, "key": await resolve_credential(self._key)}
@@ -277,7 +331,9 @@ class AgentClient(HeraldClient):
         elif isinstance(frame, Snapshot):
             for state in frame.visitors:
                 self._update(state)
-        elif isinstance(frame, PresenceChanged | VisitorInfo):
+        elif isinstance(frame, PresenceChanged) and frame.delta is not None:
+            frame.state = self._apply(frame.change, frame.delta)  # emitted with the state it leads to
+        elif isinstance(frame, PresenceChanged | VisitorInfo) and frame.state is not None:
             self._update(frame.state)
         elif isinstance(frame, SessionEvent) and frame.event == "started":
             self._waiting.discard(frame.key)  # what the wait was for; not re-sent after a reconnect

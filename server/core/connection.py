@@ -201,7 +201,7 @@ class VisitorConnection(Connection):
     """A visitor's connection and its own copy of what it registered, so the
     instance can register it again if the backend loses it."""
 
-    __slots__ = ("presence",)
+    __slots__ = ("presence", "presence_due", "unsent")
 
     def __init__(
         self,
@@ -216,6 +216,27 @@ class VisitorConnection(Connection):
         super().__init__(ws, "visitor", group, visitor, max_queue)
         data = {key: value for key, value in data.items() if value is not None}
         self.presence = ConnectionRecord(self.id, instance, data, visible, round(time.time(), 3))
+        self.presence_due = 0.0  # monotonic time before which a presence change waits (presence_rate)
+        self.unsent: UnsentPresence | None = None  # changes waiting for it, coalesced; set while they wait
+
+
+class UnsentPresence:
+    """A visitor connection's presence changes that wait for their turn,
+    merged as they come: the latest value of each field and of visibility."""
+
+    __slots__ = ("data", "visible")
+
+    def __init__(self) -> None:
+        self.data: dict[str, Any] = {}
+        self.visible: bool | None = None
+
+    def add(self, data: dict[str, Any] | None, visible: bool | None) -> None:
+        self.data.update(data or {})
+        if visible is not None:
+            self.visible = visible
+
+    def __bool__(self) -> bool:
+        return bool(self.data) or self.visible is not None
 
 
 class AgentConnection(Connection):

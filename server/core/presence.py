@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import time
 from collections.abc import Callable, Coroutine
 from functools import partial
 from typing import Any
@@ -26,7 +27,7 @@ from herald_presence.server.model.limits import check_presence, check_subscripti
 from herald_presence.server.model.records import ConnectionRecord, PresenceChange, VisitorRecord, offline_state
 from herald_presence.server.tasks import TaskSupervisor, until_done
 
-from .connection import AgentConnection, VisitorConnection
+from .connection import AgentConnection, UnsentPresence, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
 
@@ -74,12 +75,38 @@ class PresenceService:
         metrics.connection_opened(conn.role)
 
     async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:
+        """A connection's ``presence`` frame. At most ``presence_rate`` changes
+        a second are stored and announced per connection: a frame that comes
+        sooner is merged into the next one (latest value wins), which goes
+        out when its turn comes."""
+        unsent = conn.unsent
         if data:
             # Each frame is within the limits; what it merges into must stay so too.
-            merged = {k: v for k, v in {**conn.presence.data, **data}.items() if v is not None}
-            check_presence(merged, self.settings)
-        update = partial(presence_rules.update, connection=conn.id, data=data, visible=visible)
-        await self._visitor_mutate(conn, update)
+            merged = {**conn.presence.data, **(unsent.data if unsent else {}), **data}
+            check_presence({k: v for k, v in merged.items() if v is not None}, self.settings)
+        if unsent is not None:
+            unsent.add(data, visible)  # its turn is coming
+        elif time.monotonic() >= conn.presence_due:
+            conn.presence_due = time.monotonic() + 1 / self.settings.presence_rate
+            await self._visitor_mutate(
+                conn, partial(presence_rules.update, connection=conn.id, data=data, visible=visible)
+            )
+        else:
+            conn.unsent = UnsentPresence()
+            conn.unsent.add(data, visible)
+            self._tasks.spawn(self._send_unsent(conn), f"presence-{conn.id}")
+
+    async def _send_unsent(self, conn: VisitorConnection) -> None:
+        """Store a connection's coalesced changes at their turn, until none wait."""
+        try:
+            while conn.unsent and conn.id in self._visitors:
+                await asyncio.sleep(conn.presence_due - time.monotonic())
+                unsent, conn.unsent = conn.unsent, UnsentPresence()  # what comes meanwhile waits for the next turn
+                conn.presence_due = time.monotonic() + 1 / self.settings.presence_rate
+                update = partial(presence_rules.update, connection=conn.id, data=unsent.data, visible=unsent.visible)
+                await self._visitor_mutate(conn, update)
+        finally:
+            conn.unsent = None
 
     async def visitor_left(self, conn: VisitorConnection) -> None:
         self._visitors.remove(conn)
@@ -180,14 +207,18 @@ class PresenceService:
             self._tasks.spawn(until_done(partial(self._on_offline, group, visitor), name, BackendUnavailable), name)
 
     def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
-        """What agents are told of a change: one frame, encoded once, on the
-        visitor's topic and its group's topic. A consumer's presence is
+        """What agents are told of a change: one frame, encoded once (what
+        changed, or the whole state), on the visitor's topic and its group's topic. A consumer's presence is
         announced to nobody (it belongs to its support session only)."""
         if change.change is None or change.record is None or not presence_rules.announced(change.record.visitor):
             return []
         record = change.record
-        state = record.state() if record.online else offline_state(record.visitor, change.version)
-        frame = codec.encode(PresenceChanged(change=change.change, state=state))
+        delta = change.delta()
+        if delta is not None:
+            frame = codec.encode(PresenceChanged(change=change.change, delta=delta))
+        else:
+            state = record.state() if record.online else offline_state(record.visitor, change.version)
+            frame = codec.encode(PresenceChanged(change=change.change, state=state))
         message = names.envelope(names.PRESENCE, record.group, record.visitor, change.version, frame)
         return [
             (names.visitor_topic(record.group, record.visitor), message),

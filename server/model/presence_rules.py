@@ -11,6 +11,8 @@ from __future__ import annotations
 import time
 from typing import Any
 
+from herald_presence.protocol.messages import ConnectionDelta
+
 from .limits import ConnectionLimit
 from .records import ConnectionRecord, PresenceChange, VisitorRecord
 
@@ -47,18 +49,29 @@ def _bump(record: VisitorRecord) -> int:
     return record.version
 
 
+def _joined(connection: ConnectionRecord) -> ConnectionDelta:
+    return {
+        "connection": connection.connection,
+        "data": connection.data,
+        "visible": connection.visible,
+        "since": connection.since,
+    }
+
+
 def join(record: VisitorRecord, connection: ConnectionRecord, limit: int | None = None) -> PresenceChange:
     """A connection arrives; it takes focus. A visitor that was away (in its
-    grace period) comes back without agents seeing it leave. ``limit`` caps
-    the visitor's connections (checked atomically with the join)."""
+    grace period) comes back without agents seeing it leave (they get its
+    whole state: they never heard of the versions it had while away). ``limit``
+    caps the visitor's connections (checked atomically with the join)."""
     if limit is not None and len(record.connections) >= limit:
         raise ConnectionLimit(limit)
     change = "connections" if record.online else "online"
-    before = record.focused()
+    before, base = record.focused(), record.version
+    delta = [_joined(connection)] if record.connections else None
     record.away_since = None
     connection.active = _bump(record)
     record.connections[connection.connection] = connection
-    return PresenceChange(record, change, record.version, before, connection)
+    return PresenceChange(record, change, record.version, before, connection, base, delta)
 
 
 def rejoin(record: VisitorRecord, connection: ConnectionRecord) -> PresenceChange | None:
@@ -69,44 +82,52 @@ def rejoin(record: VisitorRecord, connection: ConnectionRecord) -> PresenceChang
         return join(record, connection)
     if (current.data, current.visible) == (connection.data, connection.visible):
         return None
-    before = record.focused()
+    before, base = record.focused(), record.version
+    changed: ConnectionDelta = {"connection": current.connection, "visible": connection.visible}
+    changed["data"] = {**dict.fromkeys(current.data), **connection.data}  # what it lost: nil
     current.data, current.visible = connection.data, connection.visible
-    return PresenceChange(record, "data", _bump(record), before, record.focused())
+    return PresenceChange(record, "data", _bump(record), before, record.focused(), base, [changed])
 
 
 def update(
     record: VisitorRecord, connection: str, data: dict[str, Any] | None, visible: bool | None
 ) -> PresenceChange | None:
     """Merge presence data (None deletes a field) and/or set visibility.
-    Publishing data or becoming visible is activity: it takes focus."""
+    Publishing data or becoming visible is activity: it takes focus (agents
+    hear ``focus`` when that is all that changed). A frame that changes
+    nothing changes no version."""
     conn = record.connections.get(connection)
     if conn is None:
         return None
-    before = record.focused()
-    change = None
-    if data:
-        merged = {**conn.data, **data}
+    before, base = record.focused(), record.version
+    changed: ConnectionDelta = {"connection": connection}
+    different = {key: value for key, value in (data or {}).items() if conn.data.get(key) != value}
+    if different:
+        merged = {**conn.data, **different}
         conn.data = {key: value for key, value in merged.items() if value is not None}
-        change = "data"
+        changed["data"] = different
     if visible is not None and visible != conn.visible:
-        conn.visible = visible
-        change = change or "visibility"
+        conn.visible = changed["visible"] = visible
+    active = bool(data or visible)
+    if len(changed) == 1 and not (active and before is not conn):
+        return None  # the same data, the same visibility, the focus where it was
     version = _bump(record)
-    if data or visible:
+    if active:
         conn.active = version
-    return PresenceChange(record, change, version, before, record.focused())
+    change = "data" if different else "visibility" if "visible" in changed else "focus"
+    return PresenceChange(record, change, version, before, record.focused(), base, [changed])
 
 
 def leave(record: VisitorRecord, connection: str) -> PresenceChange | None:
     """A connection ends. The last one leaves the visitor away, not offline:
-    agents hear nothing until ``expire_away``."""
+    agents hear nothing until ``expire_away`` (or its return)."""
     if connection not in record.connections:
         return None
-    before = record.focused()
+    before, base = record.focused(), record.version
     del record.connections[connection]
     version = _bump(record)
     if record.connections:
-        return PresenceChange(record, "connections", version, before, record.focused())
+        return PresenceChange(record, "connections", version, before, record.focused(), base, [], [connection])
     record.away_since = version
     return PresenceChange(record, None, version)
 

@@ -11,7 +11,7 @@ import dataclasses
 from dataclasses import dataclass, field
 from typing import Any
 
-from herald_presence.protocol.messages import ConnectionState, VisitorState
+from herald_presence.protocol.messages import ConnectionDelta, ConnectionState, VisitorDelta, VisitorState
 
 from .names import pack, unpack
 
@@ -65,8 +65,14 @@ class PresenceChange:
     """What one presence operation did.
 
     ``change`` is the word agents get (online, offline, data, visibility,
-    connections) or None when agents need not hear of it. The focus pair
-    lets the instance tell connections that gained or lost focus.
+    connections, focus) or None when agents need not hear of it. The focus
+    pair lets the instance tell connections that gained or lost focus.
+
+    A visitor that stays online is announced as a delta from ``base``, the
+    version agents heard of last: the connections that joined or changed
+    (``delta_changed``, only what changed) and those that left. Without a
+    delta (online, offline, back from the grace period) agents get the
+    whole state.
     """
 
     record: VisitorRecord | None
@@ -74,6 +80,23 @@ class PresenceChange:
     version: int
     focus_before: ConnectionRecord | None = None
     focus_after: ConnectionRecord | None = None
+    base: int = 0
+    delta_changed: list[ConnectionDelta] | None = None
+    delta_removed: list[str] = field(default_factory=list)
+
+    def delta(self) -> VisitorDelta | None:
+        """What agents are told when the visitor stays online; None: its whole state."""
+        if self.delta_changed is None or self.record is None:
+            return None
+        focused = self.record.focused()
+        return {
+            "visitor": self.record.visitor,
+            "version": self.version,
+            "base": self.base,
+            "changed": self.delta_changed,
+            "removed": self.delta_removed,
+            "focused": focused.connection if focused else None,
+        }
 
     @property
     def focus_moved(self) -> bool:

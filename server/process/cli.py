@@ -37,6 +37,7 @@ HELP = {
     "visitor_signal_burst": "signals one visitor may send one agent connection at once above the rate",
     "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
     "session_max_age": "seconds an agent login lasts",
+    "presence_rate": "presence changes per second a connection makes; faster ones coalesce, latest wins",
     "cookie_secure": "mark the session cookie Secure (set it behind HTTPS)",
     "cookie_samesite": "SameSite of the session cookie: Strict, Lax or None",
     "session_ttl": "seconds a support session (and a claimed short code) lives at most",

@@ -275,3 +275,36 @@ async def test_js_agent_sends_a_signal_again_with_its_sid_after_delivery_failed_
         await page.evaluate("() => agent.close()")
     finally:
         await server.runner.cleanup()
+
+
+async def test_js_apply_delta_builds_the_state_python_builds(browser: Browser, herald: HeraldServer) -> None:
+    """The browser client keeps a visitor's state from deltas as the Python SDK does."""
+    from herald_presence.protocol.presence import apply_delta
+    from herald_presence.server.model import presence_rules
+    from herald_presence.server.model.records import ConnectionRecord, VisitorRecord
+
+    record = VisitorRecord("acme", "v1", 0)
+    steps = [
+        lambda: presence_rules.join(record, ConnectionRecord("c1", "i", {"title": "Home", "n": 1}, True, 1.5)),
+        lambda: presence_rules.join(record, ConnectionRecord("c2", "i", {"title": "Cart"}, False, 2.5)),
+        lambda: presence_rules.update(record, "c1", {"title": "Billing", "n": None, "x": 0.5}, None),
+        lambda: presence_rules.update(record, "c2", None, True),
+        lambda: presence_rules.leave(record, "c1"),
+    ]
+    page = await client_page(browser, herald)
+    state = None
+    for step in steps:
+        change = step()
+        delta = change.delta()
+        if delta is None:
+            state = record.state()
+            continue
+        expected = apply_delta(state, delta)
+        assert expected is not None and expected == record.state() | {"connections": expected["connections"]}
+        built = await page.evaluate("([state, delta]) => herald.applyDelta(state, delta)", [state, delta])
+        assert built == expected
+        state = expected
+    assert (
+        await page.evaluate("([state, delta]) => herald.applyDelta(state, delta)", [state, {**delta, "base": 1}])
+        is None
+    )

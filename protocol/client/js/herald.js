@@ -47,6 +47,9 @@ const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
  * @typedef {{type: "session_joined", id: number, session: string, key: string, visitor: string, guests: number}} SessionJoined
  * @typedef {{type: "session_event", event: "started"|"ended"|"error", session: string, key: string,
  *            visitor: string, key_type: string, reason?: string}} SessionEvent
+ * @typedef {{connection: string, data?: FlatMap, visible?: boolean, since?: number}} ConnectionDelta
+ * @typedef {{visitor: string, version: number, base: number, changed: ConnectionDelta[], removed: string[],
+ *            focused: string | null}} VisitorDelta  what changed from version `base` (see applyDelta)
  * @typedef {{type: "snapshot", id: number, visitors: VisitorState[], group?: boolean}} Snapshot
  * @typedef {{type: string, [field: string]: any}} Frame
  * @typedef {string | (() => string | Promise<string>)} Credential
@@ -60,7 +63,8 @@ const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
  * @property {{type: "signal", event: string, data: FlatMap, agent?: string, visitor?: string,
  *             connection?: string, sid?: string}} signal  a signal from an agent (to a visitor) or a visitor
  *   (to an agent); one whose `sid` the client has seen already (a sender's retry) is dropped, not emitted
- * @property {{type: "presence_changed", change: string, state: VisitorState}} presence_changed  agents
+ * @property {{type: "presence_changed", change: string, state?: VisitorState, delta?: VisitorDelta}} presence_changed
+ *   agents: the whole state, or what changed (`visitors` holds the result either way)
  * @property {Map<string, VisitorState>} visitors  agents: `AgentClient.visitors` changed
  * @property {SessionEvent} session_event  agents: a session started, ended or failed
  * @property {{session: string, code: string}} session_lost  agents: a joined session could not be
@@ -479,6 +483,8 @@ export class HeraldClient extends EventTarget {
       clearTimeout(pending.timer);
       if (frame.type === "error") pending.reject(new HeraldError(frame.code, frame.message));
       else pending.resolve(frame);
+    } else if (frame.type === "presence_changed" && !frame.state) {
+      // a delta that missed a change: emitted once the visitor is looked up
     } else if (frame.type !== "pong") {
       if (frame.type === "error") this._lastError = frame;
       this._emit(frame.type, frame);
@@ -622,6 +628,37 @@ export class VisitorClient extends HeraldClient {
 }
 
 /**
+ * The state `delta` leads to from `state`, or null when `state` is not the version it applies to
+ * (a change was missed: look the visitor up). `state` is left as it was.
+ * @param {VisitorState | undefined} state
+ * @param {VisitorDelta} delta
+ * @returns {VisitorState | null}
+ */
+export function applyDelta(state, delta) {
+  if (!state || state.version !== delta.base) return null;
+  const connections = new Map(state.connections.map((c) => [c.connection, c]));
+  for (const gone of delta.removed) connections.delete(gone);
+  for (const change of delta.changed) {
+    const held = connections.get(change.connection);
+    const data = { ...(held ? held.data : {}), ...(change.data ?? {}) };
+    for (const [key, value] of Object.entries(data)) if (value === null) delete data[key];
+    connections.set(change.connection, {
+      connection: change.connection,
+      data,
+      visible: change.visible ?? (held ? held.visible : false),
+      focused: false,
+      since: change.since ?? (held ? held.since : 0),
+    });
+  }
+  return {
+    visitor: state.visitor,
+    online: true,
+    version: delta.version,
+    connections: [...connections.values()].map((c) => ({ ...c, focused: c.connection === delta.focused })),
+  };
+}
+
+/**
  * An agent: logs in over HTTP (an HttpOnly session cookie that the websocket upgrade carries),
  * watches visitors and signals them. `visitors` maps each watched visitor to its latest state
  * (the version rule applied); `waiting` holds session keys waited for and not yet started.
@@ -651,6 +688,8 @@ export class AgentClient extends HeraldClient {
     this._loggedIn = false;
     this._watched = new Set();
     this._watchGroup = false;
+    /** @type {Map<string, {change: string, version: number}>} deltas that missed a change, while looked up */
+    this._missed = new Map();
   }
 
   /** POST /v1/agent/login: trade the key for the session cookie. Refusals throw HeraldError. */
@@ -812,6 +851,43 @@ export class AgentClient extends HeraldClient {
     return true;
   }
 
+  /**
+   * Apply what changed and return the new state. If a change was missed, null: the visitor is looked
+   * up (once at a time, again if more was missed meanwhile) and the change emitted then.
+   */
+  _applyDelta(change, delta) {
+    const held = this.visitors.get(delta.visitor);
+    if (!this._watching(delta.visitor) || (held && held.version >= delta.version)) return null;
+    const state = applyDelta(held, delta);
+    if (state) {
+      this.visitors.set(delta.visitor, state);
+      return state;
+    }
+    const missed = this._missed.get(delta.visitor);
+    this._missed.set(delta.visitor, { change, version: Math.max(missed?.version ?? 0, delta.version) });
+    if (!missed) this._lookUpMissed(delta.visitor);
+    return null;
+  }
+
+  async _lookUpMissed(visitor) {
+    try {
+      while (this._watching(visitor)) {
+        await this.lookup(visitor); // its answer updates `visitors` as it is read
+        const held = this.visitors.get(visitor);
+        const missed = this._missed.get(visitor);
+        if (held && held.version >= missed.version) {
+          this._emit("presence_changed", { type: "presence_changed", change: missed.change, state: held });
+          this._emit("visitors", this.visitors);
+          break;
+        }
+      }
+    } catch {
+      // disconnected: the next snapshot brings it
+    } finally {
+      this._missed.delete(visitor);
+    }
+  }
+
   async _prepare() {
     if (!this._loggedIn) await this.login();
   }
@@ -832,6 +908,9 @@ export class AgentClient extends HeraldClient {
       this.visitors.clear(); // rebuilt from the snapshots _onWelcome asks for
     } else if (frame.type === "snapshot") {
       for (const state of frame.visitors) changed = this._update(state) || changed;
+    } else if (frame.type === "presence_changed" && frame.delta) {
+      frame.state = this._applyDelta(frame.change, frame.delta); // emitted with the state it leads to
+      changed = frame.state !== null;
     } else if (frame.type === "presence_changed" || frame.type === "visitor") {
       changed = this._update(frame.state);
     } else if (frame.type === "session_event" && frame.event === "started") {
