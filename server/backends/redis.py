@@ -69,6 +69,23 @@ local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 return {redis.call('ZADD', KEYS[1], ms, ARGV[1]), ms}
 """
 
+# A presence change in one round trip: if the visitor's hash still has the
+# version the change was computed from (ARGV[1], '' for none), run its writes
+# and publishes (the rest of ARGV: each command's length, then the command)
+# and answer 1; else answer the hash as it is now, to compute the change again.
+STORE_IF_SCRIPT = """
+if (redis.call('HGET', KEYS[1], 'version') or '') ~= ARGV[1] then
+  return redis.call('HGETALL', KEYS[1])
+end
+local i = 2
+while i <= #ARGV do
+  local n = tonumber(ARGV[i])
+  redis.call(unpack(ARGV, i + 1, i + n))
+  i = i + n + 1
+end
+return 1
+"""
+
 # Compare-and-delete in one step (kv_delete_if): no WATCH to lose against other writers.
 DELETE_IF_SCRIPT = """
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
@@ -101,6 +118,7 @@ class RedisBackend(Backend):
         self.tombstone_ms = int(tombstone_ttl * 1000)
         self._redis, self._bus = connect(url, command_timeout)
         self._batch = CommandBatcher(self._redis, self.instance_id)  # the hot path's commands
+        self._hashes: dict[str, dict[bytes, bytes]] = {}  # visitor key -> its hash as last written here (mutate)
         self._listener: BackendListener | None = None
         self._topics: set[str] = set()
         self._confirmed: dict[bytes, asyncio.Future[None]] = {}
@@ -186,62 +204,88 @@ class RedisBackend(Backend):
         raise BackendUnavailable(f"{what} is changing too fast to update")
 
     async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+        """Compute the change from the visitor's hash as this instance last
+        wrote it (visitors with a connection or a grace period here), or
+        from none, and store it if Redis still has that version
+        (``STORE_IF_SCRIPT``): one round trip, no WATCH, no pooled
+        connection held. Redis answers a newer hash instead, and the change
+        is computed again from it."""
         key = self.names.visitor(group, visitor)
-
-        async def step(pipe: Any) -> PresenceChange | None:
-            record, away_by = self._load(group, visitor, await pipe.hgetall(key))
+        raw = self._hashes.get(key) or {}  # else assumed absent until Redis says otherwise
+        read = False  # whether raw is what Redis answered in this call
+        for _ in range(MAX_WATCH_RETRIES):
+            record, away_by = self._load(group, visitor, raw)
             before = ({c: r.instance for c, r in record.connections.items()}, record.away_since, away_by)
             change = mutation(record)
+            if change is None and not read:
+                raw, read = await self._batch.call("hgetall", key), True  # nothing to do: is that still so?
+                continue
             if change is None:
-                await pipe.unwatch()
+                self._remember(key, record, raw)
                 return None
-            pipe.multi()
-            self._store(pipe, record, *before)
-            for topic, message in announce(change):
-                pipe.publish(self.names.channel(topic), message)
-            await pipe.execute()
-            return change
+            stored, commands = self._store(record, raw, *before)
+            commands += [("PUBLISH", self.names.channel(topic), message) for topic, message in announce(change)]
+            flat = [item for command in commands for item in (len(command), *command)]
+            answer = await self._batch.call("eval", STORE_IF_SCRIPT, 1, key, raw.get(b"version", b""), *flat)
+            if answer == 1:
+                self._remember(key, record, stored)
+                return change
+            raw, read = dict(zip(answer[::2], answer[1::2], strict=True)), True
+        raise BackendUnavailable(f"visitor {visitor} is changing too fast to update")
 
-        return await self._watched(key, step, f"visitor {visitor}")
+    def _remember(self, key: str, record: VisitorRecord, stored: dict[bytes, bytes]) -> None:
+        """Keep the hash just written while its visitor's connections or grace period are here."""
+        here = self.instance_id
+        if any(c.instance == here for c in record.connections.values()) or stored.get(b"away_by") == here.encode():
+            self._hashes[key] = stored
+        else:
+            self._hashes.pop(key, None)
 
     def _store(
         self,
-        pipe: Any,
         record: VisitorRecord,
+        raw: dict[bytes, bytes],
         connections_before: dict[str, str],
         away_before: int | None,
         away_by_before: str | None,
-    ) -> None:
+    ) -> tuple[dict[bytes, bytes], list[tuple[str | bytes, ...]]]:
+        """The visitor's hash as Redis will hold it, and the commands that
+        take it there from ``raw`` (what Redis holds, as the version check
+        makes sure: only the fields that changed are written) and keep the
+        sets that index it in step."""
         group, visitor = record.group, record.visitor
         key, online = self.names.visitor(group, visitor), self.names.online(group)
         away_by = None
         if record.away_since is not None:
             away_by = away_by_before if record.away_since == away_before else self.instance_id
-        pipe.delete(key)
+        stored: dict[bytes, bytes] = {b"version": b"%d" % record.version}
         if record.online:
-            fields: dict[str | bytes, Any] = {"version": record.version}
             if record.away_since is not None and away_by is not None:
-                fields.update(away=record.away_since, away_by=away_by)
+                stored.update({b"away": b"%d" % record.away_since, b"away_by": away_by.encode()})
             for c in record.connections.values():
-                packed = pack((c.instance, c.data, c.visible, c.since, c.active))
-                fields[CONNECTION_FIELD + c.connection.encode()] = packed
-            pipe.hset(key, mapping=fields)
-            pipe.sadd(online, visitor)
-        else:
-            pipe.hset(key, "version", record.version)
-            pipe.pexpire(key, self.tombstone_ms)
-            pipe.srem(online, visitor)
+                fields = (c.instance, c.data, c.visible, c.since, c.active)
+                stored[CONNECTION_FIELD + c.connection.encode()] = pack(fields)
+        commands: list[tuple[str | bytes, ...]] = []
+        if gone := [field for field in raw if field not in stored]:
+            commands.append(("HDEL", key, *gone))
+        commands.append(("HSET", key, *(item for f, v in stored.items() if raw.get(f) != v for item in (f, v))))
+        was_online = b"away" in raw or any(field.startswith(CONNECTION_FIELD) for field in raw)
+        if record.online and not was_online:
+            commands += [("PERSIST", key), ("SADD", online, visitor)]  # a tombstone no more
+        elif not record.online:
+            commands += [("PEXPIRE", key, b"%d" % self.tombstone_ms), ("SREM", online, visitor)]
         connections_after = {c: r.instance for c, r in record.connections.items()}
         for connection, instance in connections_before.items():
             if connection not in connections_after:
-                pipe.srem(self.names.instance_connections(instance), pack((group, visitor, connection)))
+                commands.append(("SREM", self.names.instance_connections(instance), pack((group, visitor, connection))))
         for connection, instance in connections_after.items():
             if connection not in connections_before:
-                pipe.sadd(self.names.instance_connections(instance), pack((group, visitor, connection)))
+                commands.append(("SADD", self.names.instance_connections(instance), pack((group, visitor, connection))))
         if away_by_before and away_by_before != away_by:
-            pipe.srem(self.names.instance_away(away_by_before), pack((group, visitor)))
+            commands.append(("SREM", self.names.instance_away(away_by_before), pack((group, visitor))))
         if away_by and away_by != away_by_before:
-            pipe.sadd(self.names.instance_away(away_by), pack((group, visitor)))
+            commands.append(("SADD", self.names.instance_away(away_by), pack((group, visitor))))
+        return stored, commands
 
     async def _read(self, group: str, visitor: str) -> VisitorRecord:
         raw = await self._batch.call("hgetall", self.names.visitor(group, visitor))

@@ -121,7 +121,12 @@ class PresenceService:
         """Store a connection's end; the last one starts the grace period,
         whose end is retried until it is stored (no ghost outlives a fault)."""
         change = await self._mutate(conn.group, conn.subject, partial(presence_rules.leave, connection=conn.id))
-        away_since = change.record.away_since if change and change.record else None
+        record = change.record if change else None
+        if change is None:
+            # Stored already: a write that timed out may still have been applied.
+            # Its grace period must end all the same.
+            record = await self._store.visitor_record(conn.group, conn.subject)
+        away_since = record.away_since if record and not record.connections else None
         if away_since is not None:
             group, visitor = conn.group, conn.subject
             expire = partial(self._mutate, group, visitor, partial(presence_rules.expire_away, away_since=away_since))
