@@ -8,9 +8,13 @@ story.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import dataclasses
+import difflib
 import functools
 import ipaddress
+import logging
 import math
 import os
 import re
@@ -25,6 +29,8 @@ from herald_presence.protocol.checks import MAX_DATA_FIELDS, MAX_FRAME_BYTES, id
 from herald_presence.protocol.errors import HeraldError, ProtocolError
 
 DEMO_GROUP = "demo"
+
+log = logging.getLogger(__name__)
 
 
 class ConfigError(HeraldError):
@@ -48,6 +54,8 @@ class GroupConfig:
 class Settings:
     host: str = "127.0.0.1"
     port: int = 8765
+    metrics_port: int = 0  # a second listener for /metrics, /healthz, /readyz; 0: none, /metrics on the public port
+    metrics_host: str = ""  # where the metrics listener binds; empty: host
     keepalive: float = 25.0  # seconds between server pings; silence for 1.5x this closes
     handshake_timeout: float = 10.0  # a connection must say hello within this
     grace_period: float = 5.0  # a clean disconnect is announced after this
@@ -67,6 +75,7 @@ class Settings:
     max_subscriptions_per_agent: int = 1000  # visitor IDs and session keys one agent connection may watch
     max_presence_bytes: int = 4096  # a connection's presence data, msgpack-encoded
     max_presence_fields: int = MAX_DATA_FIELDS  # fields of a connection's presence data (the protocol allows 32)
+    presence_rate: float = 4.0  # presence changes per second a connection makes; faster ones coalesce, latest wins
     max_signal_bytes: int = 8192  # a signal's data, msgpack-encoded
     visitor_signal_rate: float = 10.0  # signals per second one visitor may send one agent connection
     visitor_signal_burst: int = 20  # signals one visitor may send one agent connection at once
@@ -75,7 +84,6 @@ class Settings:
     cookie_secure: bool = False
     cookie_samesite: str = "Lax"
     session_ttl: float = 8 * 3600  # a support session (and a claimed code) lives at most this long
-    presence_rate: float = 4.0  # presence changes per second a connection makes; faster ones coalesce, latest wins
     code_length: int = 6  # default digits of a short code; groups may change theirs at run time
     code_ttl: float = 300.0  # default seconds an unclaimed short code lives
     code_lookups_per_address: int = 10  # short-code look-ups per client address per minute
@@ -92,6 +100,7 @@ class Settings:
     workers: int = 1  # processes sharing the port (SO_REUSEPORT); more than one needs redis_url
     log_level: str = "INFO"
     log_format: str = "text"  # text, or json: one object per line with the connection ID
+    strict_env: bool = False  # refuse to start on a HERALD_* variable that is no setting (else warn)
     groups: dict[str, GroupConfig] = field(default_factory=dict)
 
 
@@ -176,9 +185,41 @@ def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> Non
     groups[group_id] = GroupConfig(group_id, list(found), list(origins), **flags)
 
 
+# Variables Kubernetes sets for every Service of the namespace (service links):
+# a Service "herald-redis" gives HERALD_REDIS_SERVICE_HOST, HERALD_REDIS_PORT=tcp://...
+_SERVICE_LINK = re.compile(r"(_SERVICE_(HOST|PORT)|_PORT_\d+_(TCP|UDP|SCTP))(_\w+)?$")
+_SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+
+
+def unknown_environment(env: Mapping[str, str]) -> list[str]:
+    """One sentence per ``HERALD_*`` variable that is no setting, naming the
+    closest setting (a typo like ``HERALD_REDIS_UR`` would otherwise start
+    the memory backend without a word). Kubernetes' service-link variables
+    are not Herald's and are left alone."""
+    known = [*_SCALAR_FIELDS, "groups"]
+    found = []
+    for key in sorted(env):
+        name = key[7:].lower()
+        if not key.startswith("HERALD_") or name in known:
+            continue
+        if _SERVICE_LINK.search(key) or _SERVICE_LINK_VALUE.match(env[key]):
+            continue
+        close = difflib.get_close_matches(name, known, n=1, cutoff=0.6)
+        hint = f" (did you mean HERALD_{close[0].upper()}?)" if close else ""
+        found.append(f"{key} is not a Herald setting{hint}")
+    return found
+
+
 def load(
-    toml_path: str | None = None, env: Mapping[str, str] | None = None, flags: Mapping[str, Any] | None = None
+    toml_path: str | None = None,
+    env: Mapping[str, str] | None = None,
+    flags: Mapping[str, Any] | None = None,
+    warnings: list[str] | None = None,
 ) -> Settings:
+    """The settings from every source. Unknown ``HERALD_*`` variables are
+    refused with ``strict_env``, else each is a warning: appended to
+    ``warnings`` when given (the CLI logs them once logging is set up), else
+    logged here."""
     env = os.environ if env is None else env
     settings = Settings()
     layers: list[tuple[str, Mapping[str, Any]]] = []
@@ -201,10 +242,30 @@ def load(
                 settings.groups.update(_parse_group_pairs(raw) if isinstance(raw, str) else raw)
             elif name in _SCALAR_FIELDS:
                 setattr(settings, name, _coerce(name, raw))
-            elif source != "environment":  # other HERALD_* variables may belong to tooling
+            elif source != "environment":  # unknown HERALD_* variables: below, once strict_env is known
                 raise ConfigError(f"{source}: unknown setting {name!r}")
     _validate(settings)
+    unknown = unknown_environment(env)
+    if unknown and settings.strict_env:
+        raise ConfigError(f"{'; '.join(unknown)}; strict_env refuses unknown HERALD_* variables")
+    for problem in unknown:
+        message = f"{problem}: ignored (strict_env=true refuses to start instead)"
+        if warnings is None:
+            log.warning("%s", message)
+        else:
+            warnings.append(message)
     return settings
+
+
+def session_key(secret: str) -> bytes:
+    """``session_secret`` as the 32-byte key it must decode to."""
+    try:
+        key = base64.urlsafe_b64decode(secret.encode("ascii"))
+    except (ValueError, binascii.Error):
+        raise ConfigError("session_secret must be url-safe base64 (32 random bytes)") from None
+    if len(key) != 32:
+        raise ConfigError(f"session_secret must decode to 32 bytes, not {len(key)}")
+    return key
 
 
 def _validate(settings: Settings) -> None:
@@ -222,8 +283,12 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("code_length must be 4-12")
     if settings.admin_token and len(settings.admin_token) < 16:
         raise ConfigError("admin_token must be at least 16 characters")
-    if not 0 <= settings.port <= 65535:
-        raise ConfigError("port must be between 0 and 65535")
+    if not 0 <= settings.port <= 65535 or not 0 <= settings.metrics_port <= 65535:
+        raise ConfigError("port and metrics_port must be between 0 and 65535")
+    if settings.metrics_port and settings.metrics_port == settings.port:
+        raise ConfigError("metrics_port must differ from port (or be 0: no metrics listener)")
+    if settings.session_secret:
+        session_key(settings.session_secret)
     if settings.drain_timeout <= 0 or settings.drain_spread < 0:
         raise ConfigError("drain_timeout must be positive and drain_spread not negative")
     if settings.workers < 1:

@@ -91,6 +91,11 @@ BACKEND_RECONNECTS = Counter(
     "herald_backend_reconnects", "Times the cluster backend (Redis) came back after being lost", registry=REGISTRY
 )
 DRAINING = Gauge("herald_draining", "1 from SIGTERM until the process exits", registry=REGISTRY)
+UNTRUSTED_FORWARDED = Counter(
+    "herald_untrusted_forwarded_for",
+    "Requests with an X-Forwarded-For header from a peer not in trusted_proxies (the header was ignored)",
+    registry=REGISTRY,
+)
 
 # Children that exist from the start, so that dashboards show zeros, not gaps.
 for _role in ("visitor", "agent"):

@@ -46,13 +46,13 @@ def get_json(url: str, timeout: float = 2.0) -> Any:
 class HeraldProcess:
     """A server process; its output goes to files (a full pipe would stall it)."""
 
-    def __init__(self, argv: list[str], port: int, workdir: Path) -> None:
+    def __init__(self, argv: list[str], port: int, workdir: Path, env: dict[str, str] | None = None) -> None:
         self.argv, self.port = argv, port
         self.stdout_path = workdir / f"herald-{port}.stdout"
         self.stderr_path = workdir / f"herald-{port}.stderr"
         with self.stdout_path.open("wb") as out, self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
-                argv, cwd=REPO, env=clean_env(), stdin=subprocess.DEVNULL, stdout=out, stderr=err
+                argv, cwd=REPO, env={**clean_env(), **(env or {})}, stdin=subprocess.DEVNULL, stdout=out, stderr=err
             )
 
     @property
@@ -61,6 +61,9 @@ class HeraldProcess:
 
     def stdout(self) -> str:
         return self.stdout_path.read_text(errors="replace")
+
+    def stderr(self) -> str:
+        return self.stderr_path.read_text(errors="replace")
 
     def output(self) -> str:
         return f"$ {' '.join(self.argv)}\n--- stdout\n{self.stdout()}--- stderr\n" + self.stderr_path.read_text(
@@ -100,10 +103,11 @@ class HeraldProcess:
 StartServer = Callable[..., HeraldProcess]
 
 
-def start_server(workdir: Path, *argv: str) -> HeraldProcess:
-    """Start ``argv --port <free port>`` and wait until it answers; stopped if it does not."""
+def start_server(workdir: Path, *argv: str, env: dict[str, str] | None = None) -> HeraldProcess:
+    """Start ``argv --port <free port>`` (with ``env`` added to a clean
+    environment) and wait until it answers; stopped if it does not."""
     port = free_port()
-    process = HeraldProcess([*argv, "--port", str(port)], port, workdir)
+    process = HeraldProcess([*argv, "--port", str(port)], port, workdir, env)
     try:
         process.wait_ready()
     except BaseException:

@@ -74,10 +74,56 @@ def test_the_process_environment_is_read_by_default(monkeypatch: pytest.MonkeyPa
     assert list(settings.groups) == ["acme"]
 
 
-def test_unknown_herald_variables_are_ignored() -> None:
-    """Other tools (deploy scripts, CI) may own HERALD_* names too."""
-    settings = load(env={"HERALD_COLOUR": "blue", "HERALD_DEPLOY_ID": "42", "HERALD_PORT": "9000", "PORT": "1"})
-    assert settings.port == 9000
+def test_unknown_herald_variables_are_ignored_with_a_warning_naming_the_closest_setting() -> None:
+    """Other tools (deploy scripts, CI) may own HERALD_* names too: a warning, not a refusal."""
+    warnings: list[str] = []
+    env = {"HERALD_COLOUR": "blue", "HERALD_REDIS_UR": "redis://r:6379", "HERALD_PORT": "9000", "PORT": "1"}
+    settings = load(env=env, warnings=warnings)
+    assert settings.port == 9000 and settings.redis_url == ""
+    assert warnings == [
+        "HERALD_COLOUR is not a Herald setting: ignored (strict_env=true refuses to start instead)",
+        "HERALD_REDIS_UR is not a Herald setting (did you mean HERALD_REDIS_URL?): ignored"
+        " (strict_env=true refuses to start instead)",
+    ]
+
+
+def test_unknown_herald_variables_are_logged_when_nobody_collects_the_warnings(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    load(env={"HERALD_GROUP": f"acme={ACME}"})
+    assert "HERALD_GROUP is not a Herald setting (did you mean HERALD_GROUPS?)" in caplog.text
+
+
+@pytest.mark.parametrize("source", ["env", "flag", "toml"])
+def test_strict_env_refuses_unknown_herald_variables(tmp_path: Path, source: str) -> None:
+    env = {"HERALD_GRACE_PERIDO": "1"}
+    if source == "env":
+        env["HERALD_STRICT_ENV"] = "1"
+    config = toml_file(tmp_path, "strict_env = true\n") if source == "toml" else None
+    with pytest.raises(ConfigError, match=r"HERALD_GRACE_PERIDO .*did you mean HERALD_GRACE_PERIOD\?.*strict_env"):
+        load(config, env=env, flags={"strict_env": "true"} if source == "flag" else {})
+
+
+def test_kubernetes_service_links_are_not_unknown_settings() -> None:
+    env = {
+        "HERALD_STRICT_ENV": "1",
+        "HERALD_SERVICE_HOST": "10.0.0.5",
+        "HERALD_SERVICE_PORT_HTTP": "80",
+        "HERALD_REDIS_PORT": "tcp://10.0.0.6:6379",
+        "HERALD_REDIS_PORT_6379_TCP_PROTO": "tcp",
+    }
+    assert load(env=env).strict_env is True
+
+
+def test_session_secret_and_metrics_port_are_checked_when_loading() -> None:
+    with pytest.raises(ConfigError, match="session_secret must be url-safe base64"):
+        load(env={}, flags={"session_secret": "not base64!"})
+    with pytest.raises(ConfigError, match="session_secret must decode to 32 bytes"):
+        load(env={}, flags={"session_secret": "c2hvcnQ="})
+    assert load(env={}, flags={"session_secret": "A" * 43 + "="}).session_secret
+    with pytest.raises(ConfigError, match="metrics_port must differ from port"):
+        load(env={}, flags={"port": "9000", "metrics_port": "9000"})
+    assert load(env={"HERALD_METRICS_PORT": "9100"}).metrics_port == 9100
 
 
 # --- groups

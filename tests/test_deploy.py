@@ -10,12 +10,14 @@ an environment name is silently ignored by the server, so it is caught here.
 from __future__ import annotations
 
 import dataclasses
+import ipaddress
 import json
 import os
 import re
 import shlex
 import shutil
 import subprocess
+import textwrap
 from pathlib import Path
 from typing import Any
 
@@ -130,7 +132,7 @@ def test_service_budget_and_autoscaler_point_at_the_herald_pods() -> None:
         assert selector.items() <= pod_labels.items()
     target = resource("HorizontalPodAutoscaler", "herald")["spec"]["scaleTargetRef"]
     assert (target["kind"], target["name"]) == ("Deployment", "herald")
-    redis_url = resource("ConfigMap", "herald-config")["data"]["HERALD_REDIS_URL"]
+    redis_url = container_env(resource("Deployment", "herald"))["HERALD_REDIS_URL"]["value"]
     assert resource("Service", "herald-redis")["metadata"]["name"] in redis_url
 
 
@@ -139,6 +141,134 @@ def test_kubernetes_settings_are_herald_settings() -> None:
         if found["kind"] in ("ConfigMap", "Secret"):
             names = [*found.get("data", {}), *found.get("stringData", {})]
             check_setting_names(names, f"{found['kind']}/{found['metadata']['name']}")
+        if found["kind"] == "Deployment":
+            check_setting_names(list(container_env(found)), f"Deployment/{found['metadata']['name']}")
+    check_setting_names(list(env_file(SECRETS_EXAMPLE)), str(SECRETS_EXAMPLE.relative_to(REPO)))
+
+
+# --- Kubernetes: what an operator gets by default (issue 18) -------------------------
+
+PRODUCTION = K8S / "overlays" / "production"
+SECRETS_EXAMPLE = PRODUCTION / "secrets.env.example"
+INGRESS_POD_NETWORKS = ["10.244.0.0/16", "10.42.0.0/16", "10.8.0.0/14", "172.20.0.0/16", "192.168.0.0/16"]
+
+
+def container_env(deployment: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    (container,) = deployment["spec"]["template"]["spec"]["containers"]
+    return {item["name"]: item for item in container.get("env", [])}
+
+
+def env_file(path: Path) -> dict[str, str]:
+    """KEY=VALUE lines, as kustomize's secretGenerator (and kubectl --from-env-file) reads them."""
+    lines = [line.strip() for line in path.read_text().splitlines()]
+    return dict(line.split("=", 1) for line in lines if line and not line.startswith("#"))  # type: ignore[misc]
+
+
+def secret_keys_referenced() -> set[str]:
+    """Keys of herald-secrets that the manifests read one by one."""
+    found = set()
+    for deployment in (r for r in all_resources(K8S / "base") if r["kind"] == "Deployment"):
+        for item in container_env(deployment).values():
+            ref = item.get("valueFrom", {}).get("secretKeyRef")
+            if ref:
+                assert ref["name"] == "herald-secrets"
+                found.add(ref["key"])
+    return found
+
+
+def test_the_secret_is_not_in_the_base_but_generated_from_a_file_git_ignores() -> None:
+    assert not [r for r in all_resources(K8S / "base") if r["kind"] == "Secret"], "applying would overwrite it"
+    spec = yaml.safe_load((PRODUCTION / "kustomization.yaml").read_text())
+    (generator,) = spec["secretGenerator"]
+    assert generator["name"] == "herald-secrets" and generator["envs"] == ["secrets.env"]
+    ignored = subprocess.run(
+        ["git", "check-ignore", "-q", str(PRODUCTION / "secrets.env")], cwd=REPO, check=False, timeout=30
+    )
+    assert ignored.returncode == 0, "secrets.env must be git-ignored"
+    example = env_file(SECRETS_EXAMPLE)
+    assert {"HERALD_GROUPS", "HERALD_SESSION_SECRET"} | secret_keys_referenced() <= set(example)
+    assert all("CHANGE-ME" in value for key, value in example.items() if key != "HERALD_ADMIN_TOKEN")
+
+
+def test_the_base_trusts_the_ingress_network_which_alone_may_reach_the_public_port() -> None:
+    config = resource("ConfigMap", "herald-config")["data"]
+    networks = [ipaddress.ip_network(part) for part in config["HERALD_TRUSTED_PROXIES"].split(",")]
+    for pods in map(ipaddress.ip_network, INGRESS_POD_NETWORKS):
+        assert any(pods.subnet_of(net) for net in networks if net.version == pods.version), pods
+    assert config["HERALD_STRICT_ENV"] == "true"
+    policy = resource("NetworkPolicy", "herald")["spec"]
+    assert policy["podSelector"]["matchLabels"] == {"app.kubernetes.io/name": "herald"}
+    assert policy["policyTypes"] == ["Ingress"]
+    by_port = {rule["ports"][0]["port"]: rule["from"] for rule in policy["ingress"]}
+    assert set(by_port) == {"http", "metrics"}
+    for sources in by_port.values():
+        assert sources and all(set(source) == {"namespaceSelector"} for source in sources), "never from anywhere"
+    redis_policy = resource("NetworkPolicy", "herald-redis")["spec"]
+    (rule,) = redis_policy["ingress"]
+    assert rule["from"] == [{"podSelector": {"matchLabels": {"app.kubernetes.io/name": "herald"}}}]
+
+
+def test_metrics_are_served_on_their_own_port_only() -> None:
+    config = resource("ConfigMap", "herald-config")["data"]
+    pod = resource("Deployment", "herald")["spec"]["template"]
+    (container,) = pod["spec"]["containers"]
+    ports = {port["name"]: port["containerPort"] for port in container["ports"]}
+    assert ports == {"http": int(config["HERALD_PORT"]), "metrics": int(config["HERALD_METRICS_PORT"])}
+    assert pod["metadata"]["annotations"]["prometheus.io/port"] == config["HERALD_METRICS_PORT"]
+    assert pod["metadata"]["annotations"]["prometheus.io/path"] == "/metrics"
+    assert [p["targetPort"] for p in resource("Service", "herald")["spec"]["ports"]] == ["http"]
+    metrics_service = resource("Service", "herald-metrics")
+    assert [p["targetPort"] for p in metrics_service["spec"]["ports"]] == ["metrics"]
+    assert metrics_service["metadata"]["labels"].items() >= metrics_service["spec"]["selector"].items()
+    assert container["livenessProbe"]["httpGet"]["port"] == "metrics"  # not restarted for a full public port
+    assert container["readinessProbe"]["httpGet"]["port"] == "http"
+    # The ServiceMonitor example in OPERATIONS.md selects that Service's labels and port.
+    (monitor,) = [
+        doc
+        for block in re.findall(r"```yaml\n(.*?)```", (DEPLOY / "OPERATIONS.md").read_text(), re.DOTALL)
+        for doc in yaml.safe_load_all(textwrap.dedent(block))
+        if doc and doc.get("kind") == "ServiceMonitor"
+    ]
+    assert monitor["spec"]["selector"]["matchLabels"].items() <= metrics_service["metadata"]["labels"].items()
+    assert monitor["spec"]["endpoints"][0]["port"] == "metrics"
+
+
+def test_redis_requires_the_password_herald_sends() -> None:
+    herald_env = container_env(resource("Deployment", "herald"))
+    assert "$(REDIS_PASSWORD)@" in herald_env["HERALD_REDIS_URL"]["value"]
+    assert list(herald_env).index("REDIS_PASSWORD") < list(herald_env).index("HERALD_REDIS_URL"), "defined first"
+    redis = resource("Deployment", "herald-redis")
+    (container,) = redis["spec"]["template"]["spec"]["containers"]
+    assert container["args"][:2] == ["--requirepass", "$(REDIS_PASSWORD)"]
+    assert "REDIS_PASSWORD" in container_env(redis) and "REDISCLI_AUTH" in container_env(redis)
+    for deployment in (resource("Deployment", "herald"), redis):
+        assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False  # no HERALD_*_PORT=tcp://
+
+
+def test_the_production_overlay_renders(tmp_path: Path) -> None:
+    """With kubectl (its built-in kustomize), if installed: the overlay as it is applied."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    shutil.copytree(K8S, tmp_path / "k8s")
+    shutil.copy(SECRETS_EXAMPLE, tmp_path / "k8s" / "overlays" / "production" / "secrets.env")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(tmp_path / "k8s" / "overlays" / "production")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in rendered}
+    (secret,) = [name for kind, name in kinds if kind == "Secret"]
+    assert secret.startswith("herald-secrets-"), "generated, with a hash of its content"
+    assert {("NetworkPolicy", "herald"), ("NetworkPolicy", "herald-redis"), ("Service", "herald-metrics")} <= kinds
+    (herald,) = [doc for doc in rendered if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "herald"]
+    (container,) = herald["spec"]["template"]["spec"]["containers"]
+    assert {"secretRef": {"name": secret}} in container["envFrom"]
+    assert all(doc["metadata"].get("namespace") == "herald" for doc in rendered if doc["kind"] != "Namespace")
 
 
 # --- the image ----------------------------------------------------------------
@@ -216,6 +346,9 @@ def test_compose_runs_redis_three_herald_instances_and_a_load_balancer() -> None
         assert grace > float(env["HERALD_DRAIN_TIMEOUT"]), "Docker's SIGKILL would cut the drain short"
         assert "redis" in service["depends_on"]
         check_setting_names(list(env), f"docker-compose.yml {name}")
+        # The load balancer is trusted (its X-Forwarded-For names the client); metrics are off its port.
+        assert env["HERALD_TRUSTED_PROXIES"] == services["lb"]["networks"]["default"]["ipv4_address"]
+        assert env["HERALD_METRICS_PORT"] != env["HERALD_PORT"] and env["HERALD_STRICT_ENV"] == "true"
     assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in services["lb"]["volumes"]
 
 

@@ -8,7 +8,7 @@ from collections.abc import AsyncIterator
 from aiohttp import web
 
 from herald_presence.protocol.errors import CloseCode
-from herald_presence.server import __version__, logs
+from herald_presence.server import logs
 from herald_presence.server.backends.base import Backend
 from herald_presence.server.backends.memory import MemoryBackend
 from herald_presence.server.config import Settings
@@ -44,8 +44,9 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
     app.router.add_get("/v1/agent", agent_endpoint)
     app.router.add_post("/v1/agent/login", auth.login)
     app.router.add_post("/v1/agent/logout", auth.logout)
-    for routes in (codes, admin, crm, demo, pages, health):
+    for routes in (codes, admin, crm, demo, pages):
         routes.add_routes(app)
+    health.add_routes(app, metrics=not settings.metrics_port)  # else on the metrics listener only
     app.cleanup_ctx.append(_run_hub)
     app.on_shutdown.append(_close_connections)
     return app
@@ -54,8 +55,7 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
 async def _run_hub(app: web.Application) -> AsyncIterator[None]:
     hub = app[keys.HUB]
     logs.set_instance(hub.instance)
-    await hub.start()
-    log.info("herald %s instance %s ready", __version__, hub.instance)
+    await hub.start()  # the process says "ready" once it listens too (runner.py)
     yield
     await hub.close()
 

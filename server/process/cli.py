@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import signal
 import sys
+from collections.abc import Sequence
 
 from herald_presence.protocol import tokens
 from herald_presence.server import __version__
@@ -13,6 +15,9 @@ from herald_presence.server.config import ConfigError, Settings, ensure_demo_gro
 HELP = {
     "host": "address to listen on",
     "port": "port to listen on",
+    "metrics_port": "port of a second listener for /metrics, /healthz and /readyz, for operators only; "
+    "when set, /metrics leaves the public port (0: no such listener)",
+    "metrics_host": "address the metrics listener binds (empty: the same as host)",
     "keepalive": "seconds of silence before a server ping (0.8-1x per connection); silent for 1.5x this closes",
     "handshake_timeout": "seconds a new connection has to send its hello",
     "grace_period": "seconds before a visitor whose last connection closed is announced offline",
@@ -32,12 +37,12 @@ HELP = {
     "max_subscriptions_per_agent": "visitor IDs and session keys one agent connection may watch",
     "max_presence_bytes": "largest presence data of a connection (msgpack bytes)",
     "max_presence_fields": "most fields in a connection's presence data (at most the protocol's 32)",
+    "presence_rate": "presence changes per second a connection makes; faster ones coalesce, latest wins",
     "max_signal_bytes": "largest data of one signal (msgpack bytes)",
     "visitor_signal_rate": "signals per second one visitor may send one agent connection (more are dropped)",
     "visitor_signal_burst": "signals one visitor may send one agent connection at once above the rate",
     "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
     "session_max_age": "seconds an agent login lasts",
-    "presence_rate": "presence changes per second a connection makes; faster ones coalesce, latest wins",
     "cookie_secure": "mark the session cookie Secure (set it behind HTTPS)",
     "cookie_samesite": "SameSite of the session cookie: Strict, Lax or None",
     "session_ttl": "seconds a support session (and a claimed short code) lives at most",
@@ -57,6 +62,7 @@ HELP = {
     "workers": "processes serving the port together (SO_REUSEPORT); more than 1 needs redis_url",
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "text, or json (one object per line, with connection IDs)",
+    "strict_env": "refuse to start when a HERALD_* environment variable is not a setting (else a warning names it)",
 }
 
 
@@ -105,17 +111,30 @@ def main(argv: list[str] | None = None) -> None:
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "group")}
     if args.group:
         flags["groups"] = ",".join(args.group)
+    warnings: list[str] = []
     try:
-        settings = load(args.config, flags=flags)
+        settings = load(args.config, flags=flags, warnings=warnings)
     except ConfigError as exc:
         sys.exit(f"herald: {exc}")
-    serve(settings)
+    serve(settings, warnings)
 
 
 SERVER_EXTRA = ("aiohttp_session", "redis", "prometheus_client")  # the "server" extra's imports
 
 
-def serve(settings: Settings) -> None:
+def serve(settings: Settings, warnings: Sequence[str] = ()) -> None:
+    """Run the server; every way it cannot start is one ``herald: ...`` line
+    on stderr and a non-zero exit, never a traceback."""
+    try:
+        _serve(settings, warnings)
+    except KeyboardInterrupt:  # before the server's own signal handling is in place
+        print("herald: interrupted while starting", file=sys.stderr, flush=True)
+        sys.exit(128 + signal.SIGINT)
+
+
+def _serve(settings: Settings, warnings: Sequence[str]) -> None:
+    import logging
+
     from herald_presence.server import logs
 
     try:
@@ -125,6 +144,8 @@ def serve(settings: Settings) -> None:
             raise
         sys.exit(f"herald: serving needs the server's dependencies: pip install 'herald-presence[server]' ({exc})")
     logs.setup(settings.log_level, settings.log_format)
+    for warning in warnings:  # found while loading the settings, before logging was set up
+        logging.getLogger("herald_presence.server.config").warning("%s", warning)
     demo = ensure_demo_group(settings)
     if demo is not None:
         print(
@@ -140,6 +161,9 @@ def serve(settings: Settings) -> None:
         code = runner.run(settings)
     except ConfigError as exc:  # found while building the app (a malformed redis_url)
         sys.exit(f"herald: {exc}")
+    except runner.StartupError as exc:  # a port in use, a stop signal before serving
+        print(f"herald: {exc}", file=sys.stderr, flush=True)
+        sys.exit(exc.code)
     sys.exit(code)
 
 

@@ -15,17 +15,24 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import gc
 import logging
 import os
 import resource
 import secrets
 import signal
+import sys
 import time
 
+from aiohttp import web
+
+from herald_presence.server import __version__
 from herald_presence.server.config import Settings
 from herald_presence.server.core.connection import CLOSE_TIMEOUT
+from herald_presence.server.web import health
 from herald_presence.server.web.access_log import AccessLogger
+from herald_presence.server.web.keys import HUB
 from herald_presence.server.web.listener import HeraldRunner, HeraldSite
 
 from .app import make_app
@@ -53,6 +60,22 @@ def run(settings: Settings) -> int:
     return _run_instance(settings, reuse_port=False)
 
 
+class StartupError(Exception):
+    """The instance could not start serving: one line for the operator, and the exit code."""
+
+    def __init__(self, message: str, code: int = 1) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+EX_STARTUP = 78  # a worker that could not start (EX_CONFIG): the supervisor stops rather than restart it
+BIND_ERRORS = {
+    errno.EADDRINUSE: "the address is already in use (another herald, or another program?)",
+    errno.EACCES: "permission denied (ports below 1024 need privileges)",
+    errno.EADDRNOTAVAIL: "no such address on this machine",
+}
+
+
 def _run_instance(settings: Settings, reuse_port: bool) -> int:
     try:
         import uvloop  # optional: herald[fast]
@@ -60,42 +83,98 @@ def _run_instance(settings: Settings, reuse_port: bool) -> int:
         uvloop.install()
     except ImportError:
         pass
-    asyncio.run(_serve(settings, reuse_port))
-    return 0
+    return asyncio.run(_serve(settings, reuse_port))
 
 
-async def _serve(settings: Settings, reuse_port: bool) -> None:
+async def _serve(settings: Settings, reuse_port: bool) -> int:
+    """Start, serve until a stop signal, drain, clean up. A failure to start
+    (a port in use, a signal while waiting for Redis) is a ``StartupError``."""
+    loop = asyncio.get_running_loop()
+    stop, signals, stopped_by = asyncio.Event(), 0, 0
+    draining: asyncio.Task[float] | None = None
+
+    def on_signal(signum: int) -> None:
+        nonlocal signals, stopped_by
+        signals += 1
+        stopped_by = stopped_by or signum
+        stop.set()
+        if signals > 1 and draining is not None:  # asked twice: stop now
+            draining.cancel()
+
+    for signum in STOP_SIGNALS:  # from the start: a Ctrl-C while Redis is not answering is one
+        loop.add_signal_handler(signum, on_signal, signum)
     app = make_app(settings)
     runner = HeraldRunner(app, settings, access_log_class=AccessLogger, shutdown_timeout=CLOSE_TIMEOUT)
-    await runner.setup()
-    site = HeraldSite(runner, settings.host, settings.port, reuse_port=reuse_port)
-    await site.start()
+    # The operators' listener: no access log (a scrape every few seconds), no client budgets.
+    metrics_runner = web.AppRunner(health.metrics_app(app), access_log=None) if settings.metrics_port else None
+    starting = asyncio.ensure_future(_start(settings, runner, metrics_runner, reuse_port))
+    stopping = asyncio.ensure_future(stop.wait())
+    try:
+        await asyncio.wait([starting, stopping], return_when=asyncio.FIRST_COMPLETED)
+        # Stopped before serving: nothing to drain. Cancelled again until it
+        # ends, since a library may lose one cancellation (Python 3.11's
+        # wait_for does when what it waits for completes at that moment).
+        while stop.is_set() and not starting.done():
+            starting.cancel()
+            await asyncio.wait([starting], timeout=0.05)
+        if stop.is_set():
+            if not starting.cancelled():
+                starting.exception()  # whatever it was, the signal came first (and it is not "never retrieved")
+            waiting = " while waiting for Redis (not reachable yet)" if not app[HUB].backend.healthy else ""
+            name = signal.Signals(stopped_by).name
+            raise StartupError(f"stopped by {name}{waiting} before serving", 128 + stopped_by)
+        site = starting.result()
+    except BaseException:
+        await _cleanup(runner, metrics_runner)
+        raise
+    finally:
+        stopping.cancel()
     # Long-lived objects made so far never need collecting; keeping them out
     # of the GC's generations shortens the pauses that hurt tail latency.
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    print(f"herald listening on http://{settings.host}:{settings.port} (pid {os.getpid()})", flush=True)
-    stop, signals = asyncio.Event(), 0
-    loop = asyncio.get_running_loop()
-
-    def on_signal() -> None:
-        nonlocal signals
-        signals += 1
-        stop.set()
-        if signals > 1 and draining is not None:  # asked twice: stop now
-            draining.cancel()
-
-    draining: asyncio.Task[float] | None = None
-    for signum in STOP_SIGNALS:
-        loop.add_signal_handler(signum, on_signal)
+    print(f"herald listening on http://{settings.host}:{site.port} (pid {os.getpid()})", flush=True)
+    log.info("herald %s instance %s ready", __version__, app[HUB].instance)
     try:
         await stop.wait()
-        draining = asyncio.create_task(drain(app, [site]))
+        draining = asyncio.create_task(drain(app, [site]))  # the metrics listener stays up meanwhile
         with contextlib.suppress(asyncio.CancelledError):
             await draining
     finally:
-        await runner.cleanup()  # closes whatever is left with 1001, then the hub
+        await _cleanup(runner, metrics_runner)  # closes whatever is left with 1001, then the hub
+    return 0
+
+
+async def _start(
+    settings: Settings, runner: HeraldRunner, metrics_runner: web.AppRunner | None, reuse_port: bool
+) -> HeraldSite:
+    """The instance started (the hub, then its listeners): "ready" follows only
+    this. The public site is returned; the metrics one is its runner's."""
+    await runner.setup()
+    site = HeraldSite(runner, settings.host, settings.port, reuse_port=reuse_port)
+    await _bind(site, settings.host, settings.port, "port")
+    if metrics_runner is not None:
+        await metrics_runner.setup()
+        host = settings.metrics_host or settings.host
+        metrics_site = web.TCPSite(metrics_runner, host, settings.metrics_port, reuse_port=reuse_port or None)
+        await _bind(metrics_site, host, settings.metrics_port, "metrics_port")
+        log.info("metrics and health on http://%s:%d (/metrics, /healthz, /readyz)", host, settings.metrics_port)
+    return site
+
+
+async def _bind(site: web.BaseSite, host: str, port: int, setting: str) -> None:
+    try:
+        await site.start()
+    except OSError as exc:
+        reason = BIND_ERRORS.get(exc.errno or 0) or exc.strerror or str(exc)
+        raise StartupError(f"cannot listen on {host}:{port} ({setting}): {reason}") from None
+
+
+async def _cleanup(runner: web.AppRunner, metrics_runner: web.AppRunner | None) -> None:
+    if metrics_runner is not None:
+        await metrics_runner.cleanup()
+    await runner.cleanup()
 
 
 def _raise_open_file_limit() -> None:
@@ -133,6 +212,9 @@ def _supervise(settings: Settings) -> int:
             code = 1
             try:
                 code = _run_instance(settings, reuse_port=True)
+            except StartupError as exc:
+                print(f"herald: worker {number}: {exc}", file=sys.stderr, flush=True)
+                code = EX_STARTUP if exc.code == 1 else exc.code
             except BaseException:
                 log.exception("worker %d failed", number)
             finally:
@@ -162,6 +244,10 @@ def _supervise(settings: Settings) -> int:
         code = os.waitstatus_to_exitcode(status)
         if stopping:
             failed |= code != 0
+            continue
+        if code == EX_STARTUP:  # it would fail again: stop them all
+            forward(signal.SIGTERM, None)
+            failed = True
             continue
         log.error("worker %d (pid %d) exited with %d; starting it again", number, pid, code)
         time.sleep(RESTART_PAUSE)

@@ -12,7 +12,6 @@ would otherwise outlive it.
 
 from __future__ import annotations
 
-import base64
 import logging
 import secrets
 import time
@@ -27,7 +26,7 @@ from herald_presence.protocol import checks, tokens
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.protocol.messages import Hello
 from herald_presence.server.backends.base import BackendUnavailable
-from herald_presence.server.config import ConfigError, GroupConfig, Settings
+from herald_presence.server.config import GroupConfig, Settings, session_key
 from herald_presence.server.core import attempts, group_settings
 from herald_presence.server.model.limits import LimitExceeded, count
 from herald_presence.server.model.names import revoked_login_key
@@ -41,16 +40,8 @@ COOKIE_NAME = "HERALD_SESSION"
 
 
 def setup_sessions(app: web.Application, settings: Settings) -> None:
-    if settings.session_secret:
-        try:
-            key = base64.urlsafe_b64decode(settings.session_secret)
-        except ValueError:
-            raise ConfigError("session_secret must be url-safe base64") from None
-        if len(key) != 32:
-            raise ConfigError("session_secret must decode to 32 bytes")
-    else:
-        # Sessions then live as long as this process and only on this instance.
-        key = secrets.token_bytes(32)
+    # Without a session_secret, sessions live as long as this process and only on this instance.
+    key = session_key(settings.session_secret) if settings.session_secret else secrets.token_bytes(32)
     storage = EncryptedCookieStorage(
         key,
         cookie_name=COOKIE_NAME,

@@ -1,5 +1,7 @@
 """Liveness, readiness and metrics: what load balancers, Kubernetes and
-Prometheus ask an instance."""
+Prometheus ask an instance. With ``metrics_port`` they are also served on a
+listener of their own, for operators only, and ``/metrics`` leaves the
+public port."""
 
 from __future__ import annotations
 
@@ -31,7 +33,20 @@ async def serve_metrics(request: web.Request) -> web.Response:
     return response
 
 
-def add_routes(app: web.Application) -> None:
-    app.router.add_get("/metrics", serve_metrics)
+def add_routes(app: web.Application, metrics: bool = True) -> None:
+    """Health on every listener; ``/metrics`` only where asked (not on the
+    public port when a ``metrics_port`` listener serves it)."""
+    if metrics:
+        app.router.add_get("/metrics", serve_metrics)
     app.router.add_get("/healthz", health)
     app.router.add_get("/readyz", ready)
+
+
+def metrics_app(served: web.Application) -> web.Application:
+    """The application of the ``metrics_port`` listener: ``/metrics``,
+    ``/healthz`` and ``/readyz`` of the instance that ``served`` runs (which
+    starts and stops it; this one only reads it)."""
+    app = web.Application(client_max_size=1024)
+    app[HUB] = served[HUB]
+    add_routes(app)
+    return app

@@ -11,6 +11,7 @@ import functools
 import hmac
 import ipaddress
 import json
+import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -24,6 +25,8 @@ from herald_presence.server.model.limits import count
 from .keys import SETTINGS
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+log = logging.getLogger(__name__)
 
 STATUS = {
     ErrorCode.INVALID: 400,
@@ -145,13 +148,26 @@ def preflight(origin: str | None, methods: str) -> web.Response:
 # -- client addresses -----------------------------------------------------------
 
 
+CLIENT_ADDRESS = web.RequestKey("client_address", str)  # worked out once per request
+_warned_untrusted = False  # the first X-Forwarded-For from an untrusted peer is logged; all are counted
+
+
 def client_address(request: web.Request) -> str:
     """The address per-address limits count: the TCP peer, or, when the peer
     is a trusted proxy, the nearest address in X-Forwarded-For that is not
     one (the hops further left were written by the client and prove nothing)."""
+    found = request.get(CLIENT_ADDRESS)
+    if found is None:
+        found = request[CLIENT_ADDRESS] = _client_address(request)
+    return found
+
+
+def _client_address(request: web.Request) -> str:
     peer = request.remote or "unknown"
     trusted = trusted_networks(request.app[SETTINGS].trusted_proxies)
     if not trusted or not _within(peer, trusted):
+        if "X-Forwarded-For" in request.headers:
+            _untrusted_forwarded_for(peer)
         return peer
     hops = [hop.strip() for value in request.headers.getall("X-Forwarded-For", []) for hop in value.split(",")]
     for hop in reversed([hop for hop in hops if hop]):
@@ -174,3 +190,23 @@ def _within(address: str, networks: tuple[ipaddress.IPv4Network | ipaddress.IPv6
     except ValueError:
         return False
     return any(ip in network for network in networks)
+
+
+def _untrusted_forwarded_for(peer: str) -> None:
+    """A proxy Herald was not told to trust is the usual reason for this
+    header from an untrusted peer; then every client behind it shares its
+    per-address limits. Said once, then counted (clients that reach Herald
+    directly may send the header too)."""
+    global _warned_untrusted
+    metrics.UNTRUSTED_FORWARDED.inc()
+    if not _warned_untrusted:
+        _warned_untrusted = True
+        log.warning(
+            "a request from %s carries X-Forwarded-For, but %s is not in trusted_proxies: the header is ignored"
+            " and per-address limits count %s itself. If it is your load balancer or ingress, add its address"
+            " or network to trusted_proxies (HERALD_TRUSTED_PROXIES), or all its clients share one budget."
+            " Further ones are only counted (herald_untrusted_forwarded_for_total)",
+            peer,
+            peer,
+            peer,
+        )
