@@ -553,6 +553,8 @@ class RedisBackend(Backend):
 
     async def take_held(self, group: str, visitor: str) -> list[tuple[HeldSignal, bool]]:
         key = self.names.held(group, visitor)
+        if not await self._batch.call("exists", key):
+            return []  # every visitor connect asks; almost always nothing is held (one batched command)
 
         async def step(pipe: Any) -> list[tuple[HeldSignal, bool]]:
             raw = await pipe.hgetall(key)
@@ -592,10 +594,7 @@ class RedisBackend(Backend):
 
     # -- records -------------------------------------------------------------
     async def kv_get(self, key: str) -> bytes | None:
-        try:
-            return await self._redis.get(self.names.record(key))
-        except (RedisError, OSError) as exc:
-            raise BackendUnavailable() from exc
+        return await self._batch.call("get", self.names.record(key))  # on every visitor connect: batched
 
     async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
         expiry = _ms(ttl) if ttl is not None else None
