@@ -114,15 +114,16 @@ async def login_agent(http: aiohttp.ClientSession, base_url: str, agent: str) ->
 
 
 async def connect_agent(
-    http: aiohttp.ClientSession, base_url: str, cookie: str, watch: str | None
+    http: aiohttp.ClientSession, base_url: str, cookie: str, watch: str | None, group: bool = False
 ) -> aiohttp.ClientWebSocketResponse:
-    """An agent connection past its welcome and, if it watches a visitor,
-    past that subscription's snapshot (from then on the visitor's signals
-    reach it)."""
+    """An agent connection past its welcome and, if it watches a visitor (or
+    the whole ``group``), past that subscription's snapshot (from then on
+    the visitor's signals, or the group's presence changes, reach it)."""
     ws = await http.ws_connect(base_url + "/v1/agent", headers={"Cookie": cookie}, autoping=True, max_msg_size=0)
     await _handshake(ws, {"type": "hello", "versions": [1]})
-    if watch is not None:
-        await ws.send_bytes(pack({"type": "subscribe", "id": 1, "visitors": [watch]}))
+    if watch is not None or group:
+        target = {"group": True} if group else {"visitors": [watch]}
+        await ws.send_bytes(pack({"type": "subscribe", "id": 1, **target}))
         msg = await ws.receive(timeout=CONNECT_TIMEOUT)
         snapshot = msgpack.unpackb(msg.data) if msg.type is aiohttp.WSMsgType.BINARY else {}
         if snapshot.get("type") != "snapshot":

@@ -1,5 +1,6 @@
-"""The benchmark's processes: Redis, two Herald instances, the generators;
-and what /proc and /metrics say about them.
+"""The benchmark's processes: Redis, two instances (Herald's, or the
+ceiling's: ``tests/bench/ceiling.py``), the generators; and what /proc,
+/metrics and Redis's INFO say about them.
 
 Servers are started the way the tests start them (``tests/processes.py``,
 ``tests/redis_server.py``): free loopback ports, output to files, each
@@ -14,10 +15,12 @@ import subprocess
 import sys
 import time
 import urllib.request
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import redis
 from prometheus_client.parser import text_string_to_metric_families
 
 from ..processes import REPO, HeraldProcess, clean_env, start_server
@@ -32,6 +35,8 @@ RAISED_LIMITS = {
     "--max-connections-per-address": "1000000",
     "--message-rate": "1000000",
     "--message-burst": "1000000",
+    "--visitor-signal-rate": "1000000",
+    "--visitor-signal-burst": "1000000",
 }
 WORKER_TIMEOUT = 120.0  # seconds a generator may take to answer one command
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -59,6 +64,13 @@ def machine_busy_seconds() -> float:
     return (sum(values[:8]) - idle) / TICKS
 
 
+def listen_overflows() -> int:
+    """Connections the kernel dropped since boot because a listening socket's accept queue was full
+    (the client's SYN is retried after 1 s, then 3 s…)."""
+    header, values = [line.split() for line in Path("/proc/net/netstat").read_text().splitlines()[:2]]
+    return int(dict(zip(header, values, strict=True)).get("ListenOverflows", 0))
+
+
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
 
@@ -67,6 +79,7 @@ class Worker:
     """A generator process (``tests/bench/worker.py``), one JSON line per command and per answer."""
 
     def __init__(self, workdir: Path, *argv: str) -> None:
+        self.name = argv[2]
         self.stderr_path = workdir / f"worker-{argv[2]}.stderr"
         with self.stderr_path.open("wb") as err:
             self.proc = subprocess.Popen(
@@ -112,18 +125,23 @@ class Worker:
 
 @dataclass
 class Cluster:
-    """Redis + instance A (visitors) + instance B (agents), and the generators."""
+    """Instance A (visitors) + instance B (agents) of ``kind`` (``herald`` or
+    ``ceiling``) on a Redis of the caller's, and the generators."""
 
     workdir: Path
-    redis: RedisServer = field(init=False)
+    redis: RedisServer
+    kind: str = "herald"
     a: HeraldProcess = field(init=False)
     b: HeraldProcess = field(init=False)
     workers: list[Worker] = field(default_factory=list)
 
     def start(self, *server_flags: str) -> None:
-        """Redis, then A and B with the raised limits and ``server_flags``."""
-        self.redis = RedisServer()
-        self.redis.start()
+        """A and B: Herald with the raised limits and ``server_flags``, or the ceiling."""
+        if self.kind == "ceiling":
+            ceiling = [sys.executable, "-m", "tests.bench.ceiling", "--redis-url", self.redis.url, "--instance"]
+            self.a = start_server(self.workdir, *ceiling, "A")
+            self.b = start_server(self.workdir, *ceiling, "B")
+            return
         session_secret = "YmVuY2gtc2Vzc2lvbi1zZWNyZXQtMzItYnl0ZXMhISE="  # 32 bytes, the same on both
         argv = [
             sys.executable,
@@ -144,26 +162,27 @@ class Cluster:
         self.b = start_server(self.workdir, *argv)
 
     def worker(self, *argv: str) -> Worker:
-        worker = Worker(self.workdir, *argv, "--visitor-url", self.a.base_url, "--agent-url", self.b.base_url)
+        urls = ("--visitor-url", self.a.base_url, "--agent-url", self.b.base_url)
+        worker = Worker(self.workdir, argv[0], argv[1], f"{self.kind}-{argv[2]}", *argv[3:], *urls)
         self.workers.append(worker)
         return worker
 
     def pids(self) -> dict[str, int]:
         """Every process of the benchmark by role (generators as gen1, gen2…, idle1…)."""
         assert self.redis.process is not None
-        named = {"herald A": self.a.proc.pid, "herald B": self.b.proc.pid, "redis": self.redis.process.pid}
+        named = {"A": self.a.proc.pid, "B": self.b.proc.pid, "redis": self.redis.process.pid}
         for number, worker in enumerate(self.workers, 1):
             named[f"worker{number}"] = worker.pid
         return named
 
     def stop(self) -> None:
+        """The generators, then A and B; Redis stays (its keys are flushed for the next cluster)."""
         for worker in self.workers:
             worker.stop()
         for server in (getattr(self, "a", None), getattr(self, "b", None)):
             if server is not None:
                 server.stop()
-        if getattr(self, "redis", None) is not None:
-            self.redis.stop()
+        redis.Redis.from_url(self.redis.url).flushall()
 
 
 class CpuMeter:
@@ -192,3 +211,38 @@ def scrape(base_url: str) -> dict[str, dict[tuple[tuple[str, str], ...], float]]
         for sample in family.samples:
             samples.setdefault(sample.name, {})[tuple(sorted(sample.labels.items()))] = sample.value
     return samples
+
+
+class RedisCounter:
+    """What Redis did between two looks (``INFO all``): calls per command and
+    read events (one per batch of commands a client sent: its round trips),
+    less a baseline rate of the instances' own upkeep (heartbeats, probes)."""
+
+    IGNORED = frozenset({"info", "hello", "client|setinfo", "client|setname", "select"})  # our looks, new connections
+
+    def __init__(self, url: str) -> None:
+        self.client = redis.Redis.from_url(url)
+        self.baseline: tuple[Counter[str], float] = (Counter(), 0.0)
+
+    def look(self) -> tuple[float, Counter[str], float]:
+        info = self.client.info("all")
+        calls = Counter({name[8:]: stats["calls"] for name, stats in info.items() if name.startswith("cmdstat_")})
+        return time.monotonic(), calls, float(info["total_reads_processed"])
+
+    def since(self, start: tuple[float, Counter[str], float]) -> tuple[Counter[str], float]:
+        """Calls per command and read events since ``start`` (our own INFO not counted), net of the baseline."""
+        now, calls, reads = self.look()
+        seconds = now - start[0]
+        rates, read_rate = self.baseline
+        delta: Counter[str] = Counter()
+        for name, count in calls.items():
+            if name not in self.IGNORED:
+                delta[name] = count - start[1].get(name, 0) - rates.get(name, 0.0) * seconds
+        return delta, reads - start[2] - 1 - read_rate * seconds
+
+    def measure_baseline(self, seconds: float) -> None:
+        self.baseline = (Counter(), 0.0)
+        start = self.look()
+        time.sleep(seconds)
+        calls, reads = self.since(start)
+        self.baseline = (Counter({k: v / seconds for k, v in calls.items()}), reads / seconds)

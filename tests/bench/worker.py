@@ -13,7 +13,13 @@ timed from the moment its signal was *scheduled* to the moment the agent
 holds the visitor's ``terms`` answer.
 
 ``idle``: many connections that only answer pings, to weigh what an idle
-connection costs a server.
+connection costs a server; batches of visitors connected (at a chosen
+concurrency: one at a time to count Redis commands, hundreds at once for a
+reconnect storm) and closed on command; an agent watching the whole group
+that tells when it has seen given visitors come online.
+
+Both modes drive Herald and the ceiling (``tests/bench/ceiling.py``) alike:
+the ceiling answers the same URLs with the same frames.
 """
 
 from __future__ import annotations
@@ -169,6 +175,17 @@ class PairsLoad:
             "counts": dict(self.counts),
         }
 
+    async def presence(self, count: int, rate: float) -> dict[str, Any]:
+        """``count`` presence updates (new data each) from the visitors in turn, ``rate`` a second."""
+        started = time.perf_counter()
+        for i in range(count):
+            await asyncio.sleep(max(0.0, started + i / rate - time.perf_counter()))
+            await self.pairs[i % len(self.pairs)].visitor.send_bytes(
+                clients.pack({"type": "presence", "data": {"n": i}})
+            )
+        await asyncio.sleep(0.5)  # for the watchers' presence_changed
+        return {"sent": count}
+
     async def close(self) -> None:
         await clients.bounded([ws for pair in self.pairs for ws in (pair.agent, pair.visitor)], lambda ws: ws.close())
         for task in self.readers:
@@ -187,6 +204,8 @@ async def _pairs(args: argparse.Namespace) -> None:
             async for command in commands():
                 if command["cmd"] == "run":
                     emit(await load.run(command["rate"], command["seconds"], command["start"]))
+                elif command["cmd"] == "presence":
+                    emit(await load.presence(command["count"], command["rate"]))
                 elif command["cmd"] == "quit":
                     break
         finally:
@@ -199,32 +218,81 @@ async def _hold(ws: aiohttp.ClientWebSocketResponse) -> None:
         pass
 
 
+async def _watch_group(ws: aiohttp.ClientWebSocketResponse, seen: dict[str, float], heard: asyncio.Event) -> None:
+    """Note when each visitor was first announced to this group-watching agent."""
+    async for msg in ws:
+        if msg.type is aiohttp.WSMsgType.BINARY:
+            frame = msgpack.unpackb(msg.data)
+            if frame.get("type") == "presence_changed":
+                seen.setdefault(frame["state"]["visitor"], time.time())
+                heard.set()
+
+
+async def _until_seen(names: set[str], seen: dict[str, float], heard: asyncio.Event) -> None:
+    while len(names & seen.keys()) < len(names):
+        heard.clear()
+        await heard.wait()
+
+
 async def _idle(args: argparse.Namespace) -> None:
     async with clients.session() as http:
-        sockets: list[aiohttp.ClientWebSocketResponse] = []
+        batches: dict[str, list[aiohttp.ClientWebSocketResponse]] = {}  # by visitor-ID prefix; "a": agents
         holders: list[asyncio.Task[None]] = []
+        seen: dict[str, float] = {}  # visitor -> unix time the group watcher heard of it
+        heard = asyncio.Event()  # set when it hears of one more
+        last_welcome = 0.0
 
-        async def visitor(i: int) -> aiohttp.ClientWebSocketResponse:
+        async def visitor(name: str) -> aiohttp.ClientWebSocketResponse:
+            nonlocal last_welcome
             data = {"url": "/account/billing", "title": "Billing"}
-            return await clients.connect_visitor(http, args.visitor_url, f"{args.name}-v{i}", data)
+            ws = await clients.connect_visitor(http, args.visitor_url, name, data)
+            last_welcome = max(last_welcome, time.time())
+            return ws
 
         async def agent(i: int) -> aiohttp.ClientWebSocketResponse:
             # Each agent watches one visitor, as an agent on a customer's CRM record does.
             cookie = await clients.login_agent(http, args.agent_url, f"{args.name}-a{i}")
             return await clients.connect_agent(http, args.agent_url, cookie, f"{args.name}-v{i}")
 
+        async def group_watcher() -> aiohttp.ClientWebSocketResponse:
+            cookie = await clients.login_agent(http, args.agent_url, f"{args.name}-watcher")
+            ws = await clients.connect_agent(http, args.agent_url, cookie, None, group=True)
+            holders.append(asyncio.create_task(_watch_group(ws, seen, heard)))
+            return ws
+
         try:
             async for command in commands():
-                if command["cmd"] == "quit":
+                cmd, started = command["cmd"], time.monotonic()
+                if cmd == "quit":
                     break
-                started = time.monotonic()
-                connect = visitor if command["cmd"] == "visitors" else agent
-                made = await clients.bounded(range(command["count"]), connect)
-                sockets += made
-                holders += [asyncio.create_task(_hold(ws)) for ws in made]
-                emit({"done": True, "seconds": time.monotonic() - started})
+                if cmd == "seen":  # wait until the watcher has heard of every visitor named
+                    prefix, counts = command["prefix"], command["workers"]  # worker name -> visitors
+                    names = {f"{worker}-{prefix}{i}" for worker, count in counts.items() for i in range(count)}
+                    with contextlib.suppress(TimeoutError):
+                        await asyncio.wait_for(_until_seen(names, seen, heard), command["timeout"])
+                    found = names & seen.keys()
+                    emit({"seen": len(found), "last": max((seen[n] for n in found), default=0.0)})
+                    continue
+                if cmd == "close":
+                    closing = batches.pop(command["prefix"], [])
+                    await clients.bounded(closing, lambda ws: ws.close(), command.get("concurrency", 50))
+                    emit({"done": True, "seconds": time.monotonic() - started})
+                    continue
+                if cmd == "visitors":
+                    prefix, concurrency = command.get("prefix", "v"), command.get("concurrency", 50)
+                    ids = [f"{args.name}-{prefix}{i}" for i in range(command["count"])]
+                    last_welcome = 0.0
+                    made = await clients.bounded(ids, visitor, concurrency)
+                elif cmd == "agents":
+                    prefix, made = "a", await clients.bounded(range(command["count"]), agent)
+                else:  # "watch"
+                    prefix, made = "watch", [await group_watcher()]
+                batches.setdefault(prefix, []).extend(made)
+                holders += [asyncio.create_task(_hold(ws)) for ws in made if prefix != "watch"]
+                emit({"done": True, "seconds": time.monotonic() - started, "last": last_welcome})
         finally:
-            await clients.bounded(sockets, lambda ws: ws.close())
+            for made in batches.values():
+                await clients.bounded(made, lambda ws: ws.close())
             for task in holders:
                 task.cancel()
 
