@@ -149,32 +149,51 @@ def _coerce(name: str, raw: Any) -> Any:
 
 
 def _parse_group_pairs(text: str) -> dict[str, GroupConfig]:
-    """``"acme=s3cret,beta=other"`` -> groups (env var and --group flag form)."""
+    """``"acme=s3cret,beta=other"`` -> groups (env var and --group flag form).
+    A group named twice is an error: keeping one of the two secrets silently
+    would refuse every token signed with the other."""
     groups: dict[str, GroupConfig] = {}
     for item in filter(None, (part.strip() for part in text.split(","))):
         group_id, sep, secret = item.partition("=")
         if not sep or not secret:
             raise ConfigError(f"group {item!r}: expected id=secret")
+        if group_id in groups:
+            raise ConfigError(f"group {group_id!r} is given twice; give each group once")
         _add_group(groups, group_id, {"secret": secret})
     return groups
+
+
+MIN_SECRET_LENGTH = 16  # a group's secret, and the admin token
+
+
+def check_group_id(group_id: str) -> None:
+    try:
+        identifier(group_id, "group")
+    except ProtocolError as exc:
+        raise ConfigError(str(exc)) from None
+
+
+def check_group_secret(group_id: str, secret: object) -> None:
+    """What the server refuses in a group's secret (``herald token`` refuses the same)."""
+    if not isinstance(secret, str) or len(secret) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"group {group_id!r}: needs a secret of at least {MIN_SECRET_LENGTH} characters")
 
 
 _GROUP_KEYS = {"secret", "secrets", "allowed_origins", "allow_anonymous", "allow_consumer_codes"}
 
 
 def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> None:
-    try:
-        identifier(group_id, "group")
-    except ProtocolError as exc:
-        raise ConfigError(str(exc)) from None
+    check_group_id(group_id)
     if not isinstance(table, Mapping):
         raise ConfigError(f"group {group_id!r}: expected a table with secret(s) and allowed_origins")
     unknown = set(table) - _GROUP_KEYS
     if unknown:
         raise ConfigError(f"group {group_id!r}: unknown keys {sorted(unknown)}")
     found = table.get("secrets") or ([table["secret"]] if table.get("secret") else [])
-    if not isinstance(found, list) or not found or not all(isinstance(s, str) and len(s) >= 16 for s in found):
-        raise ConfigError(f"group {group_id!r}: needs a secret of at least 16 characters")
+    if not isinstance(found, list) or not found:
+        check_group_secret(group_id, None)
+    for secret in found:
+        check_group_secret(group_id, secret)
     origins = table.get("allowed_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         raise ConfigError(f"group {group_id!r}: allowed_origins must be a list of strings")
@@ -189,6 +208,7 @@ def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> Non
 # a Service "herald-redis" gives HERALD_REDIS_SERVICE_HOST, HERALD_REDIS_PORT=tcp://...
 _SERVICE_LINK = re.compile(r"(_SERVICE_(HOST|PORT)|_PORT_\d+_(TCP|UDP|SCTP))(_\w+)?$")
 _SERVICE_LINK_VALUE = re.compile(r"(tcp|udp|sctp)://", re.IGNORECASE)
+TOKEN_SECRET_ENV = "HERALD_TOKEN_SECRET"  # what ``herald token`` signs with; no setting of the server
 
 
 def unknown_environment(env: Mapping[str, str]) -> list[str]:
@@ -196,7 +216,7 @@ def unknown_environment(env: Mapping[str, str]) -> list[str]:
     closest setting (a typo like ``HERALD_REDIS_UR`` would otherwise start
     the memory backend without a word). Kubernetes' service-link variables
     are not Herald's and are left alone."""
-    known = [*_SCALAR_FIELDS, "groups"]
+    known = [*_SCALAR_FIELDS, "groups", TOKEN_SECRET_ENV[7:].lower()]
     found = []
     for key in sorted(env):
         name = key[7:].lower()
@@ -281,8 +301,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"max_presence_fields must be 1-{MAX_DATA_FIELDS} (the protocol's ceiling)")
     if not 4 <= settings.code_length <= 12:
         raise ConfigError("code_length must be 4-12")
-    if settings.admin_token and len(settings.admin_token) < 16:
-        raise ConfigError("admin_token must be at least 16 characters")
+    if settings.admin_token and len(settings.admin_token) < MIN_SECRET_LENGTH:
+        raise ConfigError(f"admin_token must be at least {MIN_SECRET_LENGTH} characters")
     if not 0 <= settings.port <= 65535 or not 0 <= settings.metrics_port <= 65535:
         raise ConfigError("port and metrics_port must be between 0 and 65535")
     if settings.metrics_port and settings.metrics_port == settings.port:

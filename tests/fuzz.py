@@ -234,6 +234,7 @@ class Frames:
             checks.text: self.text,
             checks.flat_map: self.flat_map,
             checks.visitor_state: self.visitor_state,
+            checks.visitor_delta: self.visitor_delta,
         }
         if check in by_check:
             return by_check[check]()
@@ -281,3 +282,7 @@ class Frames:
             "since": 1.5,
         }
         return {"visitor": self.name(), "online": True, "version": 3, "connections": [connection]}
+
+    def visitor_delta(self) -> dict[str, Any]:
+        changed = {"connection": self.name(), "data": self.flat_map(), "visible": self.rng.random() < 0.5}
+        return {"visitor": self.name(), "version": 4, "base": 3, "changed": [changed], "removed": [], "focused": None}

@@ -18,6 +18,7 @@ import shlex
 import shutil
 import subprocess
 import textwrap
+import tomllib
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +27,7 @@ import pytest
 import yaml
 
 from deploy.local.cluster import LocalCluster
+from herald_presence.server import __version__
 from herald_presence.server.config import Settings
 
 from .processes import REPO
@@ -334,9 +336,13 @@ def test_compose_runs_redis_three_herald_instances_and_a_load_balancer() -> None
     heralds = sorted(name for name in services if name.startswith("herald"))
     assert set(services) == {"redis", "lb", *heralds} and len(heralds) == 3
     first = services[heralds[0]]
+    # One build: the first instance builds the image, the others run its tag and never pull it.
+    assert first["build"]["dockerfile"] == "deploy/Dockerfile"
+    for name in heralds[1:]:
+        assert "build" not in services[name] and services[name]["pull_policy"] == "never", name
     for name in heralds:
         service = services[name]
-        assert service["build"]["dockerfile"] == "deploy/Dockerfile" and service["image"] == first["image"]
+        assert service["image"] == first["image"]
         env = service["environment"]
         assert env["HERALD_REDIS_URL"].startswith("redis://redis:")
         assert env["HERALD_HOST"] == "0.0.0.0"
@@ -366,6 +372,8 @@ def test_haproxy_sends_to_the_three_instances_with_readiness_checks_and_long_tun
     assert {int(port) for _, _, port in servers} == {8765}
     for line in ("option httpchk GET /readyz", "timeout tunnel 1h", "option redispatch", "balance leastconn"):
         assert line in config
+    # It names each client in X-Forwarded-For, which Herald reads from it (compose trusts its address).
+    assert re.search(r"^\s*option forwardfor\b", config, re.MULTILINE)
     assert re.search(r"^\s*retries \d", config, re.MULTILINE)
 
 
@@ -381,3 +389,36 @@ def test_haproxy_accepts_the_config(which: str, tmp_path: Path) -> None:
         path = REPO / which
     result = subprocess.run([haproxy, "-c", "-f", str(path)], capture_output=True, text=True, timeout=30, check=False)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+# --- the version ------------------------------------------------------------------
+
+
+def test_every_copy_of_the_version_is_the_one_in_server_init() -> None:
+    """The version's home is ``herald_presence.server.__version__``: pyproject.toml
+    reads it from there, and the image tags the deploy files cannot derive
+    (the Dockerfile's build command, Compose, the Kubernetes base and the
+    production overlay) must say the same."""
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    assert "version" not in project["project"] and "version" in project["project"]["dynamic"]
+    assert project["tool"]["setuptools"]["dynamic"]["version"] == {"attr": "herald_presence.server.__version__"}
+    tags = {
+        "Dockerfile": re.findall(r"-t herald:(\S+)", (DEPLOY / "Dockerfile").read_text()),
+        "docker-compose.yml": [
+            service["image"].split(":", 1)[1]
+            for name, service in compose()["services"].items()
+            if name.startswith("herald")
+        ],
+        "k8s/base": [
+            container["image"].split(":", 1)[1]
+            for container in resource("Deployment", "herald")["spec"]["template"]["spec"]["containers"]
+            if container["name"] == "herald"
+        ],
+        "k8s/overlays/production": [
+            image["newTag"]
+            for image in yaml.safe_load((K8S / "overlays/production/kustomization.yaml").read_text())["images"]
+            if image["name"] == "herald"
+        ],
+    }
+    for where, found in tags.items():
+        assert found and set(found) == {__version__}, f"{where} says {found}, Herald is {__version__}"

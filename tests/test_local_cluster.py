@@ -30,7 +30,8 @@ from herald_presence.protocol.client.visitor import VisitorClient
 from .harness import SECRET, changed, signal
 
 # Fast cluster timings (as tests/conftest.py's FAST), and no per-address limits:
-# behind the load balancer every client has HAProxy's address.
+# every client of these tests is 127.0.0.1 (HAProxy names it in X-Forwarded-For,
+# which the cluster trusts); tests/test_local_cluster_limits.py tests the limits.
 SETTINGS = {
     "instance_heartbeat": 0.25,
     "instance_dead_after": 1.5,

@@ -19,11 +19,11 @@ REPO = Path(__file__).resolve().parent.parent
 TIMEOUT = 300  # seconds for a build or an install (packages come from the index)
 
 
-def run(*argv: str | Path, cwd: Path) -> subprocess.CompletedProcess[str]:
+def run(*argv: str | Path, cwd: Path, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [str(arg) for arg in argv],
         cwd=cwd,
-        env=clean_env(),
+        env={**clean_env(), **(env or {})},
         stdin=subprocess.DEVNULL,
         capture_output=True,
         text=True,
@@ -78,7 +78,8 @@ def test_the_sdk_installs_without_the_servers_extra_beside_a_users_own_protocol_
     assert sdk.returncode == 0, sdk.stderr
     assert sdk.stdout.strip() == "1"
 
-    token = run(herald, "token", "visitor", "--group", "acme", "--id", "cust-42", "--secret", "s" * 16, cwd=project)
+    secret = {"HERALD_TOKEN_SECRET": "s" * 16}  # never on the command line
+    token = run(herald, "token", "visitor", "--group", "acme", "--id", "cust-42", cwd=project, env=secret)
     assert token.returncode == 0 and token.stdout.count(".") == 1, token.stderr
     serve = run(herald, "serve", "--port", "0", cwd=project)
     assert serve.returncode != 0

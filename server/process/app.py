@@ -15,6 +15,7 @@ from herald_presence.server.config import Settings
 from herald_presence.server.core.hub import Hub
 from herald_presence.server.web import admin, auth, codes, crm, demo, health, keys, pages
 from herald_presence.server.web.agent_ws import agent_endpoint
+from herald_presence.server.web.http_common import name_the_server
 from herald_presence.server.web.visitor_ws import visitor_endpoint
 
 log = logging.getLogger(__name__)
@@ -47,6 +48,7 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
     for routes in (codes, admin, crm, demo, pages):
         routes.add_routes(app)
     health.add_routes(app, metrics=not settings.metrics_port)  # else on the metrics listener only
+    app.on_response_prepare.append(name_the_server)
     app.cleanup_ctx.append(_run_hub)
     app.on_shutdown.append(_close_connections)
     return app

@@ -3,14 +3,26 @@
 from __future__ import annotations
 
 import argparse
-import dataclasses
+import getpass
+import math
+import os
 import signal
 import sys
+import textwrap
 from collections.abc import Sequence
 
-from herald_presence.protocol import tokens
+from herald_presence.protocol import checks, tokens
+from herald_presence.protocol.errors import ProtocolError
 from herald_presence.server import __version__
-from herald_presence.server.config import ConfigError, Settings, ensure_demo_group, load
+from herald_presence.server.config import (
+    TOKEN_SECRET_ENV,
+    ConfigError,
+    Settings,
+    check_group_id,
+    check_group_secret,
+    ensure_demo_group,
+    load,
+)
 
 HELP = {
     "host": "address to listen on",
@@ -66,27 +78,188 @@ HELP = {
 }
 
 
+# ``herald serve --help`` shows the settings in these groups, in this order;
+# every setting is in exactly one (tests/test_cli.py checks).
+SECTIONS: dict[str, tuple[str, ...]] = {
+    "listening": ("host", "port", "metrics_port", "metrics_host", "workers", "trusted_proxies"),
+    "connections and timeouts": (
+        "keepalive",
+        "handshake_timeout",
+        "request_timeout",
+        "grace_period",
+        "signal_hold",
+        "delivery_timeout",
+        "drain_timeout",
+        "drain_spread",
+    ),
+    "limits per client address and instance": (
+        "connections_per_address",
+        "max_connections_per_address",
+        "max_connections",
+        "code_lookups_per_address",
+        "code_lookups_per_group",
+        "failed_credentials_per_address",
+    ),
+    "limits per connection": (
+        "max_frame_bytes",
+        "max_queue",
+        "message_rate",
+        "message_burst",
+        "message_bytes_rate",
+        "message_bytes_burst",
+        "max_connections_per_visitor",
+        "max_subscriptions_per_agent",
+        "max_presence_bytes",
+        "max_presence_fields",
+        "presence_rate",
+        "max_signal_bytes",
+        "visitor_signal_rate",
+        "visitor_signal_burst",
+    ),
+    "agent sessions, cookies, short codes and the admin API": (
+        "session_secret",
+        "session_max_age",
+        "cookie_secure",
+        "cookie_samesite",
+        "session_ttl",
+        "code_length",
+        "code_ttl",
+        "admin_token",
+    ),
+    "Redis (cluster mode)": ("redis_url", "redis_prefix", "instance_heartbeat", "instance_dead_after"),
+    "logging and start-up": ("log_level", "log_format", "strict_env"),
+}
+
+SERVE_DESCRIPTION = (
+    "Run the server. Every setting has one name in four places; later sources win: "
+    "defaults < TOML file (--config) < environment (HERALD_<NAME>) < flags. "
+    "With no group configured it starts in demo mode."
+)
+
+
+def _shown(value: object) -> str:
+    """A default as ``--help`` shows it."""
+    if isinstance(value, bool):
+        return str(value).lower()
+    return '""' if value == "" else str(value)
+
+
+def _metavar(value: object) -> str:
+    if isinstance(value, bool):
+        return "true|false"
+    return "N" if isinstance(value, int | float) else "TEXT"
+
+
+class _HelpFormatter(argparse.HelpFormatter):
+    """argparse's, wrapping each line of a flag's help on its own (the
+    environment name and default go on a line of their own)."""
+
+    def _split_lines(self, text: str, width: int) -> list[str]:
+        return [wrapped for line in text.splitlines() for wrapped in textwrap.wrap(line, width) or [""]]
+
+
 def _serve_parser(sub: argparse._SubParsersAction) -> None:
-    serve = sub.add_parser("serve", help="run the server")
-    serve.add_argument("--config", help="TOML file with settings and [groups.<id>] tables")
-    serve.add_argument("--group", action="append", default=[], metavar="ID=SECRET", help="add a group (repeatable)")
-    for field in dataclasses.fields(Settings):
-        if field.name != "groups":
-            serve.add_argument("--" + field.name.replace("_", "-"), dest=field.name, help=HELP[field.name])
+    serve = sub.add_parser(
+        "serve",
+        help="run the server",
+        description=SERVE_DESCRIPTION,
+        usage="herald serve [--config FILE] [--group ID=SECRET ...] [--<setting> VALUE ...]",
+        formatter_class=_HelpFormatter,
+    )
+    sources = serve.add_argument_group("configuration sources")
+    sources.add_argument("--config", metavar="FILE", help="TOML file with settings and [groups.<id>] tables")
+    sources.add_argument(
+        "--group",
+        action="append",
+        default=[],
+        metavar="ID=SECRET",
+        help="add a group, its secret at least 16 characters (repeatable, each ID once)\n"
+        "[env HERALD_GROUPS=id=secret,id2=secret2; default: a demo group]",
+    )
+    defaults = Settings()
+    for title, names in SECTIONS.items():
+        group = serve.add_argument_group(title)
+        for name in names:
+            default = getattr(defaults, name)
+            group.add_argument(
+                "--" + name.replace("_", "-"),
+                dest=name,
+                metavar=_metavar(default),
+                help=f"{HELP[name]}\n[env HERALD_{name.upper()}; default: {_shown(default)}]",
+            )
+
+
+TOKEN_DESCRIPTION = (
+    "Print a visitor token, agent login key or REST API key signed with the group's secret. "
+    f"The secret is read from the environment ({TOKEN_SECRET_ENV}), else from the group's configuration "
+    "(--config FILE or HERALD_GROUPS), else from standard input (asked for without echo on a terminal): "
+    "never from the command line, where every user of the machine can read it (ps, shell history)."
+)
 
 
 def _token_parser(sub: argparse._SubParsersAction) -> None:
-    token = sub.add_parser("token", help="mint a visitor token, agent login key or REST API key")
+    token = sub.add_parser(
+        "token", help="mint a visitor token, agent login key or REST API key", description=TOKEN_DESCRIPTION
+    )
     token.add_argument("role", choices=[tokens.VISITOR, tokens.AGENT, tokens.API])
     token.add_argument("--group", required=True)
     token.add_argument("--id", help="the visitor or agent ID (not for api)")
-    token.add_argument(
-        "--secret",
-        default="-",
-        help="the group's secret; '-' (the default) reads it from standard input, so that it is not on the "
-        "command line for every user of the machine to read (ps, shell history)",
-    )
-    token.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid")
+    token.add_argument("--config", metavar="FILE", help="the server's TOML file, to take the group's secret from")
+    token.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (default: 3600)")
+    token.add_argument("--secret", help=argparse.SUPPRESS)  # only "-" (standard input), as it used to be
+
+
+def _token_secret(args: argparse.Namespace) -> str:
+    """The secret to sign with, from the first place that has one
+    (``TOKEN_DESCRIPTION``): the environment, the group's configuration,
+    standard input."""
+    secret = os.environ.get(TOKEN_SECRET_ENV)
+    if secret is not None:
+        return secret.strip()
+    if args.config or os.environ.get("HERALD_GROUPS"):
+        group = load(args.config, warnings=[]).groups.get(args.group)
+        if group is not None:
+            return group.secrets[0]  # the current one: the first during a rotation
+        if args.config:
+            raise ConfigError(f"group {args.group!r} is not in {args.config} (nor in HERALD_GROUPS)")
+    if sys.stdin is None:
+        raise ConfigError(f"no secret: set {TOKEN_SECRET_ENV} or pipe it on standard input")
+    if sys.stdin.isatty():
+        return getpass.getpass(f"secret of group {args.group}: ").strip()
+    secret = sys.stdin.readline().strip()
+    if not secret:
+        raise ConfigError(f"no secret on standard input (or set {TOKEN_SECRET_ENV}, or give --config)")
+    return secret
+
+
+def _token(args: argparse.Namespace) -> None:
+    """``herald token``: refuses whatever the server would refuse, so a token it prints is one the server can take."""
+    try:
+        if args.secret not in (None, "-"):
+            raise ConfigError(
+                f"a secret on the command line is readable by every user of the machine (ps, shell history):"
+                f" set {TOKEN_SECRET_ENV}, or pipe it on standard input"
+            )
+        check_group_id(args.group)
+        if args.role != tokens.API:
+            if args.id is None:
+                raise ConfigError("--id is required for visitor and agent tokens")
+            try:
+                checks.identifier(args.id, "id")
+            except ProtocolError as exc:
+                raise ConfigError(str(exc)) from None
+        if not (math.isfinite(args.ttl) and 0 < args.ttl <= tokens.MAX_TOKEN_LIFETIME):
+            raise ConfigError(
+                f"--ttl must be above 0 and at most {tokens.MAX_TOKEN_LIFETIME} seconds (what the server takes)"
+            )
+        secret = _token_secret(args)
+        check_group_secret(args.group, secret)
+    except ConfigError as exc:
+        sys.exit(f"herald: {exc}")
+    if args.role == tokens.API:
+        print(tokens.api_key(secret, args.group, args.ttl))
+    else:
+        print(tokens.make_token(secret, args.role, args.group, args.id, args.ttl))
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -97,16 +270,7 @@ def main(argv: list[str] | None = None) -> None:
     _token_parser(sub)
     args = parser.parse_args(argv)
     if args.command == "token":
-        if args.secret == "-":
-            args.secret = sys.stdin.readline().strip()
-            if not args.secret:
-                parser.error("no secret on standard input (or give --secret)")
-        if args.role == tokens.API:
-            print(tokens.api_key(args.secret, args.group, args.ttl))
-        elif args.id is None:
-            parser.error("--id is required for visitor and agent tokens")
-        else:
-            print(tokens.make_token(args.secret, args.role, args.group, args.id, args.ttl))
+        _token(args)
         return
     flags = {k: v for k, v in vars(args).items() if k not in ("command", "config", "group")}
     if args.group:
@@ -148,12 +312,13 @@ def _serve(settings: Settings, warnings: Sequence[str]) -> None:
         logging.getLogger("herald_presence.server.config").warning("%s", warning)
     demo = ensure_demo_group(settings)
     if demo is not None:
+        # The demo pages get credentials only on this machine, by a loopback name: the URL says one.
+        local = runner.local_url(settings.host, settings.port)
         print(
             "\n  DEMO MODE: no group is configured, so this server made a demo group for trying it out.\n"
             f"  group: {demo.id}\n  secret: {demo.secrets[0]}   (random, new at every start)\n"
             f"  visitor token: echo <secret> | herald token visitor --group {demo.id} --id <visitor>\n"
-            f"  in a browser on this machine: http://{settings.host}:{settings.port}/console"
-            f" and http://{settings.host}:{settings.port}/demo/visitor\n"
+            f"  in a browser on this machine: {local}/console and {local}/demo/visitor\n"
             "  Configure real groups with --group ID=SECRET, HERALD_GROUPS or a TOML file.\n",
             flush=True,
         )

@@ -22,6 +22,7 @@ import os
 import resource
 import secrets
 import signal
+import socket
 import sys
 import time
 
@@ -134,7 +135,7 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     gc.collect()
     gc.freeze()
     gc.set_threshold(*GC_THRESHOLDS)
-    print(f"herald listening on http://{settings.host}:{site.port} (pid {os.getpid()})", flush=True)
+    print(f"herald listening on {listening(settings.host, site.port)} (pid {os.getpid()})", flush=True)
     log.info("herald %s instance %s ready", __version__, app[HUB].instance)
     try:
         await stop.wait()
@@ -144,6 +145,27 @@ async def _serve(settings: Settings, reuse_port: bool) -> int:
     finally:
         await _cleanup(runner, metrics_runner)  # closes whatever is left with 1001, then the hub
     return 0
+
+
+ALL_INTERFACES = {"", "0.0.0.0", "::", "[::]"}
+
+
+def local_url(host: str, port: int) -> str:
+    """The URL a browser on this machine opens: a loopback address when the
+    server listens on every interface (``http://0.0.0.0:…`` leads nowhere)."""
+    if host in ALL_INTERFACES:
+        host = "[::1]" if ":" in host else "127.0.0.1"
+    elif ":" in host and not host.startswith("["):
+        host = f"[{host}]"  # an IPv6 address in a URL
+    return f"http://{host}:{port}"
+
+
+def listening(host: str, port: int) -> str:
+    """Where the server listens, as URLs that work: on every interface, the
+    loopback one and the one with this machine's name."""
+    if host not in ALL_INTERFACES:
+        return local_url(host, port)
+    return f"{local_url(host, port)} and http://{socket.gethostname()}:{port} (all interfaces)"
 
 
 async def _start(
@@ -159,7 +181,7 @@ async def _start(
         host = settings.metrics_host or settings.host
         metrics_site = web.TCPSite(metrics_runner, host, settings.metrics_port, reuse_port=reuse_port or None)
         await _bind(metrics_site, host, settings.metrics_port, "metrics_port")
-        log.info("metrics and health on http://%s:%d (/metrics, /healthz, /readyz)", host, settings.metrics_port)
+        log.info("metrics and health on %s (/metrics, /healthz, /readyz)", listening(host, settings.metrics_port))
     return site
 
 

@@ -11,6 +11,8 @@ JSON bodies), and cookies are never logged.
 
 from __future__ import annotations
 
+from typing import TypeGuard
+
 from aiohttp import web
 from aiohttp.abc import AbstractAccessLogger
 
@@ -19,11 +21,18 @@ from .http_common import client_address
 REDACTED = ("code",)  # route segments that are capabilities
 
 
+def _routed(request: web.BaseRequest) -> TypeGuard[web.Request]:
+    """Whether the request reached the application. One aiohttp could not
+    parse (answered 400 by the server itself) is a ``web.Request`` too, but
+    with no route and no app, whose ``match_info`` and ``app`` raise."""
+    return isinstance(request, web.Request) and getattr(request, "_match_info", None) is not None
+
+
 def logged_path(request: web.BaseRequest) -> str:
     """The request's path as it came (still percent-encoded, no query), its
     capability segments replaced."""
     path = request.rel_url.raw_path
-    match_info = getattr(request, "match_info", None)
+    match_info = request.match_info if _routed(request) else None
     for name in REDACTED:
         value = match_info.get(name) if match_info is not None else None
         if value:
@@ -33,7 +42,7 @@ def logged_path(request: web.BaseRequest) -> str:
 
 class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
-        address = client_address(request) if isinstance(request, web.Request) else request.remote
+        address = client_address(request) if _routed(request) else request.remote
         path = logged_path(request)
         self.logger.info(
             '%s "%s %s" %s %.1fms',

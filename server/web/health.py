@@ -9,6 +9,7 @@ from aiohttp import web
 
 from herald_presence.server import __version__, metrics
 
+from .http_common import name_the_server
 from .keys import HUB
 
 
@@ -48,5 +49,6 @@ def metrics_app(served: web.Application) -> web.Application:
     starts and stops it; this one only reads it)."""
     app = web.Application(client_max_size=1024)
     app[HUB] = served[HUB]
+    app.on_response_prepare.append(name_the_server)
     add_routes(app)
     return app

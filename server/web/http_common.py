@@ -46,6 +46,14 @@ STATUS = {
 }
 
 
+SERVER_HEADER = "herald"  # instead of aiohttp's "Python/3.11 aiohttp/3.x": no versions for scanners to match
+
+
+async def name_the_server(_request: web.Request, response: web.StreamResponse) -> None:
+    """``on_response_prepare``: every answer says ``Server: herald``."""
+    response.headers["Server"] = SERVER_HEADER
+
+
 def error_response(status: int, code: ErrorCode | str, message: str) -> web.Response:
     metrics.error(str(code))
     return web.json_response({"error": {"code": str(code), "message": message}}, status=status)

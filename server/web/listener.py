@@ -48,6 +48,8 @@ from aiohttp import web
 from herald_presence.server.config import Settings, trusted_networks
 from herald_presence.server.model.limits import OpenConnections
 
+from .http_common import SERVER_HEADER
+
 log = logging.getLogger(__name__)
 
 RESERVED_FDS = 256  # kept from max_connections=0 for the rest: Redis, logs, and one accept burst (BACKLOG)
@@ -184,9 +186,18 @@ class HeraldRunner(web.AppRunner):
 
 
 class _Handler(web.RequestHandler):
-    """aiohttp's request handler, which gives its place in the budget back when its connection closes."""
+    """aiohttp's request handler, which gives its place in the budget back when
+    its connection closes, and names the server in the answers it makes itself
+    (to a request it cannot parse: the application never sees those)."""
 
     __slots__ = ("_budget", "_counted_as")
+
+    def handle_error(
+        self, request: Any, status: int = 500, exc: BaseException | None = None, message: str | None = None
+    ) -> web.StreamResponse:
+        response = super().handle_error(request, status, exc, message)
+        response.headers["Server"] = SERVER_HEADER
+        return response
 
     def connection_lost(self, exc: BaseException | None) -> None:
         budget, self._budget = self._budget, None

@@ -25,6 +25,7 @@ JS = "text/javascript"
 # URL path -> (file, content type). The client is stable at /js/herald.js and
 # imports ./vendor/msgpack.mjs relatively, so the same tree works from a CDN.
 FILES: dict[str, tuple[Path, str]] = {
+    "/": (STATIC_DIR / "index.html", "text/html"),  # what is here, and in demo mode the demo pages
     "/js/herald.js": (JS_DIR / "herald.js", JS),
     "/js/vendor/msgpack.mjs": (JS_DIR / "vendor" / "msgpack.mjs", JS),
     "/js/vendor/msgpack.LICENSE": (JS_DIR / "vendor" / "msgpack.LICENSE", "text/plain"),
@@ -33,6 +34,7 @@ FILES: dict[str, tuple[Path, str]] = {
     "/demo/shortcode": (STATIC_DIR / "shortcode.html", "text/html"),
     "/static/pages.css": (STATIC_DIR / "pages.css", "text/css"),
     "/static/pages.js": (STATIC_DIR / "pages.js", JS),
+    "/static/index.js": (STATIC_DIR / "index.js", JS),
     "/static/console.js": (STATIC_DIR / "console.js", JS),
     "/static/visitor.js": (STATIC_DIR / "visitor.js", JS),
     "/static/shortcode.js": (STATIC_DIR / "shortcode.js", JS),

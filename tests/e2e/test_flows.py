@@ -17,7 +17,7 @@ from playwright.async_api import Locator, Page, expect
 from herald_presence.protocol import tokens
 
 from ..harness import SECRET, HeraldServer, settings
-from .conftest import STEP_TIMEOUT_MS
+from .conftest import STEP_TIMEOUT_MS, demo_settings
 
 Servers = tuple[HeraldServer, HeraldServer]
 OpenPage = Callable[[str], Awaitable[Page]]
@@ -165,3 +165,21 @@ async def test_a_configured_group_takes_credentials_from_the_url_fragment(open_p
         await shot(console, "agent-sees-declined")
     finally:
         await server.stop()
+
+
+async def test_the_index_page_points_to_the_demo_pages_in_demo_mode_only(open_page: OpenPage, shot: Shot) -> None:
+    demo, configured = await HeraldServer(demo_settings()).start(), await HeraldServer(settings()).start()
+    try:
+        index = await open_page(demo.base_url + "/")
+        await expect(index.get_by_role("link", name="a customer's page")).to_be_visible()
+        await shot(index, "demo-mode")
+        await index.get_by_role("link", name="agent console").first.click()
+        await expect(index).to_have_url(demo.base_url + "/console")
+
+        index = await open_page(configured.base_url + "/")
+        await expect(index.get_by_role("link", name="agent console")).to_be_visible()
+        await expect(index.get_by_role("link", name="a customer's page")).to_be_hidden()
+        await shot(index, "configured")
+    finally:
+        await demo.stop()
+        await configured.stop()
