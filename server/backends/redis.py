@@ -218,7 +218,7 @@ class RedisBackend(Backend):
             before = ({c: r.instance for c, r in record.connections.items()}, record.away_since, away_by)
             change = mutation(record)
             if change is None and not read:
-                raw, read = await self._batch.call("hgetall", key), True  # nothing to do: is that still so?
+                raw, read = await self._batch.call("HGETALL", key), True  # nothing to do: is that still so?
                 continue
             if change is None:
                 self._remember(key, record, raw)
@@ -226,7 +226,7 @@ class RedisBackend(Backend):
             stored, commands = self._store(record, raw, *before)
             commands += [("PUBLISH", self.names.channel(topic), message) for topic, message in announce(change)]
             flat = [item for command in commands for item in (len(command), *command)]
-            answer = await self._batch.call("eval", STORE_IF_SCRIPT, 1, key, raw.get(b"version", b""), *flat)
+            answer = await self._batch.script(STORE_IF_SCRIPT, 1, key, raw.get(b"version", b""), *flat)
             if answer == 1:
                 self._remember(key, record, stored)
                 return change
@@ -288,7 +288,7 @@ class RedisBackend(Backend):
         return stored, commands
 
     async def _read(self, group: str, visitor: str) -> VisitorRecord:
-        raw = await self._batch.call("hgetall", self.names.visitor(group, visitor))
+        raw = await self._batch.call("HGETALL", self.names.visitor(group, visitor))
         return self._load(group, visitor, raw)[0]
 
     async def visitor(self, group: str, visitor: str) -> VisitorState:
@@ -349,7 +349,7 @@ class RedisBackend(Backend):
                 await self._pubsub.unsubscribe(channel)
 
     async def publish(self, topic: str, message: bytes) -> int:
-        return int(await self._batch.call("publish", self.names.channel(topic), message))
+        return int(await self._batch.call("PUBLISH", self.names.channel(topic), message))
 
     async def _listen(self) -> None:
         """Own the one pub/sub connection: (re)subscribe, dispatch, notice loss."""
@@ -553,7 +553,7 @@ class RedisBackend(Backend):
 
     async def take_held(self, group: str, visitor: str) -> list[tuple[HeldSignal, bool]]:
         key = self.names.held(group, visitor)
-        if not await self._batch.call("exists", key):
+        if not await self._batch.call("EXISTS", key):
             return []  # every visitor connect asks; almost always nothing is held (one batched command)
 
         async def step(pipe: Any) -> list[tuple[HeldSignal, bool]]:
@@ -594,7 +594,7 @@ class RedisBackend(Backend):
 
     # -- records -------------------------------------------------------------
     async def kv_get(self, key: str) -> bytes | None:
-        return await self._batch.call("get", self.names.record(key))  # on every visitor connect: batched
+        return await self._batch.call("GET", self.names.record(key))  # on every visitor connect: batched
 
     async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
         expiry = _ms(ttl) if ttl is not None else None
