@@ -22,9 +22,12 @@ MAX_EVENT_CHARS = 64
 MAX_KEY_CHARS = 64
 MAX_VALUE_CHARS = 2048
 MAX_DATA_FIELDS = 32
-MAX_TOKEN_CHARS = 512
+MAX_TOKEN_CHARS = 2048  # a v1 token is ~54; a JWT signed with an RSA-4096 key ~1000
 MAX_VISITORS_PER_REQUEST = 1000
 MAX_REQUEST_ID = 2**53 - 1  # fits a JavaScript number exactly
+MAX_PAYLOAD_BYTES = 64 * 1024  # a session signal's payload in UTF-8: a WebRTC offer or answer (SDP) in one message
+MAX_ICE_SERVERS = 8  # STUN/TURN servers handed to a session member
+MAX_ICE_URLS = 8  # URLs of one of them
 
 # Bounds on every container and string in a client's frame, known field or
 # not, enforced by the msgpack decoder as it reads each header, before it
@@ -33,6 +36,10 @@ MAX_REQUEST_ID = 2**53 - 1  # fits a JavaScript number exactly
 MAX_MAP_ENTRIES = 64  # a frame's own fields (a dozen at most today, room for more) and flat maps (32)
 MAX_ARRAY_ITEMS = MAX_VISITORS_PER_REQUEST  # the longest list: a subscribe's visitor IDs
 MAX_STRING_BYTES = 4 * MAX_VALUE_CHARS  # the longest string, in UTF-8; binaries (never valid) alike
+# A ``session_signal`` alone may carry longer strings: its payload (codec.unpack). Beyond what a payload
+# may hold, so that one a little over it is answered ``invalid`` by its field check; the frame's size
+# (``max_session_frame_bytes``) bounds it first.
+MAX_PAYLOAD_STRING_BYTES = 4 * MAX_PAYLOAD_BYTES
 MAX_EXT_BYTES = 12  # the largest msgpack timestamp; other extension types are refused anyway
 
 _ID_RE = re.compile(rf"[A-Za-z0-9._:@+\-]{{1,{MAX_ID_CHARS}}}")
@@ -89,6 +96,38 @@ def token(value: Any, field: str) -> str:
 def text(value: Any, field: str) -> str:
     if type(value) is not str or len(value) > MAX_VALUE_CHARS:
         raise invalid(field, f"must be a string of at most {MAX_VALUE_CHARS} characters")
+    return value
+
+
+def payload(value: Any, field: str) -> str:
+    """A session signal's payload: a string of at most ``MAX_PAYLOAD_BYTES`` in UTF-8 (an SDP)."""
+    if (
+        type(value) is not str
+        or len(value) > MAX_PAYLOAD_BYTES
+        or (not value.isascii() and len(value.encode("utf-8", "surrogatepass")) > MAX_PAYLOAD_BYTES)
+    ):
+        raise invalid(field, f"must be a string of at most {MAX_PAYLOAD_BYTES} bytes in UTF-8")
+    return value
+
+
+def ice_servers(value: Any, field: str) -> list[dict[str, Any]]:
+    """STUN/TURN servers as the server hands them to a session member (the
+    shape of WebRTC's ``RTCIceServer``): ``urls``, and for a TURN server the
+    short-lived ``username`` and ``credential`` made for this member."""
+    if type(value) is not list or len(value) > MAX_ICE_SERVERS:
+        raise invalid(field, f"must be a list of at most {MAX_ICE_SERVERS} servers")
+    for i, server in enumerate(value):
+        name = f"{field}[{i}]"
+        if type(server) is not dict:
+            raise invalid(name, "must be a map")
+        urls = server.get("urls")
+        if type(urls) is not list or not 0 < len(urls) <= MAX_ICE_URLS:
+            raise invalid(f"{name}.urls", f"must be a list of 1-{MAX_ICE_URLS} URLs")
+        for j, url in enumerate(urls):
+            text(url, f"{name}.urls[{j}]")
+        for key in ("username", "credential"):
+            if server.get(key) is not None:
+                text(server[key], f"{name}.{key}")
     return value
 
 

@@ -54,7 +54,8 @@ _BOUND_BROKEN = {
 
 def unpack(frame: bytes, max_bytes: int = checks.MAX_FRAME_BYTES, *, from_server: bool = False) -> dict[str, Any]:
     """Bytes -> one msgpack map with string keys, or ``ProtocolError``.
-    A client's frame (the default) is decoded within ``CLIENT_BOUNDS``."""
+    A client's frame (the default) is decoded within ``CLIENT_BOUNDS``; a
+    ``session_signal``'s strings may be as long as its payload."""
     if len(frame) > max_bytes:
         raise ProtocolError(ErrorCode.TOO_LARGE, f"frame is {len(frame)} bytes; the limit is {max_bytes}")
     try:
@@ -83,7 +84,10 @@ def unpack(frame: bytes, max_bytes: int = checks.MAX_FRAME_BYTES, *, from_server
             raise ProtocolError(ErrorCode.BAD_FRAME, f"not a msgpack value ({type(exc).__name__})") from None
         if over[2] == "ext":  # longer than a timestamp: an extension type, refused as any other
             raise ProtocolError(ErrorCode.BAD_FRAME, "msgpack extension types are not allowed") from None
-        raise ProtocolError(ErrorCode.INVALID, f"frame: {_BOUND_BROKEN[over[2]]}", _request_id(frame)) from None
+        long = _session_signal(frame) if over[2] == "str" else None
+        if long is None:
+            raise ProtocolError(ErrorCode.INVALID, f"frame: {_BOUND_BROKEN[over[2]]}", _request_id(frame)) from None
+        value = long
     except Exception as exc:  # msgpack raises many types on bad input; all mean the same
         raise ProtocolError(ErrorCode.BAD_FRAME, f"not a msgpack value ({type(exc).__name__})") from None
     if type(value) is not dict:
@@ -92,6 +96,29 @@ def unpack(frame: bytes, max_bytes: int = checks.MAX_FRAME_BYTES, *, from_server
         if type(key) is not str:
             raise ProtocolError(ErrorCode.BAD_FRAME, "map keys must be strings")
     return value
+
+
+def _session_signal(frame: bytes) -> dict[str, Any] | None:
+    """A frame refused for a long string, read again with the payload's bound
+    on strings: the map if it is a ``session_signal`` (the one message whose
+    strings may be that long, PROTOCOL.md §11.9), else None. At most a second
+    decoding of a frame of bounded size."""
+    try:
+        value = msgpack.unpackb(
+            frame,
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_refuse_ext,
+            timestamp=0,
+            max_map_len=_MAX_MAP,
+            max_array_len=_MAX_ARRAY,
+            max_str_len=checks.MAX_PAYLOAD_STRING_BYTES,
+            max_bin_len=_MAX_STRING,
+            max_ext_len=_MAX_EXT,
+        )
+    except Exception:  # refused for its string all the same, or for anything else: the first answer stands
+        return None
+    return value if type(value) is dict and value.get("type") == "session_signal" else None
 
 
 def _request_id(frame: bytes) -> int | None:

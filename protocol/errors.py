@@ -24,9 +24,11 @@ class ErrorCode(StrEnum):
     UNAUTHORIZED = "unauthorized"  # missing, forged or malformed credential
     TOKEN_EXPIRED = "token_expired"
     FORBIDDEN = "forbidden"  # authenticated, but not allowed (other group)
+    REVOKED = "revoked"  # the group's back end disconnected this visitor or revoked this agent's logins
     # Delivery.
     VISITOR_OFFLINE = "visitor_offline"
     AGENT_OFFLINE = "agent_offline"
+    MEMBER_OFFLINE = "member_offline"  # the session member a session signal named is not connected (or not in it)
     SIGNAL_EXPIRED = "signal_expired"  # held for a reconnecting visitor; it never came back
     DELIVERY_FAILED = "delivery_failed"  # the instance holding the visitor did not answer
     BACKEND_UNAVAILABLE = "backend_unavailable"
@@ -56,6 +58,7 @@ class CloseCode(IntEnum):
     UNSUPPORTED_VERSION = 4502
     HANDSHAKE_FAILED = 4503
     SESSION_ENDED = 4504  # a consumer's support session ended: its session token opens nothing any more
+    REVOKED = 4505  # the group's back end disconnected this visitor (maybe refusing it a while) or revoked the agent
 
 
 def should_reconnect(close_code: int | None) -> bool:

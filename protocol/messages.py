@@ -54,6 +54,14 @@ class VisitorDelta(TypedDict):
     focused: str | None  # the focused connection after the change (all others are not)
 
 
+class IceServer(TypedDict, total=False):
+    """A STUN or TURN server for a session member, as WebRTC's ``RTCIceServer``."""
+
+    urls: list[str]  # required
+    username: str  # TURN: "<unix expiry>:<member>", made for this member (coturn's use-auth-secret)
+    credential: str  # TURN: base64(HMAC-SHA1(the server's secret, username)), valid until the expiry
+
+
 def wire(check: Check, default: Any = dataclasses.MISSING) -> Any:
     """Declare a message field and the check that validates it on decode."""
     return dataclasses.field(default=default, metadata={"check": check})
@@ -151,6 +159,18 @@ class Hello(Message):
     visible: bool | None = wire(checks.boolean, None)
 
 
+@message("refresh")
+class Refresh(Message):
+    """Client -> server, both roles: a fresh credential for this connection
+    before its current one expires (a group that enforces expiry closes a
+    connection whose credential ran out). A visitor sends a new visitor
+    token for its own ID; an agent a new login key. Answered by ``ack``
+    with ``expires``, when the connection's credential now runs out."""
+
+    id: int = wire(checks.request_id)
+    token: str = wire(checks.token)
+
+
 @message("presence")
 class Presence(Message):
     """Visitor -> server: merge ``data`` into this connection's presence data
@@ -199,15 +219,18 @@ class Welcome(Message):
     agent: str | None = wire(checks.identifier, None)
     focused: bool | None = wire(checks.boolean, None)
     server: str | None = wire(checks.text, None)
+    expires: float | None = wire(checks.number, None)  # unix s when this connection's credential runs out
 
 
 @message("ack")
 class Ack(Message):
     """A request succeeded. For an agent's signal, ``delivered`` counts the
-    visitor connections that received it."""
+    visitor connections that received it; for a ``refresh``, ``expires``
+    is when the connection's new credential runs out."""
 
     id: int = wire(checks.request_id)
     delivered: int | None = wire(checks.non_negative_int, None)
+    expires: float | None = wire(checks.number, None)  # answering a refresh: when the new credential runs out
 
 
 @message("error")
@@ -288,6 +311,7 @@ class SessionConnected(Message):
     show_key: bool = wire(checks.boolean)
     guests: int = wire(checks.non_negative_int)
     id: int | None = wire(checks.request_id, None)
+    ice_servers: list[IceServer] | None = wire(checks.ice_servers, None)  # the group's, TURN credentials made now
 
 
 @message("end_session")
@@ -325,6 +349,7 @@ class SessionJoined(Message):
     key: str = wire(checks.identifier)
     visitor: str = wire(checks.identifier)
     guests: int = wire(checks.non_negative_int)
+    ice_servers: list[IceServer] | None = wire(checks.ice_servers, None)  # the group's, TURN credentials made now
 
 
 @message("leave_session")
@@ -358,3 +383,29 @@ class SessionEvent(Message):
     visitor: str = wire(checks.identifier)
     key_type: str = wire(checks.one_of(*KEY_TYPES))
     reason: str | None = wire(checks.text, None)
+
+
+@message("session_signal")
+class SessionSignal(Message):
+    """Between the members of a support session only (its visitor's
+    connection and the agent connections that joined it): WebRTC's offers,
+    answers and ICE candidates, or anything else the session needs.
+
+    Client -> server: ``to`` names one member by its connection ID (or
+    ``"visitor"``: the session's visitor connection, whichever it is now);
+    without it every other member gets it. ``id`` asks for an ``ack`` whose
+    ``delivered`` counts the members reached. ``payload`` (up to 64 KiB, an
+    SDP) and ``data`` (a flat map) are relayed as they are. Server -> client:
+    ``connection`` is the sender's connection (the ``to`` of an answer), and
+    ``agent`` or ``visitor`` who sent it. ``sid`` works as a signal's."""
+
+    session: str = wire(checks.identifier)
+    event: str = wire(checks.event_name)
+    payload: str | None = wire(checks.payload, None)
+    data: dict[str, Any] | None = wire(checks.flat_map, None)
+    id: int | None = wire(checks.request_id, None)
+    to: str | None = wire(checks.identifier, None)
+    sid: str | None = wire(checks.identifier, None)
+    connection: str | None = wire(checks.identifier, None)
+    agent: str | None = wire(checks.identifier, None)
+    visitor: str | None = wire(checks.identifier, None)

@@ -25,7 +25,16 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from herald_presence.protocol.checks import MAX_DATA_FIELDS, MAX_FRAME_BYTES, identifier
+from herald_presence.protocol.checks import (
+    MAX_DATA_FIELDS,
+    MAX_FRAME_BYTES,
+    MAX_ICE_SERVERS,
+    MAX_ICE_URLS,
+    MAX_KEY_CHARS,
+    MAX_PAYLOAD_BYTES,
+    MAX_VALUE_CHARS,
+    identifier,
+)
 from herald_presence.protocol.errors import HeraldError, ProtocolError
 
 DEMO_GROUP = "demo"
@@ -47,7 +56,14 @@ class GroupConfig:
     allowed_origins: list[str] = field(default_factory=list)
     allow_anonymous: bool = False  # visitors without an ID (pre-login pages) may connect
     allow_consumer_codes: bool = False  # pages without a back end may create and redeem short codes over REST
+    enforce_expiry: bool = False  # a connection is closed when its credential expires, unless it sent a refresh
+    jwt_algorithm: str = "HS256"  # the one JWT algorithm accepted: HS256 (the secrets), RS256 or ES256 (jwks_*)
+    jwt_audience: str = "herald"  # the "aud" a JWT must carry
+    jwks_file: str = ""  # the group's public keys (a JWKS document) for RS256/ES256 JWTs
+    jwks_url: str = ""  # or where to fetch them (cached for 5 minutes)
     demo: bool = False
+    ice_servers: list[dict[str, Any]] = field(default_factory=list)  # STUN/TURN for session members (check_ice_servers)
+    presence_fields: list[str] | None = None  # the presence data fields agents may see; None: any
 
 
 @dataclass(slots=True)
@@ -62,11 +78,12 @@ class Settings:
     signal_hold: float = 10.0  # a signal for a reconnecting visitor waits this long
     delivery_timeout: float = 3.0  # wait for another instance to confirm a delivery
     max_frame_bytes: int = MAX_FRAME_BYTES
+    max_session_frame_bytes: int = MAX_PAYLOAD_BYTES + 16 * 1024  # a session member's session_signal (an SDP)
     max_queue: int = 1024  # outbound frames buffered per connection before "slow consumer"
     message_rate: float = 50.0  # frames per second a connection may send, sustained
     message_burst: int = 100  # frames a connection may send at once above the rate
     message_bytes_rate: int = 64 * 1024  # bytes per second a connection may send, sustained (pings too)
-    message_bytes_burst: int = 256 * 1024  # bytes a connection may send at once above it (>= max_frame_bytes)
+    message_bytes_burst: int = 256 * 1024  # bytes a connection may send at once above it (>= the largest frame)
     connections_per_address: int = 60  # new websockets per client address per minute (per instance)
     max_connections_per_address: int = 256  # TCP connections open at once from one untrusted address (per instance)
     max_connections: int = 0  # TCP connections open at once per instance; 0: the open-file limit less a reserve
@@ -179,7 +196,77 @@ def check_group_secret(group_id: str, secret: object) -> None:
         raise ConfigError(f"group {group_id!r}: needs a secret of at least {MIN_SECRET_LENGTH} characters")
 
 
-_GROUP_KEYS = {"secret", "secrets", "allowed_origins", "allow_anonymous", "allow_consumer_codes"}
+_GROUP_KEYS = {
+    "secret",
+    "secrets",
+    "allowed_origins",
+    "allow_anonymous",
+    "allow_consumer_codes",
+    "enforce_expiry",
+    "jwt_algorithm",
+    "jwt_audience",
+    "jwks_file",
+    "jwks_url",
+    "ice_servers",
+    "presence_fields",
+}
+ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
+TURN_SCHEMES = ("turn:", "turns:")
+DEFAULT_TURN_TTL = 86400  # seconds TURN credentials made for a member last (the TURN REST API's advice)
+MIN_TURN_TTL, MAX_TURN_TTL = 60, 7 * 86400
+
+
+def check_ice_servers(value: Any) -> list[dict[str, Any]]:
+    """A group's STUN/TURN servers (TOML ``[[groups.<id>.ice_servers]]`` or the
+    admin API), normalised, or ``ValueError`` saying what is wrong. A TURN
+    server takes its shared ``secret`` (coturn's ``use-auth-secret``) and the
+    ``ttl`` of the credentials made from it; never a fixed username and
+    password, which would reach every member's browser."""
+    if not isinstance(value, list) or len(value) > MAX_ICE_SERVERS:
+        raise ValueError(f"ice_servers must be a list of at most {MAX_ICE_SERVERS} servers")
+    servers = []
+    for i, server in enumerate(value):
+        where = f"ice_servers[{i}]"
+        if not isinstance(server, Mapping):
+            raise ValueError(f"{where} must be a table with urls")
+        unknown = set(server) - {"urls", "secret", "ttl"}
+        if unknown:
+            raise ValueError(
+                f"{where}: unknown keys {sorted(unknown)} (a TURN server takes its shared secret,"
+                " never a fixed username and password)"
+            )
+        urls = server.get("urls")
+        urls = [urls] if isinstance(urls, str) else urls
+        if (
+            not isinstance(urls, list)
+            or not 0 < len(urls) <= MAX_ICE_URLS
+            or not all(isinstance(u, str) and u.startswith(ICE_SCHEMES) and len(u) <= MAX_VALUE_CHARS for u in urls)
+        ):
+            raise ValueError(f"{where}.urls must be 1-{MAX_ICE_URLS} stun:, stuns:, turn: or turns: URLs")
+        turn = any(url.startswith(TURN_SCHEMES) for url in urls)
+        secret, ttl = server.get("secret"), server.get("ttl", DEFAULT_TURN_TTL)
+        if turn and (not isinstance(secret, str) or not secret):
+            raise ValueError(f"{where}: a TURN server needs its shared secret (coturn's static-auth-secret)")
+        if not turn and ("secret" in server or "ttl" in server):
+            raise ValueError(f"{where}: only a TURN server takes a secret and a ttl")
+        if type(ttl) is not int or not MIN_TURN_TTL <= ttl <= MAX_TURN_TTL:
+            raise ValueError(f"{where}.ttl must be {MIN_TURN_TTL}-{MAX_TURN_TTL} seconds")
+        servers.append({"urls": list(urls), "secret": secret, "ttl": ttl} if turn else {"urls": list(urls)})
+    return servers
+
+
+def check_presence_fields(value: Any) -> list[str]:
+    """A group's allow-list of presence data fields, or ``ValueError``."""
+    if (
+        not isinstance(value, list)
+        or len(value) > MAX_DATA_FIELDS
+        or not all(isinstance(key, str) and 0 < len(key) <= MAX_KEY_CHARS for key in value)
+    ):
+        raise ValueError(f"presence_fields must be a list of at most {MAX_DATA_FIELDS} field names")
+    return list(value)
+
+
+JWT_ALGORITHMS = ("HS256", "RS256", "ES256")  # one is pinned per group; "none" never
 
 
 def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> None:
@@ -197,11 +284,44 @@ def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> Non
     origins = table.get("allowed_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) for o in origins):
         raise ConfigError(f"group {group_id!r}: allowed_origins must be a list of strings")
-    flags = {name: table.get(name, False) for name in ("allow_anonymous", "allow_consumer_codes")}
+    flags = {name: table.get(name, False) for name in ("allow_anonymous", "allow_consumer_codes", "enforce_expiry")}
     for name, value in flags.items():
         if not isinstance(value, bool):
             raise ConfigError(f"group {group_id!r}: {name} must be true or false")
-    groups[group_id] = GroupConfig(group_id, list(found), list(origins), **flags)
+    jwt = {name: table.get(name, default) for name, default in _JWT_DEFAULTS.items()}
+    _check_jwt(group_id, jwt)
+    try:
+        ice = check_ice_servers(table.get("ice_servers", []))
+        fields = None if table.get("presence_fields") is None else check_presence_fields(table["presence_fields"])
+    except ValueError as exc:
+        raise ConfigError(f"group {group_id!r}: {exc}") from None
+    groups[group_id] = GroupConfig(
+        group_id, list(found), list(origins), **flags, **jwt, ice_servers=ice, presence_fields=fields
+    )
+
+
+_JWT_DEFAULTS = {"jwt_algorithm": "HS256", "jwt_audience": "herald", "jwks_file": "", "jwks_url": ""}
+
+
+def _check_jwt(group_id: str, jwt: dict[str, Any]) -> None:
+    """One algorithm per group: HS256 signs with the group's secrets (no
+    public keys); RS256 and ES256 verify with the keys of exactly one of
+    ``jwks_file`` and ``jwks_url`` (an https URL, or http on a loopback host)."""
+    if not all(isinstance(value, str) for value in jwt.values()):
+        raise ConfigError(f"group {group_id!r}: jwt_algorithm, jwt_audience, jwks_file and jwks_url are strings")
+    algorithm, keys = jwt["jwt_algorithm"], [jwt["jwks_file"], jwt["jwks_url"]]
+    if algorithm not in JWT_ALGORITHMS:
+        raise ConfigError(f"group {group_id!r}: jwt_algorithm must be one of {', '.join(JWT_ALGORITHMS)}")
+    if not jwt["jwt_audience"]:
+        raise ConfigError(f"group {group_id!r}: jwt_audience must not be empty")
+    if algorithm == "HS256" and any(keys):
+        raise ConfigError(f"group {group_id!r}: HS256 signs with the group's secrets; jwks_file/jwks_url need RS/ES256")
+    if algorithm != "HS256" and sum(bool(k) for k in keys) != 1:
+        raise ConfigError(f"group {group_id!r}: {algorithm} needs exactly one of jwks_file and jwks_url")
+    url = jwt["jwks_url"]
+    loopback = re.match(r"http://(127\.[0-9.]+|localhost|\[::1\])(:[0-9]+)?/", url)
+    if url and not (url.startswith("https://") or loopback):
+        raise ConfigError(f"group {group_id!r}: jwks_url must be https (or http on a loopback address)")
 
 
 # Variables Kubernetes sets for every Service of the namespace (service links):
@@ -329,8 +449,14 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("log_format must be text or json")
     if settings.max_frame_bytes < 1024 or settings.max_queue < 1:
         raise ConfigError("max_frame_bytes must be at least 1024 and max_queue at least 1")
-    if settings.message_bytes_rate <= 0 or settings.message_bytes_burst < settings.max_frame_bytes:
-        raise ConfigError("message_bytes_rate must be positive and message_bytes_burst at least max_frame_bytes")
+    if settings.max_session_frame_bytes < settings.max_frame_bytes:
+        raise ConfigError("max_session_frame_bytes must be at least max_frame_bytes")
+    largest = max(settings.max_frame_bytes, settings.max_session_frame_bytes)
+    if settings.message_bytes_rate <= 0 or settings.message_bytes_burst < largest:
+        raise ConfigError(
+            "message_bytes_rate must be positive and message_bytes_burst at least max_frame_bytes"
+            " and max_session_frame_bytes"
+        )
     if settings.instance_dead_after < settings.instance_heartbeat * 3:
         raise ConfigError("instance_dead_after must be at least 3 heartbeats")
     if not settings.redis_prefix or any(c in settings.redis_prefix for c in "{} "):

@@ -26,7 +26,7 @@ from .test_codec import EVENT_ALPHABET, ID_ALPHABET
 
 Frame = bytes | str  # str: sent as a text frame
 
-VISITOR_TYPES = ("ping", "pong", "presence", "signal", "start_session", "end_session")
+VISITOR_TYPES = ("ping", "pong", "presence", "signal", "start_session", "end_session", "refresh", "session_signal")
 AGENT_TYPES = (
     "ping",
     "pong",
@@ -37,6 +37,8 @@ AGENT_TYPES = (
     "wait_session",
     "join_session",
     "leave_session",
+    "refresh",
+    "session_signal",
 )
 TEXT_CHARS = string.printable + "\x00\x7f\u00e9\u4e2d\u2028\ufeff\U0001f600"
 INTS = (0, 1, -1, 127, 128, 255, 256, 2**31, 2**53 - 1, 2**53, 2**63 - 1, -(2**63), 2**64 - 1)
@@ -160,7 +162,11 @@ class Frames:
         elif choice == 5:
             raw["id"] = checks.MAX_REQUEST_ID + edge
         else:
+            if raw["type"] == "session_signal":  # a member's may be larger: whether this one is, expect() cannot tell
+                raw["type"] = "signal"
             return self.padded(raw, self.max_frame_bytes + r.choice((-1, 0, 0, 1, 1, 1000)))
+        if choice == 1 and raw["type"] == "session_signal" and r.random() < 0.5:
+            raw["payload"] = "p" * (checks.MAX_PAYLOAD_BYTES // 2)  # longer than any other string may be
         return self.pack(raw)
 
     def deep(self, types: Sequence[str]) -> bytes:
@@ -235,6 +241,8 @@ class Frames:
             checks.flat_map: self.flat_map,
             checks.visitor_state: self.visitor_state,
             checks.visitor_delta: self.visitor_delta,
+            checks.payload: lambda: self.text(r.choice((0, 64, 2048))),
+            checks.ice_servers: self.ice_servers,
         }
         if check in by_check:
             return by_check[check]()
@@ -282,6 +290,10 @@ class Frames:
             "since": 1.5,
         }
         return {"visitor": self.name(), "online": True, "version": 3, "connections": [connection]}
+
+    def ice_servers(self) -> list[dict[str, Any]]:
+        turn = {"urls": ["turn:turn.example:3478"], "username": "1767229200:c1", "credential": self.text(28) or "c"}
+        return [{"urls": ["stun:stun.example:3478"]}, turn][: self.rng.randrange(3)]
 
     def visitor_delta(self) -> dict[str, Any]:
         changed = {"connection": self.name(), "data": self.flat_map(), "visible": self.rng.random() < 0.5}

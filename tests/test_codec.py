@@ -26,6 +26,7 @@ from herald_presence.protocol.checks import (
     MAX_ID_CHARS,
     MAX_KEY_CHARS,
     MAX_MAP_ENTRIES,
+    MAX_PAYLOAD_BYTES,
     MAX_REQUEST_ID,
     MAX_STRING_BYTES,
     MAX_TOKEN_CHARS,
@@ -52,9 +53,11 @@ from herald_presence.protocol.messages import (
     Pong,
     Presence,
     PresenceChanged,
+    Refresh,
     SessionConnected,
     SessionEvent,
     SessionJoined,
+    SessionSignal,
     Signal,
     Snapshot,
     StartSession,
@@ -146,6 +149,15 @@ def optional(strategy: st.SearchStrategy[Any]) -> st.SearchStrategy[Any]:
     return st.none() | strategy
 
 
+ice_servers = st.lists(
+    st.fixed_dictionaries(
+        {"urls": st.lists(texts, min_size=1, max_size=3)}, optional={"username": texts, "credential": texts}
+    ),
+    max_size=3,
+)
+payloads = st.text(max_size=300) | st.sampled_from(["", "v=0\r\n" + "a" * 2 * MAX_STRING_BYTES])
+
+
 MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
     Ping: st.builds(Ping),
     Pong: st.builds(Pong),
@@ -188,8 +200,10 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         agent=optional(ids),
         focused=optional(st.booleans()),
         server=optional(texts),
+        expires=optional(ints | floats),
     ),
-    Ack: st.builds(Ack, id=request_ids, delivered=optional(uints)),
+    Ack: st.builds(Ack, id=request_ids, delivered=optional(uints), expires=optional(ints | floats)),
+    Refresh: st.builds(Refresh, id=request_ids, token=tokens),
     Error: st.builds(
         Error,
         code=st.sampled_from([code.value for code in ErrorCode]) | texts,
@@ -211,12 +225,34 @@ MESSAGE_STRATEGIES: dict[type[Message], st.SearchStrategy[Message]] = {
         show_key=st.booleans(),
         guests=uints,
         id=optional(request_ids),
+        ice_servers=optional(ice_servers),
     ),
     EndSession: st.builds(EndSession, id=request_ids),
     WaitSession: st.builds(WaitSession, id=request_ids, key=ids),
     # Any mix of key/code/session: "exactly one" is the server's rule, not the codec's.
     JoinSession: st.builds(JoinSession, id=request_ids, key=optional(ids), code=optional(ids), session=optional(ids)),
-    SessionJoined: st.builds(SessionJoined, id=request_ids, session=ids, key=ids, visitor=ids, guests=uints),
+    SessionJoined: st.builds(
+        SessionJoined,
+        id=request_ids,
+        session=ids,
+        key=ids,
+        visitor=ids,
+        guests=uints,
+        ice_servers=optional(ice_servers),
+    ),
+    SessionSignal: st.builds(
+        SessionSignal,
+        session=ids,
+        event=events,
+        payload=optional(payloads),
+        data=optional(flat_maps),
+        id=optional(request_ids),
+        to=optional(ids),
+        sid=optional(ids),
+        connection=optional(ids),
+        agent=optional(ids),
+        visitor=optional(ids),
+    ),
     LeaveSession: st.builds(LeaveSession, id=request_ids, session=ids),
     GuestCount: st.builds(GuestCount, session=ids, guests=uints),
     SessionEvent: st.builds(
@@ -608,6 +644,21 @@ def test_a_frame_over_a_bound_is_invalid_and_keeps_its_request_id(fields: dict[s
     assert error.request_id == 42
     error = refused(msgpack.packb({**fields, "type": "signal", "event": "e"}, use_bin_type=True))
     assert error.code == ErrorCode.INVALID and error.request_id is None
+
+
+def test_a_session_signal_payload_may_be_longer_than_any_other_string() -> None:
+    """An SDP offer in one message (PROTOCOL.md §11.9): up to 64 KiB of UTF-8,
+    in a frame a session's member may send over max_frame_bytes."""
+    sdp = "v=0\r\n" + "é" * ((MAX_PAYLOAD_BYTES - 5) // 2) + "x"
+    assert len(sdp.encode()) == MAX_PAYLOAD_BYTES
+    frame = codec.encode(SessionSignal(session="s1", event="offer", payload=sdp, id=5))
+    assert codec.decode(frame, len(frame)) == SessionSignal(session="s1", event="offer", payload=sdp, id=5)
+    over = msgpack.packb({"type": "session_signal", "id": 6, "session": "s1", "event": "o", "payload": sdp + "x"})
+    error = refused(over, len(over))
+    assert (error.code, error.request_id, error.message.split(":")[0]) == (ErrorCode.INVALID, 6, "payload")
+    # No other message may carry a string that long, in a known field or not.
+    error = refused_map({"type": "signal", "id": 7, "event": "e", "payload": "x" * (MAX_STRING_BYTES + 1)})
+    assert error.code == ErrorCode.INVALID and error.message.startswith("frame: a string is longer than")
 
 
 def test_a_subscribe_over_the_visitor_limit_is_answered_with_its_id() -> None:

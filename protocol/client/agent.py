@@ -303,6 +303,10 @@ class AgentClient(HeraldClient):
             return  # a delta we could not apply: emitted once the visitor is looked up
         super()._emit(event)
 
+    def _fresh_credential(self) -> Credential | None:
+        # A login key factory refreshes the connection before its login runs out (``refresh``).
+        return self._key if callable(self._key) else None
+
     async def _hello(self) -> Hello:
         """Log in (a fresh session cookie for the upgrade), then a bare hello."""
         body = {"group": self.group, "agent": self.agent, "key": await resolve_credential(self._key)}

@@ -16,6 +16,7 @@ import itertools
 import logging
 import random
 import secrets
+import time
 from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any, ClassVar, Self, TypeAlias, TypeVar
@@ -31,8 +32,10 @@ from herald_presence.protocol.messages import (
     Message,
     Ping,
     Pong,
+    Refresh,
     SessionConnected,
     SessionJoined,
+    SessionSignal,
     Signal,
     Snapshot,
     VisitorInfo,
@@ -48,6 +51,8 @@ _REPLIES = (Ack, Snapshot, VisitorInfo, SessionConnected, SessionJoined, Error)
 _PING, _PONG = codec.encode(Ping()), codec.encode(Pong())
 _CLOSE_NAMES = {code.value: code.name.lower() for code in CloseCode}
 SIGNAL_MEMORY = 256  # signal IDs a client remembers, to drop a signal it was sent again
+SESSION_SIGNAL_RETRIES = 2  # times a session signal is sent again, same sid, after a lost socket or delivery_failed
+_SESSION_RETRIED = ("delivery_failed", DISCONNECTED)
 
 Credential: TypeAlias = str | Callable[[], str | Awaitable[str]]
 R = TypeVar("R", bound=Message)
@@ -197,6 +202,7 @@ class HeraldClient:
         self._changed = asyncio.Event()  # replaced on every state change; see _notify
         self._last_rx = 0.0
         self._last_error: Error | None = None  # the latest unsolicited error: why we were refused
+        self._session_sending = asyncio.Lock()  # session signals go one at a time, in call order
 
     @property
     def connection_id(self) -> str | None:
@@ -318,6 +324,70 @@ class HeraldClient:
             raise RequestFailed("invalid", f"expected a {reply.__name__} reply, got {answer.TYPE}")
         return answer
 
+    async def session_signal(
+        self,
+        session: str,
+        event: str,
+        payload: str | None = None,
+        data: dict[str, Any] | None = None,
+        *,
+        to: str | None = None,
+        sid: str | None = None,
+        retries: int = SESSION_SIGNAL_RETRIES,
+    ) -> int:
+        """Send a session signal (PROTOCOL.md §11.9) to the other members of
+        ``session`` (a visitor's own, or one an agent joined), or to the one
+        member ``to`` names (its connection ID, from the ``connection`` of a
+        session signal it sent; ``"visitor"``: the session's visitor), and
+        return how many members got it. ``payload`` is a string of up to 64
+        KiB (an SDP offer or answer, an ICE candidate as JSON), ``data`` a
+        flat map.
+
+        Session signals go one at a time, each once the one before was
+        acknowledged, so they reach every member in the order of the calls.
+        A socket lost before the ack, or ``delivery_failed``, sends it again
+        under the same ``sid`` (receivers drop a sid they have seen) once
+        the connection is back and its session restored, up to ``retries``
+        times within ``request_timeout``; other errors (``session_not_found``:
+        not a member; ``member_offline``: ``to`` is not connected) are raised
+        at once."""
+        checks.identifier(session, "session")
+        checks.event_name(event, "event")
+        if payload is not None:
+            checks.payload(payload, "payload")
+        if data is not None:
+            checks.flat_map(data, "data")
+        if to is not None:
+            checks.identifier(to, "to")
+        message = SessionSignal(session=session, event=event, payload=payload, data=data, to=to, sid=signal_id(sid))
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.request_timeout
+        async with asyncio.timeout_at(deadline), self._session_sending:
+            for attempt in itertools.count():
+                await self._until_connected()
+                try:
+                    return (await self.request(message, Ack, timeout=max(0.0, deadline - loop.time()))).delivered or 0
+                except RequestFailed as exc:
+                    running = self._runner is not None and not (self._stopped or self._closed)
+                    if exc.code not in _SESSION_RETRIED or attempt >= retries or not running:
+                        raise
+                    log.info(
+                        "herald %s: session signal %s got %s; sent again as sid %s",
+                        self.PATH,
+                        event,
+                        exc.code,
+                        message.sid,
+                    )
+        raise AssertionError("unreachable")
+
+    async def _until_connected(self) -> None:
+        """Wait until a connection is up and its role state restored (an
+        agent's sessions joined again); ``RequestFailed`` if none will come."""
+        while not self.connected:
+            if self._runner is None or self._stopped or self._closed:
+                raise RequestFailed(DISCONNECTED, "the client is not running; call connect()")
+            await self._changed.wait()
+
     async def send(self, message: Message) -> bool:
         """Send a frame that gets no reply; False if no socket could take it."""
         return self._ws is not None and await self._write(self._ws, codec.encode(message))
@@ -415,16 +485,45 @@ class HeraldClient:
         if welcome.keepalive > 0:
             tasks.add(asyncio.create_task(self._watch(ws, float(welcome.keepalive))))
         ready = asyncio.create_task(self._ready(ws, welcome))
+        refresher = asyncio.create_task(self._keep_fresh(welcome.expires))
         try:
             await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
         finally:
             self._ws, self.connected = None, False
-            for task in (*tasks, ready):
+            for task in (*tasks, ready, refresher):
                 task.cancel()
-            await asyncio.gather(*tasks, ready, return_exceptions=True)
+            await asyncio.gather(*tasks, ready, refresher, return_exceptions=True)
             self._fail_pending("connection lost")
             await self._shut(ws, 0)
         return CloseCode.NORMAL if self._closed else ws.close_code or 1006  # 1006: died without a close
+
+    def _fresh_credential(self) -> Credential | None:
+        """The credential factory for ``refresh`` (a callable), or None: a
+        fixed token cannot be refreshed."""
+        return None
+
+    async def _keep_fresh(self, expires: float | None) -> None:
+        """Before the connection's credential runs out (``welcome.expires``),
+        send a fresh one from the credential factory (``refresh``): a group
+        that enforces expiry closes a connection whose credential ran out.
+        Sent when about a tenth of its life (between 5 and 60 s) is left; a
+        refresh that fails is tried again every few seconds until then."""
+        factory = self._fresh_credential()
+        while expires is not None and factory is not None:
+            left = expires - time.time()
+            await asyncio.sleep(max(0.0, left - min(60.0, max(5.0, left / 10))))
+            try:
+                token = await resolve_credential(factory)
+                answer = await self.request(Refresh(id=0, token=token), Ack, timeout=10.0)
+                expires = answer.expires if answer.expires is not None else expires
+                continue
+            except (RequestFailed, TimeoutError) as exc:
+                log.warning("herald %s: refreshing the credential failed: %r", self.PATH, exc)
+            except Exception as exc:  # the application's credential factory
+                log.warning("herald %s: the credential factory failed: %r", self.PATH, exc)
+            if time.time() >= expires:
+                return  # too late: a group that enforces expiry closes the connection (4500)
+            await asyncio.sleep(min(5.0, max(0.5, (expires - time.time()) / 2)))
 
     async def _ready(self, ws: WS, welcome: Welcome) -> None:
         try:
@@ -447,7 +546,11 @@ class HeraldClient:
                 frame = codec.decode(msg.data, self.max_frame_bytes, from_server=True)
                 if isinstance(frame, Welcome):
                     return frame
-                if isinstance(frame, Signal) and frame.sid is not None and not self._seen_sids.add(frame.sid):
+                if (
+                    isinstance(frame, Signal | SessionSignal)
+                    and frame.sid is not None
+                    and not self._seen_sids.add(frame.sid)
+                ):
                     self.duplicate_signals += 1  # a retry of a signal already emitted: acted on once
                     log.debug("herald %s: dropped a repeated signal %s (sid %s)", self.PATH, frame.event, frame.sid)
                     continue

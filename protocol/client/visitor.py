@@ -30,6 +30,7 @@ from herald_presence.protocol.messages import (
     Message,
     Presence,
     SessionConnected,
+    SessionEvent,
     Signal,
     StartSession,
     Welcome,
@@ -96,6 +97,11 @@ class VisitorClient(HeraldClient):
         offline for longer than the grace period), so it may then be stale."""
         return self._support
 
+    @property
+    def session_id(self) -> str | None:
+        """The live support session's ID (``session.session``), or None."""
+        return self._support.session if self._support else None
+
     async def start_session(self, key_type: str = "visitor") -> SessionConnected:
         """Start a support session, ending this visitor's previous one. With
         ``"visitor"`` the key is the visitor ID (an agent waiting for it is told,
@@ -149,6 +155,10 @@ class VisitorClient(HeraldClient):
             raise ValueError(f"terms status must be one of {', '.join(TERMS_STATUSES)}, not {status!r}")
         await self.signal_agent("terms", {"status": status}, sid=sid)
 
+    def _fresh_credential(self) -> Credential | None:
+        # A visitor token factory refreshes the connection before its token runs out (a consumer's lasts its session).
+        return self._credential if callable(self._credential) and not self.consumer else None
+
     async def _hello(self) -> Hello:
         credential = await resolve_credential(self._credential)
         self._sent = (dict(self.data), self.visible)
@@ -172,6 +182,8 @@ class VisitorClient(HeraldClient):
             self._support = frame
         elif isinstance(frame, GuestCount) and self._support is not None and frame.session == self._support.session:
             self._support = dataclasses.replace(self._support, guests=frame.guests)
+        elif isinstance(frame, SessionEvent) and frame.event == "ended" and frame.session == self.session_id:
+            self._support = None  # its group's back end ended it (reason "terminated")
 
     async def _on_welcome(self, welcome: Welcome) -> None:
         # Changes made while the Hello was in flight missed both it and the socket.

@@ -53,6 +53,8 @@ class Connection:
         "_leaving",
         "_queue",
         "_writer",
+        "expires",
+        "expiry_timer",
         "group",
         "id",
         "max_queue",
@@ -78,6 +80,8 @@ class Connection:
         self._leaving: tuple[int, str] | None = None  # a close waiting for the request in hand
         self.requests = 0  # requests of this client being answered now
         self.rate = FrameRate()
+        self.expires: float | None = None  # unix s when its credential runs out (core/expiry.py); None: never
+        self.expiry_timer: asyncio.TimerHandle | None = None
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.group}/{self.subject} {self.id}>"
@@ -85,6 +89,11 @@ class Connection:
     @property
     def closing(self) -> bool:
         return self._closing or self.ws.closed
+
+    @property
+    def session_member(self) -> bool:
+        """In a support session (the roles say how): may send larger frames."""
+        return False
 
     def send(self, frame: bytes) -> None:
         """Queue an encoded frame; never blocks, never raises."""
@@ -192,6 +201,9 @@ class Connection:
     async def finish(self) -> None:
         """Before a handler returns: let queued frames go out and a close
         started elsewhere complete (both bounded)."""
+        if self.expiry_timer is not None:
+            self.expiry_timer.cancel()
+            self.expiry_timer = None
         tasks = [task for task in (self._writer, self._closer) if task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
@@ -201,7 +213,7 @@ class VisitorConnection(Connection):
     """A visitor's connection and its own copy of what it registered, so the
     instance can register it again if the backend loses it."""
 
-    __slots__ = ("presence", "presence_due", "unsent")
+    __slots__ = ("presence", "presence_due", "session", "unsent")
 
     def __init__(
         self,
@@ -218,6 +230,13 @@ class VisitorConnection(Connection):
         self.presence = ConnectionRecord(self.id, instance, data, visible, round(time.time(), 3))
         self.presence_due = 0.0  # monotonic time before which a presence change waits (presence_rate)
         self.unsent: UnsentPresence | None = None  # changes waiting for it, coalesced; set while they wait
+        self.session: str | None = None  # the support session this connection took (its record says if it still has it)
+
+    @property
+    def session_member(self) -> bool:
+        """Holds (or held) a support session: may send a session signal as
+        large as ``max_session_frame_bytes`` (the session's record decides the rest)."""
+        return self.session is not None
 
 
 class UnsentPresence:
@@ -255,6 +274,7 @@ class AgentConnection(Connection):
 
     __slots__ = (
         "floors",
+        "issued",
         "pending",
         "recent_events",
         "sessions",
@@ -264,8 +284,9 @@ class AgentConnection(Connection):
         "watching_group",
     )
 
-    def __init__(self, ws: web.WebSocketResponse, group: str, agent: str, max_queue: int) -> None:
+    def __init__(self, ws: web.WebSocketResponse, group: str, agent: str, max_queue: int, issued: float = 0.0) -> None:
         super().__init__(ws, "agent", group, agent, max_queue)
+        self.issued = issued  # unix s when its login session was made: a revocation after it closes this
         self.topics: set[str] = set()
         self.watching_group = False
         self.sessions: dict[str, str] = {}  # support sessions joined through this connection -> their visitor
@@ -295,6 +316,12 @@ class AgentConnection(Connection):
         if watching or self.watching_group or visitor_topic(self.group, visitor) in self.topics:
             return True
         return (self.signalled is not None and visitor in self.signalled) or visitor in self.sessions.values()
+
+    @property
+    def session_member(self) -> bool:
+        """Joined a support session: may send a session signal as large as
+        ``max_session_frame_bytes`` (the session's record decides the rest)."""
+        return bool(self.sessions)
 
     def watched(self) -> int:
         """Visitor IDs and session keys this connection watches (one limit for both)."""

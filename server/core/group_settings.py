@@ -12,7 +12,7 @@ from typing import Any
 
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.server.backends.base import RecordStore
-from herald_presence.server.config import GroupConfig, Settings
+from herald_presence.server.config import GroupConfig, Settings, check_ice_servers
 from herald_presence.server.model.names import group_settings_key, pack, unpack
 from herald_presence.server.model.records import GroupSettings
 
@@ -27,6 +27,11 @@ async def load(records: RecordStore, settings: Settings, group: str) -> GroupSet
         code_ttl=values.get("code_ttl", settings.code_ttl),
         allowed_origins=values.get("allowed_origins", []),
         allow_consumer_codes=values.get("allow_consumer_codes", _configured(settings, group).allow_consumer_codes),
+        enforce_expiry=values.get("enforce_expiry", _configured(settings, group).enforce_expiry),
+        # Set at run time (null: back to the TOML's), else the TOML's.
+        ice_servers=_configured(settings, group).ice_servers
+        if values.get("ice_servers") is None
+        else values["ice_servers"],
     )
 
 
@@ -56,8 +61,14 @@ def _validated(changes: Any) -> dict[str, Any]:
     origins = changes.get("allowed_origins", [])
     if not isinstance(origins, list) or not all(isinstance(o, str) and o for o in origins) or len(origins) > 100:
         raise ProtocolError(ErrorCode.INVALID, "allowed_origins must be a list of origins")
-    if type(changes.get("allow_consumer_codes", False)) is not bool:
-        raise ProtocolError(ErrorCode.INVALID, "allow_consumer_codes must be true or false")
+    for flag in ("allow_consumer_codes", "enforce_expiry"):
+        if type(changes.get(flag, False)) is not bool:
+            raise ProtocolError(ErrorCode.INVALID, f"{flag} must be true or false")
+    if changes.get("ice_servers") is not None:
+        try:
+            changes = {**changes, "ice_servers": check_ice_servers(changes["ice_servers"])}
+        except ValueError as exc:
+            raise ProtocolError(ErrorCode.INVALID, str(exc)) from None
     return changes
 
 

@@ -23,9 +23,12 @@ from herald_presence.server.model.records import PresenceChange
 from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import AgentConnection, Connection, VisitorConnection
+from .expiry import Expiry
 from .inbox import Inbox
 from .presence import PresenceService
 from .registry import LocalVisitors, Watchers
+from .revocation import Revocations
+from .session_signals import SessionSignals
 from .sessions import CONSUMER_PREFIX, Sessions
 from .signals import SignalRouter
 
@@ -56,6 +59,14 @@ class Hub:
         self.inbox.on(names.PUSH, self.visitors.deliver)
         self.inbox.on(names.FOCUS, self.visitors.tell_focus)
         self.inbox.on(names.CLOSE, self.visitors.close)
+        self.session_signals = SessionSignals(
+            settings, self.sessions, backend, self.signals, self.watchers, self.inbox, self.tasks
+        )
+        self.inbox.on(names.SESSION_SIGNAL, self.session_signals.on_signal)  # arrives on a session's topic
+        # A group's back end cutting visitors and agents off, and credentials running out:
+        self.revocations = Revocations(settings, backend, backend, backend, self.inbox, self.watchers)
+        self.inbox.on(names.REVOKE, self.revocations.on_revoke)  # arrives on an agent's topic
+        self.expiry = Expiry(settings, backend, self.tasks)
         self.connection_rate = ConnectionRate(settings.connections_per_address)
         self.draining = False  # SIGTERM came: not ready, no new connections
 

@@ -23,7 +23,7 @@ from herald_presence.server import metrics
 from herald_presence.server.backends.base import BackendUnavailable, Mutation, PresenceStore
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names, presence_rules
-from herald_presence.server.model.limits import check_presence, check_subscriptions
+from herald_presence.server.model.limits import allowed_presence, check_presence, check_subscriptions
 from herald_presence.server.model.records import ConnectionRecord, PresenceChange, VisitorRecord, offline_state
 from herald_presence.server.tasks import TaskSupervisor, until_done
 
@@ -60,19 +60,27 @@ class PresenceService:
         self._repairer: asyncio.Task[None] | None = None
 
     # -- visitors ------------------------------------------------------------
-    async def visitor_joined(self, conn: VisitorConnection) -> None:
+    async def visitor_joined(self, conn: VisitorConnection) -> bool:
         """Register a new connection (``limit_exceeded`` if the visitor has its
-        maximum already, or its presence data is too big)."""
+        maximum already, or its presence data is too big); whether it has
+        focus. Fields its group does not let agents see are dropped."""
+        conn.presence.data = allowed_presence(conn.presence.data, self._presence_fields(conn.group))
         check_presence(conn.presence.data, self.settings)
         self._visitors.add(conn)
         limit = presence_rules.connection_limit(conn.subject, self.settings.max_connections_per_visitor)
         join = partial(presence_rules.join, connection=conn.presence, limit=limit)
         try:
-            await self._visitor_mutate(conn, join, joined=conn.id)
+            change = await self._visitor_mutate(conn, join, joined=conn.id)
         except ProtocolError:
             self._visitors.remove(conn)
             raise
         metrics.connection_opened(conn.role)
+        # Without the store (None), the connection is the only one it knows of.
+        return change is None or (change.focus_after is not None and change.focus_after.connection == conn.id)
+
+    def _presence_fields(self, group: str) -> list[str] | None:
+        configured = self.settings.groups.get(group)
+        return configured.presence_fields if configured is not None else None
 
     async def visitor_updated(self, conn: VisitorConnection, data: dict[str, Any] | None, visible: bool | None) -> None:
         """A connection's ``presence`` frame. At most ``presence_rate`` changes
@@ -81,6 +89,9 @@ class PresenceService:
         out when its turn comes."""
         unsent = conn.unsent
         if data:
+            data = allowed_presence(data, self._presence_fields(conn.group))
+            if not data and visible is None:
+                return  # only fields agents may not see: nothing to store
             # Each frame is within the limits; what it merges into must stay so too.
             merged = {**conn.presence.data, **(unsent.data if unsent else {}), **data}
             check_presence({k: v for k, v in merged.items() if v is not None}, self.settings)

@@ -95,6 +95,16 @@ class Watchers:
                 del self._by_topic[topic]
                 await self._bus.unsubscribe(topic)
 
+    def deliver_to_members(self, topic: str, to: str | None, sender: str, frame: bytes) -> int:
+        """Queue a session signal on the agents in the session (``topic``, its
+        topic): the connection ``to``, or all of them; never its sender. How many."""
+        delivered = 0
+        for agent in self._by_topic.get(topic, ()):
+            if agent.id != sender and (to is None or agent.id == to) and not agent.closing:
+                agent.send(frame)
+                delivered += 1
+        return delivered
+
     def deliver(self, topic: str, visitor: str, version: int | None, frame: bytes, dedupe: str | None = None) -> int:
         """Queue a bus event's frame on the agents watching ``topic``; how many.
         A visitor's signal (no version, no dedupe key) reaches an agent that

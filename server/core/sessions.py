@@ -21,14 +21,16 @@ from __future__ import annotations
 
 import contextlib
 import secrets
+import time
 from collections.abc import Callable
 
 from herald_presence.protocol import codec, tokens
 from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
-from herald_presence.protocol.messages import GuestCount, SessionConnected, SessionEvent, SessionJoined
+from herald_presence.protocol.messages import GuestCount, IceServer, SessionConnected, SessionEvent, SessionJoined
 from herald_presence.server.backends.base import Bus, PresenceStore, RecordStore
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names
+from herald_presence.server.model.ice import ice_servers_for
 from herald_presence.server.model.limits import check_subscriptions
 from herald_presence.server.model.presence_rules import CONSUMER_PREFIX, announced, is_consumer
 from herald_presence.server.model.records import GroupSettings, SupportSession
@@ -114,8 +116,9 @@ class Sessions:
         released. A start that fails (no free code) leaves the live one be."""
         if is_consumer(conn.subject):
             raise ProtocolError(ErrorCode.INVALID, "a consumer is already in its session")
+        rules = await group_settings.load(self._records, self.settings, conn.group)
         try:
-            session = await self._new(conn.group, key_type, conn.subject)
+            session = await self._new(conn.group, key_type, conn.subject, rules)
         except ProtocolError as exc:
             # Agents watching the visitor hear that its start failed, and why.
             failed = SupportSession("s" + secrets.token_hex(8), conn.group, conn.subject, key_type, conn.subject)
@@ -129,7 +132,8 @@ class Sessions:
         # A start racing this one may have displaced (and ended) it already.
         if await self._records.kv_get(names.session_key(conn.group, session.id)) is not None:
             await self._announce(session, "started")
-        return _connected(session, request_id)
+        conn.session = session.id
+        return _connected(session, request_id, ice_servers_for(rules.ice_servers, conn.id, time.time()))
 
     async def _claim(self, group: str, visitor: str, session_id: str) -> str | None:
         """Point the visitor's index at ``session_id`` and get back the session
@@ -256,7 +260,14 @@ class Sessions:
         # session, or at a newer one whose claim stands.
         index = names.session_by_visitor(conn.group, conn.subject)
         await self._records.kv_set(index, session.id.encode(), self.settings.session_ttl, only_if_absent=True)
-        return _connected(session, None)
+        conn.session = session.id
+        return _connected(session, None, await self.ice_servers(conn.group, conn.id))
+
+    async def ice_servers(self, group: str, member: str) -> list[IceServer] | None:
+        """The group's STUN/TURN servers for one member (its connection ID),
+        TURN credentials made now (PROTOCOL.md §11.10)."""
+        rules = await group_settings.load(self._records, self.settings, group)
+        return ice_servers_for(rules.ice_servers, member, time.time())
 
     # -- agents ------------------------------------------------------------------
     async def wait(self, agent: AgentConnection, key: str) -> None:
@@ -318,7 +329,12 @@ class Sessions:
         await self._watchers.watch(agent, [names.session_topic(agent.group, joined.id)])
         await self._tell_guests(joined)
         return SessionJoined(
-            id=request_id, session=joined.id, key=joined.key, visitor=joined.visitor, guests=len(joined.guests)
+            id=request_id,
+            session=joined.id,
+            key=joined.key,
+            visitor=joined.visitor,
+            guests=len(joined.guests),
+            ice_servers=await self.ice_servers(agent.group, agent.id),
         )
 
     async def leave(self, agent: AgentConnection, session_id: str) -> None:
@@ -349,9 +365,12 @@ class Sessions:
             await self._bus.publish(topic, envelope)
 
 
-def _connected(session: SupportSession, request_id: int | None) -> SessionConnected:
+def _connected(
+    session: SupportSession, request_id: int | None, ice_servers: list[IceServer] | None
+) -> SessionConnected:
     return SessionConnected(
         id=request_id,
+        ice_servers=ice_servers,
         session=session.id,
         key=session.key,
         key_type=session.key_type,

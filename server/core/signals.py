@@ -20,6 +20,8 @@ import asyncio
 import logging
 import secrets
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
@@ -56,6 +58,36 @@ def _too_late(answer_by: float, key: str) -> bool:
     return late > 0
 
 
+class Tally:
+    """The replies to one publish that several instances answer (a session
+    signal to the agents in a session): their counts, summed, complete once
+    as many replied as the publish reached (``expect``)."""
+
+    __slots__ = ("count", "done", "expected", "replies")
+
+    def __init__(self) -> None:
+        self.count = self.replies = 0
+        self.expected: int | None = None  # known once the publish returns; replies may come before
+        self.done: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def add(self, delivered: int) -> None:
+        self.count += delivered
+        self.replies += 1
+        self._check()
+
+    def expect(self, instances: int) -> None:
+        self.expected = instances
+        self._check()
+
+    def _check(self) -> None:
+        if self.expected is not None and self.replies >= self.expected and not self.done.done():
+            self.done.set_result(None)
+
+
+async def _counted(delivered: int) -> int:
+    return delivered
+
+
 def _targets(record: VisitorRecord, to_all: bool) -> list[ConnectionRecord]:
     focused = record.focused()
     return list(record.connections.values()) if to_all else [focused] if focused else []
@@ -83,6 +115,7 @@ class SignalRouter:
         self._tasks = tasks
         self._instance = inbox.instance
         self._replies: dict[str, asyncio.Future[int]] = {}
+        self._tallies: dict[str, Tally] = {}
 
     # -- visitor -> agents ---------------------------------------------------
     async def from_visitor(self, conn: Connection, message: Signal) -> int:
@@ -162,6 +195,46 @@ class SignalRouter:
         for count in await asyncio.gather(*waits):
             delivered += count
         return delivered
+
+    async def deliver_later(self, instance: str, connections: list[str], frame: bytes) -> Coroutine[Any, Any, int]:
+        """Queue ``frame`` on visitor connections of ``instance`` now (this
+        instance's at once, another's through its inbox), so that frames sent
+        one after another arrive in that order; the coroutine returned (to be
+        awaited) gives how many got it, ``delivery_failed`` if that instance
+        does not confirm in time."""
+        if instance == self._instance:
+            return _counted(self._visitors.deliver(connections, frame))
+        key, reply = self._expect_reply()
+        answer_by = time.time() + self.settings.delivery_timeout * (1 - REPLY_MARGIN)
+        envelope = names.envelope(names.DELIVER, key, self._instance, answer_by, connections, frame)
+        try:
+            reached = await self._bus.publish(names.inbox_topic(instance), envelope)
+        except BaseException:
+            self._replies.pop(key, None)
+            raise
+        if not reached:
+            self._replies.pop(key, None)
+            return _counted(0)
+        return self._await_reply(key, reply, self.settings.delivery_timeout)
+
+    def expect_replies(self) -> tuple[str, Tally]:
+        """A key for a publish that every instance it reaches answers with a ``REPLY``."""
+        key = secrets.token_hex(8)
+        self._tallies[key] = tally = Tally()
+        return key, tally
+
+    async def await_replies(self, key: str, tally: Tally, seconds: float) -> tuple[int, bool]:
+        """The summed count of the replies, and whether every instance replied in time."""
+        try:
+            await asyncio.wait_for(asyncio.shield(tally.done), seconds)
+            return tally.count, True
+        except TimeoutError:
+            return tally.count, False
+        finally:
+            self._tallies.pop(key, None)
+
+    def forget_replies(self, key: str) -> None:
+        self._tallies.pop(key, None)
 
     def _deliver_without_backend(self, group: str, visitor: str, frame: bytes, to_all: bool) -> int:
         """The cluster is unreachable: a visitor connected here still gets the
@@ -247,6 +320,8 @@ class SignalRouter:
         future = self._replies.get(key)
         if future is not None and not future.done():
             future.set_result(delivered)
+        elif (tally := self._tallies.get(key)) is not None:
+            tally.add(delivered)
 
     def on_deliver(self, key: str, reply_to: str, answer_by: float, connections: list[str], frame: bytes) -> None:
         """Another instance asks for a frame on connections held here; answer with the count."""

@@ -16,6 +16,9 @@ setting                        checked by                             answer
 ``max_subscriptions_per_agent`` ``check_subscriptions``               ``limit_exceeded``
 ``max_presence_bytes/_fields`` ``check_presence``                     ``limit_exceeded``
 ``max_signal_bytes``           ``check_signal``                       ``limit_exceeded``
+group ``presence_fields``      ``allowed_presence`` (hello, presence)  fields dropped (counted)
+``max_session_frame_bytes``    ``session_frame_allowed`` (members'    close 1009 (others:
+                               ``session_signal`` frames only)        ``max_frame_bytes``)
 ``visitor_signal_rate/_burst`` ``SignalBudgets`` (per agent, visitor) dropped for that agent
 ``code_lookups_per_*``         ``check_lookups``                      ``rate_limited`` / 429
 ``failed_credentials_per_``    ``check_failed_credentials``           ``rate_limited`` / 429
@@ -237,6 +240,23 @@ def check_presence(data: dict[str, Any], settings: Settings) -> None:
     if len(data) > settings.max_presence_fields:
         raise LimitExceeded("max_presence_fields", f"presence data has more than {settings.max_presence_fields} fields")
     _check_size(data, settings.max_presence_bytes, "max_presence_bytes", "presence data")
+
+
+def allowed_presence(data: dict[str, Any], allowed: list[str] | None) -> dict[str, Any]:
+    """Presence data with only the fields the group lets agents see (its
+    ``presence_fields``; None: every field). The others are dropped, not
+    refused: a page publishing more than its group allows stays connected,
+    and agents never see the rest. Each frame with a dropped field counts."""
+    if allowed is None or all(key in allowed for key in data):
+        return data
+    metrics.limit_hit("presence_fields")
+    return {key: value for key, value in data.items() if key in allowed}
+
+
+def session_frame_allowed(size: int, member: bool, settings: Settings) -> bool:
+    """A frame over ``max_frame_bytes`` is read only from a support session's
+    member (and must then be a ``session_signal``), up to ``max_session_frame_bytes``."""
+    return member and size <= settings.max_session_frame_bytes
 
 
 def check_signal(data: dict[str, Any] | None, settings: Settings) -> None:

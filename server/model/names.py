@@ -11,10 +11,15 @@ Bus topics route a message only to the instances that hold its recipients:
   whole group;
 * ``a:{group}:{agent}`` — signals a visitor addresses to one agent;
 * ``k:{group}:{key}`` — a session key's lifecycle, for agents waiting for it;
-* ``s:{group}:{session}`` — a session's lifecycle, for agents in it;
+* ``s:{group}:{session}`` — a session's lifecycle and its members'
+  session signals (``SESSION_SIGNAL``), for agents in it;
 * ``i:{instance}`` — an instance's inbox: deliveries to its visitor
   connections and their replies, focus changes, pushes (guest counts),
-  closes (a consumer whose session ended).
+  closes (a consumer whose session ended, a visitor disconnected by its
+  group's back end).
+
+An agent's topic also carries ``REVOKE``: every instance holding a
+connection of that agent closes it.
 
 Envelopes are msgpack arrays whose first item names the kind; the client
 frame inside is already encoded, so a receiving instance forwards the same
@@ -38,6 +43,10 @@ PUSH = "x"  # [kind, [connection...], frame]: to visitor connections, no reply
 REPLY = "r"  # [kind, key, delivered]
 FOCUS = "f"  # [kind, connection, focused]
 CLOSE = "c"  # [kind, [connection...], close code, reason]: close visitor connections (a consumer's session ended)
+REVOKE = "k"  # [kind, group, agent, not_before (unix s), reason]: on the agent's topic, close older logins
+# On a session's topic: a member's session signal for the agents in it (all, or the one connection ``to``),
+# the sender's own connection left out; each instance answers a REPLY with the count it reached.
+SESSION_SIGNAL = "m"  # [kind, group, session, key, reply_to, answer_by (unix s), to or nil, sender, frame]
 
 
 def pack(value: Any) -> bytes:
@@ -104,6 +113,18 @@ def group_settings_key(group: str) -> str:
 
 def revoked_login_key(login_session: str) -> str:
     return f"agent-session-revoked:{login_session}"
+
+
+def refused_visitor(group: str, visitor: str) -> str:
+    """A visitor its group's back end disconnected and refuses for a while
+    (the value: until when, unix s; the record expires then)."""
+    return f"{{{group}}}:refused:{visitor}"
+
+
+def agent_not_before(group: str, agent: str) -> str:
+    """The moment (unix s) before which every login of this agent is revoked;
+    kept as long as a login cookie lives (``session_max_age``)."""
+    return f"{{{group}}}:agent-not-before:{agent}"
 
 
 def lookups_by_address(address: str) -> str:

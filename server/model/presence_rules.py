@@ -59,7 +59,9 @@ def _joined(connection: ConnectionRecord) -> ConnectionDelta:
 
 
 def join(record: VisitorRecord, connection: ConnectionRecord, limit: int | None = None) -> PresenceChange:
-    """A connection arrives; it takes focus. A visitor that was away (in its
+    """A connection arrives; it is active, so it takes focus, unless it is
+    hidden and another is visible (a background tab does not take signals
+    from the tab the visitor looks at). A visitor that was away (in its
     grace period) comes back without agents seeing it leave (they get its
     whole state: they never heard of the versions it had while away). ``limit``
     caps the visitor's connections (checked atomically with the join)."""
@@ -71,7 +73,7 @@ def join(record: VisitorRecord, connection: ConnectionRecord, limit: int | None 
     record.away_since = None
     connection.active = _bump(record)
     record.connections[connection.connection] = connection
-    return PresenceChange(record, change, record.version, before, connection, base, delta)
+    return PresenceChange(record, change, record.version, before, record.focused(), base, delta)
 
 
 def rejoin(record: VisitorRecord, connection: ConnectionRecord) -> PresenceChange | None:
@@ -93,9 +95,10 @@ def update(
     record: VisitorRecord, connection: str, data: dict[str, Any] | None, visible: bool | None
 ) -> PresenceChange | None:
     """Merge presence data (None deletes a field) and/or set visibility.
-    Publishing data or becoming visible is activity: it takes focus (agents
-    hear ``focus`` when that is all that changed). A frame that changes
-    nothing changes no version."""
+    Publishing data or becoming visible is activity: it takes focus, unless
+    the connection is hidden while another is visible (agents hear ``focus``
+    when that is all that changed). A frame that changes nothing changes no
+    version."""
     conn = record.connections.get(connection)
     if conn is None:
         return None
@@ -109,13 +112,18 @@ def update(
     if visible is not None and visible != conn.visible:
         conn.visible = changed["visible"] = visible
     active = bool(data or visible)
-    if len(changed) == 1 and not (active and before is not conn):
+    if len(changed) == 1 and not (active and before is not conn and _may_take_focus(record, conn)):
         return None  # the same data, the same visibility, the focus where it was
     version = _bump(record)
     if active:
         conn.active = version
     change = "data" if different else "visibility" if "visible" in changed else "focus"
     return PresenceChange(record, change, version, before, record.focused(), base, [changed])
+
+
+def _may_take_focus(record: VisitorRecord, conn: ConnectionRecord) -> bool:
+    """Whether activity gives ``conn`` focus: it is visible, or none is."""
+    return conn.visible or not any(c.visible for c in record.connections.values())
 
 
 def leave(record: VisitorRecord, connection: str) -> PresenceChange | None:

@@ -39,7 +39,9 @@ class VisitorRecord:
         return bool(self.connections) or self.away_since is not None
 
     def focused(self) -> ConnectionRecord | None:
-        return max(self.connections.values(), key=lambda c: c.active, default=None)
+        """The most recently active visible connection; a hidden one only
+        when none is visible (PROTOCOL.md §5.5)."""
+        return max(self.connections.values(), key=lambda c: (c.visible, c.active), default=None)
 
     def state(self) -> VisitorState:
         focused = self.focused()
@@ -145,6 +147,14 @@ class GroupSettings:
     code_ttl: float  # seconds an unclaimed short code lives
     allowed_origins: list[str] = field(default_factory=list)  # added to the configured ones
     allow_consumer_codes: bool = False  # short codes over REST for pages without a back end (overrides TOML)
+    enforce_expiry: bool = False  # close connections whose credential expired without a refresh (overrides TOML)
+    ice_servers: list[dict[str, Any]] = field(default_factory=list)  # STUN/TURN for session members (overrides TOML)
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        """For the admin API: a TURN server's secret is never shown, only that it has one."""
+        shown = dataclasses.asdict(self)
+        shown["ice_servers"] = [
+            {key: value for key, value in server.items() if key != "secret"} | {"has_secret": "secret" in server}
+            for server in self.ice_servers
+        ]
+        return shown

@@ -36,11 +36,13 @@ HELP = {
     "signal_hold": "seconds a signal waits for a reconnecting visitor before it expires",
     "delivery_timeout": "seconds to wait for another instance to confirm a delivery",
     "max_frame_bytes": "largest accepted frame; bigger ones close the connection with 1009",
+    "max_session_frame_bytes": "largest session_signal a support session's member may send (an SDP of up to "
+    "64 KiB); other frames are held to max_frame_bytes",
     "max_queue": "outbound frames queued per connection before it is closed as a slow consumer",
     "message_rate": "frames per second a connection may send, sustained (token bucket)",
     "message_burst": "frames a connection may send at once above the rate",
     "message_bytes_rate": "bytes per second a connection may send, sustained (token bucket; pings count)",
-    "message_bytes_burst": "bytes a connection may send at once above the rate (at least max_frame_bytes)",
+    "message_bytes_burst": "bytes a connection may send at once above the rate (at least the largest frame)",
     "connections_per_address": "new websocket connections per client address per minute, per instance",
     "max_connections_per_address": "TCP connections one client address may hold open at once, per instance",
     "max_connections": "TCP connections open at once per instance (0: the open-file limit less 256)",
@@ -102,6 +104,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
     ),
     "limits per connection": (
         "max_frame_bytes",
+        "max_session_frame_bytes",
         "max_queue",
         "message_rate",
         "message_burst",

@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
+from collections.abc import Awaitable, Callable
 from functools import partial
 
 from aiohttp import web
 
+from herald_presence.protocol import tokens
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.protocol.messages import (
     Ack,
@@ -15,27 +18,32 @@ from herald_presence.protocol.messages import (
     LeaveSession,
     Lookup,
     Message,
+    Refresh,
+    SessionSignal,
     Signal,
     Subscribe,
     Unsubscribe,
     WaitSession,
 )
 from herald_presence.server import logs, metrics
+from herald_presence.server.backends.base import BackendUnavailable
 from herald_presence.server.core.connection import AgentConnection
 from herald_presence.server.core.presence import PresenceService
+from herald_presence.server.core.session_signals import SessionSignals
 from herald_presence.server.core.sessions import Sessions
 from herald_presence.server.core.signals import SignalRouter
 from herald_presence.server.tasks import TaskSupervisor
 
 from . import auth
 from .http_common import error_response
-from .keys import HUB, PRESENCE, SESSIONS, SETTINGS, SIGNALS
+from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, REVOCATIONS, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
     answering_errors,
     open_websocket,
     read_hello,
     refuse,
     refused_before_upgrade,
+    relay_session_signal,
     serve_frames,
     welcome,
 )
@@ -48,10 +56,10 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     refused = refused_before_upgrade(request, hub)
     if refused is not None:
         return refused
-    identity = await auth.agent_identity(request)
-    if identity is None:
+    login = await auth.agent_login(request)
+    if login is None:
         return error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")
-    group, agent_id = identity
+    group, agent_id = login.group, login.agent
     if not await auth.origin_allowed(request, group):
         return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
     ws = await open_websocket(request, settings)
@@ -60,20 +68,58 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     except ProtocolError as exc:
         await refuse(ws, exc)
         return ws
-    agent = AgentConnection(ws, group.id, agent_id, settings.max_queue)
+    agent = AgentConnection(ws, group.id, agent_id, settings.max_queue, issued=login.issued)
     logs.CONNECTION.set(agent.id)  # this handler's log lines (and its tasks') name it
     try:
         await hub.agent_joined(agent)
-        agent.send_message(welcome(agent, version, settings, agent=agent_id))
+        if await _revoked_meanwhile(request, agent):
+            return ws
+        request.app[EXPIRY].watch(agent, login.expires)
+        agent.send_message(welcome(agent, version, settings, agent=agent_id, expires=login.expires))
         log.debug("agent %s/%s connected", group.id, agent_id)
         app = request.app
-        handle = partial(_handle, app[PRESENCE], app[SESSIONS], app[SIGNALS], hub.tasks, agent)
-        await serve_frames(agent, settings, handle)
+        handle = partial(
+            _handle, app[PRESENCE], app[SESSIONS], app[SIGNALS], hub.tasks, agent, session_signals=app[SESSION_SIGNALS]
+        )
+        await serve_frames(agent, settings, _refreshing(request, agent, handle))
     finally:
         await hub.agent_left(agent)
         await agent.finish()
         log.debug("agent connection closed (%s)", ws.close_code)
     return ws
+
+
+async def _revoked_meanwhile(request: web.Request, agent: AgentConnection) -> bool:
+    """A revocation published after the upgrade's check and before this
+    connection watched its agent's topic missed it: checked once more, now
+    that the topic is watched (closed if so)."""
+    with contextlib.suppress(BackendUnavailable):
+        if agent.issued < await request.app[REVOCATIONS].not_before(agent.group, agent.subject):
+            await refuse(agent.ws, ProtocolError(ErrorCode.REVOKED, "this agent's logins were revoked"))
+            return True
+    return False
+
+
+def _refreshing(
+    request: web.Request, agent: AgentConnection, handle: Callable[[Message], Awaitable[None]]
+) -> Callable[[Message], Awaitable[None]]:
+    """``handle``, with ``refresh`` answered here: a fresh login key of the
+    same agent lets the connection live ``session_max_age`` more, as a new
+    login would."""
+
+    async def handle_or_refresh(message: Message) -> None:
+        if not isinstance(message, Refresh):
+            return await handle(message)
+        group = request.app[SETTINGS].groups[agent.group]
+        await request.app[CREDENTIALS].verify(group, tokens.AGENT, agent.subject, message.token)
+        with contextlib.suppress(BackendUnavailable):
+            if agent.issued < await request.app[REVOCATIONS].not_before(agent.group, agent.subject):
+                raise ProtocolError(ErrorCode.REVOKED, "this agent's logins were revoked")
+        expires = time.time() + request.app[SETTINGS].session_max_age
+        request.app[EXPIRY].watch(agent, expires)
+        agent.send_message(Ack(id=message.id, expires=expires))
+
+    return handle_or_refresh
 
 
 async def _handle(
@@ -83,6 +129,8 @@ async def _handle(
     tasks: TaskSupervisor,
     agent: AgentConnection,
     message: Message,
+    *,
+    session_signals: SessionSignals,
 ) -> None:
     if isinstance(message, Signal):
         if message.visitor is None:
@@ -112,6 +160,8 @@ async def _handle(
     elif isinstance(message, LeaveSession):
         await sessions.leave(agent, message.session)
         agent.send_message(Ack(id=message.id))
+    elif isinstance(message, SessionSignal):
+        await relay_session_signal(agent, message, session_signals, tasks)
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not an agent message")
 

@@ -15,6 +15,7 @@ from __future__ import annotations
 import logging
 import secrets
 import time
+from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
@@ -32,7 +33,7 @@ from herald_presence.server.model.limits import LimitExceeded, count
 from herald_presence.server.model.names import revoked_login_key
 
 from .http_common import STATUS, allowed_origin, client_address, error_response, read_body
-from .keys import RECORDS, SETTINGS
+from .keys import CREDENTIALS, RECORDS, REVOCATIONS, SETTINGS
 
 log = logging.getLogger(__name__)
 
@@ -87,17 +88,18 @@ def group_or_stand_in(settings: Settings, group_id: str | None) -> GroupConfig:
     return settings.groups.get(group_id or "") or _NO_GROUP
 
 
-def verify_visitor(settings: Settings, hello: Hello) -> tuple[GroupConfig, str]:
-    """The group and visitor ID a hello proves. Without visitor and token, a
-    group that allows anonymous visitors gives a fresh ``anon.`` ID: an
-    anonymous visitor can never choose (or claim) an ID."""
-    group = group_or_stand_in(settings, hello.group)
+async def verify_visitor(request: web.Request, hello: Hello) -> tuple[GroupConfig, str, int | None]:
+    """The group and visitor ID a hello proves, and when its token expires.
+    Without visitor and token, a group that allows anonymous visitors gives
+    a fresh ``anon.`` ID: an anonymous visitor can never choose (or claim)
+    an ID. The token is Herald's v1 format or a JWT (``credentials``)."""
+    group = group_or_stand_in(request.app[SETTINGS], hello.group)
     if hello.visitor is None and hello.token is None and group.allow_anonymous:
-        return group, ANONYMOUS_PREFIX + secrets.token_hex(8)
+        return group, ANONYMOUS_PREFIX + secrets.token_hex(8), None
     if hello.visitor is None or hello.token is None:
         raise ProtocolError(ErrorCode.UNAUTHORIZED, "a visitor hello needs group, visitor and token")
-    tokens.verify_token(group.secrets, tokens.VISITOR, group.id, hello.visitor, hello.token)
-    return group, hello.visitor
+    expires = await request.app[CREDENTIALS].verify(group, tokens.VISITOR, hello.visitor, hello.token)
+    return group, hello.visitor, expires
 
 
 async def login(request: web.Request) -> web.StreamResponse:
@@ -127,16 +129,20 @@ async def login(request: web.Request) -> web.StreamResponse:
     if group is not _NO_GROUP and not await origin_allowed(request, group):
         return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
     try:
-        tokens.verify_token(group.secrets, tokens.AGENT, group_id, agent, key)
+        await request.app[CREDENTIALS].verify(group, tokens.AGENT, agent, key)
     except ProtocolError as exc:
+        if exc.code == ErrorCode.BACKEND_UNAVAILABLE:  # the group's public keys could not be fetched
+            return error_response(503, exc.code, exc.message)
         log.info("agent login refused for %s/%s: %s", group_id, agent, exc.code)
         await attempts.count_refusal(records, "login", address)
         if exc.code == ErrorCode.UNAUTHORIZED:  # an unknown group and a bad key look the same
             return error_response(401, exc.code, "unknown group or bad key")
         return error_response(STATUS.get(exc.code, 401), exc.code, exc.message)
     session = await new_session(request)
-    expires = int(time.time()) + settings.session_max_age
-    session.update({"group": group.id, "agent": agent, "expires": expires, "sid": secrets.token_hex(16)})
+    issued = time.time()
+    expires = int(issued) + settings.session_max_age
+    # "iat": a revocation of the agent's logins (``revoke_agent``) refuses every cookie issued before it.
+    session.update({"group": group.id, "agent": agent, "expires": expires, "sid": secrets.token_hex(16), "iat": issued})
     log.info("agent %s/%s logged in", group.id, agent)
     return web.json_response({"group": group.id, "agent": agent, "expires": expires})
 
@@ -166,21 +172,41 @@ async def logout(request: web.Request) -> web.StreamResponse:
     return web.json_response({"ok": True})
 
 
+@dataclass(frozen=True, slots=True)
+class AgentLogin:
+    """An agent's login session, from its cookie."""
+
+    group: GroupConfig
+    agent: str
+    expires: float  # unix s when the login ends
+    issued: float  # unix s when it was made (0 for cookies made before Herald recorded it)
+
+
 async def agent_identity(request: web.Request) -> tuple[GroupConfig, str] | None:
     """The logged-in agent of this request's session, if still valid."""
+    login = await agent_login(request)
+    return None if login is None else (login.group, login.agent)
+
+
+async def agent_login(request: web.Request) -> AgentLogin | None:
+    """This request's login session, if still valid: not expired, not logged
+    out, and not made before its agent's logins were revoked."""
     settings = request.app[SETTINGS]
     session = await get_session(request)
     group = settings.groups.get(session.get("group", ""))
     agent, session_id = session.get("agent"), session.get("sid")
     if group is None or not isinstance(agent, str) or not isinstance(session_id, str):
         return None
-    if session.get("expires", 0) < time.time():
+    expires, issued = session.get("expires", 0), session.get("iat", 0)
+    if not isinstance(expires, int | float) or not isinstance(issued, int | float) or expires < time.time():
         return None
     try:
         if await request.app[RECORDS].kv_get(revoked_login_key(session_id)) is not None:
             return None
+        if issued < await request.app[REVOCATIONS].not_before(group.id, agent):
+            return None
     except BackendUnavailable:
-        # Local agents keep working through a Redis outage; a logout made
-        # meanwhile is only enforced again once Redis is back.
+        # Local agents keep working through a Redis outage; a logout or a
+        # revocation made meanwhile is only enforced again once Redis is back.
         log.warning("backend unavailable: cannot check whether %s/%s logged out", group.id, agent)
-    return group, agent
+    return AgentLogin(group, agent, float(expires), float(issued))

@@ -136,9 +136,21 @@ async def compat_create(request: web.Request) -> web.StreamResponse:
 
 @json_errors
 async def compat_consumer(request: web.Request) -> web.StreamResponse:
-    """``GET /assistserver/shortcode/consumer?appkey=CODE`` -> ``{"session-token", "cid"}``."""
+    """``GET /assistserver/shortcode/consumer?appkey=CODE`` -> ``{"session-token", "cid"}``.
+
+    Live Assist's consumer SDKs take **403** as "this code opens nothing"
+    (the browser's ``ShortCodeAssist`` calls its failure callback only on
+    403; the iOS SDK reads any other body as a success without a ``cid``),
+    so an unknown, expired or spent code answers 403 here, where the native
+    route answers 404. ``auditName``, ``username`` and ``displayName``, which
+    those SDKs may add, are accepted and ignored."""
     group = _compat_group(request)
-    session, token, origin = await _redeem(request, group, _code(request.query.get("appkey")))
+    try:
+        session, token, origin = await _redeem(request, group, _code(request.query.get("appkey")))
+    except ProtocolError as exc:
+        if exc.code != ErrorCode.SESSION_NOT_FOUND:
+            raise
+        raise ProtocolError(ErrorCode.FORBIDDEN, exc.message) from None
     return with_cors(web.json_response({"session-token": token, "cid": session.id}), origin)
 
 

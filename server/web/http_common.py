@@ -34,6 +34,7 @@ STATUS = {
     ErrorCode.UNAUTHORIZED: 401,
     ErrorCode.TOKEN_EXPIRED: 401,
     ErrorCode.FORBIDDEN: 403,
+    ErrorCode.REVOKED: 403,
     ErrorCode.SESSION_NOT_FOUND: 404,
     ErrorCode.VISITOR_OFFLINE: 404,
     ErrorCode.AGENT_OFFLINE: 404,

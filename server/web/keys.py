@@ -7,17 +7,26 @@ from aiohttp import web
 
 from herald_presence.server.backends.base import RecordStore
 from herald_presence.server.config import Settings
+from herald_presence.server.core.expiry import Expiry
 from herald_presence.server.core.hub import Hub
 from herald_presence.server.core.presence import PresenceService
+from herald_presence.server.core.revocation import Revocations
+from herald_presence.server.core.session_signals import SessionSignals
 from herald_presence.server.core.sessions import Sessions
 from herald_presence.server.core.signals import SignalRouter
+
+from .credentials import Credentials
 
 SETTINGS = web.AppKey("settings", Settings)
 HUB = web.AppKey("hub", Hub)  # the instance: lifecycle, readiness, admission
 PRESENCE = web.AppKey("presence", PresenceService)
 SIGNALS = web.AppKey("signals", SignalRouter)
 SESSIONS = web.AppKey("sessions", Sessions)
+SESSION_SIGNALS = web.AppKey("session_signals", SessionSignals)
 RECORDS = web.AppKey("records", RecordStore)
+REVOCATIONS = web.AppKey("revocations", Revocations)
+EXPIRY = web.AppKey("expiry", Expiry)
+CREDENTIALS = web.AppKey("credentials", Credentials)  # v1 tokens and JWTs, with each group's public keys
 
 
 def install(app: web.Application, settings: Settings, hub: Hub) -> None:
@@ -26,4 +35,8 @@ def install(app: web.Application, settings: Settings, hub: Hub) -> None:
     app[PRESENCE] = hub.presence
     app[SIGNALS] = hub.signals
     app[SESSIONS] = hub.sessions
+    app[SESSION_SIGNALS] = hub.session_signals
     app[RECORDS] = hub.backend
+    app[REVOCATIONS] = hub.revocations
+    app[EXPIRY] = hub.expiry
+    app[CREDENTIALS] = Credentials(settings)

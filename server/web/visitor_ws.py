@@ -2,28 +2,43 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
+import math
 from functools import partial
 
 from aiohttp import web
 
+from herald_presence.protocol import tokens
 from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
-from herald_presence.protocol.messages import Ack, EndSession, Hello, Message, Presence, Signal, StartSession
+from herald_presence.protocol.messages import (
+    Ack,
+    EndSession,
+    Hello,
+    Message,
+    Presence,
+    Refresh,
+    SessionSignal,
+    Signal,
+    StartSession,
+)
 from herald_presence.server import logs
-from herald_presence.server.config import Settings
+from herald_presence.server.backends.base import BackendUnavailable
 from herald_presence.server.core.connection import VisitorConnection
 from herald_presence.server.core.presence import PresenceService
+from herald_presence.server.core.revocation import Revocations
 from herald_presence.server.core.sessions import CONSUMER_PREFIX, Sessions
 from herald_presence.server.core.signals import SignalRouter
 from herald_presence.server.model.presence_rules import is_consumer
 
 from . import auth
-from .keys import HUB, PRESENCE, SESSIONS, SETTINGS, SIGNALS
+from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, REVOCATIONS, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
     open_websocket,
     read_hello,
     refuse,
     refused_before_upgrade,
+    relay_session_signal,
     serve_frames,
     welcome,
 )
@@ -40,8 +55,9 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     ws = await open_websocket(request, settings)
     try:
         hello, version = await read_hello(ws, settings)
-        group, visitor, consumer_session = await _identify(settings, sessions, hello)
+        group, visitor, consumer_session, expires = await _identify(request, sessions, hello)
         await auth.require_origin(request, settings.groups[group])
+        await _not_refused(app[REVOCATIONS], group, visitor)
     except ProtocolError as exc:
         log.info("visitor handshake refused: %s", exc.code)
         await refuse(ws, exc)
@@ -51,17 +67,18 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     logs.CONNECTION.set(conn.id)  # this handler's log lines (and its tasks') name it
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
-        await presence.visitor_joined(conn)
+        focused = await presence.visitor_joined(conn)
     except ProtocolError as exc:
         await refuse(ws, exc)
         return ws
     try:
-        conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=True))
+        app[EXPIRY].watch(conn, expires)
+        conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=focused, expires=expires))
         log.debug("visitor %s/%s connected", group, visitor)
         if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
             return ws  # closed: a consumer is nothing without its session
         await hub.release_held(conn)
-        await serve_frames(conn, settings, partial(_handle, presence, sessions, app[SIGNALS], conn))
+        await serve_frames(conn, settings, partial(_handle, request, presence, sessions, app[SIGNALS], conn))
     finally:
         await presence.visitor_left(conn)
         await conn.finish()
@@ -69,19 +86,30 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     return ws
 
 
-async def _identify(settings: Settings, sessions: Sessions, hello: Hello) -> tuple[str, str, str | None]:
-    """(group, visitor ID, session) from a hello: a visitor's own token, or
-    the session token of a consumer that redeemed a short code (its group
-    takes consumer codes and its session is live)."""
+async def _identify(request: web.Request, sessions: Sessions, hello: Hello) -> tuple[str, str, str | None, int | None]:
+    """(group, visitor ID, session, expiry) from a hello: a visitor's own
+    token (v1 or JWT), or the session token of a consumer that redeemed a
+    short code (its group takes consumer codes and its session is live; it
+    lasts as long as its session, which closes it)."""
+    settings = request.app[SETTINGS]
     if hello.session_token is not None and hello.visitor is None and hello.token is None:
         if hello.group not in settings.groups:
             raise ProtocolError(ErrorCode.UNAUTHORIZED, "unknown group")
         session = await sessions.consumer_session(hello.group, hello.session_token)
-        return hello.group, CONSUMER_PREFIX + session, session
-    group, visitor = auth.verify_visitor(settings, hello)
+        return hello.group, CONSUMER_PREFIX + session, session, None
+    group, visitor, expires = await auth.verify_visitor(request, hello)
     if is_consumer(visitor):
         raise ProtocolError(ErrorCode.UNAUTHORIZED, f"visitor IDs starting with {CONSUMER_PREFIX} are the server's")
-    return group.id, visitor, None
+    return group.id, visitor, None, expires
+
+
+async def _not_refused(revocations: Revocations, group: str, visitor: str) -> None:
+    """A visitor its group's back end disconnected with a refusal stays out
+    until it runs out (unchecked while the cluster backend is away)."""
+    with contextlib.suppress(BackendUnavailable):
+        left = await revocations.refused_for(group, visitor)
+        if left > 0:
+            raise ProtocolError(ErrorCode.REVOKED, f"this visitor is refused for {math.ceil(left)} more seconds")
 
 
 async def _attach(sessions: Sessions, conn: VisitorConnection, session: str) -> bool:
@@ -98,7 +126,12 @@ async def _attach(sessions: Sessions, conn: VisitorConnection, session: str) -> 
 
 
 async def _handle(
-    presence: PresenceService, sessions: Sessions, signals: SignalRouter, conn: VisitorConnection, message: Message
+    request: web.Request,
+    presence: PresenceService,
+    sessions: Sessions,
+    signals: SignalRouter,
+    conn: VisitorConnection,
+    message: Message,
 ) -> None:
     if isinstance(message, Presence):
         if message.data is None and message.visible is None:
@@ -115,6 +148,22 @@ async def _handle(
     elif isinstance(message, EndSession):
         if not await sessions.end_visitor_session(conn.group, conn.subject, "ended"):
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "this visitor has no live session")
+        conn.session = None
         conn.send_message(Ack(id=message.id))
+    elif isinstance(message, SessionSignal):
+        await relay_session_signal(conn, message, request.app[SESSION_SIGNALS], request.app[HUB].tasks)
+    elif isinstance(message, Refresh):
+        conn.send_message(await _refresh(request, conn, message))
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not a visitor message")
+
+
+async def _refresh(request: web.Request, conn: VisitorConnection, message: Refresh) -> Ack:
+    """A fresh visitor token for this connection's own visitor ID: the
+    connection now lasts until it expires."""
+    if conn.expires is None:  # anonymous and consumer connections hold no expiring token
+        raise ProtocolError(ErrorCode.INVALID, "this connection has no token to refresh")
+    group = request.app[SETTINGS].groups[conn.group]
+    expires = await request.app[CREDENTIALS].verify(group, tokens.VISITOR, conn.subject, message.token)
+    request.app[EXPIRY].watch(conn, expires)
+    return Ack(id=message.id, expires=expires)

@@ -18,12 +18,23 @@ from aiohttp import WSMsgType, web
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
-from herald_presence.protocol.messages import SUPPORTED_VERSIONS, Hello, Message, Ping, Pong, Welcome
+from herald_presence.protocol.messages import (
+    SUPPORTED_VERSIONS,
+    Ack,
+    Hello,
+    Message,
+    Ping,
+    Pong,
+    SessionSignal,
+    Welcome,
+)
 from herald_presence.server import __version__, metrics
 from herald_presence.server.config import Settings
 from herald_presence.server.core.connection import CLOSE_TIMEOUT, Connection, error_frame
 from herald_presence.server.core.hub import Hub
-from herald_presence.server.model.limits import ConnectionLimit, Verdict, count
+from herald_presence.server.core.session_signals import SessionSignals
+from herald_presence.server.model.limits import ConnectionLimit, Verdict, count, session_frame_allowed
+from herald_presence.server.tasks import TaskSupervisor
 
 from .http_common import client_address, error_response
 
@@ -39,8 +50,16 @@ _HANDSHAKE_CLOSE = {
     ErrorCode.FORBIDDEN: CloseCode.FORBIDDEN,
     ErrorCode.UNSUPPORTED_VERSION: CloseCode.UNSUPPORTED_VERSION,
     ErrorCode.SESSION_NOT_FOUND: CloseCode.SESSION_ENDED,  # a consumer's session ended: its token is spent
+    ErrorCode.REVOKED: CloseCode.REVOKED,  # its group's back end refuses this visitor for a while
     ErrorCode.BACKEND_UNAVAILABLE: CloseCode.RECONNECT,  # a consumer's session could not be checked: try again
 }
+
+
+class FrameTooBig(ProtocolError):
+    """A first frame above ``max_frame_bytes``: closed with 1009, no error frame."""
+
+    def __init__(self, size: int, limit: int) -> None:
+        super().__init__(ErrorCode.TOO_LARGE, f"frame is {size} bytes; the limit is {limit}")
 
 
 class HandshakeTimeout(ProtocolError):
@@ -52,10 +71,15 @@ class HandshakeTimeout(ProtocolError):
 
 def refused_before_upgrade(request: web.Request, hub: Hub) -> web.Response | None:
     """A 503 while draining (the client retries, elsewhere: readiness is
-    already false), a 429 for an address opening connections too fast."""
+    already false), a 426 for a request that is no websocket upgrade, a 429
+    for an address opening connections too fast."""
     if hub.draining:
         response = error_response(503, ErrorCode.DRAINING, "this instance is shutting down; reconnect")
         response.headers["Retry-After"] = "1"
+        return response
+    if not web.WebSocketResponse(protocols=()).can_prepare(request).ok:
+        response = error_response(426, ErrorCode.INVALID, "this path takes a websocket upgrade only")
+        response.headers["Upgrade"] = "websocket"
         return response
     if hub.connection_rate.allow(client_address(request)):
         return None
@@ -75,8 +99,9 @@ async def open_websocket(request: web.Request, settings: Settings) -> web.WebSoc
         # ping, unseen and unlimited. The heartbeat needs no autoping: any
         # bytes arriving (the pong to its ping too) are what keep it alive.
         autoping=False,
-        # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted.
-        max_msg_size=settings.max_frame_bytes + 1,  # bigger frames close with 1009
+        # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted
+        # (a session member's session_signal); ``messages`` holds every other frame to max_frame_bytes.
+        max_msg_size=max(settings.max_frame_bytes, settings.max_session_frame_bytes) + 1,  # bigger: 1009
         timeout=CLOSE_TIMEOUT,
         # No permessage-deflate, though every browser offers it: our frames are
         # small msgpack maps that barely shrink, while each negotiated
@@ -104,6 +129,8 @@ async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hel
                 msg = await ws.receive()
     except TimeoutError:
         raise HandshakeTimeout() from None
+    if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) and len(msg.data) > settings.max_frame_bytes:
+        raise FrameTooBig(len(msg.data), settings.max_frame_bytes)
     if msg.type is not WSMsgType.BINARY:
         raise ProtocolError(ErrorCode.BAD_FRAME, "the first frame must be a binary hello")
     hello = codec.decode(msg.data, settings.max_frame_bytes)
@@ -118,6 +145,11 @@ async def read_hello(ws: web.WebSocketResponse, settings: Settings) -> tuple[Hel
 async def refuse(ws: web.WebSocketResponse, error: ProtocolError) -> None:
     """Answer a failed handshake with an error frame, then close."""
     count(error)
+    if isinstance(error, FrameTooBig):
+        metrics.limit_hit("max_frame_bytes")
+        with contextlib.suppress(ConnectionError, RuntimeError):
+            await ws.close(code=CloseCode.MESSAGE_TOO_BIG, message=b"message too big")
+        return
     frame = error_frame(error.code, error.message)
     if ws.closed:
         return
@@ -193,6 +225,11 @@ async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Messag
     async for msg in conn.ws:
         if msg.type in _COUNTED and (conn.closing or not _within_rate(conn, settings, len(msg.data))):
             continue  # over a limit, or after we started closing: dropped unread
+        if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) and len(msg.data) > max_bytes:
+            large = _session_sized(conn, msg.data, settings)
+            if large is not None:
+                yield large
+            continue
         if msg.type is WSMsgType.BINARY:
             try:
                 yield codec.decode(msg.data, max_bytes)
@@ -210,6 +247,43 @@ async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Messag
                 metrics.limit_hit("max_frame_bytes")
             log.debug("%r ended with %s", conn, error)
             return
+
+
+def _session_sized(conn: Connection, frame: bytes | str, settings: Settings) -> Message | None:
+    """A frame over ``max_frame_bytes``: a session member's ``session_signal``
+    up to ``max_session_frame_bytes`` (its fields checked as any frame's:
+    ``invalid`` answered), else the connection closes with 1009 as if the
+    websocket layer had refused it."""
+    if isinstance(frame, bytes) and session_frame_allowed(len(frame), conn.session_member, settings):
+        try:
+            raw = codec.unpack(frame, settings.max_session_frame_bytes)
+        except ProtocolError:
+            raw = None
+        if raw is not None and raw.get("type") == SessionSignal.TYPE:
+            try:
+                return codec.from_map(raw)
+            except ProtocolError as exc:
+                conn.send_error(exc.code, exc.message, exc.request_id)
+                return None
+    metrics.limit_hit("max_frame_bytes")
+    conn.close(CloseCode.MESSAGE_TOO_BIG, "message too big")
+    return None
+
+
+async def relay_session_signal(
+    conn: Connection, message: SessionSignal, session_signals: SessionSignals, tasks: TaskSupervisor
+) -> None:
+    """Both roles' ``session_signal``: routed now, in the order the frames
+    came (a refusal answered at once), its ``ack`` sent once the members'
+    instances have answered, off this loop."""
+    answer = await session_signals.send(conn, message)
+
+    async def acknowledge() -> None:
+        delivered = await answer
+        if message.id is not None:
+            conn.send_message(Ack(id=message.id, delivered=delivered))
+
+    tasks.spawn(answering_errors(conn, message.id, acknowledge()), f"session-signal-{conn.id}-{message.id}")
 
 
 def answering_errors(conn: Connection, request_id: int | None, work: Awaitable[None]) -> Coroutine[Any, Any, None]:

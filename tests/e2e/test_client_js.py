@@ -308,3 +308,29 @@ async def test_js_apply_delta_builds_the_state_python_builds(browser: Browser, h
         await page.evaluate("([state, delta]) => herald.applyDelta(state, delta)", [state, {**delta, "base": 1}])
         is None
     )
+
+
+async def test_js_visitor_refreshes_its_token_from_its_token_function(browser: Browser, herald: HeraldServer) -> None:
+    """PROTOCOL.md §3.4: a group that enforces expiry would close the connection when its token
+    runs out; the client calls its token function before then and sends ``refresh``."""
+    herald.settings.groups["acme"].enforce_expiry = True
+    page = await client_page(browser, herald)
+    minted: list[str] = []
+
+    def mint() -> str:
+        minted.append(tokens.make_token(SECRET, tokens.VISITOR, "acme", "v-fresh", ttl=6))
+        return minted[-1]
+
+    await page.expose_function("mint", mint)
+    await page.evaluate(
+        """async () => {
+            window.client = new herald.VisitorClient(undefined, {group: "acme", visitor: "v-fresh",
+                                                                 token: () => window.mint()});
+            await client.connect();
+        }"""
+    )
+    first = await page.evaluate("() => client.welcome.expires")
+    assert first == int(minted[0].split(".")[0])
+    await asyncio.sleep(8)  # past the first token's expiry: refreshed about 5 s before each
+    assert await page.evaluate("() => client.connected") is True
+    assert len(minted) >= 3, minted  # the hello's, then at least two refreshes

@@ -63,7 +63,7 @@ async def test_credentials_never_reach_the_logs(tmp_path: Path) -> None:
             redeemed = await http.get(base + "/assistserver/shortcode/consumer", params={"appkey": code})
             session_token = (await redeemed.json())["session-token"]
             seen["session token"] = session_token
-            assert (await http.get(base + "/assistserver/shortcode/consumer", params={"appkey": code})).status == 404
+            assert (await http.get(base + "/assistserver/shortcode/consumer", params={"appkey": code})).status == 403
             assert (await http.get(base + "/assistserver/shortcode/agent", params={"appkey": code})).status == 200
             async with VisitorClient.for_session(base, "acme", session_token, reconnect=False) as consumer:
                 assert consumer.visitor is not None

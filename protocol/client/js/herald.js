@@ -11,7 +11,7 @@
 // Events are DOM events: `client.addEventListener("signal", (e) => e.detail)`.
 // Server frames that answer no request arrive under their `type`
 // ("presence_changed", "signal", "session_event", "guest_count", "focus",
-// "session_connected", "error"); the client adds "connected",
+// "session_connected", "session_signal", "error"); the client adds "connected",
 // "disconnected" and "stopped".
 
 import { decode, encode } from "./vendor/msgpack.mjs";
@@ -26,10 +26,13 @@ export const DISCONNECTED = "disconnected";
 export const SIGNAL_MEMORY = 256;
 /** How many times an agent's signal is sent again, same sid, after delivery_failed or a lost socket. */
 export const SIGNAL_RETRIES = 2;
+/** Largest session signal payload, in UTF-8 bytes: a WebRTC offer or answer (SDP) in one message. */
+export const MAX_PAYLOAD_BYTES = 64 * 1024;
 
 const REPLY_TYPES = new Set(["ack", "snapshot", "visitor", "session_connected", "session_joined", "error"]);
 const CLOSE_NAMES = {
   4500: "unauthorized", 4501: "forbidden", 4502: "unsupported_version", 4503: "handshake_failed", 4504: "session_ended",
+  4505: "revoked",
 };
 // The visitor did not get the signal (or it is not known whether it did), and a repeat
 // under its sid is shown once: worth one more try. Other errors are final.
@@ -41,10 +44,16 @@ const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
  * @typedef {{connection: string, data: FlatMap, visible: boolean, focused: boolean, since: number}} ConnectionState
  * @typedef {{visitor: string, online: boolean, version: number, connections: ConnectionState[]}} VisitorState
  * @typedef {{type: "welcome", protocol: number, connection: string, role: string, group: string,
- *            keepalive: number, visitor?: string, agent?: string, focused?: boolean, server?: string}} Welcome
+ *            keepalive: number, visitor?: string, agent?: string, focused?: boolean, server?: string, expires?: number}} Welcome
  * @typedef {{type: "session_connected", session: string, key: string, key_type: string, show_key: boolean,
- *            guests: number, id?: number}} SessionConnected
- * @typedef {{type: "session_joined", id: number, session: string, key: string, visitor: string, guests: number}} SessionJoined
+ *            guests: number, id?: number, ice_servers?: IceServer[]}} SessionConnected
+ * @typedef {{type: "session_joined", id: number, session: string, key: string, visitor: string, guests: number,
+ *            ice_servers?: IceServer[]}} SessionJoined
+ * @typedef {{urls: string[], username?: string, credential?: string}} IceServer
+ *   an RTCIceServer: a TURN server's username and credential are short-lived, made for this member
+ * @typedef {{type: "session_signal", session: string, event: string, payload?: string, data?: FlatMap,
+ *            connection: string, agent?: string, visitor?: string, sid?: string}} SessionSignal
+ *   `connection` is the sender's: the `to` of an answer
  * @typedef {{type: "session_event", event: "started"|"ended"|"error", session: string, key: string,
  *            visitor: string, key_type: string, reason?: string}} SessionEvent
  * @typedef {{connection: string, data?: FlatMap, visible?: boolean, since?: number}} ConnectionDelta
@@ -72,6 +81,8 @@ const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
  * @property {SessionConnected} session_connected  visitors: a session is theirs (also unsolicited)
  * @property {{type: "guest_count", session: string, guests: number}} guest_count  visitors: agents in the session
  * @property {{type: "focus", focused: boolean}} focus  visitors: this tab gained or lost focus
+ * @property {SessionSignal} session_signal  a member of a session this client is in sent it (a sid already
+ *   seen is dropped, not emitted)
  * @property {{type: "error", code: string, message: string}} error  an error that answers no request
  */
 
@@ -203,6 +214,7 @@ export class HeraldClient extends EventTarget {
     this._stopped = false;
     this._stop = null;
     this._lastError = null;
+    this._sessionQueue = Promise.resolve(); // session signals go one at a time, in call order
   }
 
   /** This connection's ID, from its welcome. */
@@ -268,6 +280,61 @@ export class HeraldClient extends EventTarget {
     });
   }
 
+  /**
+   * Send a session signal (PROTOCOL.md §11.9) to the other members of `session` (a visitor's own,
+   * or one an agent joined), or to the one member `to` names (its connection ID, the `connection`
+   * of a session signal it sent; "visitor": the session's visitor); resolves with how many members
+   * got it. `payload` is a string of up to 64 KiB (an SDP offer or answer, an ICE candidate as JSON).
+   *
+   * Session signals go one at a time, each once the one before was acknowledged, so they reach
+   * every member in the order of the calls. A socket lost before the ack ("disconnected"), or
+   * "delivery_failed", sends it again under the same sid (receivers drop a sid they have seen)
+   * once the connection is back and its session restored, up to `retries` times within
+   * requestTimeout; other errors reject at once ("session_not_found": not a member;
+   * "member_offline": `to` is not connected).
+   * @param {string} session
+   * @param {string} event
+   * @param {string} [payload]
+   * @param {{data?: FlatMap, to?: string, sid?: string, retries?: number}} [options]
+   * @returns {Promise<number>}
+   */
+  sessionSignal(session, event, payload, options) {
+    const { data, to, sid, retries = SIGNAL_RETRIES } = options ?? {};
+    if (payload != null && (typeof payload !== "string" || new TextEncoder().encode(payload).length > MAX_PAYLOAD_BYTES)) {
+      return Promise.reject(new HeraldError("invalid", `payload: must be a string of at most ${MAX_PAYLOAD_BYTES} bytes`));
+    }
+    let message;
+    try {
+      message = { type: "session_signal", session, event, payload, data, to, sid: signalId(sid) };
+    } catch (error) {
+      return Promise.reject(error);
+    }
+    const deadline = Date.now() + this.requestTimeout * 1000;
+    const send = async () => {
+      for (let attempt = 0; ; attempt++) {
+        await this._untilConnected(deadline);
+        try {
+          const timeout = Math.max(0, deadline - Date.now()) / 1000;
+          return (await this.request(message, { timeout })).delivered || 0;
+        } catch (error) {
+          if (!RETRIED.has(error.code) || attempt >= retries || Date.now() >= deadline || this._halted()) throw error;
+          console.info(`herald: session signal ${event} got ${error.code}; sent again as sid ${message.sid}`);
+        }
+      }
+    };
+    const sent = this._sessionQueue.then(send, send);
+    this._sessionQueue = sent.catch(() => {});
+    return sent;
+  }
+
+  /** Resolve once connected with the role's state restored (an agent's sessions joined again). */
+  async _untilConnected(deadline) {
+    while (!this.connected) {
+      if (this._halted()) throw new HeraldError(DISCONNECTED, "the client is not running; call connect()");
+      await this._nextOf(["connected", "stopped"], deadline);
+    }
+  }
+
   /** Send a frame that gets no reply; false when no socket is open to take it. */
   send(message) {
     if (!this._ws || this._ws.readyState !== WebSocket.OPEN || !this.welcome) return false;
@@ -307,6 +374,11 @@ export class HeraldClient extends EventTarget {
 
   /** Resolve at the next state change (a socket, a welcome, a stop) or at the deadline. */
   _changed(deadline) {
+    return this._nextOf(["_socket", "stopped"], deadline);
+  }
+
+  /** Resolve at the next event of one of `types`; reject with "timeout" at the deadline. */
+  _nextOf(types, deadline) {
     return new Promise((resolve, reject) => {
       const timer = setTimeout(() => {
         cleanup();
@@ -315,9 +387,9 @@ export class HeraldClient extends EventTarget {
       const wake = () => (cleanup(), resolve());
       const cleanup = () => {
         clearTimeout(timer);
-        for (const type of ["_socket", "stopped"]) this.removeEventListener(type, wake);
+        for (const type of types) this.removeEventListener(type, wake);
       };
-      for (const type of ["_socket", "stopped"]) this.addEventListener(type, wake);
+      for (const type of types) this.addEventListener(type, wake);
     });
   }
 
@@ -404,6 +476,7 @@ export class HeraldClient extends EventTarget {
           welcomed = true;
           clearTimeout(connectTimer);
           keepalive = this._keepalive(ws, frame.keepalive, () => lastFrame);
+          this._keepFresh(ws, frame.expires);
           this._ws = ws;
           this.welcome = frame;
           this._onFrame(frame);
@@ -424,6 +497,34 @@ export class HeraldClient extends EventTarget {
         resolve({ welcomed, code: event.code || 1006 });
       };
     });
+  }
+
+  /** The credential factory for `refresh` (a function), or null: a fixed token cannot be refreshed. */
+  _freshCredential() {
+    return null;
+  }
+
+  /**
+   * Before this connection's credential runs out (`welcome.expires`, unix s), send a
+   * fresh one from the credential function (`refresh`, PROTOCOL.md §3.4): a group that
+   * enforces expiry closes a connection whose credential ran out. Sent when about a
+   * tenth of its life (5 to 60 s) is left; a failed refresh is tried again until then.
+   */
+  _keepFresh(ws, expires) {
+    const factory = this._freshCredential();
+    if (typeof expires !== "number" || typeof factory !== "function") return;
+    const left = expires - Date.now() / 1000;
+    const margin = Math.min(60, Math.max(5, left / 10));
+    setTimeout(async () => {
+      if (this._ws !== ws || ws.readyState !== WebSocket.OPEN) return; // a new connection has its own
+      try {
+        const answer = await this.request({ type: "refresh", token: await resolveCredential(factory) }, { timeout: 10 });
+        this._keepFresh(ws, typeof answer.expires === "number" ? answer.expires : expires);
+      } catch (error) {
+        console.warn("herald: refreshing the credential failed", error);
+        if (Date.now() / 1000 < expires) setTimeout(() => this._keepFresh(ws, expires), 2000);
+      }
+    }, Math.max(0, left - margin) * 1000);
   }
 
   /** Ping every `keepalive` s; close (and so reconnect) after 2.5x that of silence. */
@@ -465,7 +566,8 @@ export class HeraldClient extends EventTarget {
   }
 
   _route(ws, frame) {
-    if (frame.type === "signal" && typeof frame.sid === "string" && !this._firstSid(frame.sid)) {
+    const signal = frame.type === "signal" || frame.type === "session_signal";
+    if (signal && typeof frame.sid === "string" && !this._firstSid(frame.sid)) {
       this.duplicateSignals += 1; // a retry of a signal already emitted: acted on once
       return;
     }
@@ -542,11 +644,16 @@ export class VisitorClient extends HeraldClient {
   }
 
   /**
-   * Publish this page's URL and title and follow its visibility, as agents expect to see them.
+   * Publish this page's address and title and follow its visibility, as agents expect to see them.
+   * The address is the page's origin and path only: its query and fragment often hold what no agent
+   * should see (credentials in a fragment, tokens and e-mail addresses in a query), so each is
+   * published only when asked for.
+   * @param {{query?: boolean, fragment?: boolean}} [options] add the query (`?…`) or fragment (`#…`)
    * @returns {() => void} stops following
    */
-  trackPage() {
-    this.setPresence({ url: location.href, title: document.title });
+  trackPage({ query = false, fragment = false } = {}) {
+    const url = location.origin + location.pathname + (query ? location.search : "") + (fragment ? location.hash : "");
+    this.setPresence({ url, title: document.title });
     this.setVisible(document.visibilityState === "visible");
     const follow = () => this.setVisible(document.visibilityState === "visible");
     document.addEventListener("visibilitychange", follow);
@@ -610,7 +717,13 @@ export class VisitorClient extends HeraldClient {
     else if (frame.type === "session_connected") this.session = frame;
     else if (frame.type === "guest_count" && this.session?.session === frame.session) {
       this.session = { ...this.session, guests: frame.guests };
+    } else if (frame.type === "session_event" && frame.event === "ended" && this.session?.session === frame.session) {
+      this.session = null; // its group's back end ended it (reason "terminated")
     }
+  }
+
+  _freshCredential() {
+    return this.consumer ? null : this._credential;
   }
 
   async _onWelcome() {
@@ -690,6 +803,10 @@ export class AgentClient extends HeraldClient {
     this._watchGroup = false;
     /** @type {Map<string, {change: string, version: number}>} deltas that missed a change, while looked up */
     this._missed = new Map();
+  }
+
+  _freshCredential() {
+    return this._key;
   }
 
   /** POST /v1/agent/login: trade the key for the session cookie. Refusals throw HeraldError. */

@@ -40,11 +40,27 @@ async function answerTerms(status) {
   }
 }
 
+/** Resolves once this page is on screen: at once when it is, else when its tab is shown. */
+function onScreen() {
+  if (document.visibilityState === "visible") return Promise.resolve();
+  return new Promise((resolve) => {
+    const shown = () => {
+      if (document.visibilityState !== "visible") return;
+      document.removeEventListener("visibilitychange", shown);
+      resolve();
+    };
+    document.addEventListener("visibilitychange", shown);
+  });
+}
+
 async function onSignal({ detail: signal }) {
   if (signal.event !== "showterms") return;
   const dialog = byId("terms-dialog");
   if (!dialog.open) dialog.showModal();
   byId("accept").focus();
+  // "displayed" tells the agent the visitor sees the dialog: a tab in the background waits until it is shown.
+  await onScreen();
+  if (!dialog.open) return; // answered meanwhile: the answer said more
   try {
     await client.terms("displayed");
   } catch (error) {
