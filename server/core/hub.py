@@ -28,6 +28,7 @@ from .inbox import Inbox
 from .presence import PresenceService
 from .registry import LocalVisitors, Watchers
 from .revocation import Revocations
+from .routes import VisitorRoutes
 from .session_signals import SessionSignals
 from .sessions import CONSUMER_PREFIX, Sessions
 from .signals import SignalRouter
@@ -42,10 +43,11 @@ class Hub:
         self.instance = backend.instance_id
         self.tasks = TaskSupervisor()
         self.visitors = LocalVisitors()
-        self.watchers = Watchers(backend, settings)
+        self.routes = VisitorRoutes(self._following)
+        self.watchers = Watchers(backend, settings, on_unfollowed=self.routes.forget)
         self.inbox = Inbox(backend, self.instance)
         self.signals = SignalRouter(
-            settings, backend, backend, backend, self.inbox, self.visitors, self.watchers, self.tasks
+            settings, backend, backend, backend, self.inbox, self.visitors, self.watchers, self.routes, self.tasks
         )
         self.sessions = Sessions(
             settings, backend, backend, self.watchers, self.signals, self.instance, presence=backend, inbox=self.inbox
@@ -111,6 +113,9 @@ class Hub:
                 await self.sessions.leave(agent, session)
         await self.watchers.unwatch(agent, list(agent.topics))
 
+    def _following(self, topic: str) -> bool:
+        return self.watchers.following(topic)
+
     async def _visitor_offline(self, group: str, visitor: str) -> None:
         await self.sessions.end_visitor_session(group, visitor, "visitor_offline")
 
@@ -119,8 +124,10 @@ class Hub:
         try:
             item = names.unpack(message)  # indexed, not re-packed: this runs for every bus message
             kind = item[0]
-            if kind == names.PRESENCE:  # [kind, group, visitor, version, frame]
-                self.watchers.deliver(topic, item[2], item[3], item[4])
+            if kind == names.PRESENCE:  # [kind, group, visitor, version, frame or nil, route or nil]
+                self.routes.heard(item[1], item[2], item[3], item[5])
+                if item[4] is not None:
+                    self.watchers.deliver(topic, item[2], item[3], item[4])
             elif kind == names.EVENT:  # [kind, group, visitor, frame, dedupe]
                 self.watchers.deliver(topic, item[2], None, item[3], item[4])
             else:
@@ -141,6 +148,7 @@ class Hub:
         """The cluster backend is back after an outage: what we registered may
         be gone or stale, and agents may have missed changes."""
         metrics.BACKEND_RECONNECTS.inc()
+        self.routes.clear()  # the bus was down: changes may have been missed
         await self.presence.restore()
         # Changes published while the bus was down never reached our agents:
         # they reconnect at once and start again from a fresh snapshot.

@@ -30,6 +30,7 @@ from herald_presence.server.tasks import TaskSupervisor, until_done
 from .connection import AgentConnection, UnsentPresence, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
+from .routes import route_of
 
 log = logging.getLogger(__name__)
 
@@ -223,23 +224,30 @@ class PresenceService:
             self._tasks.spawn(until_done(partial(self._on_offline, group, visitor), name, BackendUnavailable), name)
 
     def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
-        """What agents are told of a change: one frame, encoded once (what
-        changed, or the whole state), on the visitor's topic and its group's topic. A consumer's presence is
-        announced to nobody (it belongs to its support session only)."""
-        if change.change is None or change.record is None or not presence_rules.announced(change.record.visitor):
-            return []
+        """What is published of a change, on the visitor's topic and its
+        group's topic: one envelope with the frame agents get (what changed,
+        or the whole state; none for a change they do not hear of, like a
+        last connection leaving: then on the visitor's topic only), encoded
+        once, and the visitor's route for the instances that follow it
+        (core/routes.py). A consumer's presence
+        is published nowhere (it belongs to its support session only)."""
         record = change.record
-        delta = change.delta()
-        if delta is not None:
-            frame = codec.encode(PresenceChanged(change=change.change, delta=delta))
-        else:
-            state = record.state() if record.online else offline_state(record.visitor, change.version)
-            frame = codec.encode(PresenceChanged(change=change.change, state=state))
-        message = names.envelope(names.PRESENCE, record.group, record.visitor, change.version, frame)
-        return [
-            (names.visitor_topic(record.group, record.visitor), message),
-            (names.group_topic(record.group), message),
-        ]
+        if record is None or not presence_rules.announced(record.visitor):
+            return []
+        frame = None
+        if change.change is not None:
+            delta = change.delta()
+            if delta is not None:
+                frame = codec.encode(PresenceChanged(change=change.change, delta=delta))
+            else:
+                state = record.state() if record.online else offline_state(record.visitor, change.version)
+                frame = codec.encode(PresenceChanged(change=change.change, state=state))
+        route = route_of(record) if record.online else None
+        message = names.envelope(names.PRESENCE, record.group, record.visitor, change.version, frame, route)
+        topics = [names.visitor_topic(record.group, record.visitor)]
+        if frame is not None:  # routes are followed on visitor topics only
+            topics.append(names.group_topic(record.group))
+        return [(topic, message) for topic in topics]
 
     async def _tell_focus(self, record: ConnectionRecord, focused: bool) -> None:
         await self._inbox.send(record.instance, names.FOCUS, record.connection, focused)

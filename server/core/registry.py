@@ -3,7 +3,7 @@ agents watch which bus topic (the bus subscriptions follow the watchers)."""
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 from herald_presence.protocol.messages import Focus
 from herald_presence.server.backends.base import Bus
@@ -65,10 +65,16 @@ class Watchers:
     """Local agents by the bus topics they watch; the first watcher of a
     topic subscribes it, the last to leave unsubscribes it."""
 
-    def __init__(self, bus: Bus, settings: Settings) -> None:
+    def __init__(self, bus: Bus, settings: Settings, on_unfollowed: Callable[[str], None] | None = None) -> None:
         self._bus = bus
         self._settings = settings
         self._by_topic: dict[str, set[AgentConnection]] = {}
+        self._followed: set[str] = set()  # topics whose subscription the bus confirmed
+        self._on_unfollowed = on_unfollowed  # told when a followed topic is given up
+
+    def following(self, topic: str) -> bool:
+        """Whether every message on ``topic`` reaches this instance now."""
+        return topic in self._followed
 
     def agents(self) -> set[AgentConnection]:
         return {agent for watchers in self._by_topic.values() for agent in watchers}
@@ -81,6 +87,8 @@ class Watchers:
             # Every watcher waits for the subscription to be confirmed, even
             # if another started it: its snapshot must not precede it.
             await self._bus.subscribe(topic)
+            if topic in self._by_topic:
+                self._followed.add(topic)
 
     async def unwatch(self, agent: AgentConnection, names: Iterable[str]) -> None:
         for topic in names:
@@ -93,6 +101,10 @@ class Watchers:
             watchers.discard(agent)
             if not watchers:
                 del self._by_topic[topic]
+                if topic in self._followed:
+                    self._followed.discard(topic)
+                    if self._on_unfollowed is not None:
+                        self._on_unfollowed(topic)
                 await self._bus.unsubscribe(topic)
 
     def deliver_to_members(self, topic: str, to: str | None, sender: str, frame: bytes) -> int:

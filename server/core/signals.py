@@ -38,6 +38,7 @@ from herald_presence.server.tasks import TaskSupervisor
 from .connection import Connection, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
+from .routes import VisitorRoutes
 
 log = logging.getLogger(__name__)
 
@@ -103,6 +104,7 @@ class SignalRouter:
         inbox: Inbox,
         visitors: LocalVisitors,
         watchers: Watchers,
+        routes: VisitorRoutes,
         tasks: TaskSupervisor,
     ) -> None:
         self.settings = settings
@@ -112,6 +114,7 @@ class SignalRouter:
         self._inbox = inbox
         self._visitors = visitors
         self._watchers = watchers
+        self._routes = routes
         self._tasks = tasks
         self._instance = inbox.instance
         self._replies: dict[str, asyncio.Future[int]] = {}
@@ -155,8 +158,8 @@ class SignalRouter:
         check_signal(message.data, self.settings)
         visitor, to_all = message.visitor, message.to == "all"
         frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent, sid=message.sid))
-        try:
-            record = await self._store.visitor_record(group, visitor)
+        try:  # where its connections are: known here when this instance follows the visitor
+            record = await self._routes.record(group, visitor, self._store.visitor_record)
         except BackendUnavailable:
             return self._deliver_without_backend(group, visitor, frame, to_all)
         if record is None:

@@ -36,7 +36,7 @@ from typing import Any
 import msgpack
 
 # -- envelopes -----------------------------------------------------------------
-PRESENCE = "p"  # [kind, group, visitor, version, frame]
+PRESENCE = "p"  # [kind, group, visitor, version, frame or nil (agents hear nothing), route or nil (offline)]
 EVENT = "s"  # [kind, group, visitor, frame, dedupe key or nil]: a visitor's signal, a session event
 DELIVER = "d"  # [kind, key, reply_to, answer_by (unix s), [connection...], frame]
 PUSH = "x"  # [kind, [connection...], frame]: to visitor connections, no reply
@@ -90,6 +90,14 @@ def session_topic(group: str, session: str) -> str:
 
 def inbox_topic(instance: str) -> str:
     return f"i:{instance}"
+
+
+def presence_topic_subject(topic: str) -> tuple[str | None, str | None]:
+    """(group, visitor) of a visitor topic, else (None, None)."""
+    if topic.startswith(VISITOR_TOPIC):
+        group, _, visitor = topic[3:].partition("}:")
+        return group, visitor
+    return None, None
 
 
 # -- records ---------------------------------------------------------------------
