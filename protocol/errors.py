@@ -35,6 +35,7 @@ class ErrorCode(StrEnum):
     DRAINING = "draining"  # the instance is shutting down: connect again (another instance answers)
     RATE_LIMITED = "rate_limited"
     LIMIT_EXCEEDED = "limit_exceeded"  # a size or count limit (connections per visitor, subscriptions, payload)
+    OVERLOADED = "overloaded"  # the instance is past what it can serve in time: refused at once, retry shortly
     # Support sessions.
     SESSION_NOT_FOUND = "session_not_found"  # no live session for that key, code or session ID
     CODE_SPACE_EXHAUSTED = "code_space_exhausted"  # no free short code after retries; retry or lengthen codes

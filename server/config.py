@@ -96,6 +96,8 @@ class Settings:
     max_signal_bytes: int = 8192  # a signal's data, msgpack-encoded
     visitor_signal_rate: float = 10.0  # signals per second one visitor may send one agent connection
     visitor_signal_burst: int = 20  # signals one visitor may send one agent connection at once
+    overload_lag: float = 0.05  # event-loop lag (s) past which agents' new signals are refused; 0: never
+    max_signals_in_flight: int = 1000  # deliveries waiting for other instances' replies before refusing more
     session_secret: str = ""  # 32 url-safe base64 bytes; random per start when empty
     session_max_age: int = 8 * 3600
     cookie_secure: bool = False
@@ -412,9 +414,11 @@ def _validate(settings: Settings) -> None:
     for name in ("keepalive", "handshake_timeout", "delivery_timeout", "instance_heartbeat", "presence_rate"):
         if getattr(settings, name) <= 0:
             raise ConfigError(f"{name} must be positive")
-    for name in ("grace_period", "signal_hold"):
+    for name in ("grace_period", "signal_hold", "overload_lag"):
         if getattr(settings, name) < 0:
             raise ConfigError(f"{name} must not be negative")
+    if settings.max_signals_in_flight < 1:
+        raise ConfigError("max_signals_in_flight must be at least 1")
     if settings.visitor_signal_rate <= 0 or settings.visitor_signal_burst < 1:
         raise ConfigError("visitor_signal_rate must be positive and visitor_signal_burst at least 1")
     if not 1 <= settings.max_presence_fields <= MAX_DATA_FIELDS:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -82,6 +83,15 @@ class HeraldProcess:
                 if time.monotonic() > deadline:
                     pytest.fail(f"herald did not answer /healthz within {timeout}s\n{self.output()}")
                 time.sleep(0.05)
+
+    def pause(self) -> None:
+        """SIGSTOP: alive, its sockets open, doing nothing (a long GC pause, a starved VM)."""
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        if self.proc.poll() is None:
+            os.kill(self.proc.pid, signal.SIGCONT)
 
     def kill(self) -> None:
         """SIGKILL: the instance dies without a word, as in an OOM kill."""

@@ -25,6 +25,7 @@ from herald_presence.server.tasks import TaskSupervisor
 from .connection import AgentConnection, Connection, VisitorConnection
 from .expiry import Expiry
 from .inbox import Inbox
+from .load import Load
 from .presence import PresenceService
 from .registry import LocalVisitors, Watchers
 from .revocation import Revocations
@@ -46,8 +47,18 @@ class Hub:
         self.routes = VisitorRoutes(self._following)
         self.watchers = Watchers(backend, settings, on_unfollowed=self.routes.forget)
         self.inbox = Inbox(backend, self.instance)
+        self.load = Load(settings)
         self.signals = SignalRouter(
-            settings, backend, backend, backend, self.inbox, self.visitors, self.watchers, self.routes, self.tasks
+            settings,
+            backend,
+            backend,
+            backend,
+            self.inbox,
+            self.visitors,
+            self.watchers,
+            self.routes,
+            self.load,
+            self.tasks,
         )
         self.sessions = Sessions(
             settings, backend, backend, self.watchers, self.signals, self.instance, presence=backend, inbox=self.inbox
@@ -74,6 +85,7 @@ class Hub:
 
     # -- lifecycle -------------------------------------------------------------
     async def start(self) -> None:
+        self.tasks.spawn(self.load.measure(), "load")
         await self.backend.start(self)
         # Without the backend yet, the subscription is still recorded and
         # made when it comes back: the instance starts degraded, not dead.

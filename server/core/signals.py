@@ -37,6 +37,7 @@ from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import Connection, VisitorConnection
 from .inbox import Inbox
+from .load import Load
 from .registry import LocalVisitors, Watchers
 from .routes import VisitorRoutes
 
@@ -105,6 +106,7 @@ class SignalRouter:
         visitors: LocalVisitors,
         watchers: Watchers,
         routes: VisitorRoutes,
+        load: Load,
         tasks: TaskSupervisor,
     ) -> None:
         self.settings = settings
@@ -115,6 +117,7 @@ class SignalRouter:
         self._visitors = visitors
         self._watchers = watchers
         self._routes = routes
+        self._load = load
         self._tasks = tasks
         self._instance = inbox.instance
         self._replies: dict[str, asyncio.Future[int]] = {}
@@ -155,6 +158,9 @@ class SignalRouter:
     async def to_visitor(self, group: str, agent: str, message: Signal) -> int:
         """Deliver an agent's signal; the delivered count, or ProtocolError."""
         assert message.visitor is not None
+        if self._load.overloaded():  # refused at once: what is accepted is still answered in time
+            metrics.limit_hit("overloaded")
+            raise ProtocolError(ErrorCode.OVERLOADED, "this instance is overloaded; send it again in a moment")
         check_signal(message.data, self.settings)
         visitor, to_all = message.visitor, message.to == "all"
         frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent, sid=message.sid))
@@ -195,8 +201,12 @@ class SignalRouter:
                 waits.append(self._await_reply(key, reply, self.settings.delivery_timeout))
             else:
                 self._replies.pop(key, None)
-        for count in await asyncio.gather(*waits):
-            delivered += count
+        self._load.in_flight += len(waits)
+        try:
+            for count in await asyncio.gather(*waits):
+                delivered += count
+        finally:
+            self._load.in_flight -= len(waits)
         return delivered
 
     async def deliver_later(self, instance: str, connections: list[str], frame: bytes) -> Coroutine[Any, Any, int]:

@@ -55,6 +55,8 @@ HELP = {
     "max_signal_bytes": "largest data of one signal (msgpack bytes)",
     "visitor_signal_rate": "signals per second one visitor may send one agent connection (more are dropped)",
     "visitor_signal_burst": "signals one visitor may send one agent connection at once above the rate",
+    "overload_lag": "seconds the event loop may run late before agents' new signals are refused (overloaded); 0: never",
+    "max_signals_in_flight": "deliveries to other instances awaiting their reply before new signals are refused",
     "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
     "session_max_age": "seconds an agent login lasts",
     "cookie_secure": "mark the session cookie Secure (set it behind HTTPS)",
@@ -119,6 +121,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "visitor_signal_rate",
         "visitor_signal_burst",
     ),
+    "overload": ("overload_lag", "max_signals_in_flight"),
     "agent sessions, cookies, short codes and the admin API": (
         "session_secret",
         "session_max_age",

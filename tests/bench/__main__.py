@@ -113,6 +113,17 @@ class Measured:
     cpu: Step | None = None
     best: Step | None = None
     half: Step | None = None
+    overload: Overload | None = None
+
+
+@dataclass
+class Overload:
+    """(7): a step at 1.5x the highest rate, then half that rate until p99 is back in bounds."""
+
+    step: Step
+    refused: int  # answered ``overloaded`` at once
+    accepted_p99_ms: float  # over the signals accepted and answered
+    recovered_s: float  # from the end of the overload until a step at half the rate passes (inf: never)
 
 
 def ms(value: float) -> str:
@@ -311,6 +322,30 @@ def ramp(cluster: Cluster, generators: list[Worker], args: argparse.Namespace) -
     return best
 
 
+OVERLOAD_FACTOR = 1.5
+RECOVERY_STEP_S, RECOVERY_MAX_S = 0.5, 10.0
+
+
+def overload(cluster: Cluster, generators: list[Worker], best: float, args: argparse.Namespace) -> Overload:
+    """The highest rate x1.5: what senders get, how the accepted fare; then how soon it is over."""
+    step = run_step(cluster, generators, best * OVERLOAD_FACTOR, args.step_seconds * 2)
+    refused = step.counts.get("refused", 0)
+    accepted = step.latencies_ms
+    p99 = accepted[max(0, math.ceil(0.99 * len(accepted)) - 1)] if accepted else math.inf
+    print_step(step, f"overload x{OVERLOAD_FACTOR:g}: {refused} refused (overloaded), accepted p99 {ms(p99)} ms")
+    recovered, waited = math.inf, 0.0
+    while waited < RECOVERY_MAX_S:
+        after = run_step(cluster, generators, best / 2, RECOVERY_STEP_S)
+        waited += RECOVERY_STEP_S + 0.3  # each step starts 0.3 s after it is asked for
+        if passed(after, args.p99_limit) and not after.counts.get("refused"):
+            print_step(after, f"recovered {waited:.1f} s after the overload")
+            recovered = waited
+            break
+    else:
+        print(f"  not recovered within {RECOVERY_MAX_S:g} s of the overload")
+    return Overload(step, refused, p99, recovered)
+
+
 def measure(kind: str, redis: RedisServer, workdir: Path, args: argparse.Namespace, half: float | None) -> Measured:
     server = "tests/bench/ceiling.py" if kind == "ceiling" else "herald_presence.server serve"
     print(f"== {kind}: {server} (at {time.monotonic() - args.started:.0f} s) ==")
@@ -340,6 +375,8 @@ def measure(kind: str, redis: RedisServer, workdir: Path, args: argparse.Namespa
         rate = half or (result.best.rate if result.best else args.rates[0]) / 2
         result.half = run_step(cluster, generators, rate, args.seconds)
         print_step(result.half, "half the ceiling's highest rate")
+        if result.best is not None:
+            result.overload = overload(cluster, generators, result.best.rate, args)
         print("Reconnect storm (the last phase: its visitors stay until the end):")
         result.storm_seconds = storm(cluster, workers, args)
         if kind == "herald":
@@ -479,6 +516,24 @@ def summary(args: argparse.Namespace, herald: Measured, ceiling: Measured, flood
         (h_cmds, h_reads), (c_cmds, c_reads) = herald.redis[op], ceiling.redis.get(op, (Counter(), math.inf))
         line(f"{'   ' if n else '(f)'} Redis commands per {op}", sum(h_cmds.values()), sum(c_cmds.values()) or math.inf)
         line(f"    Redis round trips per {op}", h_reads, c_reads)
+    if herald.overload and ceiling.overload:
+        ho, co = herald.overload, ceiling.overload
+        rate = f"{ho.step.rate:,.0f}/s"
+        line(
+            f"(7) overload at {rate}: refused (overloaded), % sent",
+            100 * ho.refused / ho.step.sent,
+            100 * co.refused / co.step.sent,
+            "%",
+        )
+        line(
+            "    p99 of the accepted, ms",
+            ho.accepted_p99_ms,
+            co.accepted_p99_ms,
+            "",
+            "< 50 ms",
+            ho.accepted_p99_ms < 50,
+        )
+        line("    recovered after, s", ho.recovered_s, co.recovered_s, "", "seconds", ho.recovered_s <= 5)
     if flooded:
         print("  floods (Herald alone, one instance): the bystander's p99 under each, as a ratio to quiet")
         for text in floods.summary_lines(flooded):

@@ -113,6 +113,11 @@ class PairsLoad:
                     self.latencies.append(clock() - scheduled)
                     if not pending:
                         self.answered.set()
+            elif frame.get("type") == "error" and frame.get("code") == "overloaded":
+                # Refused at once: answered, not lost (the overload phase counts these).
+                self.counts["refused"] += 1
+                if pending.pop(frame.get("id"), None) is not None and not pending:
+                    self.answered.set()
             else:
                 self._count(frame)
 

@@ -1,0 +1,44 @@
+"""How busy this instance is, and when it refuses new work.
+
+Past what an instance can serve, every queue grows (the sockets' buffers,
+the event loop's ready callbacks, deliveries waiting for replies) and every
+message waits longer, until none is answered in time. An instance that
+refuses what it cannot serve in time keeps serving the rest: an agent's
+signal is refused at once with ``overloaded`` while the event loop runs
+late (it wakes more than ``overload_lag`` after it should) or while
+``max_signals_in_flight`` deliveries already wait for other instances'
+replies (a visitor's instance that cannot keep up). The refusal costs
+little; what is accepted is answered in time, and the instance is back to
+normal as soon as the excess stops.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from herald_presence.server.config import Settings
+
+TICK = 0.01  # seconds between the event loop's check-ins
+EASE = 0.8  # lag falls by this factor per tick once the loop is on time again (a rise counts at once)
+
+
+class Load:
+    __slots__ = ("in_flight", "lag", "settings")
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.lag = 0.0  # seconds the event loop runs late, recently
+        self.in_flight = 0  # deliveries to other instances waiting for their reply
+
+    async def measure(self) -> None:
+        """Until cancelled: how late the event loop wakes from a short sleep."""
+        loop = asyncio.get_running_loop()
+        while True:
+            started = loop.time()
+            await asyncio.sleep(TICK)
+            late = max(0.0, loop.time() - started - TICK)
+            self.lag = late if late > self.lag else self.lag * EASE + late * (1 - EASE)
+
+    def overloaded(self) -> bool:
+        lag = self.settings.overload_lag
+        return (lag > 0 and self.lag > lag) or self.in_flight >= self.settings.max_signals_in_flight

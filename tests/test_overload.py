@@ -1,0 +1,90 @@
+"""Past what it can serve in time, an instance refuses agents' new signals
+at once with ``overloaded`` (its event loop running late, or too many
+deliveries waiting for another instance's reply) and serves them again as
+soon as the excess is gone."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from pathlib import Path
+
+import pytest
+
+from herald_presence.protocol import RequestFailed
+from herald_presence.protocol.errors import ErrorCode
+
+from .conftest import Start
+from .harness import SECRET, HeraldServer, changed, sample, scrape, signal
+from .processes import HERALD, start_server
+from .redis_server import RedisServer
+
+
+async def overloaded_hits(instance: HeraldServer) -> float:
+    return sample(await scrape(instance.base_url), "herald_limit_hits_total", limit="overloaded")
+
+
+async def test_a_late_event_loop_refuses_new_signals_then_serves_again(start_herald) -> None:  # type: ignore[no-untyped-def]
+    herald: HeraldServer = await start_herald(overload_lag=0.05)
+    agent = await herald.agent("alice")
+    await agent.subscribe(["v1"])
+    visitor = await herald.visitor("v1")
+    assert await agent.show_terms("v1") == 1
+    before = await overloaded_hits(herald)
+
+    async def hog(seconds: float) -> None:
+        """Work that holds the event loop 80 ms at a time."""
+        until = time.monotonic() + seconds
+        while time.monotonic() < until:
+            time.sleep(0.08)  # noqa: ASYNC251 - blocking the loop is the point: work it cannot keep up with
+            await asyncio.sleep(0.001)
+
+    hogging = asyncio.create_task(hog(1.5))
+    await asyncio.sleep(0.3)
+    with pytest.raises(RequestFailed) as refused:
+        await agent.signal("v1", "showterms", retries=0)
+    assert refused.value.code == ErrorCode.OVERLOADED
+    await hogging
+    started = time.monotonic()
+    while True:  # back within a second or so of the hog stopping
+        try:
+            assert await agent.show_terms("v1", retries=0) == 1
+            break
+        except RequestFailed as exc:
+            assert exc.code == ErrorCode.OVERLOADED and time.monotonic() - started < 2.0
+            await asyncio.sleep(0.05)
+    await visitor.wait_for(signal("showterms"))
+    assert await overloaded_hits(herald) >= before + 1
+
+
+async def test_deliveries_waiting_for_a_frozen_instance_are_capped(
+    start_instance: Start, redis_server: RedisServer, prefix: str, tmp_path: Path
+) -> None:
+    frozen = start_server(
+        tmp_path,
+        str(HERALD), "serve", "--group", f"acme={SECRET}", "--redis-url", redis_server.url, "--redis-prefix", prefix,
+    )  # fmt: skip
+    try:
+        b = await start_instance(max_signals_in_flight=2, delivery_timeout=2)
+        agent = await b.agent("alice")
+        await agent.subscribe(["v1"])
+        visitor = await b.visitor("v1", connect=False, reconnect=False)
+        visitor.base_url = frozen.base_url
+        await visitor.connect()
+        await agent.wait_for(changed("online", "v1"))
+        frozen.pause()
+        waiting = [asyncio.create_task(agent.signal("v1", f"s{n}", retries=0)) for n in range(2)]
+        await asyncio.sleep(0.3)
+        with pytest.raises(RequestFailed) as refused:
+            await agent.signal("v1", "one-too-many", retries=0)
+        assert refused.value.code == ErrorCode.OVERLOADED
+        for task in waiting:  # the two in flight are answered as ever: delivery_failed
+            with pytest.raises(RequestFailed) as failed:
+                await task
+            assert failed.value.code == ErrorCode.DELIVERY_FAILED
+        frozen.resume()
+        await asyncio.sleep(0.5)
+        assert await agent.signal("v1", "after", retries=0) == 1  # nothing waits any more: accepted
+    finally:
+        frozen.resume()
+        frozen.stop()
