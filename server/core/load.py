@@ -19,7 +19,10 @@ import asyncio
 from herald_presence.server.config import Settings
 
 TICK = 0.01  # seconds between the event loop's check-ins
-EASE = 0.8  # lag falls by this factor per tick once the loop is on time again (a rise counts at once)
+# The lag is a moving average over check-ins (each one's lateness weighs
+# 1 - EASE): a sustained lag shows within half a second, a lone hiccup (a
+# collection, a moment descheduled on a busy machine) does not refuse anything.
+EASE = 0.8
 
 
 class Load:
@@ -37,7 +40,7 @@ class Load:
             started = loop.time()
             await asyncio.sleep(TICK)
             late = max(0.0, loop.time() - started - TICK)
-            self.lag = late if late > self.lag else self.lag * EASE + late * (1 - EASE)
+            self.lag = self.lag * EASE + late * (1 - EASE)
 
     def overloaded(self) -> bool:
         lag = self.settings.overload_lag
