@@ -36,6 +36,11 @@ CHROMIUM_ARGS = [
     "--disable-component-update",
     "--disable-sync",
     "--no-first-run",
+    # Fake media: the browser's own "share your screen?" picker answers by itself (the visitor's
+    # consent on the page is its Accept), with a fake camera and screen. A real picker is modal:
+    # the page would get no clicks until someone picks.
+    "--use-fake-ui-for-media-stream",
+    "--use-fake-device-for-media-stream",
 ]
 ARTIFACTS = REPO / "test-artifacts"
 STEP_TIMEOUT_MS = 8_000  # one UI step; the slowest is an offline after the grace period

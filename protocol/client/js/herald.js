@@ -12,7 +12,11 @@
 // Server frames that answer no request arrive under their `type`
 // ("presence_changed", "signal", "session_event", "guest_count", "focus",
 // "session_connected", "session_signal", "error"); the client adds "connected",
-// "disconnected" and "stopped".
+// "disconnected" and "stopped" (and, for visitors, "session_ended").
+//
+// ScreenShare (the visitor) and ScreenView (an agent) carry a WebRTC screen share
+// over session signals: the picture goes peer to peer, Herald relays the offer,
+// the answer and the ICE candidates, and renegotiates after either side reconnects.
 
 import { decode, encode } from "./vendor/msgpack.mjs";
 
@@ -81,6 +85,8 @@ const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
  * @property {SessionConnected} session_connected  visitors: a session is theirs (also unsolicited)
  * @property {{type: "guest_count", session: string, guests: number}} guest_count  visitors: agents in the session
  * @property {{type: "focus", focused: boolean}} focus  visitors: this tab gained or lost focus
+ * @property {{session: string, reason: string}} session_ended  visitors: this client's session is over: it
+ *   ended it ("ended"), started another ("replaced") or the group's back end ended it ("terminated")
  * @property {SessionSignal} session_signal  a member of a session this client is in sent it (a sid already
  *   seen is dropped, not emitted)
  * @property {{type: "error", code: string, message: string}} error  an error that answers no request
@@ -699,6 +705,7 @@ export class VisitorClient extends HeraldClient {
     const ending = this.session?.session;
     await this.request({ type: "end_session" });
     if (this.session?.session === ending) this.session = null;
+    if (ending) this._emit("session_ended", { session: ending, reason: "ended" });
   }
 
   async _hello() {
@@ -714,11 +721,15 @@ export class VisitorClient extends HeraldClient {
   _onFrame(frame) {
     if (frame.type === "welcome" || frame.type === "focus") this.focused = Boolean(frame.focused);
     if (frame.type === "welcome" && this.consumer) this.visitor = frame.visitor;
-    else if (frame.type === "session_connected") this.session = frame;
-    else if (frame.type === "guest_count" && this.session?.session === frame.session) {
+    else if (frame.type === "session_connected") {
+      const before = this.session?.session;
+      this.session = frame;
+      if (before && before !== frame.session) this._emit("session_ended", { session: before, reason: "replaced" });
+    } else if (frame.type === "guest_count" && this.session?.session === frame.session) {
       this.session = { ...this.session, guests: frame.guests };
     } else if (frame.type === "session_event" && frame.event === "ended" && this.session?.session === frame.session) {
       this.session = null; // its group's back end ended it (reason "terminated")
+      this._emit("session_ended", { session: frame.session, reason: frame.reason || "terminated" });
     }
   }
 
@@ -797,6 +808,8 @@ export class AgentClient extends HeraldClient {
     this.waiting = new Set();
     /** @type {Set<string>} sessions this agent is in, joined again after a reconnect */
     this.joined = new Set();
+    /** @type {Map<string, IceServer[]>} each joined session's ICE servers, fresh from its latest (re)join */
+    this.iceServers = new Map();
     this.loginExpires = null;
     this._loggedIn = false;
     this._watched = new Set();
@@ -943,6 +956,7 @@ export class AgentClient extends HeraldClient {
   /** Leave a session this agent joined; the visitor sees the count drop. */
   async leaveSession(session) {
     this.joined.delete(session);
+    this.iceServers.delete(session);
     await this.request({ type: "leave_session", session });
   }
 
@@ -1034,6 +1048,9 @@ export class AgentClient extends HeraldClient {
       this.waiting.delete(frame.key);
     } else if (frame.type === "session_event" && frame.event === "ended") {
       this.joined.delete(frame.session);
+      this.iceServers.delete(frame.session);
+    } else if (frame.type === "session_joined") {
+      this.iceServers.set(frame.session, frame.ice_servers ?? []);
     }
     if (changed) queueMicrotask(() => this._emit("visitors", this.visitors));
   }
@@ -1092,4 +1109,463 @@ async function restJson(response) {
 
 function withoutNulls(data) {
   return Object.fromEntries(Object.entries(data || {}).filter(([, value]) => value != null));
+}
+
+// --- Screen share over session signals (PROTOCOL.md §11.11)
+
+/**
+ * The session signal events of a screen share. The visitor shares and is always the one that
+ * offers; an agent that views (a "viewer", named by a random ID that outlives its reconnects)
+ * asks for an offer. Every signal but rtc.ready and the visitor's rtc.end carries `data.viewer`;
+ * offers, answers and candidates carry `data.n`, the negotiation they belong to.
+ */
+export const RTC = Object.freeze({
+  /** visitor → the session: sharing (started, or again after the visitor's reconnect); viewers ask */
+  ready: "rtc.ready",
+  /** agent → "visitor": send this viewer an offer (to view, or after the agent's reconnect) */
+  request: "rtc.request",
+  /** visitor → the viewer's connection: an SDP offer as `payload`; an ICE restart for a known viewer */
+  offer: "rtc.offer",
+  /** agent → "visitor": the SDP answer as `payload` */
+  answer: "rtc.answer",
+  /** both: one trickled ICE candidate, its JSON as `payload` */
+  ice: "rtc.ice",
+  /** visitor → the session: sharing stopped; agent → "visitor": this viewer left, or (`data.stop`) end the share */
+  end: "rtc.end",
+});
+
+/** How often, and how far apart (s), a viewer asks again while the visitor is between connections. */
+const REQUEST_TRIES = 8;
+const REQUEST_PAUSE = 1;
+/** Seconds an unanswered offer stands before the same viewer's repeated request gets a new one. */
+const OFFER_FRESH = 10;
+const DEAD = new Set(["failed", "closed"]);
+
+/** Add `handlers` (event type → listener) to `target`; returns a function that removes them. */
+function listen(target, handlers) {
+  const entries = Object.entries(handlers);
+  for (const [type, handler] of entries) target.addEventListener(type, handler);
+  return () => entries.forEach(([type, handler]) => target.removeEventListener(type, handler));
+}
+
+function stopTracks(stream) {
+  for (const track of stream?.getTracks() ?? []) track.stop();
+}
+
+function quiet(what) {
+  return (error) => console.info(`herald: ${what}: ${error?.code || error?.message || error}`);
+}
+
+/**
+ * The visitor's side of a screen share: shares a MediaStream (the page's own tab, a screen, or any
+ * stream, e.g. a canvas's captureStream()) with the agents of the client's live session, one
+ * RTCPeerConnection per viewer. Nothing is captured by this class: the page captures (capture(),
+ * from the visitor's own click) and hands the stream to start(). Every track is stopped when the
+ * share stops: stop(), the session ending (session_ended), the client stopping, the visitor ending
+ * the capture in the browser's own UI, or an agent's "end sharing".
+ *
+ * Events: "sharing" {stream}; "viewers" {count} (peer connections up); "ended" {reason}:
+ * "stopped" (stop()), "agent" (an agent ended it), "capture_ended", "session_ended", "disconnected".
+ */
+export class ScreenShare extends EventTarget {
+  /**
+   * Ask the browser for the screen: the page's own tab, offered first (`tab`), or any screen, window
+   * or tab; video only. Call it from the click that consents (browsers require a user gesture).
+   * @param {{tab?: boolean}} [options]
+   * @returns {Promise<MediaStream>}
+   */
+  static capture({ tab = true } = {}) {
+    const options = tab
+      ? { video: { displaySurface: "browser" }, preferCurrentTab: true, selfBrowserSurface: "include",
+          surfaceSwitching: "exclude", monitorTypeSurfaces: "exclude" }
+      : { video: true };
+    return navigator.mediaDevices.getDisplayMedia({ ...options, audio: false });
+  }
+
+  /**
+   * @param {VisitorClient} client
+   * @param {{rtcConfiguration?: RTCConfiguration}} [options] merged into each peer connection's; its
+   *   iceServers are used only when the session has none of its own
+   */
+  constructor(client, { rtcConfiguration = {} } = {}) {
+    super();
+    this.client = client;
+    this.rtcConfiguration = rtcConfiguration;
+    /** @type {MediaStream | null} what is being shared */
+    this.stream = null;
+    /** @type {string | null} the session shared in */
+    this.session = null;
+    /** offers made, restarts included */
+    this.negotiations = 0;
+    /**
+     * viewer -> its peer connection, the agent connection it answers from, the latest offer's
+     * number and time, and whether the next request is answered with an ICE restart
+     * @type {Map<string, {viewer: string, pc: RTCPeerConnection, connection: string, n: number,
+     *                     chain: Promise<void>, restart: boolean, offered: number}>}
+     */
+    this._peers = new Map();
+    this._captureEnded = () => this.stop("capture_ended");
+    this._off = listen(client, {
+      session_signal: ({ detail }) => this._onSignal(detail),
+      session_connected: ({ detail }) => this._onSessionConnected(detail),
+      session_ended: ({ detail }) => detail.session === this.session && this.stop("session_ended"),
+      stopped: () => this.stop("disconnected"),
+    });
+  }
+
+  /** Whether a stream is being shared. */
+  get sharing() {
+    return this.stream !== null;
+  }
+
+  /** Viewers whose peer connection is up. */
+  get viewers() {
+    return [...this._peers.values()].filter((peer) => peer.pc.connectionState === "connected").length;
+  }
+
+  /**
+   * Share `stream` in the client's live session: the agents in it are told and ask for the picture.
+   * Without a live session the stream's tracks are stopped and it rejects ("session_not_found").
+   * @param {MediaStream} stream
+   */
+  async start(stream) {
+    if (this.stream) throw new Error("already sharing: stop() first");
+    const session = this.client.session?.session;
+    if (!session) {
+      stopTracks(stream);
+      throw new HeraldError("session_not_found", "start a session before sharing");
+    }
+    this.session = session;
+    this.stream = stream;
+    for (const track of stream.getTracks()) track.addEventListener("ended", this._captureEnded);
+    this._emit("sharing", { stream });
+    await this.client.sessionSignal(session, RTC.ready).catch(quiet("announcing the share"));
+  }
+
+  /**
+   * Stop sharing: every track stopped, every peer connection closed, the agents told.
+   * @param {string} [reason]
+   * @returns {boolean} whether anything was being shared
+   */
+  stop(reason = "stopped") {
+    const stream = this.stream;
+    if (!stream) return false;
+    this.stream = null;
+    for (const track of stream.getTracks()) track.removeEventListener("ended", this._captureEnded);
+    stopTracks(stream);
+    for (const peer of this._peers.values()) peer.pc.close();
+    this._peers.clear();
+    if (reason !== "session_ended" && reason !== "disconnected") {
+      this.client.sessionSignal(this.session, RTC.end, undefined, { data: { reason } }).catch(quiet("ending the share"));
+    }
+    this._emit("ended", { reason });
+    this._emit("viewers", { count: 0 });
+    return true;
+  }
+
+  /** Stop sharing and stop listening to the client. */
+  close() {
+    this.stop();
+    this._off();
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _iceServers() {
+    return this.client.session?.ice_servers ?? this.rtcConfiguration.iceServers ?? [];
+  }
+
+  _onSessionConnected(session) {
+    // Unsolicited: this visitor reconnected (its new connection is the session's now).
+    if (!this.stream) return;
+    if (session.session !== this.session) {
+      this.stop("session_ended");
+      return;
+    }
+    for (const peer of this._peers.values()) {
+      peer.restart = true; // whatever it asks next is answered with an ICE restart from here
+      try {
+        const { pc } = peer;
+        pc.setConfiguration({ ...this.rtcConfiguration, iceServers: this._iceServers() });
+      } catch (error) {
+        quiet("fresh ICE servers")(error);
+      }
+    }
+    this.client.sessionSignal(this.session, RTC.ready).catch(quiet("announcing the share again"));
+  }
+
+  _onSignal(signal) {
+    const viewer = signal.data?.viewer;
+    if (!this.stream || signal.session !== this.session || typeof viewer !== "string") return;
+    if (signal.event === RTC.request) {
+      this._offer(viewer, signal.connection);
+      return;
+    }
+    const peer = this._peers.get(viewer);
+    if (!peer) return;
+    if (signal.event === RTC.answer) {
+      this._then(peer, async () => {
+        if (signal.data.n !== peer.n || peer.pc.signalingState !== "have-local-offer") return; // a stale one
+        await peer.pc.setRemoteDescription({ type: "answer", sdp: signal.payload });
+      });
+    } else if (signal.event === RTC.ice && signal.payload) {
+      this._then(peer, async () => {
+        if (signal.data.n === peer.n) await peer.pc.addIceCandidate(JSON.parse(signal.payload));
+      });
+    } else if (signal.event === RTC.end) {
+      if (signal.data.stop) {
+        this.stop("agent");
+      } else {
+        peer.pc.close();
+        this._peers.delete(viewer);
+        this._emit("viewers", { count: this.viewers });
+      }
+    }
+  }
+
+  /** Run `step` after the peer's earlier steps; a failure is logged, and the next step runs anyway. */
+  _then(peer, step) {
+    peer.chain = peer.chain.then(step).catch(quiet("screen share"));
+  }
+
+  /**
+   * Offer to `viewer` at `connection`: a new peer connection, or an ICE restart of its live one
+   * after either side reconnected. A repeated request (the viewer asked on joining and again on
+   * rtc.ready) while the call is up or its offer fresh changes nothing.
+   */
+  _offer(viewer, connection) {
+    let peer = this._peers.get(viewer);
+    if (peer && DEAD.has(peer.pc.connectionState)) {
+      peer.pc.close();
+      this._peers.delete(viewer);
+      peer = undefined;
+    }
+    const fresh = peer && (peer.pc.connectionState === "connected" || Date.now() - peer.offered < OFFER_FRESH * 1000);
+    if (peer && !peer.restart && peer.connection === connection && fresh) return;
+    const restart = Boolean(peer);
+    if (!peer) peer = this._newPeer(viewer);
+    peer.connection = connection;
+    peer.restart = false;
+    peer.offered = Date.now();
+    this._then(peer, async () => {
+      const { pc } = peer;
+      if (pc.signalingState === "closed") return;
+      if (pc.signalingState === "have-local-offer") await pc.setLocalDescription({ type: "rollback" });
+      const n = ++peer.n;
+      await pc.setLocalDescription(await pc.createOffer({ iceRestart: restart }));
+      this.negotiations += 1;
+      this.client
+        .sessionSignal(this.session, RTC.offer, pc.localDescription.sdp, { to: peer.connection, data: { viewer, n } })
+        .catch((error) => {
+          quiet("offer")(error);
+          if (error.code === "member_offline" && this._peers.get(viewer) === peer && peer.n === n) {
+            pc.close(); // that agent is gone or moved: it asks again from its new connection
+            this._peers.delete(viewer);
+          }
+        });
+    });
+  }
+
+  _newPeer(viewer) {
+    const pc = new RTCPeerConnection({ ...this.rtcConfiguration, iceServers: this._iceServers() });
+    for (const track of this.stream.getTracks()) pc.addTrack(track, this.stream);
+    const peer = { viewer, pc, connection: "", n: 0, chain: Promise.resolve(), restart: false, offered: 0 };
+    pc.onicecandidate = ({ candidate }) => {
+      if (!candidate || !peer.connection || !this.stream) return;
+      this.client
+        .sessionSignal(this.session, RTC.ice, JSON.stringify(candidate), {
+          to: peer.connection, data: { viewer, n: peer.n },
+        })
+        .catch(quiet("ICE candidate"));
+    };
+    pc.onconnectionstatechange = () => this._emit("viewers", { count: this.viewers });
+    this._peers.set(viewer, peer);
+    return peer;
+  }
+}
+
+/**
+ * An agent's side of a screen share: the picture of the visitor of a session this agent joined.
+ * It asks for the picture when made (start()), when the visitor announces a share, and after this
+ * client's reconnects; the visitor's reconnects reach it as a new offer (an ICE restart), so the
+ * call is renegotiated within the session. Every received track is stopped when the share ends, the
+ * session ends, the agent ends it (endSharing()) or the view is closed.
+ *
+ * Events: "stream" {stream} (show it: `video.srcObject = stream`); "negotiated" {count, restart}
+ * (restart: an ICE restart of the live call, after a reconnect);
+ * "ended" {reason}: "stopped"/"capture_ended"/… (the visitor's), "agent" (endSharing()),
+ * "session_ended", "closed".
+ */
+export class ScreenView extends EventTarget {
+  /**
+   * @param {AgentClient} client
+   * @param {SessionJoined | string} session what joinSession resolved with, or the session ID
+   * @param {{rtcConfiguration?: RTCConfiguration}} [options] as in ScreenShare
+   */
+  constructor(client, session, { rtcConfiguration = {} } = {}) {
+    super();
+    this.client = client;
+    this.session = typeof session === "string" ? session : session.session;
+    this.rtcConfiguration = rtcConfiguration;
+    /** this view's ID in the share (`data.viewer`), the same across reconnects */
+    this.viewer = newSid();
+    /** @type {RTCPeerConnection | null} */
+    this.pc = null;
+    /** @type {MediaStream | null} the visitor's picture, once it arrives */
+    this.stream = null;
+    /** answers made, restarts included */
+    this.negotiations = 0;
+    this.closed = false;
+    this._n = 0;
+    this._chain = Promise.resolve();
+    this._asking = null;
+    this._off = listen(client, {
+      session_signal: ({ detail }) => this._onSignal(detail),
+      connected: () => this.start(), // a reconnect: a new connection for the visitor to offer to
+      session_event: ({ detail }) =>
+        detail.event === "ended" && detail.session === this.session && this.close("session_ended"),
+      session_lost: ({ detail }) => detail.session === this.session && this.close("session_ended"),
+      stopped: () => this.close("disconnected"),
+    });
+  }
+
+  /**
+   * Ask the visitor for the picture (a visitor not sharing yet offers when it starts). Asks again
+   * while the visitor is between connections.
+   * @returns {Promise<void>}
+   */
+  start() {
+    this._asking ??= this._ask().finally(() => (this._asking = null));
+    return this._asking;
+  }
+
+  async _ask() {
+    for (let attempt = 1; !this.closed; attempt++) {
+      try {
+        await this.client.sessionSignal(this.session, RTC.request, undefined, {
+          to: "visitor", data: { viewer: this.viewer },
+        });
+        return;
+      } catch (error) {
+        if (error.code !== "member_offline" || attempt >= REQUEST_TRIES) {
+          quiet("asking for the picture")(error);
+          return;
+        }
+        await new Promise((resolve) => setTimeout(resolve, REQUEST_PAUSE * 1000));
+      }
+    }
+  }
+
+  /** End the share on both sides: the visitor stops capturing, every viewer's picture ends. */
+  async endSharing() {
+    this._endPicture("agent");
+    await this.client
+      .sessionSignal(this.session, RTC.end, undefined, { to: "visitor", data: { viewer: this.viewer, stop: true } })
+      .catch(quiet("ending the share"));
+  }
+
+  /**
+   * Stop viewing and listening (before leaving the session: the visitor drops this viewer).
+   * @param {string} [reason]
+   */
+  async close(reason = "closed") {
+    if (this.closed) return;
+    this.closed = true;
+    this._off();
+    this._endPicture(reason);
+    if (reason === "closed") {
+      await this.client
+        .sessionSignal(this.session, RTC.end, undefined, { to: "visitor", data: { viewer: this.viewer } })
+        .catch(quiet("leaving the share"));
+    }
+  }
+
+  /**
+   * The received video's inbound-rtp statistics (from getStats()), or null before any.
+   * @returns {Promise<{framesDecoded: number, frameWidth?: number, frameHeight?: number,
+   *                    framesPerSecond?: number} | null>}
+   */
+  async videoStats() {
+    if (!this.pc) return null;
+    for (const report of (await this.pc.getStats()).values()) {
+      if (report.type === "inbound-rtp" && report.kind === "video") return report;
+    }
+    return null;
+  }
+
+  _emit(type, detail) {
+    this.dispatchEvent(new CustomEvent(type, { detail }));
+  }
+
+  _endPicture(reason) {
+    const had = this.pc !== null;
+    stopTracks(this.stream);
+    this.pc?.close();
+    this.pc = null;
+    this.stream = null;
+    if (had) this._emit("ended", { reason });
+  }
+
+  _newPeer() {
+    this.pc?.close();
+    stopTracks(this.stream);
+    this.stream = null;
+    const iceServers = this.client.iceServers?.get(this.session) ?? this.rtcConfiguration.iceServers ?? [];
+    const pc = new RTCPeerConnection({ ...this.rtcConfiguration, iceServers });
+    pc.ontrack = ({ track, streams }) => {
+      if (this.pc !== pc) return;
+      this.stream = streams[0] ?? new MediaStream([track]);
+      this._emit("stream", { stream: this.stream });
+    };
+    pc.onicecandidate = ({ candidate }) => {
+      if (!candidate || this.pc !== pc) return;
+      this.client
+        .sessionSignal(this.session, RTC.ice, JSON.stringify(candidate), {
+          to: "visitor", data: { viewer: this.viewer, n: this._n },
+        })
+        .catch(quiet("ICE candidate"));
+    };
+    pc.onconnectionstatechange = () => {
+      // The media path broke with the signalling still up (a network change): ask again.
+      if (this.pc === pc && pc.connectionState === "failed") this.start();
+    };
+    this.pc = pc;
+    return pc;
+  }
+
+  _onSignal(signal) {
+    if (this.closed || signal.session !== this.session) return;
+    const mine = signal.data?.viewer === this.viewer;
+    if (signal.event === RTC.ready) {
+      this.start();
+    } else if (signal.event === RTC.offer && mine) {
+      this._chain = this._chain.then(() => this._answer(signal)).catch(quiet("answering the offer"));
+    } else if (signal.event === RTC.ice && mine && signal.payload) {
+      this._chain = this._chain
+        .then(async () => {
+          if (this.pc && signal.data.n === this._n) await this.pc.addIceCandidate(JSON.parse(signal.payload));
+        })
+        .catch(quiet("ICE candidate"));
+    } else if (signal.event === RTC.end && signal.data?.viewer === undefined && signal.visitor !== undefined) {
+      this._endPicture(signal.data?.reason || "stopped");
+    }
+  }
+
+  async _answer(signal) {
+    const n = signal.data.n;
+    // The visitor's first offer on a peer connection (n 1) needs a new one here too; later ones restart ICE.
+    const pc = n === 1 || !this.pc || DEAD.has(this.pc.connectionState) ? this._newPeer() : this.pc;
+    this._n = n;
+    await pc.setRemoteDescription({ type: "offer", sdp: signal.payload });
+    await pc.setLocalDescription(await pc.createAnswer());
+    this.negotiations += 1;
+    this._emit("negotiated", { count: this.negotiations, restart: n > 1 });
+    await this.client
+      .sessionSignal(this.session, RTC.answer, pc.localDescription.sdp, {
+        to: "visitor", data: { viewer: this.viewer, n },
+      })
+      .catch(quiet("answer"));
+  }
 }
