@@ -13,7 +13,9 @@ import binascii
 import dataclasses
 import difflib
 import functools
+import hashlib
 import ipaddress
+import json
 import logging
 import math
 import os
@@ -24,6 +26,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from herald_presence.protocol.checks import (
     MAX_DATA_FIELDS,
@@ -64,6 +67,8 @@ class GroupConfig:
     demo: bool = False
     ice_servers: list[dict[str, Any]] = field(default_factory=list)  # STUN/TURN for session members (check_ice_servers)
     presence_fields: list[str] | None = None  # the presence data fields agents may see; None: any
+    webhooks: list[dict[str, Any]] = field(default_factory=list)  # endpoints events are posted to (check_webhooks)
+    event_retention: float | None = None  # seconds its events are kept for the audit trail; None: the setting's
 
 
 @dataclass(slots=True)
@@ -112,6 +117,7 @@ class Settings:
     trusted_proxies: str = ""  # comma-separated addresses/CIDRs whose X-Forwarded-For names the client
     redis_url: str = ""
     redis_prefix: str = "herald"  # namespace of every key and channel
+    redis_ca_file: str = ""  # PEM CA bundle that signs Redis's TLS certificate (rediss URLs); empty: the system's
     instance_heartbeat: float = 1.0  # seconds between an instance's heartbeats in Redis
     instance_dead_after: float = 8.0  # a silent instance's visitors are dropped after this
     drain_timeout: float = 20.0  # SIGTERM to exit, at most: clients are moved, then the process stops
@@ -120,6 +126,16 @@ class Settings:
     log_level: str = "INFO"
     log_format: str = "text"  # text, or json: one object per line with the connection ID
     strict_env: bool = False  # refuse to start on a HERALD_* variable that is no setting (else warn)
+    webhooks: str = ""  # JSON {"<group>": [endpoint, ...]}: webhook endpoints added to the TOML's
+    webhook_allow_private: bool = False  # let webhooks reach loopback and private addresses (else refused: SSRF)
+    webhook_timeout: float = 10.0  # seconds a webhook POST may take
+    webhook_retry_first: float = 1.0  # seconds before the first retry; doubling (with jitter) up to 300
+    webhook_retry_for: float = 3600.0  # seconds after an event it is retried; then it is dead-lettered
+    webhook_batch: int = 50  # events in one POST at most (one when the endpoint keeps up)
+    webhook_concurrency: int = 4  # POSTs in flight per endpoint and instance (an endpoint may set its own)
+    webhook_claim_after: float = 30.0  # seconds an instance's undelivered events wait before another takes them
+    event_retention: float = 7 * 86400.0  # seconds a group's events are kept for the audit trail
+    event_log_max: int = 100_000  # events kept per group at most
     groups: dict[str, GroupConfig] = field(default_factory=dict)
 
 
@@ -211,6 +227,8 @@ _GROUP_KEYS = {
     "jwks_url",
     "ice_servers",
     "presence_fields",
+    "webhooks",
+    "event_retention",
 }
 ICE_SCHEMES = ("stun:", "stuns:", "turn:", "turns:")
 TURN_SCHEMES = ("turn:", "turns:")
@@ -270,6 +288,156 @@ def check_presence_fields(value: Any) -> list[str]:
 
 JWT_ALGORITHMS = ("HS256", "RS256", "ES256")  # one is pinned per group; "none" never
 
+# -- webhooks ------------------------------------------------------------------
+# The events a group's endpoints may ask for (PROTOCOL.md §13); model/events.py builds them.
+EVENT_TYPES = (
+    "visitor.online",
+    "visitor.offline",
+    "terms.requested",
+    "terms.displayed",
+    "terms.accepted",
+    "terms.declined",
+    "session.started",
+    "session.joined",
+    "session.left",
+    "session.ended",
+    "code.created",
+    "code.redeemed",
+    "code.expired",
+)
+TERMS_ANSWERS = ("displayed", "accepted", "declined")  # what a visitor's terms signal may say
+MAX_WEBHOOKS = 16  # endpoints per group (TOML, environment and admin API together)
+MAX_WEBHOOK_CONCURRENCY = 64
+MAX_URL_CHARS = 2048
+MIN_RETENTION = 60.0
+_ENDPOINT_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def valid_event_pattern(pattern: object) -> bool:
+    """An event type, a family (``session.*``) or every event (``*``)."""
+    if not isinstance(pattern, str):
+        return False
+    if pattern == "*" or pattern in EVENT_TYPES:
+        return True
+    return pattern.endswith(".*") and any(t.startswith(pattern[:-1]) for t in EVENT_TYPES)
+
+
+def public_address(address: str) -> bool:
+    """Whether ``address`` is a public internet address: loopback, private,
+    link-local (cloud metadata), carrier-grade NAT, multicast, reserved and
+    unspecified ones are not, nor IPv4 addresses mapped or embedded in IPv6
+    that are not."""
+    try:
+        ip = ipaddress.ip_address(address.split("%", 1)[0])
+    except ValueError:
+        return False
+    if isinstance(ip, ipaddress.IPv6Address):
+        embedded = ip.ipv4_mapped or ip.sixtofour or (ip.teredo[1] if ip.teredo else None)
+        if embedded is not None and not public_address(str(embedded)):
+            return False
+    return ip.is_global and not ip.is_multicast
+
+
+def _literal_host(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
+
+
+def check_webhook_url(url: object, allow_private: bool) -> str:
+    """An endpoint's URL: http(s), a host, no credentials in it (they would be
+    logged and shown), and, unless ``allow_private``, no loopback or private
+    address written in it (names are checked again each time they resolve)."""
+    if not isinstance(url, str) or not 0 < len(url) <= MAX_URL_CHARS or not url.isascii():
+        raise ValueError(f"url must be an http or https URL of at most {MAX_URL_CHARS} characters")
+    try:
+        parts = urlsplit(url)
+        parts.port  # noqa: B018 (raises on a bad port)
+    except ValueError:
+        raise ValueError("url is not a valid URL") from None
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError("url must be an http or https URL with a host")
+    if parts.username is not None or parts.password is not None:
+        raise ValueError("url must not carry credentials; the endpoint's secret signs every request")
+    if any(c in url for c in " \r\n\t"):
+        raise ValueError("url must not contain spaces or control characters")
+    host = parts.hostname.rstrip(".").lower()
+    private = host == "localhost" or host.endswith(".localhost") or (_literal_host(host) and not public_address(host))
+    if private and not allow_private:
+        raise ValueError(f"url {host} is a loopback or private address: refused (webhook_allow_private=true allows it)")
+    return url
+
+
+def check_webhooks(value: Any, allow_private: bool = True) -> list[dict[str, Any]]:
+    """A group's webhook endpoints, normalised, or ``ValueError``: each
+    ``{id?, url, events?, secret, concurrency?}``; ``events`` defaults to
+    every type, ``id`` to one made from the URL. The address check of
+    ``check_webhook_url`` is made once the settings are known
+    (``check_webhook_addresses``): TOML may come before the setting."""
+    if not isinstance(value, list) or len(value) > MAX_WEBHOOKS:
+        raise ValueError(f"webhooks must be a list of at most {MAX_WEBHOOKS} endpoints")
+    endpoints, ids = [], set()
+    for i, endpoint in enumerate(value):
+        where = f"webhooks[{i}]"
+        if not isinstance(endpoint, Mapping):
+            raise ValueError(f"{where} must be a table with url, secret and events")
+        unknown = set(endpoint) - {"id", "url", "events", "secret", "concurrency"}
+        if unknown:
+            raise ValueError(f"{where}: unknown keys {sorted(unknown)}")
+        try:
+            url = check_webhook_url(endpoint.get("url"), allow_private)
+        except ValueError as exc:
+            raise ValueError(f"{where}: {exc}") from None
+        endpoint_id = endpoint.get("id", hashlib.sha256(url.encode()).hexdigest()[:12])
+        if not isinstance(endpoint_id, str) or not _ENDPOINT_ID.match(endpoint_id):
+            raise ValueError(f"{where}.id must be 1-64 letters, digits, '.', '_' or '-'")
+        if endpoint_id in ids:
+            raise ValueError(f"{where}: the id {endpoint_id!r} is taken (give each endpoint its own id)")
+        ids.add(endpoint_id)
+        events = endpoint.get("events", ["*"])
+        if not isinstance(events, list) or not events or len(events) > 32 or not all(map(valid_event_pattern, events)):
+            raise ValueError(f"{where}.events must list event types ({', '.join(EVENT_TYPES)}), 'family.*' or '*'")
+        secret = endpoint.get("secret")
+        if not isinstance(secret, str) or not MIN_SECRET_LENGTH <= len(secret) <= 256:
+            raise ValueError(f"{where}.secret must be {MIN_SECRET_LENGTH}-256 characters (it signs every request)")
+        concurrency = endpoint.get("concurrency")
+        limit = MAX_WEBHOOK_CONCURRENCY
+        if concurrency is not None and (type(concurrency) is not int or not 1 <= concurrency <= limit):
+            raise ValueError(f"{where}.concurrency must be 1-{MAX_WEBHOOK_CONCURRENCY}")
+        endpoints.append(
+            {"id": endpoint_id, "url": url, "events": list(events), "secret": secret, "concurrency": concurrency}
+        )
+    return endpoints
+
+
+def _apply_webhooks(settings: Settings) -> None:
+    """The ``webhooks`` setting (JSON, from the environment or a flag) added to
+    the groups' TOML endpoints, and every endpoint's address checked against
+    ``webhook_allow_private``."""
+    if settings.webhooks.strip():
+        try:
+            by_group = json.loads(settings.webhooks)
+        except ValueError:
+            raise ConfigError('webhooks must be JSON: {"<group>": [{"url", "secret", "events"}, ...]}') from None
+        if not isinstance(by_group, dict):
+            raise ConfigError('webhooks must be a JSON object: {"<group>": [endpoint, ...]}')
+        for group_id, endpoints in by_group.items():
+            group = settings.groups.get(group_id)
+            if group is None:
+                raise ConfigError(f"webhooks: no group {group_id!r} is configured")
+            try:
+                group.webhooks = check_webhooks([*group.webhooks, *endpoints] if isinstance(endpoints, list) else None)
+            except ValueError as exc:
+                raise ConfigError(f"webhooks of group {group_id!r}: {exc}") from None
+    for group in settings.groups.values():
+        for endpoint in group.webhooks:
+            try:
+                check_webhook_url(endpoint["url"], settings.webhook_allow_private)
+            except ValueError as exc:
+                raise ConfigError(f"group {group.id!r}: webhook {endpoint['id']!r}: {exc}") from None
+
 
 def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> None:
     check_group_id(group_id)
@@ -292,13 +460,25 @@ def _add_group(groups: dict[str, GroupConfig], group_id: str, table: Any) -> Non
             raise ConfigError(f"group {group_id!r}: {name} must be true or false")
     jwt = {name: table.get(name, default) for name, default in _JWT_DEFAULTS.items()}
     _check_jwt(group_id, jwt)
+    retention = table.get("event_retention")
+    if retention is not None and (type(retention) not in (int, float) or retention < MIN_RETENTION):
+        raise ConfigError(f"group {group_id!r}: event_retention must be at least {MIN_RETENTION:.0f} seconds")
     try:
         ice = check_ice_servers(table.get("ice_servers", []))
         fields = None if table.get("presence_fields") is None else check_presence_fields(table["presence_fields"])
+        hooks = check_webhooks(table.get("webhooks", []))
     except ValueError as exc:
         raise ConfigError(f"group {group_id!r}: {exc}") from None
     groups[group_id] = GroupConfig(
-        group_id, list(found), list(origins), **flags, **jwt, ice_servers=ice, presence_fields=fields
+        group_id,
+        list(found),
+        list(origins),
+        **flags,
+        **jwt,
+        ice_servers=ice,
+        presence_fields=fields,
+        webhooks=hooks,
+        event_retention=None if retention is None else float(retention),
     )
 
 
@@ -387,6 +567,7 @@ def load(
             elif source != "environment":  # unknown HERALD_* variables: below, once strict_env is known
                 raise ConfigError(f"{source}: unknown setting {name!r}")
     _validate(settings)
+    _apply_webhooks(settings)
     unknown = unknown_environment(env)
     if unknown and settings.strict_env:
         raise ConfigError(f"{'; '.join(unknown)}; strict_env refuses unknown HERALD_* variables")
@@ -469,6 +650,14 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("log_level must be DEBUG, INFO, WARNING or ERROR")
     if settings.cookie_samesite not in ("Strict", "Lax", "None"):
         raise ConfigError("cookie_samesite must be Strict, Lax or None")
+    if settings.webhook_timeout <= 0 or settings.webhook_retry_first <= 0 or settings.webhook_claim_after <= 0:
+        raise ConfigError("webhook_timeout, webhook_retry_first and webhook_claim_after must be positive")
+    if settings.webhook_retry_for < 0:
+        raise ConfigError("webhook_retry_for must not be negative")
+    if not 1 <= settings.webhook_batch <= 1000 or not 1 <= settings.webhook_concurrency <= MAX_WEBHOOK_CONCURRENCY:
+        raise ConfigError(f"webhook_batch must be 1-1000 and webhook_concurrency 1-{MAX_WEBHOOK_CONCURRENCY}")
+    if settings.event_retention < MIN_RETENTION or settings.event_log_max < 100:
+        raise ConfigError(f"event_retention must be at least {MIN_RETENTION:.0f} s and event_log_max at least 100")
 
 
 def ensure_demo_group(settings: Settings) -> GroupConfig | None:

@@ -97,6 +97,43 @@ UNTRUSTED_FORWARDED = Counter(
     registry=REGISTRY,
 )
 
+EVENTS_RECORDED = Counter(
+    "herald_events_recorded",
+    "Events appended to their group's log (webhooks and the audit trail), by type",
+    ["type"],
+    registry=REGISTRY,
+)
+EVENTS_LOST = Counter(
+    "herald_events_lost",
+    "Events dropped before reaching the log (the backend was away longer than the retry queue lasts)",
+    registry=REGISTRY,
+)
+WEBHOOK_EVENTS = Counter(
+    "herald_webhook_events",
+    "Events an endpoint was due, by how they ended: delivered, or dead_lettered after webhook_retry_for",
+    ["endpoint", "outcome"],
+    registry=REGISTRY,
+)
+WEBHOOK_REQUESTS = Counter(
+    "herald_webhook_requests",
+    "Webhook POSTs by outcome: ok (2xx), http_error, timeout, network_error, refused_address (SSRF guard)",
+    ["endpoint", "outcome"],
+    registry=REGISTRY,
+)
+WEBHOOK_LAG = Histogram(
+    "herald_webhook_lag_seconds",
+    "From an event being recorded to its delivery to an endpoint (retries included)",
+    ["endpoint"],
+    buckets=(0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 300.0, 900.0, 3600.0),
+    registry=REGISTRY,
+)
+WEBHOOK_PENDING = Gauge(
+    "herald_webhook_pending",
+    "Events this instance holds for an endpoint, not delivered yet (queued, in flight or waiting to retry)",
+    ["endpoint"],
+    registry=REGISTRY,
+)
+
 # Children that exist from the start, so that dashboards show zeros, not gaps.
 for _role in ("visitor", "agent"):
     CONNECTIONS.labels(role=_role)
@@ -109,6 +146,10 @@ for _outcome in ("delivered", "expired"):
 
 _received = {}  # (role, type) -> counter child: label lookups are the slow part
 _sent = {}
+
+
+def event_recorded(event_type: str) -> None:
+    EVENTS_RECORDED.labels(type=event_type).inc()
 
 
 def limit_hit(limit: str) -> None:

@@ -6,15 +6,35 @@ from typing import Any
 
 import pytest
 
+from . import slot_check
 from .harness import HeraldServer, settings
+from .redis_cluster import RedisClusterServers
 from .redis_server import RedisServer
 
 BACKENDS = ["memory", "redis"]
+# Modules that run on a Redis Cluster too import their fixtures from ``tests/topologies.py``
+# (a test there that stops its own Redis is STANDALONE_ONLY).
+STANDALONE_ONLY = pytest.mark.parametrize("redis_topology", ["standalone"])
 
 # Short cluster timings so that deaths are noticed within a test.
 FAST = {"instance_heartbeat": 0.25, "instance_dead_after": 1.5, "grace_period": 0.4, "signal_hold": 2.0}
 
 Start = Callable[..., Awaitable[HeraldServer]]
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _check_slots_all_along() -> Iterator[None]:
+    yield from slot_check.installed()
+
+
+@pytest.fixture(autouse=True)
+def one_slot_per_operation() -> Iterator[None]:
+    """Fails a test during which this process sent Redis a multi-key command,
+    a script or a transaction over several slots (``tests/slot_check.py``)."""
+    slot_check.take()
+    yield
+    found = slot_check.take()
+    assert not found, f"Redis operations a Redis Cluster refuses (CROSSSLOT): {found[:10]}"
 
 
 @pytest.fixture(scope="session")
@@ -23,6 +43,15 @@ def redis_server() -> Iterator[RedisServer]:
     server.start()
     yield server
     server.stop()
+
+
+@pytest.fixture(scope="session")
+def redis_cluster() -> Iterator[RedisClusterServers]:
+    """One Redis Cluster (three masters, a replica each) for the whole run;
+    a test that kills a node heals it again before the next one uses it."""
+    cluster = RedisClusterServers().start()
+    yield cluster
+    cluster.stop()
 
 
 @pytest.fixture(params=BACKENDS)
@@ -35,6 +64,8 @@ def backend_settings(backend_name: str, request: pytest.FixtureRequest) -> dict[
     """Settings that pick the backend; each test gets its own Redis prefix."""
     if backend_name == "memory":
         return {}
+    if backend_name == "cluster":
+        return {"redis_url": request.getfixturevalue("redis_cluster").url, "redis_prefix": f"t{uuid.uuid4().hex[:10]}"}
     redis: RedisServer = request.getfixturevalue("redis_server")
     if redis.process is None or redis.process.poll() is not None:
         redis.start()  # a previous test stopped it
@@ -79,14 +110,32 @@ def prefix() -> str:
 
 
 @pytest.fixture
-async def start_instance(redis_server: RedisServer, prefix: str) -> AsyncIterator[Start]:
+def redis_topology() -> str:
+    """What ``start_instance``'s instances share: "standalone" (one redis-server,
+    the default) or "cluster" (a Redis Cluster); ``tests/topologies.py`` runs both."""
+    return "standalone"
+
+
+@pytest.fixture
+def redis_url(redis_topology: str, request: pytest.FixtureRequest) -> str:
+    """The Redis URL of ``start_instance``'s cluster."""
+    if redis_topology == "cluster":
+        return str(request.getfixturevalue("redis_cluster").url)
+    redis: RedisServer = request.getfixturevalue("redis_server")
+    if redis.process is None or redis.process.poll() is not None:
+        redis.start()  # a previous test stopped it
+    return redis.url
+
+
+@pytest.fixture
+async def start_instance(redis_url: str, prefix: str) -> AsyncIterator[Start]:
     """Start in-process instances of one cluster (one Redis, one prefix)."""
     started: list[HeraldServer] = []
 
     async def start(redis: RedisServer | None = None, **overrides: Any) -> HeraldServer:
-        redis = redis or redis_server
+        url = redis.url if redis is not None else redis_url
         overrides = {**FAST, **overrides}
-        instance = await HeraldServer(settings(redis_url=redis.url, redis_prefix=prefix, **overrides)).start()
+        instance = await HeraldServer(settings(redis_url=url, redis_prefix=prefix, **overrides)).start()
         started.append(instance)
         return instance
 

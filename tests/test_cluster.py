@@ -1,5 +1,7 @@
 """Many instances, one Redis: the cluster behaves like one process, and
-survives losing an instance, Redis itself, or just its pub/sub connection."""
+survives losing an instance, Redis itself, or just its pub/sub connection.
+Each test runs on one redis-server and on a Redis Cluster (``topologies``),
+but those that stop or cut off the standalone server."""
 
 from __future__ import annotations
 
@@ -18,10 +20,11 @@ from herald_presence.protocol.client.base import Connected, Disconnected
 from herald_presence.protocol.messages import Focus, PresenceChanged, Signal
 from herald_presence.server.backends.redis import RedisBackend
 
-from .conftest import FAST, Start
+from .conftest import FAST, STANDALONE_ONLY, Start
 from .harness import SECRET, HeraldServer, changed, drain, sample, scrape, settings, signal
 from .processes import HERALD, HeraldProcess, start_server
 from .redis_server import RedisServer
+from .topologies import redis_topology  # noqa: F401  (every test here: standalone and cluster)
 
 
 def backend(instance: HeraldServer) -> RedisBackend:
@@ -144,11 +147,9 @@ async def test_a_visitor_signal_on_a_reaches_the_watching_agent_on_b_only(start_
     assert (await watching.wait_for(signal("hello"))).visitor == "v1"
 
 
-async def test_clusters_with_different_prefixes_do_not_see_each_other(
-    start_instance: Start, redis_server: RedisServer
-) -> None:
+async def test_clusters_with_different_prefixes_do_not_see_each_other(start_instance: Start, redis_url: str) -> None:
     ours = await start_instance()
-    theirs = await HeraldServer(settings(redis_url=redis_server.url, redis_prefix="someone-else", **FAST)).start()
+    theirs = await HeraldServer(settings(redis_url=redis_url, redis_prefix="someone-else", **FAST)).start()
     try:
         await theirs.visitor("v1")
         agent = await ours.agent("alice")
@@ -161,11 +162,11 @@ async def test_clusters_with_different_prefixes_do_not_see_each_other(
 
 
 async def test_agent_sees_the_visitor_go_offline_when_its_instance_is_killed(
-    start_instance: Start, redis_server: RedisServer, prefix: str, tmp_path: Path
+    start_instance: Start, redis_url: str, prefix: str, tmp_path: Path
 ) -> None:
     doomed: HeraldProcess = start_server(
         tmp_path,
-        str(HERALD), "serve", "--group", f"acme={SECRET}", "--redis-url", redis_server.url,
+        str(HERALD), "serve", "--group", f"acme={SECRET}", "--redis-url", redis_url,
         "--redis-prefix", prefix, "--instance-heartbeat", "0.25", "--instance-dead-after", "1.5",
     )  # fmt: skip
     try:
@@ -206,6 +207,7 @@ async def test_a_cleanly_stopped_instance_leaves_no_ghost(start_instance: Start)
 # --- losing Redis -----------------------------------------------------------
 
 
+@STANDALONE_ONLY
 async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
     start_instance: Start, private_redis: RedisServer
 ) -> None:
@@ -258,6 +260,7 @@ async def test_redis_outage_keeps_local_relay_errors_remote_and_converges(
     assert remote_agent.visitors["v1"]["online"] and not remote_agent.visitors["leaver"]["online"]
 
 
+@STANDALONE_ONLY
 async def test_an_instance_started_while_redis_is_down_serves_and_recovers(
     start_instance: Start, private_redis: RedisServer
 ) -> None:
@@ -279,6 +282,7 @@ async def _online(agent: AgentClient, visitor: str) -> bool:
     return bool((await agent.lookup(visitor))["online"])
 
 
+@STANDALONE_ONLY
 async def test_killed_pubsub_connection_is_noticed_and_recovered(
     start_instance: Start, private_redis: RedisServer
 ) -> None:

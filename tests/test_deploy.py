@@ -358,6 +358,72 @@ def test_compose_runs_redis_three_herald_instances_and_a_load_balancer() -> None
     assert "./haproxy.cfg:/usr/local/etc/haproxy/haproxy.cfg:ro" in services["lb"]["volumes"]
 
 
+class ComposeLoader(yaml.SafeLoader):
+    """YAML with Compose's merge tags (``!override``, ``!reset``), read as plain values."""
+
+
+for _tag in ("!override", "!reset"):
+    ComposeLoader.add_constructor(
+        _tag,
+        lambda loader, node: (
+            loader.construct_mapping(node)  # type: ignore[arg-type]
+            if isinstance(node, yaml.MappingNode)
+            else loader.construct_sequence(node)  # type: ignore[arg-type]
+            if isinstance(node, yaml.SequenceNode)
+            else loader.construct_scalar(node)
+        ),  # type: ignore[arg-type]
+    )
+
+
+def test_the_cluster_compose_file_runs_herald_on_a_redis_cluster() -> None:
+    """docker-compose.cluster.yml, over docker-compose.yml: six cluster nodes,
+    formed once with a replica per master, and every instance naming them."""
+    override = yaml.load((DEPLOY / "docker-compose.cluster.yml").read_text(), Loader=ComposeLoader)
+    services = override["services"]
+    nodes = sorted(name for name in services if re.fullmatch(r"redis-\d", name))
+    assert len(nodes) == 6
+    for name in nodes:
+        command = services[name]["command"]
+        assert command[command.index("--cluster-enabled") + 1] == "yes", name
+        assert command[command.index("--maxmemory-policy") + 1] == "noeviction", name
+        assert command[command.index("--save") + 1] == "" and "--appendonly" in command, name
+    init = services["redis-cluster-init"]
+    assert "--cluster create" in init["command"][0] and "--cluster-replicas 1" in init["command"][0]
+    assert set(init["depends_on"]) == set(nodes) and init["restart"] == "no"
+    heralds = sorted(name for name in compose()["services"] if name.startswith("herald"))
+    assert sorted(name for name in services if name.startswith("herald")) == heralds
+    for name in heralds:
+        url = services[name]["environment"]["HERALD_REDIS_URL"]
+        assert url.startswith("redis+cluster://")
+        assert {host.split(":")[0] for host in url.removeprefix("redis+cluster://").split(",")} <= set(nodes)
+        assert services[name]["depends_on"] == {"redis-cluster-init": {"condition": "service_completed_successfully"}}
+        check_setting_names(list(services[name]["environment"]), f"docker-compose.cluster.yml {name}")
+
+
+def test_the_redis_cluster_overlay_renders_without_the_bases_redis(tmp_path: Path) -> None:
+    """With kubectl, if installed: production on a managed Redis Cluster."""
+    kubectl = shutil.which("kubectl")
+    if kubectl is None:
+        pytest.skip("kubectl is not installed")
+    shutil.copytree(K8S, tmp_path / "k8s")
+    shutil.copy(SECRETS_EXAMPLE, tmp_path / "k8s" / "overlays" / "production" / "secrets.env")
+    result = subprocess.run(
+        [kubectl, "kustomize", str(tmp_path / "k8s" / "overlays" / "redis-cluster")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert result.returncode == 0, result.stderr
+    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    assert not [doc for doc in rendered if doc["metadata"]["name"] == "herald-redis"], "the managed cluster replaces it"
+    (herald,) = [doc for doc in rendered if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "herald"]
+    (container,) = herald["spec"]["template"]["spec"]["containers"]
+    env = {item["name"]: item for item in container["env"]}
+    assert env["HERALD_REDIS_URL"]["value"].startswith("rediss+cluster://herald:$(REDIS_PASSWORD)@")
+    assert list(env).index("REDIS_PASSWORD") < list(env).index("HERALD_REDIS_URL"), "defined first"
+
+
 def test_the_env_example_gives_every_variable_compose_requires() -> None:
     required = set(re.findall(r"\$\{(\w+):\?", (DEPLOY / "docker-compose.yml").read_text()))
     example = {line.split("=", 1)[0] for line in (DEPLOY / ".env.example").read_text().splitlines() if "=" in line}

@@ -9,6 +9,7 @@ import time
 from herald_presence.protocol.messages import Focus, PresenceChanged, Signal
 
 from .harness import HeraldServer, changed, drain, signal
+from .topologies import backend_name  # noqa: F401  (memory, redis and a Redis Cluster)
 
 
 async def test_one_click_flow_from_presence_to_accepted_terms(herald: HeraldServer) -> None:

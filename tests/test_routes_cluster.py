@@ -12,16 +12,24 @@ import redis.asyncio as aioredis
 
 from .conftest import Start
 from .harness import HeraldServer, changed, signal
+from .topologies import redis_topology  # noqa: F401  (every test here: standalone and cluster)
 
 
 async def hgetalls(instance: HeraldServer) -> int:
-    """HGETALLs Redis has served so far (the record reads)."""
-    client = aioredis.from_url(instance.settings.redis_url)
-    try:
-        stats = await client.info("commandstats")
-    finally:
-        await client.aclose()
-    return int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+    """HGETALLs Redis has served so far (the record reads; on a cluster, all its nodes')."""
+    url = instance.settings.redis_url
+    if url.startswith("redis+cluster://"):
+        clients = [aioredis.Redis(host=h, port=int(p)) for h, _, p in (n.rpartition(":") for n in url[16:].split(","))]
+    else:
+        clients = [aioredis.from_url(url)]
+    calls = 0
+    for client in clients:
+        try:
+            stats = await client.info("commandstats")
+        finally:
+            await client.aclose()
+        calls += int(stats.get("cmdstat_hgetall", {}).get("calls", 0))
+    return calls
 
 
 async def test_signals_to_a_watched_visitor_read_nothing_from_redis(start_instance: Start) -> None:

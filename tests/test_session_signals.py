@@ -38,6 +38,7 @@ from herald_presence.server.web.keys import HUB
 
 from .conftest import Start
 from .harness import HeraldServer, drain, receive
+from .topologies import backend_name  # noqa: F401  (memory, redis and a Redis Cluster)
 
 SDP = "v=0\r\n" + "a=candidate:" * ((MAX_PAYLOAD_BYTES - 5) // 12)  # an offer as big as one may be
 SDP = SDP + "x" * (MAX_PAYLOAD_BYTES - len(SDP))

@@ -21,6 +21,7 @@ from herald_presence.server.core import short_codes
 from herald_presence.server.web.keys import HUB
 
 from .harness import HeraldServer, drain, receive, signal
+from .topologies import backend_name  # noqa: F401  (memory, redis and a Redis Cluster)
 
 Start = Callable[..., Awaitable[HeraldServer]]
 

@@ -17,6 +17,7 @@ from herald_presence.server.core import short_codes
 
 from .conftest import Start
 from .harness import OTHER_SECRET, SECRET, signal
+from .topologies import redis_topology  # noqa: F401  (every test here: standalone and cluster)
 
 ADMIN_TOKEN = "admin-token-0123456789"
 CONSUMERS = {"consumer_codes": ("acme",)}  # acme opts into short codes from consumer pages

@@ -27,6 +27,7 @@ from .conftest import Start
 from .harness import SECRET, HeraldServer, changed, drain, receive, signal
 from .processes import HERALD, start_server
 from .redis_server import RedisServer
+from .topologies import backend_name  # noqa: F401  (memory, redis and a Redis Cluster)
 
 IDENTIFIER = re.compile(r"[A-Za-z0-9._:@+\-]{1,128}")
 JS_DIR = Path(protocol.__file__).resolve().parent / "client" / "js"

@@ -1,7 +1,8 @@
 """The interfaces between an instance and everything shared.
 
 Four small interfaces, each a concern a service may be given alone, and
-``Backend``, what one implementation offers: all four plus its lifecycle.
+``Backend``, what one implementation offers: all four plus its lifecycle,
+and its ``EventLog`` (``backend.events``: webhooks and the audit trail).
 Two implementations sit beside this file: ``memory`` (one process, the
 default) and ``redis`` (many instances). The core above never knows which it
 has. ``tests/backends`` runs one contract suite against both.
@@ -14,7 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
-from typing import Protocol
+from typing import Any, Protocol
 
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.protocol.messages import VisitorState
@@ -186,10 +187,111 @@ class RecordStore(ABC):
         lasts ``window`` seconds; the hits so far in it."""
 
 
+Event = dict[str, Any]
+
+
+class EventLog(ABC):
+    """Each group's log of events (``model.events``): what webhooks deliver
+    and the audit trail returns.
+
+    ``append`` gives an event its ID, ``<ms>-<seq>``, rising in the order
+    events are appended to the group's log (``model.events.parse_id``
+    orders them). A presence change's event is appended by
+    ``PresenceStore.mutate`` itself, in the change's atomic step, when the
+    announcement names ``names.event_log_topic(group)``. Events are kept
+    ``retention(group)`` seconds and ``max_len`` per group at most
+    (``configure``; older ones go at the next append or ``trim``).
+
+    The log indexes each session's events: an event naming a ``session`` is
+    listed under it; a ``terms.*`` event of a visitor without one waits, in
+    the visitor's pending terms (``TERMS_WINDOW``), for the next event that
+    names a session of that visitor (its ``session.started``, or a terms
+    answer in it), which takes them into its session's list first. So
+    ``session_events`` is the session's whole timeline: who asked for the
+    terms, what the visitor answered, who joined and left, how it ended.
+
+    Delivery is a consumer group: each event is taken (``take``) by one
+    consumer and stays pending until ``ack``; the pending events of a
+    consumer that stopped renewing them (``keep``: it died) are taken over
+    (``reclaim``) by another after ``idle`` seconds. Timers append an event
+    when due unless cancelled first.
+    """
+
+    retention: Callable[[str], float] = staticmethod(lambda group: 7 * 86400.0)
+    max_len: int = 100_000
+
+    def configure(self, retention: Callable[[str], float], max_len: int) -> None:
+        self.retention, self.max_len = retention, max_len
+
+    @abstractmethod
+    async def append(self, group: str, event: Event, *, asks: bool = False, answer: bool = False) -> str:
+        """Append ``event``; its ID. ``asks``: its ``agent`` is now the one who
+        asked its ``visitor`` for the terms; ``answer``: an event without an
+        ``agent`` gets the one who asked its visitor last (within
+        ``TERMS_WINDOW``), if any."""
+
+    @abstractmethod
+    async def read(self, group: str, after: str | None, count: int) -> list[tuple[str, Event]]:
+        """Up to ``count`` events after the ID ``after`` (None: from the
+        oldest kept), oldest first."""
+
+    @abstractmethod
+    async def session_events(self, group: str, session: str) -> list[tuple[str, Event]]:
+        """The session's timeline (see above), oldest first."""
+
+    @abstractmethod
+    async def take(self, group: str, consumer: str, count: int) -> list[tuple[str, Event]]:
+        """Up to ``count`` events no consumer has taken yet, now pending for ``consumer``."""
+
+    @abstractmethod
+    async def skip(self, group: str) -> None:
+        """Count every event appended so far as taken, without taking it (a
+        group with no endpoint: nothing to read)."""
+
+    @abstractmethod
+    async def reclaim(self, group: str, consumer: str, idle: float, count: int) -> list[tuple[str, Event]]:
+        """Pending events nobody kept for ``idle`` seconds, now ``consumer``'s
+        (those the log no longer holds are acknowledged and left out)."""
+
+    @abstractmethod
+    async def keep(self, group: str, consumer: str, ids: list[str]) -> None:
+        """``consumer`` still works on these: their idle time starts again."""
+
+    @abstractmethod
+    async def ack(self, group: str, ids: list[str]) -> None:
+        """Done with these: no longer pending."""
+
+    @abstractmethod
+    async def schedule(self, group: str, key: str, due: float, event: Event) -> None:
+        """Append ``event`` at ``due`` (unix s) unless ``cancel(key)`` comes first."""
+
+    @abstractmethod
+    async def cancel(self, group: str, key: str) -> bool:
+        """Drop the timer ``key``; True if it was waiting (so it never fires)."""
+
+    @abstractmethod
+    async def fire_due(self, group: str) -> int:
+        """Append the events of the group's timers that are due, each once
+        whichever instances call this; how many."""
+
+    @abstractmethod
+    async def dead_letter(self, group: str, record: Event) -> None:
+        """Keep a record of an event an endpoint never took (bounded)."""
+
+    @abstractmethod
+    async def dead_letters(self, group: str, count: int) -> list[Event]:
+        """The newest dead-letter records, newest first."""
+
+    @abstractmethod
+    async def trim(self, group: str) -> None:
+        """Apply the retention and ``max_len`` now."""
+
+
 class Backend(PresenceStore, Bus, HeldSignalStore, RecordStore):
-    """One implementation of all four, with its lifecycle."""
+    """One implementation of all four, with its lifecycle and its event log."""
 
     instance_id: str
+    events: EventLog
 
     @property
     def healthy(self) -> bool:

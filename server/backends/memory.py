@@ -14,9 +14,11 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 from herald_presence.protocol.messages import VisitorState
+from herald_presence.server.model.names import event_log_group, unpack
 from herald_presence.server.model.records import HeldSignal, PresenceChange, VisitorRecord, offline_state
 
 from .base import Announce, Backend, BackendListener, Mutation
+from .memory_events import MemoryEventLog
 
 TOMBSTONE_SECONDS = 600.0  # how long an offline visitor's last version is kept
 
@@ -39,6 +41,7 @@ class MemoryBackend(Backend):
         self._kv_writes = 0
         self._listener: BackendListener | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.events = MemoryEventLog()
 
     async def start(self, listener: BackendListener) -> None:
         self._listener = listener
@@ -110,6 +113,10 @@ class MemoryBackend(Backend):
         self._topics.discard(topic)
 
     async def publish(self, topic: str, message: bytes) -> int:
+        group = event_log_group(topic)
+        if group is not None:  # a presence change's event (mutate): appended to the log, in the same step
+            await self.events.append(group, unpack(message))
+            return 1
         if topic not in self._topics or self._listener is None or self._loop is None:
             return 0
         self._loop.call_soon(self._listener.on_bus_message, topic, message)

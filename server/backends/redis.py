@@ -16,12 +16,20 @@ is older than ``dead_after``, any other instance reaps it: its connections
 are dropped and its visitors' grace periods ended on its behalf, so a killed
 pod leaves no ghost.
 
-Presence changes are optimistic transactions (WATCH the visitor's hash,
-apply the rule, MULTI: write + PUBLISH, EXEC), so one visitor's versions and
-announcements stay in order across instances. Pub/sub runs on its own
-connection, without silent retries: when it drops (or a probe published to
-ourselves does not come back), the instance resubscribes and tells the
-listener, which re-registers its connections and resyncs its agents.
+A presence change is one script (``STORE_IF_SCRIPT``): if the visitor's
+hash still has the version the change was computed from, write it, the
+group's sets that index it and its announcements, all in one step; so one
+visitor's versions and announcements stay in order across instances. Every
+key and channel that step touches carries the group's hash tag (one slot of
+a Redis Cluster); the one thing outside it, the instance's index of groups
+(``RedisNames.instance_groups``), is written before, idempotently, and
+written again whenever the instance registers again.
+
+Pub/sub runs on its own connection (on a Redis Cluster one per shard,
+sharded pub/sub: ``SSUBSCRIBE``/``SPUBLISH``), without silent retries: when
+one drops, a probe published to ourselves (one per shard) does not come
+back, or the cluster's slot map moves, the instance resubscribes and tells
+the listener, which re-registers its connections and resyncs its agents.
 """
 
 from __future__ import annotations
@@ -36,11 +44,11 @@ from collections.abc import Awaitable, Callable
 from functools import partial
 from typing import Any, TypeVar
 
-from redis.exceptions import RedisError, WatchError
+from redis.exceptions import WatchError
 
 from herald_presence.protocol.messages import VisitorState
 from herald_presence.server.model import presence_rules
-from herald_presence.server.model.names import RedisNames, pack, unpack
+from herald_presence.server.model.names import RedisNames, event_log_group, pack, unpack
 from herald_presence.server.model.records import (
     ConnectionRecord,
     HeldSignal,
@@ -52,10 +60,13 @@ from herald_presence.server.tasks import TaskSupervisor, until_done
 
 from .base import Announce, Backend, BackendListener, BackendUnavailable, Mutation
 from .redis_batch import CommandBatcher
+from .redis_cluster import REDIS_ERRORS, ClusterBatcher, Shards, Topology
 from .redis_connect import connect
+from .redis_events import RedisEventLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
+Command = tuple[Any, ...]  # (name, key the command writes or None, arguments...)
 
 CONNECTION_FIELD = b"c:"
 MAX_WATCH_RETRIES = 50
@@ -63,31 +74,38 @@ MAX_WATCH_RETRIES = 50
 # may disagree; Redis's is the one every instance reads). Answers whether the
 # instance was missing from the set (it was taken for dead and reaped) and
 # Redis's time, against which staleness is judged.
-HEARTBEAT_SCRIPT = """
+HEARTBEAT_SCRIPT = """#!lua
 local now = redis.call('TIME')
 local ms = tonumber(now[1]) * 1000 + math.floor(tonumber(now[2]) / 1000)
 return {redis.call('ZADD', KEYS[1], ms, ARGV[1]), ms}
 """
 
-# A presence change in one round trip: if the visitor's hash still has the
-# version the change was computed from (ARGV[1], '' for none), run its writes
-# and publishes (the rest of ARGV: each command's length, then the command)
-# and answer 1; else answer the hash as it is now, to compute the change again.
-STORE_IF_SCRIPT = """
+# A presence change in one round trip: if the visitor's hash (KEYS[1]) still
+# has the version the change was computed from (ARGV[1], '' for none), run
+# its writes and publishes and answer 1; else answer the hash as it is now,
+# to compute the change again. The rest of ARGV is the commands, each as its
+# length n, its name, the index in KEYS of the key it writes (0: none, a
+# publish), then its other arguments: every key it touches is declared, and
+# ``#!lua`` makes Redis refuse any that is not in the same slot.
+STORE_IF_SCRIPT = """#!lua
 if (redis.call('HGET', KEYS[1], 'version') or '') ~= ARGV[1] then
   return redis.call('HGETALL', KEYS[1])
 end
 local i = 2
 while i <= #ARGV do
-  local n = tonumber(ARGV[i])
-  redis.call(unpack(ARGV, i + 1, i + n))
+  local n, k = tonumber(ARGV[i]), tonumber(ARGV[i + 2])
+  if k == 0 then
+    redis.call(ARGV[i + 1], unpack(ARGV, i + 3, i + n))
+  else
+    redis.call(ARGV[i + 1], KEYS[k], unpack(ARGV, i + 3, i + n))
+  end
   i = i + n + 1
 end
 return 1
 """
 
 # Compare-and-delete in one step (kv_delete_if): no WATCH to lose against other writers.
-DELETE_IF_SCRIPT = """
+DELETE_IF_SCRIPT = """#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
@@ -106,18 +124,32 @@ class RedisBackend(Backend):
         probe_timeout: float = 3.0,
         command_timeout: float = 2.0,
         tombstone_ttl: float = 600.0,
+        ca_file: str = "",
     ) -> None:
         self.instance_id = instance_id or uuid.uuid4().hex[:12]
         self.names = RedisNames(prefix)
         self._probe_channel = self.names.probe(self.instance_id)
+        self._probes: dict[bytes, float] = {self._probe_channel: 0.0}  # probe channel -> when it last came back
         self.grace_period = grace_period
         self.heartbeat = heartbeat
         self.dead_after = dead_after
         self.probe_timeout = probe_timeout
         self.command_timeout = command_timeout
         self.tombstone_ms = int(tombstone_ttl * 1000)
-        self._redis, self._bus = connect(url, command_timeout)
-        self._batch = CommandBatcher(self._redis, self.instance_id)  # the hot path's commands
+        clients = connect(url, command_timeout, ca_file)
+        self._redis, self._bus, self._node_options = clients.commands, clients.bus, clients.node_options
+        # A Redis Cluster: commands to their slot's master, sharded pub/sub.
+        self._topology = Topology(clients.cluster) if clients.cluster is not None else None
+        self._publish = "SPUBLISH" if self._topology else "PUBLISH"
+        self._batch: CommandBatcher | ClusterBatcher  # the hot path's commands
+        if self._topology is None:
+            self._batch = CommandBatcher(self._redis, self.instance_id)
+        else:
+            self._batch = ClusterBatcher(self._topology, self.instance_id)
+        self.events = RedisEventLog(self._batch, self.names)  # webhooks and the audit trail (redis_events.py)
+        self._indexed: set[str] = set()  # groups in this instance's index (instance_groups), as far as we know
+        self._groups_here: set[str] = set()  # every group this instance ever indexed: indexed again on restores
+        self._leaving: dict[bytes, int] = {}  # sharded channels we asked to leave, not yet confirmed
         self._hashes: dict[str, dict[bytes, bytes]] = {}  # visitor key -> its hash as last written here (mutate)
         self._listener: BackendListener | None = None
         self._topics: set[str] = set()
@@ -127,7 +159,7 @@ class RedisBackend(Backend):
         self._listen_task: asyncio.Task[None] | None = None
         self._bus_lost = False
         self._redis_ok = False
-        self._last_probe = 0.0
+        self._last_error: BaseException | None = None  # why the last heartbeat failed
         self._beats = 0
         self._last_beat: float | None = None  # monotonic time of the last heartbeat that reached Redis
         self._in_contact_since = 0.0  # monotonic: heartbeats since then with no gap
@@ -138,8 +170,12 @@ class RedisBackend(Backend):
     # -- lifecycle ---------------------------------------------------------
     @property
     def healthy(self) -> bool:
-        probe_fresh = time.monotonic() - self._last_probe < self.probe_timeout
-        return self._redis_ok and self._pubsub is not None and probe_fresh
+        return self._redis_ok and self._pubsub is not None and not self._stale_probes()
+
+    def _stale_probes(self) -> bool:
+        """A probe (of any shard) has not come back within ``probe_timeout``."""
+        oldest = time.monotonic() - self.probe_timeout
+        return any(seen <= oldest for seen in self._probes.values())
 
     async def start(self, listener: BackendListener) -> None:
         self._listener = listener
@@ -151,7 +187,9 @@ class RedisBackend(Backend):
             await self._beat()
             await asyncio.sleep(0.02)
         if not self.healthy:
-            log.error("Redis is not reachable yet; serving local connections only until it is")
+            error = self._last_error
+            why = f" ({type(error).__name__}: {error})" if error is not None else ""
+            log.error("Redis is not reachable yet%s; serving local connections only until it is", why)
 
     async def close(self) -> None:
         """Stop the background work, tell the others we are gone, close the
@@ -159,18 +197,24 @@ class RedisBackend(Backend):
         shutdown."""
         await self._tasks.close()
         await self._batch.close()
-        for step, name in (
+        steps: list[tuple[Callable[[], Awaitable[Any]], str]] = [
             # Heartbeat 0: our remaining connections and grace periods are now
             # for the other instances to settle.
             (partial(self._redis.zadd, self.names.instances, {self.instance_id: 0}), "last heartbeat"),
-            (self._bus.aclose, "closing the bus connection"),
-            (self._redis.aclose, "closing the command connections"),
-            (self._redis.connection_pool.disconnect, "closing the command connections"),
-        ):
+        ]
+        if self._topology is not None:
+            steps += [(self._topology.close, "stopping the slot map's refresh")]
+            steps += [(self._redis.aclose, "closing the command connections")]
+        else:
+            assert self._bus is not None
+            steps += [(self._bus.aclose, "closing the bus connection")]
+            steps += [(self._redis.aclose, "closing the command connections")]
+            steps += [(self._redis.connection_pool.disconnect, "closing the command connections")]
+        for step, name in steps:
             try:
                 async with asyncio.timeout(self.command_timeout * 2):
                     await step()
-            except (RedisError, OSError, TimeoutError) as exc:
+            except (*REDIS_ERRORS, TimeoutError) as exc:
                 log.warning("closing: %s failed (%r); going on", name, exc)
 
     # -- presence ----------------------------------------------------------
@@ -199,7 +243,7 @@ class RedisBackend(Backend):
                         return await step(pipe)
                     except WatchError:
                         continue
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
         raise BackendUnavailable(f"{what} is changing too fast to update")
 
@@ -223,10 +267,17 @@ class RedisBackend(Backend):
             if change is None:
                 self._remember(key, record, raw)
                 return None
-            stored, commands = self._store(record, raw, *before)
-            commands += [("PUBLISH", self.names.channel(topic), message) for topic, message in announce(change)]
-            flat = [item for command in commands for item in (len(command), *command)]
-            answer = await self._batch.script(STORE_IF_SCRIPT, 1, key, raw.get(b"version", b""), *flat)
+            stored, commands, indexed = self._store(record, raw, *before)
+            publish = self._publish
+            for topic, message in announce(change):
+                logged = event_log_group(topic)  # the change's event (visitor.online/offline): logged in this step
+                if logged is not None:
+                    commands += self.events.append_commands(logged, message)
+                else:
+                    commands.append((publish, None, self.names.channel(topic), message))
+            for instance in indexed:
+                await self._index(group, instance)
+            answer = await self._batch.script(STORE_IF_SCRIPT, *_script_args(key, raw.get(b"version", b""), commands))
             if answer == 1:
                 self._remember(key, record, stored)
                 return change
@@ -248,11 +299,12 @@ class RedisBackend(Backend):
         connections_before: dict[str, str],
         away_before: int | None,
         away_by_before: str | None,
-    ) -> tuple[dict[bytes, bytes], list[tuple[str | bytes, ...]]]:
-        """The visitor's hash as Redis will hold it, and the commands that
+    ) -> tuple[dict[bytes, bytes], list[Command], set[str]]:
+        """The visitor's hash as Redis will hold it, the commands that
         take it there from ``raw`` (what Redis holds, as the version check
         makes sure: only the fields that changed are written) and keep the
-        sets that index it in step."""
+        group's sets that index it in step, and the instances that gain a
+        member in those sets (each must have the group in its index first)."""
         group, visitor = record.group, record.visitor
         key, online = self.names.visitor(group, visitor), self.names.online(group)
         away_by = None
@@ -265,7 +317,7 @@ class RedisBackend(Backend):
             for c in record.connections.values():
                 fields = (c.instance, c.data, c.visible, c.since, c.active)
                 stored[CONNECTION_FIELD + c.connection.encode()] = pack(fields)
-        commands: list[tuple[str | bytes, ...]] = []
+        commands: list[Command] = []
         if gone := [field for field in raw if field not in stored]:
             commands.append(("HDEL", key, *gone))
         commands.append(("HSET", key, *(item for f, v in stored.items() if raw.get(f) != v for item in (f, v))))
@@ -275,17 +327,41 @@ class RedisBackend(Backend):
         elif not record.online:
             commands += [("PEXPIRE", key, b"%d" % self.tombstone_ms), ("SREM", online, visitor)]
         connections_after = {c: r.instance for c, r in record.connections.items()}
+        indexed: set[str] = set()
         for connection, instance in connections_before.items():
             if connection not in connections_after:
-                commands.append(("SREM", self.names.instance_connections(instance), pack((group, visitor, connection))))
+                commands.append(("SREM", self.names.instance_connections(group, instance), pack((visitor, connection))))
         for connection, instance in connections_after.items():
             if connection not in connections_before:
-                commands.append(("SADD", self.names.instance_connections(instance), pack((group, visitor, connection))))
+                commands.append(("SADD", self.names.instance_connections(group, instance), pack((visitor, connection))))
+                indexed.add(instance)
         if away_by_before and away_by_before != away_by:
-            commands.append(("SREM", self.names.instance_away(away_by_before), pack((group, visitor))))
+            commands.append(("SREM", self.names.instance_away(group, away_by_before), visitor))
         if away_by and away_by != away_by_before:
-            commands.append(("SADD", self.names.instance_away(away_by), pack((group, visitor))))
-        return stored, commands
+            commands.append(("SADD", self.names.instance_away(group, away_by), visitor))
+            indexed.add(away_by)
+        return stored, commands, indexed
+
+    async def _index(self, group: str, instance: str) -> None:
+        """Make sure ``group`` is in ``instance``'s index before a member of
+        its sets in that group is written: whoever reaps the instance finds
+        its sets from there. Once per group while nothing was lost (a
+        restore indexes every group again: ``_reindex``)."""
+        if instance == self.instance_id and group in self._indexed:
+            return
+        await self._batch.call("SADD", self.names.instance_groups(instance), group)
+        if instance == self.instance_id:
+            self._indexed.add(group)
+            self._groups_here.add(group)
+
+    async def _reindex(self) -> None:
+        """Before registering again (this instance was reaped, or Redis lost
+        what it held): every group it ever indexed goes back in its index."""
+        self._indexed.clear()
+        if self._groups_here:
+            groups = sorted(self._groups_here)
+            await self._batch.call("SADD", self.names.instance_groups(self.instance_id), *groups)
+            self._indexed.update(groups)
 
     async def _read(self, group: str, visitor: str) -> VisitorRecord:
         raw = await self._batch.call("HGETALL", self.names.visitor(group, visitor))
@@ -306,18 +382,48 @@ class RedisBackend(Backend):
                 for visitor in members:
                     pipe.hgetall(self.names.visitor(group, visitor))
                 raws = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
         records = (self._load(group, visitor, raw)[0] for visitor, raw in zip(members, raws, strict=True))
         return [record.state() for record in records if record.online]
 
     async def registered_connections(self) -> list[tuple[str, str, str]]:
-        return await self._members(self.names.instance_connections(self.instance_id))
+        return [(g, v, c) for g, v, c, _key, _member in await self._registered(self.instance_id)]
 
-    async def _members(self, key: str) -> list[Any]:
+    async def _registered(self, instance: str) -> list[tuple[str, str, str, str, bytes]]:
+        """(group, visitor, connection, set, member) of every connection ``instance`` registered."""
         try:
-            return [tuple(unpack(m)) for m in await self._redis.smembers(key)]
-        except (RedisError, OSError) as exc:
+            groups = sorted(g.decode() for g in await self._redis.smembers(self.names.instance_groups(instance)))
+            found = []
+            for group in groups:
+                key = self.names.instance_connections(group, instance)
+                for member in await self._redis.smembers(key):
+                    visitor, connection = unpack(member)
+                    found.append((group, visitor, connection, key, member))
+            if self._topology is None:  # a dead instance of the layout before groups had sets (standalone only)
+                key = self.names.legacy_instance_sets(instance)[0]
+                for member in await self._redis.smembers(key):
+                    group, visitor, connection = unpack(member)
+                    found.append((group, visitor, connection, key, member))
+            return found
+        except REDIS_ERRORS as exc:
+            raise BackendUnavailable() from exc
+
+    async def _away(self, instance: str) -> list[tuple[str, str, str, bytes]]:
+        """(group, visitor, set, member) of every grace period ``instance`` runs."""
+        try:
+            groups = sorted(g.decode() for g in await self._redis.smembers(self.names.instance_groups(instance)))
+            found = []
+            for group in groups:
+                key = self.names.instance_away(group, instance)
+                found += [(group, member.decode(), key, member) for member in await self._redis.smembers(key)]
+            if self._topology is None:
+                key = self.names.legacy_instance_sets(instance)[1]
+                for member in await self._redis.smembers(key):
+                    group, visitor = unpack(member)
+                    found.append((group, visitor, key, member))
+            return found
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
     # -- bus ---------------------------------------------------------------
@@ -333,7 +439,9 @@ class RedisBackend(Backend):
                 raise BackendUnavailable()
             try:
                 await self._pubsub.subscribe(channel)
-            except (RedisError, OSError) as exc:
+            except (*REDIS_ERRORS, BackendUnavailable) as exc:
+                if self._confirmed.get(channel) is confirmed:  # not sent: the next call sends it again
+                    del self._confirmed[channel]
                 raise BackendUnavailable() from exc
         try:
             await asyncio.wait_for(asyncio.shield(confirmed), self.command_timeout)
@@ -345,14 +453,20 @@ class RedisBackend(Backend):
         channel = self.names.channel(topic)
         self._confirmed.pop(channel, None)
         if self._pubsub is not None:
-            with contextlib.suppress(RedisError, OSError):
+            if self._topology is not None:
+                self._leaving[channel] = self._leaving.get(channel, 0) + 1
+            with contextlib.suppress(*REDIS_ERRORS, BackendUnavailable):
                 await self._pubsub.unsubscribe(channel)
 
     async def publish(self, topic: str, message: bytes) -> int:
-        return int(await self._batch.call("PUBLISH", self.names.channel(topic), message))
+        return int(await self._batch.call(self._publish, self.names.channel(topic), message))
 
     async def _listen(self) -> None:
         """Own the one pub/sub connection: (re)subscribe, dispatch, notice loss."""
+        if self._topology is not None:
+            await self._listen_shards(self._topology)
+            return
+        assert self._bus is not None
         backoff = 0.05
         while True:
             pubsub = self._bus.pubsub()
@@ -368,7 +482,7 @@ class RedisBackend(Backend):
                 async for message in pubsub.listen():
                     self._dispatch(message)
                     backoff = 0.05
-            except (RedisError, OSError) as exc:
+            except REDIS_ERRORS as exc:
                 log.warning("Redis pub/sub connection lost: %r", exc)
             except Exception:
                 # Whatever a broken connection raises (during a failover redis-py
@@ -383,20 +497,77 @@ class RedisBackend(Backend):
             await asyncio.sleep(backoff)
             backoff = min(backoff * 2, 2.0)
 
+    async def _listen_shards(self, topology: Topology) -> None:
+        """``_listen`` on a Redis Cluster: one pub/sub connection per shard
+        (``Shards``), a probe channel in each; any of them lost, and all are
+        made again from a fresh slot map."""
+        backoff = 0.05
+        while True:
+            shards: Shards | None = None
+            readers: list[asyncio.Task[None]] = []
+            try:
+                await topology.refresh()
+                shards = Shards(topology, self._node_options)
+                loop = asyncio.get_running_loop()
+                self._confirmed = {self.names.channel(t): loop.create_future() for t in self._topics}
+                probes = shards.probes(partial(self.names.probe, self.instance_id))
+                now = time.monotonic()
+                self._probes = dict.fromkeys(probes, now)  # each shard has probe_timeout to answer
+                self._confirmed.update({probe: loop.create_future() for probe in probes})
+                self._leaving.clear()
+                await shards.subscribe(*self._confirmed)
+                self._pubsub = shards
+                readers = [loop.create_task(self._read_shard(pubsub)) for pubsub in shards.readers()]
+                if self._bus_lost:
+                    self._tasks.spawn(self._restore(), f"redis-restore-{self.instance_id}")
+                backoff = 0.05
+                done, _ = await asyncio.wait(readers, return_when=asyncio.FIRST_COMPLETED)
+                for reader in done:
+                    reader.result()  # its error, if it failed
+                log.warning("a Redis Cluster shard's pub/sub ended; subscribing again")
+            except (*REDIS_ERRORS, BackendUnavailable) as exc:
+                log.warning("Redis Cluster pub/sub connection lost: %r", exc)
+            except Exception:
+                log.exception("Redis Cluster pub/sub failed; reconnecting")  # as in _listen: outlive anything
+            finally:
+                self._pubsub = None
+                self._bus_lost = True
+                for reader in readers:
+                    reader.cancel()
+                if readers:
+                    await asyncio.wait(readers)
+                if shards is not None:
+                    await shards.close()
+                topology.stale()  # whatever failed may be a failover: read the map again
+            await asyncio.sleep(backoff)
+            backoff = min(backoff * 2, 1.0)
+
+    async def _read_shard(self, pubsub: Any) -> None:
+        async for message in pubsub.listen():
+            self._dispatch(message)
+
     def _dispatch(self, message: dict[str, Any]) -> None:
         kind, channel = message["type"], message["channel"]
-        if kind == "subscribe":
-            confirmed = self._confirmed.get(channel)
-            if confirmed is not None and not confirmed.done():
-                confirmed.set_result(None)
-            if channel == self._probe_channel:
-                self._last_probe = time.monotonic()
-        elif kind == "message":
-            if channel == self._probe_channel:
-                self._last_probe = time.monotonic()
+        if kind in ("message", "smessage"):
+            if channel in self._probes:
+                self._probes[channel] = time.monotonic()
             elif self._listener is not None:
                 topic = self.names.topic(channel)
                 self._listener.on_bus_message(topic, message["data"])
+        elif kind in ("subscribe", "ssubscribe"):
+            confirmed = self._confirmed.get(channel)
+            if confirmed is not None and not confirmed.done():
+                confirmed.set_result(None)
+            if channel in self._probes:
+                self._probes[channel] = time.monotonic()
+        elif kind == "sunsubscribe":
+            leaving = self._leaving.pop(channel, 0)
+            if leaving > 1:
+                self._leaving[channel] = leaving - 1
+            elif not leaving and channel in self._confirmed:
+                # Not asked for: the channel's slot left that shard (migrated).
+                log.warning("Redis Cluster moved subscribed channel %r; subscribing again", channel)
+                self._tasks.spawn(self._restart_listener(), f"redis-resubscribe-{self.instance_id}")
 
     async def _restore(self) -> None:
         """After the bus came back: wait for every resubscription, then let
@@ -425,7 +596,13 @@ class RedisBackend(Backend):
     async def _retry(self, callback: str) -> None:
         listener = self._listener
         if listener is not None:
-            await until_done(getattr(listener, callback), callback)
+            call = getattr(listener, callback)
+
+            async def register_again() -> None:
+                await self._reindex()  # what we registered may be gone: our index of groups too
+                await call()
+
+            await until_done(register_again, callback)
 
     # -- liveness ----------------------------------------------------------
     async def _upkeep(self) -> None:
@@ -445,8 +622,11 @@ class RedisBackend(Backend):
             await asyncio.sleep(self.heartbeat)
             try:
                 await self._beat()
-                if self._pubsub is not None and time.monotonic() - self._last_probe > self.probe_timeout:
+                if self._pubsub is not None and self._stale_probes():
                     log.warning("Redis pub/sub stopped delivering (probe lost); reconnecting it")
+                    await self._restart_listener()
+                elif isinstance(self._pubsub, Shards) and self._pubsub.moved():
+                    log.warning("the Redis Cluster's slot map changed; subscribing again")
                     await self._restart_listener()
                 if self._redis_ok:
                     await self._reap()
@@ -459,11 +639,20 @@ class RedisBackend(Backend):
 
     async def _beat(self) -> None:
         try:
-            async with self._redis.pipeline(transaction=False) as pipe:
-                pipe.eval(HEARTBEAT_SCRIPT, 1, self.names.instances, self.instance_id)
-                pipe.publish(self._probe_channel, b"probe")
-                (missing, redis_ms), _ = await pipe.execute()
-        except (RedisError, OSError) as exc:
+            if self._topology is None:
+                async with self._redis.pipeline(transaction=False) as pipe:
+                    pipe.eval(HEARTBEAT_SCRIPT, 1, self.names.instances, self.instance_id)
+                    pipe.publish(self._probe_channel, b"probe")
+                    (missing, redis_ms), _ = await pipe.execute()
+            else:  # the heartbeat to its key's shard, a probe to every shard
+                beat = self._batch.script(HEARTBEAT_SCRIPT, 1, self.names.instances, self.instance_id)
+                probes = [self._batch.call("SPUBLISH", probe, b"probe") for probe in self._probes]
+                answers = await asyncio.gather(beat, *probes, return_exceptions=True)
+                if isinstance(answers[0], BaseException):
+                    raise answers[0]
+                missing, redis_ms = answers[0]
+        except (*REDIS_ERRORS, BackendUnavailable) as exc:
+            self._last_error = exc.__cause__ if isinstance(exc, BackendUnavailable) and exc.__cause__ else exc
             if self._redis_ok:
                 log.warning("Redis unreachable: %r", exc)
             self._redis_ok = False
@@ -502,38 +691,53 @@ class RedisBackend(Backend):
                         await self._reap_instance(instance)
                     finally:
                         await self._redis.delete(lock)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
     async def _reap_instance(self, instance: str) -> None:
+        """Drop a dead instance's connections and end the grace periods it
+        ran (once over), group by group, each in its group's slot; then
+        forget it: its index, then its heartbeat. Members are removed one by
+        one as they are settled, never their sets at once, so a registration
+        the instance makes meanwhile (it was only cut off) is not lost; and
+        an instance that finds itself gone from the heartbeats indexes all
+        its groups again."""
         listener = self._listener
         if listener is None:
             return
-        connections = await self._members(self.names.instance_connections(instance))
-        for group, visitor, connection in connections:
-            drop = partial(presence_rules.drop, connection=connection)
-            change = await self.mutate(group, visitor, drop, listener.announcement)
-            if change is not None:
-                listener.presence_changed(change)
-        grace_us = int(self.grace_period * 1_000_000)
-        now_us = time.time_ns() // 1000
-        pending = 0
-        for group, visitor in await self._members(self.names.instance_away(instance)):
-            record = await self._read(group, visitor)
-            if record.away_since is not None and now_us - record.away_since < grace_us:
-                pending += 1  # its grace period is not over yet: a later pass ends it
-                continue
-            change = await self.mutate(
-                group, visitor, partial(presence_rules.expire_away, away_since=None), listener.announcement
-            )
-            if change is not None:
-                listener.presence_changed(change)
-            await self._redis.srem(self.names.instance_away(instance), pack((group, visitor)))
-        if connections:
-            log.warning("reaped %d connections of dead instance %s", len(connections), instance)
-        if not pending:
-            await self._redis.zrem(self.names.instances, instance)
-            await self._redis.delete(self.names.instance_connections(instance), self.names.instance_away(instance))
+        connections = await self._registered(instance)
+        try:
+            for group, visitor, connection, key, member in connections:
+                drop = partial(presence_rules.drop, connection=connection)
+                change = await self.mutate(group, visitor, drop, listener.announcement)
+                if change is not None:
+                    listener.presence_changed(change)
+                else:  # gone already: only its member is left
+                    await self._redis.srem(key, member)
+            grace_us = int(self.grace_period * 1_000_000)
+            now_us = time.time_ns() // 1000
+            pending = 0
+            for group, visitor, key, member in await self._away(instance):
+                record = await self._read(group, visitor)
+                if record.away_since is not None and now_us - record.away_since < grace_us:
+                    pending += 1  # its grace period is not over yet: a later pass ends it
+                    continue
+                change = await self.mutate(
+                    group, visitor, partial(presence_rules.expire_away, away_since=None), listener.announcement
+                )
+                if change is not None:
+                    listener.presence_changed(change)
+                await self._redis.srem(key, member)
+            if connections:
+                log.warning("reaped %d connections of dead instance %s", len(connections), instance)
+            if not pending:
+                await self._redis.delete(self.names.instance_groups(instance))
+                if self._topology is None:
+                    for key in self.names.legacy_instance_sets(instance):
+                        await self._redis.delete(key)
+                await self._redis.zrem(self.names.instances, instance)
+        except REDIS_ERRORS as exc:
+            raise BackendUnavailable() from exc
 
     # -- held signals --------------------------------------------------------
     # A held signal is the field <key> of the visitor's held hash: msgpack
@@ -548,7 +752,7 @@ class RedisBackend(Backend):
                 pipe.pexpire(key, ms, nx=True)
                 pipe.pexpire(key, ms, gt=True)
                 await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
     async def take_held(self, group: str, visitor: str) -> list[tuple[HeldSignal, bool]]:
@@ -600,13 +804,13 @@ class RedisBackend(Backend):
         expiry = _ms(ttl) if ttl is not None else None
         try:
             return bool(await self._redis.set(self.names.record(key), value, px=expiry, nx=only_if_absent))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
     async def kv_delete(self, key: str) -> bool:
         try:
             return bool(await self._redis.delete(self.names.record(key)))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
     async def kv_update(
@@ -635,13 +839,13 @@ class RedisBackend(Backend):
                 return await self._redis.getdel(name)
             expiry = _ms(ttl) if ttl is not None else None
             return await self._redis.set(name, value, px=expiry, get=True)
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
     async def kv_delete_if(self, key: str, value: bytes) -> bool:
         try:
             return bool(await self._redis.eval(DELETE_IF_SCRIPT, 1, self.names.record(key), value))
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
     async def kv_count(self, key: str, window: float) -> int:
@@ -651,7 +855,7 @@ class RedisBackend(Backend):
                 pipe.incr(name)
                 pipe.pexpire(name, _ms(window), nx=True)
                 count, _ = await pipe.execute()
-        except (RedisError, OSError) as exc:
+        except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
         return int(count)
 
@@ -664,3 +868,14 @@ def _ms(seconds: float) -> int:
 
 def _pack_held(signal: HeldSignal, expires: float, claimed: bool) -> bytes:
     return pack((signal.reply_to, signal.frame, signal.to_all, signal.answer_by, expires, claimed))
+
+
+def _script_args(key: str, version: bytes, commands: list[Command]) -> list[Any]:
+    """``STORE_IF_SCRIPT``'s numkeys, KEYS and ARGV for ``commands``: the
+    visitor's hash first, each other key once, referred to by its index."""
+    keys = {key: 1}
+    argv: list[Any] = [version]
+    for name, target, *args in commands:
+        index = 0 if target is None else keys.setdefault(target, len(keys) + 1)
+        argv += [2 + len(args), name, index, *args]
+    return [len(keys), *keys, *argv]

@@ -20,13 +20,51 @@ import hashlib
 from typing import Any
 
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection
+from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisError, ResponseError, TryAgainError
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import NoScriptError, RedisError, ResponseError
 
 from .base import BackendUnavailable
 
 Queued = tuple[str, tuple[Any, ...], "asyncio.Future[Any]"]
+# Answers a Redis Cluster gives when a slot is elsewhere or moving (MOVED is
+# an AskError): passed to the caller as they are, to follow (redis_cluster.py).
+REDIRECTS = (AskError, TryAgainError, ClusterDownError)
+_SHAS: dict[str, str] = {}  # script -> its SHA1, for EVALSHA
+
+
+class PoolLink:
+    """Where a batcher's connection comes from: a client's pool (one Redis,
+    or the master Sentinel names)."""
+
+    def __init__(self, redis: aioredis.Redis) -> None:
+        self.redis = redis
+
+    async def acquire(self) -> Connection:
+        return await self.redis.connection_pool.get_connection()
+
+    async def release(self, connection: Connection) -> None:
+        await self.redis.connection_pool.release(connection)
+
+    async def parse(self, connection: Connection, command: str) -> Any:
+        return await self.redis.parse_response(connection, command)
+
+
+class NodeLink:
+    """A Redis Cluster node's connections (``redis_cluster.py`` keeps one batcher per master)."""
+
+    def __init__(self, node: ClusterNode) -> None:
+        self.node = node
+
+    async def acquire(self) -> Connection:
+        return self.node.acquire_connection()
+
+    async def release(self, connection: Connection) -> None:
+        self.node.release(connection)
+
+    async def parse(self, connection: Connection, command: str) -> Any:
+        return await self.node.parse_response(connection, command)
 
 
 class CommandBatcher:
@@ -35,13 +73,12 @@ class CommandBatcher:
     one write of every command and one read of every reply, with none of a
     pipeline object's per-batch set-up."""
 
-    def __init__(self, redis: aioredis.Redis, name: str) -> None:
-        self._redis = redis
+    def __init__(self, redis: aioredis.Redis | PoolLink | NodeLink, name: str) -> None:
+        self._link = PoolLink(redis) if isinstance(redis, aioredis.Redis) else redis
         self._name = name
         self._queue: list[Queued] = []
         self._sender: asyncio.Task[None] | None = None
         self._connection: Connection | None = None
-        self._shas: dict[str, str] = {}  # script -> its SHA1, for EVALSHA
 
     async def call(self, command: str, *args: Any) -> Any:
         """The command's reply (as redis-py's own call would give it), or
@@ -55,13 +92,18 @@ class CommandBatcher:
 
     async def script(self, script: str, keys: int, *args: Any) -> Any:
         """``EVALSHA`` of ``script`` (its text sent only when Redis lacks it)."""
-        sha = self._shas.get(script)
-        if sha is None:
-            sha = self._shas[script] = hashlib.sha1(script.encode()).hexdigest()
+        sha = self.sha(script)
         try:
             return await self.call("EVALSHA", sha, keys, *args)
         except NoScriptError:  # a fresh Redis (restarted, failed over): EVAL loads it
             return await self.call("EVAL", script, keys, *args)
+
+    @staticmethod
+    def sha(script: str) -> str:
+        sha = _SHAS.get(script)
+        if sha is None:
+            sha = _SHAS[script] = hashlib.sha1(script.encode()).hexdigest()
+        return sha
 
     async def _send(self) -> None:
         batch: list[Queued] = []
@@ -76,7 +118,7 @@ class CommandBatcher:
                     for (_command, _args, future), reply in zip(batch, replies, strict=True):
                         if future.done():  # its caller gave up
                             continue
-                        if isinstance(reply, NoScriptError):
+                        if isinstance(reply, (NoScriptError, *REDIRECTS)):
                             future.set_exception(reply)
                         elif isinstance(reply, ResponseError):  # refused (out of memory, a read-only replica…)
                             _fail([(_command, _args, future)], reply)
@@ -92,12 +134,12 @@ class CommandBatcher:
 
     async def _execute(self, batch: list[Queued]) -> list[Any]:
         try:
-            return await self._execute_on(self._connection or await self._redis.connection_pool.get_connection(), batch)
+            return await self._execute_on(self._connection or await self._link.acquire(), batch)
         except RedisConnectionError:
             # The connection died while idle (Redis restarted, a proxy timed
             # it out): nothing was executed on it; once more, on a new socket
             # (the pool's idle ones may be as dead).
-            connection = await self._redis.connection_pool.get_connection()
+            connection = await self._link.acquire()
             await connection.disconnect()
             return await self._execute_on(connection, batch)
 
@@ -108,7 +150,7 @@ class CommandBatcher:
             replies: list[Any] = []
             for command, _args, _future in batch:
                 try:
-                    replies.append(await self._redis.parse_response(connection, command))
+                    replies.append(await self._link.parse(connection, command))
                 except ResponseError as exc:
                     replies.append(exc)
             return replies
@@ -116,7 +158,7 @@ class CommandBatcher:
             # Replies may be left unread on it: never reuse it.
             self._connection = None
             await connection.disconnect()
-            await self._redis.connection_pool.release(connection)
+            await self._link.release(connection)
             raise
 
     async def close(self) -> None:
@@ -125,7 +167,7 @@ class CommandBatcher:
             await asyncio.wait([self._sender])
         if self._connection is not None:
             connection, self._connection = self._connection, None
-            await self._redis.connection_pool.release(connection)
+            await self._link.release(connection)
 
 
 def _fail(batch: list[Queued], exc: BaseException) -> None:

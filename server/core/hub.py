@@ -23,6 +23,7 @@ from herald_presence.server.model.records import PresenceChange
 from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import AgentConnection, Connection, VisitorConnection
+from .events import EventRecorder
 from .expiry import Expiry
 from .inbox import Inbox
 from .load import Load
@@ -33,6 +34,7 @@ from .routes import VisitorRoutes
 from .session_signals import SessionSignals
 from .sessions import CONSUMER_PREFIX, Sessions
 from .signals import SignalRouter
+from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
 
@@ -48,6 +50,9 @@ class Hub:
         self.watchers = Watchers(backend, settings, on_unfollowed=self.routes.forget)
         self.inbox = Inbox(backend, self.instance)
         self.load = Load(settings)
+        # Events for the customer's back end: recorded by the services, delivered by webhooks.
+        self.events = EventRecorder(settings, backend.events, self.tasks)
+        self.webhooks = Webhooks(settings, backend.events, backend, self.tasks, self.instance)
         self.signals = SignalRouter(
             settings,
             backend,
@@ -59,9 +64,18 @@ class Hub:
             self.routes,
             self.load,
             self.tasks,
+            events=self.events,
         )
         self.sessions = Sessions(
-            settings, backend, backend, self.watchers, self.signals, self.instance, presence=backend, inbox=self.inbox
+            settings,
+            backend,
+            backend,
+            self.watchers,
+            self.signals,
+            self.instance,
+            presence=backend,
+            inbox=self.inbox,
+            events=self.events,
         )
         self.presence = PresenceService(
             settings, backend, self.visitors, self.watchers, self.inbox, self.tasks, self._visitor_offline
@@ -87,6 +101,7 @@ class Hub:
     async def start(self) -> None:
         self.tasks.spawn(self.load.measure(), "load")
         await self.backend.start(self)
+        self.tasks.spawn(self.webhooks.run(), "webhooks")
         # Without the backend yet, the subscription is still recorded and
         # made when it comes back: the instance starts degraded, not dead.
         with contextlib.suppress(BackendUnavailable):

@@ -27,6 +27,7 @@ from herald_presence.server.model.limits import allowed_presence, check_presence
 from herald_presence.server.model.records import ConnectionRecord, PresenceChange, VisitorRecord, offline_state
 from herald_presence.server.tasks import TaskSupervisor, until_done
 
+from . import events
 from .connection import AgentConnection, UnsentPresence, VisitorConnection
 from .inbox import Inbox
 from .registry import LocalVisitors, Watchers
@@ -217,7 +218,8 @@ class PresenceService:
 
     def changed(self, change: PresenceChange) -> None:
         """After a change is stored (here, or by the store reaping a dead
-        instance): a visitor gone offline ends its session."""
+        instance): its event is counted, and a visitor gone offline ends its session."""
+        events.counted(change)
         if change.change == "offline" and change.record is not None:
             group, visitor = change.record.group, change.record.visitor
             name = f"end-{group}/{visitor}"
@@ -229,7 +231,9 @@ class PresenceService:
         or the whole state; none for a change they do not hear of, like a
         last connection leaving: then on the visitor's topic only), encoded
         once, and the visitor's route for the instances that follow it
-        (core/routes.py). A consumer's presence
+        (core/routes.py). Going online or offline (after the grace period)
+        is also an event for the group's log (``events.presence_event``),
+        which the store appends in the same atomic step. A consumer's presence
         is published nowhere (it belongs to its support session only)."""
         record = change.record
         if record is None or not presence_rules.announced(record.visitor):
@@ -247,7 +251,9 @@ class PresenceService:
         topics = [names.visitor_topic(record.group, record.visitor)]
         if frame is not None:  # routes are followed on visitor topics only
             topics.append(names.group_topic(record.group))
-        return [(topic, message) for topic in topics]
+        announced = [(topic, message) for topic in topics]
+        logged = events.presence_event(change)
+        return announced if logged is None else [*announced, logged]
 
     async def _tell_focus(self, record: ConnectionRecord, focused: bool) -> None:
         await self._inbox.send(record.instance, names.FOCUS, record.connection, focused)

@@ -29,6 +29,7 @@ from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from herald_presence.protocol.messages import GuestCount, IceServer, SessionConnected, SessionEvent, SessionJoined
 from herald_presence.server.backends.base import Bus, PresenceStore, RecordStore
 from herald_presence.server.config import Settings
+from herald_presence.server.model import events as ev
 from herald_presence.server.model import names
 from herald_presence.server.model.ice import ice_servers_for
 from herald_presence.server.model.limits import check_subscriptions
@@ -37,6 +38,7 @@ from herald_presence.server.model.records import GroupSettings, SupportSession
 
 from . import group_settings, short_codes
 from .connection import AgentConnection, VisitorConnection
+from .events import EventRecorder
 from .inbox import Inbox
 from .registry import Watchers
 from .signals import SignalRouter
@@ -56,6 +58,7 @@ class Sessions:
         *,
         presence: PresenceStore,
         inbox: Inbox,
+        events: EventRecorder | None = None,
     ) -> None:
         self.settings = settings
         self._records = records
@@ -65,6 +68,7 @@ class Sessions:
         self._instance = instance
         self._presence = presence  # where a consumer's connection is, to close it when its session ends
         self._inbox = inbox
+        self._events = events  # the group's log: each change is recorded after it is stored, before agents hear
 
     # -- records -------------------------------------------------------------
     async def load(self, group: str, session: str) -> SupportSession | None:
@@ -74,6 +78,44 @@ class Sessions:
     async def _save(self, session: SupportSession, ttl: float | None = None) -> None:
         ttl = self.settings.session_ttl if ttl is None else ttl
         await self._records.kv_set(names.session_key(session.group, session.id), session.pack(), ttl)
+        await self._expires(session, ttl)
+
+    async def _expires(self, session: SupportSession, ttl: float) -> None:
+        """A session that is never ended lives ``ttl`` from now: then its log
+        gets ``session.ended`` (reason ``expired``), unless it ends or lives
+        longer first."""
+        if self._events is not None:
+            await self._events.schedule(
+                session.group,
+                _end_timer(session.id),
+                time.time() + ttl,
+                ev.SESSION_ENDED,
+                session=session.id,
+                visitor=session.visitor,
+                reason="expired",
+            )
+
+    async def _record(self, event_type: str, session: SupportSession, **fields: object) -> None:
+        if self._events is not None:
+            await self._events.record(event_type, session.group, session=session.id, visitor=session.visitor, **fields)
+
+    async def _code_created(self, session: SupportSession, ttl: float) -> None:
+        """A short code was made for ``session``: its event, and its expiry's
+        (``code.expired``, unless it is used or its session ends first). The
+        digits are a capability: never in an event."""
+        if self._events is not None and session.code is not None:
+            expires = time.time() + ttl
+            await self._record(ev.CODE_CREATED, session, expires=round(expires, 3))
+            await self._events.schedule(
+                session.group, _code_timer(session.id), expires, ev.CODE_EXPIRED, session=session.id,
+                visitor=session.visitor,
+            )  # fmt: skip
+
+    async def _code_used(self, session: SupportSession, by: str, agent: str | None = None) -> None:
+        """Its code was redeemed (by the consumer) or claimed (by an agent
+        joining): recorded once, if it had not expired or been used."""
+        if self._events is not None and await self._events.cancel(session.group, _code_timer(session.id)):
+            await self._record(ev.CODE_REDEEMED, session, by=by, agent=agent)
 
     async def _edit(
         self, group: str, session: str, edit: Callable[[SupportSession], None], keep_expiry: bool = False
@@ -90,7 +132,10 @@ class Sessions:
 
         ttl = None if keep_expiry else self.settings.session_ttl
         data = await self._records.kv_update(names.session_key(group, session), update, ttl)
-        return SupportSession.unpack(data) if data else None
+        edited = SupportSession.unpack(data) if data else None
+        if edited is not None and ttl is not None:
+            await self._expires(edited, ttl)
+        return edited
 
     async def _new(
         self, group: str, key_type: str, visitor: str | None, rules: GroupSettings | None = None
@@ -126,6 +171,8 @@ class Sessions:
             raise
         session.connection, session.instance = conn.id, self._instance
         await self._save(session)  # stored before it is claimed: whoever displaces it can end it
+        await self._record(ev.SESSION_STARTED, session, key_type=session.key_type)
+        await self._code_created(session, rules.code_ttl)
         previous = await self._claim(conn.group, conn.subject, session.id)
         if previous is not None and previous != session.id:
             await self.end(conn.group, previous, "replaced")
@@ -171,6 +218,10 @@ class Sessions:
         if code is not None:  # and after: an agent's join may have just claimed it (see ``join``)
             await self._release(code, session_id)
         await self._release(names.session_by_visitor(group, session.visitor), session_id)
+        if self._events is not None:
+            await self._events.cancel(group, _end_timer(session.id))
+            await self._events.cancel(group, _code_timer(session.id))  # an unused code is withdrawn, not expired
+            await self._record(ev.SESSION_ENDED, session, reason=reason)
         await self._announce(session, "ended", reason)
         if is_consumer(session.visitor):
             await self._close_consumer(session)
@@ -196,6 +247,8 @@ class Sessions:
         rules = await group_settings.load(self._records, self.settings, group)
         session = await self._new(group, "random", None, rules)
         await self._save(session, rules.code_ttl)
+        await self._record(ev.SESSION_STARTED, session, key_type=session.key_type)
+        await self._code_created(session, rules.code_ttl)
         await self._announce(session, "started")
         return session
 
@@ -215,6 +268,7 @@ class Sessions:
         session = await self._edit(group, session_id, take, keep_expiry=True)  # still gone after code_ttl
         if session is None or taken != [False]:
             return None
+        await self._code_used(session, "consumer")
         secret = self.settings.groups[group].secrets[0]
         signed = tokens.make_token(secret, SESSION_ROLE, group, session.id, ttl=self.settings.session_ttl)
         return session, f"{session.id}.{signed}"
@@ -325,6 +379,10 @@ class Sessions:
             if await self.load(agent.group, joined.id) is None:  # it ended meanwhile: its code goes too
                 await self._release(code_key, joined.id)
                 raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
+            await self._code_used(joined, "agent", agent.subject)
+        await self._record(
+            ev.SESSION_JOINED, joined, agent=agent.subject, connection=agent.id, guests=len(joined.guests)
+        )
         agent.sessions[joined.id] = joined.visitor
         await self._watchers.watch(agent, [names.session_topic(agent.group, joined.id)])
         await self._tell_guests(joined)
@@ -347,6 +405,7 @@ class Sessions:
         left = await self._edit(agent.group, session_id, remove)
         if left is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
+        await self._record(ev.SESSION_LEFT, left, agent=agent.subject, connection=agent.id, guests=len(left.guests))
         await self._tell_guests(left)
 
     # -- telling -------------------------------------------------------------------
@@ -363,6 +422,14 @@ class Sessions:
             topics += [names.visitor_topic(session.group, session.visitor), names.group_topic(session.group)]
         for topic in topics:
             await self._bus.publish(topic, envelope)
+
+
+def _end_timer(session: str) -> str:
+    return f"end:{session}"
+
+
+def _code_timer(session: str) -> str:
+    return f"code:{session}"
 
 
 def _connected(

@@ -29,6 +29,7 @@ from herald_presence.protocol.messages import Signal
 from herald_presence.server import metrics
 from herald_presence.server.backends.base import BackendUnavailable, Bus, HeldSignalStore, PresenceStore
 from herald_presence.server.config import Settings
+from herald_presence.server.model import events as ev
 from herald_presence.server.model import names
 from herald_presence.server.model.limits import check_signal
 from herald_presence.server.model.presence_rules import CONSUMER_PREFIX, is_consumer
@@ -36,6 +37,7 @@ from herald_presence.server.model.records import ConnectionRecord, HeldSignal, V
 from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import Connection, VisitorConnection
+from .events import EventRecorder
 from .inbox import Inbox
 from .load import Load
 from .registry import LocalVisitors, Watchers
@@ -90,6 +92,11 @@ async def _counted(delivered: int) -> int:
     return delivered
 
 
+async def _uncounted(work: Coroutine[Any, Any, None]) -> int | None:
+    await work
+    return None
+
+
 def _targets(record: VisitorRecord, to_all: bool) -> list[ConnectionRecord]:
     focused = record.focused()
     return list(record.connections.values()) if to_all else [focused] if focused else []
@@ -108,8 +115,11 @@ class SignalRouter:
         routes: VisitorRoutes,
         load: Load,
         tasks: TaskSupervisor,
+        *,
+        events: EventRecorder | None = None,
     ) -> None:
         self.settings = settings
+        self._events = events  # the terms asked and answered, for the group's log
         self._store = store
         self._held = held
         self._bus = bus
@@ -141,7 +151,25 @@ class SignalRouter:
             topics = [names.visitor_topic(conn.group, conn.subject), names.group_topic(conn.group)]
         # Both topics at once: the backend sends them in one write. Each topic
         # keeps this visitor's order, since the next frame waits for these.
-        counts = await asyncio.gather(*(self._publish_event(topic, conn.subject, envelope, frame) for topic in topics))
+        # A terms answer goes to the group's log alongside (awaited before the ack).
+        sends = [self._publish_event(topic, conn.subject, envelope, frame) for topic in topics]
+        answer = ev.terms_answer((message.data or {}).get("status")) if message.event == ev.TERMS_SIGNAL else None
+        if answer is not None and self._events is not None:
+            session = getattr(conn, "session", None)
+            if is_consumer(conn.subject):
+                session = conn.subject.removeprefix(CONSUMER_PREFIX)
+            logged = self._events.record(
+                answer,
+                conn.group,
+                answer=True,
+                visitor=conn.subject,
+                connection=conn.id,
+                agent=message.agent,
+                session=session,
+                sid=message.sid,
+            )
+            sends.append(_uncounted(logged))
+        counts = (await asyncio.gather(*sends))[: len(topics)]
         if message.agent is not None and counts[0] is None:
             raise BackendUnavailable()
         return sum(count or 0 for count in counts)
@@ -170,6 +198,23 @@ class SignalRouter:
             return self._deliver_without_backend(group, visitor, frame, to_all)
         if record is None:
             raise ProtocolError(ErrorCode.VISITOR_OFFLINE, f"visitor {visitor} is offline")
+        asked = None
+        if message.event == ev.TERMS_REQUEST_SIGNAL and self._events is not None:
+            # Who asked, in the group's log: its append is under way (queued on the backend's
+            # connection ahead of the delivery) before the visitor can see the signal and answer.
+            asked = asyncio.create_task(
+                self._events.record(ev.TERMS_REQUESTED, group, asks=True, visitor=visitor, agent=agent, sid=message.sid)
+            )
+            await asyncio.sleep(0)
+        try:
+            return await self._deliver_or_hold(group, visitor, frame, to_all, record)
+        finally:
+            if asked is not None:
+                await asked
+
+    async def _deliver_or_hold(
+        self, group: str, visitor: str, frame: bytes, to_all: bool, record: VisitorRecord | None
+    ) -> int:
         loop = asyncio.get_running_loop()
         deadline = loop.time() + self.settings.signal_hold
         while True:

@@ -64,6 +64,7 @@ def envelope(*items: Any) -> bytes:
 
 # -- bus topics ------------------------------------------------------------------
 VISITOR_TOPIC = "v:"  # prefix of visitor topics: agents watching one visitor
+EVENT_LOG_TOPIC = "e:"  # prefix of a group's event log: durable, appended to, never a pub/sub channel
 AGENT_TOPIC = "a:"  # prefix of agent topics: what is addressed to one agent by name
 KEY_TOPIC = "k:"  # prefix of session key topics: agents waiting for a session
 
@@ -92,6 +93,21 @@ def inbox_topic(instance: str) -> str:
     return f"i:{instance}"
 
 
+def event_log_topic(group: str) -> str:
+    """The group's event log (webhooks and the audit trail) as a topic of a
+    presence announcement: ``PresenceStore.mutate`` appends a message
+    announced on it to the log, in the same atomic step as the change,
+    instead of publishing it."""
+    return f"e:{{{group}}}"
+
+
+def event_log_group(topic: str) -> str | None:
+    """The group of an event-log topic, else None."""
+    if topic.startswith(EVENT_LOG_TOPIC) and topic.endswith("}"):
+        return topic[3:-1]
+    return None
+
+
 def presence_topic_subject(topic: str) -> tuple[str | None, str | None]:
     """(group, visitor) of a visitor topic, else (None, None)."""
     if topic.startswith(VISITOR_TOPIC):
@@ -117,6 +133,11 @@ def code_key(group: str, code: str) -> str:
 
 def group_settings_key(group: str) -> str:
     return f"{{{group}}}:settings"
+
+
+def webhooks_key(group: str) -> str:
+    """The group's webhook endpoints set through the admin API."""
+    return f"{{{group}}}:webhooks"
 
 
 def revoked_login_key(login_session: str) -> str:
@@ -161,11 +182,22 @@ class RedisNames:
     * ``{group}:online`` set: visitor IDs with a record;
     * ``{group}:held:<visitor>`` hash: held signals;
     * ``instances`` sorted set: instance ID -> last heartbeat (unix ms);
-    * ``inst:<id>:conns`` / ``inst:<id>:away``: what an instance registered
-      and whose grace periods it runs; ``reap:<id>``: the reaper's lock;
+    * ``{group}:inst:<id>:conns`` set: the (visitor, connection) pairs an
+      instance registered in the group, and ``{group}:inst:<id>:away``:
+      the group's visitors whose grace periods it runs. In the group's slot,
+      so that a presence change writes them in the same step as the
+      visitor's hash, even on a Redis Cluster;
+    * ``inst:<id>:groups`` set: the groups where an instance has (or had)
+      such sets, so that whoever reaps it finds them. Added to before the
+      first write in a group's sets, never in the same step;
+      ``reap:<id>``: the reaper's lock;
     * every bus topic is the channel ``<prefix>:<topic>``; ``probe:<id>`` is
-      an instance's probe of its own subscription;
+      an instance's probe of its own subscription (on a Redis Cluster one
+      per shard, ``probe:<id>:{<tag>}`` with a tag in a slot of that shard);
     * records are ``<prefix>:<record key>``.
+
+    Every key and channel of one operation shares a slot: the group's hash
+    tag, or a single key.
     """
 
     def __init__(self, prefix: str) -> None:
@@ -181,11 +213,20 @@ class RedisNames:
     def held(self, group: str, visitor: str) -> str:
         return f"{self.prefix}:{{{group}}}:held:{visitor}"
 
-    def instance_connections(self, instance: str) -> str:
-        return f"{self.prefix}:inst:{instance}:conns"
+    def instance_connections(self, group: str, instance: str) -> str:
+        return f"{self.prefix}:{{{group}}}:inst:{instance}:conns"
 
-    def instance_away(self, instance: str) -> str:
-        return f"{self.prefix}:inst:{instance}:away"
+    def instance_away(self, group: str, instance: str) -> str:
+        return f"{self.prefix}:{{{group}}}:inst:{instance}:away"
+
+    def instance_groups(self, instance: str) -> str:
+        return f"{self.prefix}:inst:{instance}:groups"
+
+    def legacy_instance_sets(self, instance: str) -> tuple[str, str]:
+        """An instance's (conns, away) sets before they were per group (a
+        rolling upgrade may leave a dead old instance's behind, standalone
+        Redis only): members (group, visitor, connection) and (group, visitor)."""
+        return f"{self.prefix}:inst:{instance}:conns", f"{self.prefix}:inst:{instance}:away"
 
     def reap_lock(self, instance: str) -> str:
         return f"{self.prefix}:reap:{instance}"
@@ -193,11 +234,33 @@ class RedisNames:
     def record(self, key: str) -> str:
         return f"{self.prefix}:{key}"
 
+    def events(self, group: str) -> str:
+        return f"{self.prefix}:{{{group}}}:events"
+
+    def session_events(self, group: str, session: str) -> str:
+        return f"{self.prefix}:{{{group}}}:events:session:{session}"
+
+    def pending_terms(self, group: str, visitor: str) -> str:
+        return f"{self.prefix}:{{{group}}}:events:terms:{visitor}"
+
+    def terms_asker(self, group: str, visitor: str) -> str:
+        return f"{self.prefix}:{{{group}}}:events:asker:{visitor}"
+
+    def event_timers(self, group: str) -> str:
+        return f"{self.prefix}:{{{group}}}:events:timers"
+
+    def event_timer_data(self, group: str) -> str:
+        return f"{self.prefix}:{{{group}}}:events:timer-data"
+
+    def dead_letters(self, group: str) -> str:
+        return f"{self.prefix}:{{{group}}}:webhooks:dead"
+
     def channel(self, topic: str) -> bytes:
         return f"{self.prefix}:{topic}".encode()
 
     def topic(self, channel: bytes) -> str:
         return channel[len(self.prefix) + 1 :].decode()
 
-    def probe(self, instance: str) -> bytes:
-        return self.channel(f"probe:{instance}")
+    def probe(self, instance: str, tag: str | None = None) -> bytes:
+        """An instance's probe channel; with ``tag``, the one in that hash tag's slot (a shard's)."""
+        return self.channel(f"probe:{instance}" if tag is None else f"probe:{instance}:{{{tag}}}")

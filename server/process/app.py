@@ -13,7 +13,7 @@ from herald_presence.server.backends.base import Backend
 from herald_presence.server.backends.memory import MemoryBackend
 from herald_presence.server.config import Settings
 from herald_presence.server.core.hub import Hub
-from herald_presence.server.web import admin, auth, codes, control, crm, demo, health, keys, openapi, pages
+from herald_presence.server.web import admin, auth, codes, control, crm, demo, events, health, keys, openapi, pages
 from herald_presence.server.web.agent_ws import agent_endpoint
 from herald_presence.server.web.http_common import name_the_server
 from herald_presence.server.web.visitor_ws import visitor_endpoint
@@ -34,6 +34,7 @@ def make_backend(settings: Settings) -> Backend:
         heartbeat=settings.instance_heartbeat,
         dead_after=settings.instance_dead_after,
         probe_timeout=max(3.0, settings.instance_heartbeat * 3),
+        ca_file=settings.redis_ca_file,
     )
 
 
@@ -45,7 +46,7 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
     app.router.add_get("/v1/agent", agent_endpoint)
     app.router.add_post("/v1/agent/login", auth.login)
     app.router.add_post("/v1/agent/logout", auth.logout)
-    for routes in (codes, admin, crm, control, demo, pages, openapi):
+    for routes in (codes, admin, crm, control, events, demo, pages, openapi):
         routes.add_routes(app)
     health.add_routes(app, metrics=not settings.metrics_port)  # else on the metrics listener only
     app.on_response_prepare.append(name_the_server)

@@ -69,8 +69,12 @@ HELP = {
     "code_lookups_per_group": "short-code look-ups allowed per group per minute, all addresses together",
     "admin_token": "bearer token of the admin API (at least 16 characters); empty disables it",
     "trusted_proxies": "comma-separated addresses or CIDRs of proxies whose X-Forwarded-For names the client",
-    "redis_url": "Redis URL for cluster mode; empty keeps the embedded memory backend",
+    "redis_url": (
+        "Redis URL for cluster mode: redis[s]://[user:password@]host:port/db, redis+sentinel://host:port,.../service"
+        " or redis+cluster://host:port,... (Redis Cluster seed nodes); empty keeps the embedded memory backend"
+    ),
     "redis_prefix": "prefix of every Redis key and channel (several clusters can share a Redis)",
+    "redis_ca_file": "PEM file of the CA that signs Redis's TLS certificate (rediss:// URLs); empty: the system's CAs",
     "instance_heartbeat": "seconds between an instance's heartbeats in Redis",
     "instance_dead_after": "seconds without a heartbeat before an instance's visitors are dropped",
     "drain_timeout": "seconds from SIGTERM to exit at most; clients are moved to other instances meanwhile",
@@ -79,6 +83,16 @@ HELP = {
     "log_level": "DEBUG, INFO, WARNING or ERROR",
     "log_format": "text, or json (one object per line, with connection IDs)",
     "strict_env": "refuse to start when a HERALD_* environment variable is not a setting (else a warning names it)",
+    "webhooks": 'webhook endpoints as JSON {"<group>": [{"url", "secret", "events"?, "id"?, "concurrency"?}]}',
+    "webhook_allow_private": "let webhooks reach loopback, private and link-local addresses (else refused: SSRF)",
+    "webhook_timeout": "seconds a webhook POST may take before it counts as failed",
+    "webhook_retry_first": "seconds before a failed webhook POST is retried; doubling with jitter, at most 300",
+    "webhook_retry_for": "seconds after an event its webhook deliveries are retried; then it is dead-lettered",
+    "webhook_batch": "events in one webhook POST at most (more than one only while the endpoint lags)",
+    "webhook_concurrency": "webhook POSTs in flight per endpoint and instance (an endpoint may set its own)",
+    "webhook_claim_after": "seconds before another instance delivers the events of one that stopped (died)",
+    "event_retention": "seconds a group's events are kept for the audit trail (a group may set its own)",
+    "event_log_max": "events kept per group at most (the oldest go first)",
 }
 
 
@@ -132,7 +146,19 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "code_ttl",
         "admin_token",
     ),
-    "Redis (cluster mode)": ("redis_url", "redis_prefix", "instance_heartbeat", "instance_dead_after"),
+    "Redis (cluster mode)": ("redis_url", "redis_prefix", "redis_ca_file", "instance_heartbeat", "instance_dead_after"),
+    "webhooks and the audit trail": (
+        "webhooks",
+        "webhook_allow_private",
+        "webhook_timeout",
+        "webhook_retry_first",
+        "webhook_retry_for",
+        "webhook_batch",
+        "webhook_concurrency",
+        "webhook_claim_after",
+        "event_retention",
+        "event_log_max",
+    ),
     "logging and start-up": ("log_level", "log_format", "strict_env"),
 }
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from herald_presence.server.backends.base import RecordStore
+from herald_presence.server.backends.base import EventLog, RecordStore
 from herald_presence.server.config import Settings
 from herald_presence.server.core.expiry import Expiry
 from herald_presence.server.core.hub import Hub
@@ -14,6 +14,7 @@ from herald_presence.server.core.revocation import Revocations
 from herald_presence.server.core.session_signals import SessionSignals
 from herald_presence.server.core.sessions import Sessions
 from herald_presence.server.core.signals import SignalRouter
+from herald_presence.server.core.webhooks import Webhooks
 
 from .credentials import Credentials
 
@@ -27,6 +28,8 @@ RECORDS = web.AppKey("records", RecordStore)
 REVOCATIONS = web.AppKey("revocations", Revocations)
 EXPIRY = web.AppKey("expiry", Expiry)
 CREDENTIALS = web.AppKey("credentials", Credentials)  # v1 tokens and JWTs, with each group's public keys
+EVENT_LOG = web.AppKey("event_log", EventLog)  # each group's events: the audit trail (webhooks deliver them)
+WEBHOOKS = web.AppKey("webhooks", Webhooks)
 
 
 def install(app: web.Application, settings: Settings, hub: Hub) -> None:
@@ -40,3 +43,5 @@ def install(app: web.Application, settings: Settings, hub: Hub) -> None:
     app[REVOCATIONS] = hub.revocations
     app[EXPIRY] = hub.expiry
     app[CREDENTIALS] = Credentials(settings)
+    app[EVENT_LOG] = hub.backend.events
+    app[WEBHOOKS] = hub.webhooks

@@ -18,6 +18,7 @@ from aiohttp import web
 from herald_presence.protocol import checks
 from herald_presence.protocol.errors import ErrorCode
 from herald_presence.server import __version__
+from herald_presence.server.config import EVENT_TYPES, MAX_WEBHOOK_CONCURRENCY, MAX_WEBHOOKS
 
 PATH = "/v1/openapi.json"
 
@@ -174,6 +175,93 @@ SCHEMAS: dict[str, Schema] = {
             "enforce_expiry": {"type": "boolean"},
         },
     },
+}
+
+EVENT_TYPE = {"type": "string", "enum": list(EVENT_TYPES)}
+EVENT_ID = {"type": "string", "pattern": r"^[0-9]{1,20}-[0-9]{1,20}$", "description": "<ms>-<seq>, rising"}
+EVENT_PATTERN = {"type": "string", "pattern": r"^(\*|[a-z]+\.(\*|[a-z]+))$", "description": "a type, family.* or *"}
+SCHEMAS |= {
+    "Event": _obj(
+        ["id", "type", "group", "time"],
+        {
+            "id": EVENT_ID,
+            "type": EVENT_TYPE,
+            "group": {"type": "string"},
+            "time": {"type": "number", "description": "unix seconds, when it was recorded"},
+            "visitor": {"type": "string"},
+            "session": {"type": "string"},
+            "agent": {"type": "string"},
+            "connection": {"type": "string"},
+            "reason": {"type": "string"},
+            "version": {"type": "integer"},
+            "key_type": {"enum": ["visitor", "random"]},
+            "guests": {"type": "integer", "minimum": 0},
+            "by": {"enum": ["consumer", "agent"]},
+            "expires": {"type": "number"},
+            "sid": {"type": "string"},
+        },
+    ),
+    "EventPage": _obj(
+        ["events", "cursor", "more"],
+        {
+            "events": {"type": "array", "items": _ref("Event")},
+            "cursor": {"type": ["string", "null"], "description": "pass as since for the next page"},
+            "more": {"type": "boolean"},
+        },
+    ),
+    "WebhookEndpoint": _obj(
+        ["id", "url", "events", "source", "has_secret"],
+        {
+            "id": {"type": "string"},
+            "url": {"type": "string"},
+            "events": {"type": "array", "items": {"type": "string"}},
+            "concurrency": {"type": ["integer", "null"]},
+            "source": {"enum": ["config", "admin"]},
+            "has_secret": {"type": "boolean"},
+        },
+    ),
+    "WebhookEndpoints": _obj(["endpoints"], {"endpoints": {"type": "array", "items": _ref("WebhookEndpoint")}}),
+    "WebhookEndpointsChange": _obj(
+        ["endpoints"],
+        {
+            "endpoints": {
+                "type": "array",
+                "maxItems": MAX_WEBHOOKS,
+                "items": _obj(
+                    ["url", "secret"],
+                    {
+                        "id": {"type": "string", "pattern": r"^[A-Za-z0-9._-]{1,64}$"},
+                        "url": {"type": "string", "format": "uri", "maxLength": 2048},
+                        "events": {"type": "array", "minItems": 1, "maxItems": 32, "items": EVENT_PATTERN},
+                        "secret": {"type": "string", "minLength": 16, "maxLength": 256},
+                        "concurrency": {"type": "integer", "minimum": 1, "maximum": MAX_WEBHOOK_CONCURRENCY},
+                    },
+                    extra=False,
+                ),
+            }
+        },
+        extra=False,
+    ),
+    "DeadLetters": _obj(
+        ["dead_letters"],
+        {
+            "dead_letters": {
+                "type": "array",
+                "items": _obj(
+                    ["id", "type", "endpoint", "error", "attempts", "dead_at", "event"],
+                    {
+                        "id": EVENT_ID,
+                        "type": EVENT_TYPE,
+                        "endpoint": {"type": "string"},
+                        "error": {"type": "string"},
+                        "attempts": {"type": "integer"},
+                        "dead_at": {"type": "number"},
+                        "event": _ref("Event"),
+                    },
+                ),
+            }
+        },
+    ),
 }
 
 RESPONSES: dict[str, Any] = {
@@ -500,6 +588,35 @@ def _paths(page_files: dict[str, str]) -> dict[str, Any]:
                 ),
             )
         },
+        # -- the audit trail
+        "/v1/groups/{group}/events": {
+            "get": _op(
+                "the group's events (PROTOCOL.md §13), oldest first, with stable IDs and a cursor",
+                {"200": _json(_ref("EventPage"), "a page of events"), **_errors("400", "401", "403", "404", "503")},
+                "events",
+                security=API_KEY,
+                parameters=[
+                    GROUP,
+                    _param(
+                        "since",
+                        "query",
+                        False,
+                        {"type": "string", "pattern": r"^([0-9]{1,15}-[0-9]{1,15}|[0-9]{1,12}(\.[0-9]{1,6})?)?$"},
+                        "an event ID (a cursor: after it) or a unix time in seconds (from it)",
+                    ),
+                    _param("visitor", "query", False, text="only this visitor's events"),
+                    _param("session", "query", False, text="the session's timeline, with the terms that led to it"),
+                    _param(
+                        "type",
+                        "query",
+                        False,
+                        {"type": "string", "pattern": r"^(\*|[a-z]+\.(\*|[a-z]+))(,(\*|[a-z]+\.(\*|[a-z]+)))*$"},
+                        "event types, family.* or *, comma-separated",
+                    ),
+                    _param("limit", "query", False, {"type": "integer", "minimum": 1, "maximum": 1000}),
+                ],
+            )
+        },
         # -- disconnect and revoke
         "/v1/groups/{group}/visitors/{visitor}/disconnect": {
             "post": _op(
@@ -583,6 +700,35 @@ def _paths(page_files: dict[str, str]) -> dict[str, Any]:
                 security=ADMIN,
                 parameters=[GROUP],
                 requestBody=_body(_ref("GroupSettingsChange")),
+            ),
+        },
+        "/v1/admin/groups/{group}/webhooks": {
+            "get": _op(
+                "a group's webhook endpoints, configured and set at run time (secrets never shown)",
+                {"200": _json(_ref("WebhookEndpoints"), "the endpoints"), **_errors("401", "403", "404", "429", "503")},
+                "admin",
+                security=ADMIN,
+                parameters=[GROUP],
+            ),
+            "put": _op(
+                "replace a group's run-time webhook endpoints (the configured ones stay)",
+                {
+                    "200": _json(_ref("WebhookEndpoints"), "the endpoints after the change"),
+                    **_errors(*BODY_ERRORS, "401", "403", "404", "429", "503"),
+                },
+                "admin",
+                security=ADMIN,
+                parameters=[GROUP],
+                requestBody=_body(_ref("WebhookEndpointsChange")),
+            ),
+        },
+        "/v1/admin/groups/{group}/webhooks/dead-letters": {
+            "get": _op(
+                "the newest events an endpoint never took within webhook_retry_for",
+                {"200": _json(_ref("DeadLetters"), "newest first"), **_errors("401", "403", "404", "429", "503")},
+                "admin",
+                security=ADMIN,
+                parameters=[GROUP],
             ),
         },
     }

@@ -1,13 +1,16 @@
-"""One contract suite, two backends.
+"""One contract suite, two backends, three ways to run Redis.
 
 Every test here talks to a ``Backend`` through its public methods only, the
 way an instance does: no websockets, no HTTP, no mocks. The ``backend``
-fixture runs each test once against ``MemoryBackend`` and once against
-``RedisBackend`` on a real redis-server (each test with its own key prefix).
+fixture runs each test against ``MemoryBackend``, against ``RedisBackend``
+on a real redis-server ("redis") and against ``RedisBackend`` on a real
+Redis Cluster of three masters with a replica each ("cluster"; one for the
+whole run, ``tests/redis_cluster.py``); each test with its own key prefix.
 
 Tests that need two instances of one cluster are Redis-only: they say so
-with ``@REDIS_ONLY``, which parametrizes them over "redis" alone, so the
-memory backend is visibly not run rather than silently skipped.
+with ``@REDIS_ONLY``, which parametrizes them over "redis" and "cluster", so
+the memory backend is visibly not run rather than silently skipped; those
+that stop Redis itself are ``@STANDALONE_ONLY``.
 """
 
 from __future__ import annotations
@@ -31,8 +34,9 @@ from herald_presence.server.model.records import ConnectionRecord, PresenceChang
 
 from ..redis_server import RedisServer
 
-KINDS = ["memory", "redis"]
-REDIS_ONLY = pytest.mark.parametrize("backend_kind", ["redis"])
+KINDS = ["memory", "redis", "cluster"]
+REDIS_ONLY = pytest.mark.parametrize("backend_kind", ["redis", "cluster"])
+STANDALONE_ONLY = pytest.mark.parametrize("backend_kind", ["redis"])
 
 # Short cluster timings, so that a closed instance is reaped within a test.
 REDIS_TIMINGS: dict[str, float] = {"heartbeat": 0.25, "dead_after": 1.5, "grace_period": 0.5, "command_timeout": 1.0}
@@ -130,13 +134,18 @@ async def another_instance(
     started: list[Backend] = []
 
     async def start(listener: RecordingListener | None = None, redis: RedisServer | None = None) -> Backend:
-        if backend_kind != "redis":
+        if backend_kind == "memory":
             pytest.fail("a second instance of one cluster exists only with Redis: mark the test @REDIS_ONLY")
-        if redis is None:
-            redis = request.getfixturevalue("redis_server")
-            if redis.process is None or redis.process.poll() is not None:
-                redis.start()  # a previous test stopped it
-        backend = RedisBackend(redis.url, prefix=redis_prefix, **REDIS_TIMINGS)
+        if backend_kind == "cluster":
+            assert redis is None, "a test that stops its Redis is @STANDALONE_ONLY"
+            url = request.getfixturevalue("redis_cluster").url
+        else:
+            if redis is None:
+                redis = request.getfixturevalue("redis_server")
+                if redis.process is None or redis.process.poll() is not None:
+                    redis.start()  # a previous test stopped it
+            url = redis.url
+        backend = RedisBackend(url, prefix=redis_prefix, **REDIS_TIMINGS)
         started.append(backend)
         await backend.start(listener or RecordingListener())
         return backend
@@ -176,8 +185,8 @@ def listener() -> RecordingListener:
 async def backend(
     backend_kind: str, listener: RecordingListener, another_instance: StartBackend
 ) -> AsyncIterator[Backend]:
-    """A started backend: each test runs once with memory, once with Redis."""
-    if backend_kind == "redis":
+    """A started backend: each test runs with memory, Redis and a Redis Cluster."""
+    if backend_kind != "memory":
         yield await another_instance(listener)  # closed by another_instance
         return
     memory = MemoryBackend()

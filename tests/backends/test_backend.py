@@ -14,7 +14,7 @@ from herald_presence.server.model.names import code_key, group_topic, lookups_by
 from herald_presence.server.model.records import HeldSignal
 
 from ..redis_server import RedisServer
-from .conftest import GROUP, REDIS_ONLY, RecordingListener, StartBackend, conn, eventually, joins, silent
+from .conftest import GROUP, STANDALONE_ONLY, RecordingListener, StartBackend, conn, eventually, joins, silent
 
 UNAVAILABLE_WITHIN = 3.0  # seconds an operation may take to give up
 
@@ -41,7 +41,7 @@ async def outcome(operation: Callable[[], Awaitable[object]]) -> str:
     return "ok"
 
 
-@REDIS_ONLY
+@STANDALONE_ONLY
 async def test_every_operation_raises_backend_unavailable_when_redis_is_gone(
     private_redis: RedisServer, another_instance: StartBackend
 ) -> None:
@@ -89,7 +89,7 @@ async def test_every_operation_raises_backend_unavailable_when_redis_is_gone(
     assert await backend.mutate(GROUP, "v2", joins(conn(backend, "c2")), silent) is not None
 
 
-@REDIS_ONLY
+@STANDALONE_ONLY
 async def test_when_redis_comes_back_the_listener_is_told_and_subscriptions_deliver_again(
     private_redis: RedisServer, another_instance: StartBackend
 ) -> None:

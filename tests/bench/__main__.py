@@ -16,6 +16,10 @@ this machine. For each, in this order:
 6. a reconnect storm: N more visitors at once, until a group-watching agent
    on B has seen every one come online.
 
+Last, Redis's side on one redis-server and on a Redis Cluster, side by side
+(``tests/bench/redis_cost.py``): commands, round trips, bytes and Redis CPU
+per operation, and Redis memory per online visitor.
+
 A round trip: an agent's ``showterms`` to a visitor (acked), the visitor's
 ``terms`` back, timed at the agent from the scheduled send. Then the floods
 of ``tests/bench/floods.py`` against Herald, and a summary: Herald, ceiling,
@@ -45,7 +49,7 @@ from typing import Any
 from herald_presence.server.config import Settings
 
 from ..redis_server import RedisServer
-from . import floods
+from . import floods, redis_cost
 from .cluster import (
     RAISED_LIMITS,
     Cluster,
@@ -423,6 +427,9 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--flood-seconds", type=float, help="seconds of each flood phase; default 8, quick 1.5")
     parser.add_argument("--no-floods", action="store_true", help="skip the flood phases")
     parser.add_argument(
+        "--no-redis-cost", action="store_true", help="skip Redis's cost per operation, standalone vs cluster"
+    )
+    parser.add_argument(
         "--no-acks", action="store_true", help="signals without request IDs, so no ack frames (the SDK always asks)"
     )
     parser.add_argument("--keepalive", type=float, help="Herald's ping interval (default its own, 25 s)")
@@ -464,6 +471,10 @@ def main() -> None:
         redis.stop()
         print(f"server and generator logs: {workdir}\n")
     flooded = [] if args.no_floods else floods.run_phases(args.flood_seconds, list(floods.ATTACKS))
+    if not args.no_redis_cost and shutil.which("redis-cli"):
+        print()
+        args.ops, args.baseline, args.visitors = args.redis_ops, args.baseline_seconds, args.idle
+        redis_cost.run(workdir, args)
     summary(args, results["herald"], results["ceiling"], flooded)
     print(f"\n(the run took {time.monotonic() - args.started:.0f} s; load average now {loadavg()})")
 

@@ -58,8 +58,12 @@ async def test_what_a_visitor_and_its_sessions_leave_in_redis(keys_of) -> None: 
     live = await keys_of()
     own = {key for key in live if "v-budget" in key}
     assert len(own) <= 3, sorted(own)  # presence hash, session index, held-signal list (when one waits)
-    # and what it shares: the group's online set, its instance's connection set, its session and code
-    assert len(set(live) - set(baseline)) <= 6, sorted(set(live) - set(baseline))
+    # The group's event log (one stream, its timers, the session's index): bounded per group, each with a TTL.
+    logged = {key for key in set(live) - set(baseline) if ":events" in key}
+    assert len(logged) <= 4 and all(live[key] > 0 for key in logged), {key: live[key] for key in logged}
+    # and what it shares: the group's online set, its instance's connection set in the group and the
+    # instance's index of groups (one per instance), its session and code
+    assert len(set(live) - set(baseline) - logged) <= 7, sorted(set(live) - set(baseline))
     for tab in tabs:
         await tab.close()
     await asyncio.sleep(GRACE + 1.0)  # offline: the session ends with it
