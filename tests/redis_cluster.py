@@ -18,15 +18,12 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
-from typing import Any
 
 import pytest
-import redis
 
 from .processes import free_port
-from .redis_server import redis_binary
+from .redis_server import loopback_client, poll, redis_binary
 
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout: a master silent this long is failed over
 START_TIMEOUT = 10.0
@@ -43,23 +40,6 @@ def redis_cli_binary() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return binary
-
-
-def _client(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
-
-
-def _poll(check: Callable[[], Any], within: float, what: str) -> Any:
-    deadline = time.monotonic() + within
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if value := check():
-                return value
-        except (redis.RedisError, OSError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise RuntimeError(f"not within {within}s: {what} (last error: {last!r})")
 
 
 class RedisClusterServers:
@@ -89,7 +69,7 @@ class RedisClusterServers:
                 capture_output=True,
                 timeout=FORM_TIMEOUT,
             )
-            _poll(self._formed, FORM_TIMEOUT, "every node sees the cluster ok, with three replicas in sync")
+            poll(self._formed, FORM_TIMEOUT, "every node sees the cluster ok, with three replicas in sync")
         except BaseException:
             self.stop()
             raise
@@ -104,11 +84,11 @@ class RedisClusterServers:
             "--loglevel", "warning", "--logfile", str(self.dir / f"{port}.log"),
         ]  # fmt: skip
         self.processes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        _poll(lambda: _client(port).ping(), START_TIMEOUT, f"node :{port} answers PING")
+        poll(lambda: loopback_client(port).ping(), START_TIMEOUT, f"node :{port} answers PING")
 
     def _formed(self) -> bool:
         for port in self.live_ports():
-            info = _client(port).cluster("info")
+            info = loopback_client(port).cluster("info")
             if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.processes):
                 return False
         masters = self.masters()
@@ -120,7 +100,7 @@ class RedisClusterServers:
     def _roles(self) -> dict[int, bytes]:
         roles = {}
         for port in self.live_ports():
-            with _client(port) as client:
+            with loopback_client(port) as client:
                 roles[port] = client.execute_command("ROLE")[0]
         return roles
 
@@ -131,13 +111,13 @@ class RedisClusterServers:
         return sorted(port for port, role in self._roles().items() if role == b"slave")
 
     def replica_in_sync(self, port: int) -> bool:
-        with _client(port) as client:
+        with loopback_client(port) as client:
             info = client.info("replication")
         return info.get("master_link_status") == "up"
 
     def master_of(self, key: str) -> int:
         """The port of the master serving ``key``'s slot."""
-        with _client(self.live_ports()[0]) as client:
+        with loopback_client(self.live_ports()[0]) as client:
             slot = client.cluster("keyslot", key)
             for start, end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
                 if start <= slot <= end:
@@ -157,7 +137,7 @@ class RedisClusterServers:
 
         def promoted() -> bool:
             for port in self.live_ports():
-                with _client(port) as client:
+                with loopback_client(port) as client:
                     if client.cluster("info").get("cluster_state") != "ok":
                         return False
                     for _start, _end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
@@ -165,26 +145,26 @@ class RedisClusterServers:
                             return False
             return True
 
-        _poll(promoted, within, f"a replica took over the slots of :{dead}")
+        poll(promoted, within, f"a replica took over the slots of :{dead}")
         return time.monotonic() - started
 
     def restart(self, port: int) -> None:
         """Start a killed node again with its nodes file: it rejoins (as a replica)."""
         self._start_node(port)
-        _poll(lambda: self.replica_in_sync(port), FORM_TIMEOUT, f"node :{port} back as a replica in sync")
+        poll(lambda: self.replica_in_sync(port), FORM_TIMEOUT, f"node :{port} back as a replica in sync")
 
     def heal(self) -> None:
         """Every node running again and the cluster ok (after a test killed one)."""
         for port, process in list(self.processes.items()):
             if process.poll() is not None:
                 self.restart(port)
-        _poll(self._formed, FORM_TIMEOUT, "the cluster whole again")
+        poll(self._formed, FORM_TIMEOUT, "the cluster whole again")
 
     def command_stats(self) -> dict[str, int]:
         """Calls per command, summed over the masters (``INFO commandstats``)."""
         totals: dict[str, int] = {}
         for port in self.masters():
-            with _client(port) as client:
+            with loopback_client(port) as client:
                 for name, stats in client.info("commandstats").items():
                     totals[name] = totals.get(name, 0) + int(stats["calls"])
         return totals

@@ -13,8 +13,11 @@ import socket
 import subprocess
 import tempfile
 import time
+from collections.abc import Callable
+from typing import Any
 
 import pytest
+import redis
 
 from .processes import free_port
 
@@ -28,6 +31,25 @@ def redis_binary() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return binary
+
+
+def loopback_client(port: int) -> redis.Redis:
+    """A short-timeout client of the redis-server on this loopback port."""
+    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
+
+
+def poll(check: Callable[[], Any], within: float, what: str) -> Any:
+    """Call ``check`` every 50 ms until it returns something truthy (Redis errors count as no)."""
+    deadline = time.monotonic() + within
+    last: Exception | None = None
+    while time.monotonic() < deadline:
+        try:
+            if value := check():
+                return value
+        except (redis.RedisError, OSError) as exc:
+            last = exc
+        time.sleep(0.05)
+    raise RuntimeError(f"not within {within}s: {what} (last error: {last!r})")
 
 
 class RedisServer:

@@ -247,22 +247,28 @@ def test_redis_requires_the_password_herald_sends() -> None:
         assert deployment["spec"]["template"]["spec"]["enableServiceLinks"] is False  # no HERALD_*_PORT=tcp://
 
 
-def test_the_production_overlay_renders(tmp_path: Path) -> None:
-    """With kubectl (its built-in kustomize), if installed: the overlay as it is applied."""
+def render_overlay(tmp_path: Path, overlay: str) -> list[dict[str, Any]]:
+    """``kubectl kustomize`` of an overlay (skipped without kubectl), from a copy with the
+    example secrets filled in as an operator would."""
     kubectl = shutil.which("kubectl")
     if kubectl is None:
         pytest.skip("kubectl is not installed")
     shutil.copytree(K8S, tmp_path / "k8s")
     shutil.copy(SECRETS_EXAMPLE, tmp_path / "k8s" / "overlays" / "production" / "secrets.env")
     result = subprocess.run(
-        [kubectl, "kustomize", str(tmp_path / "k8s" / "overlays" / "production")],
+        [kubectl, "kustomize", str(tmp_path / "k8s" / "overlays" / overlay)],
         capture_output=True,
         text=True,
         timeout=60,
         check=False,
     )
     assert result.returncode == 0, result.stderr
-    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    return [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+
+
+def test_the_production_overlay_renders(tmp_path: Path) -> None:
+    """With kubectl (its built-in kustomize), if installed: the overlay as it is applied."""
+    rendered = render_overlay(tmp_path, "production")
     kinds = {(doc["kind"], doc["metadata"]["name"]) for doc in rendered}
     (secret,) = [name for kind, name in kinds if kind == "Secret"]
     assert secret.startswith("herald-secrets-"), "generated, with a hash of its content"
@@ -402,20 +408,7 @@ def test_the_cluster_compose_file_runs_herald_on_a_redis_cluster() -> None:
 
 def test_the_redis_cluster_overlay_renders_without_the_bases_redis(tmp_path: Path) -> None:
     """With kubectl, if installed: production on a managed Redis Cluster."""
-    kubectl = shutil.which("kubectl")
-    if kubectl is None:
-        pytest.skip("kubectl is not installed")
-    shutil.copytree(K8S, tmp_path / "k8s")
-    shutil.copy(SECRETS_EXAMPLE, tmp_path / "k8s" / "overlays" / "production" / "secrets.env")
-    result = subprocess.run(
-        [kubectl, "kustomize", str(tmp_path / "k8s" / "overlays" / "redis-cluster")],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        check=False,
-    )
-    assert result.returncode == 0, result.stderr
-    rendered = [doc for doc in yaml.safe_load_all(result.stdout) if doc]
+    rendered = render_overlay(tmp_path, "redis-cluster")
     assert not [doc for doc in rendered if doc["metadata"]["name"] == "herald-redis"], "the managed cluster replaces it"
     (herald,) = [doc for doc in rendered if doc["kind"] == "Deployment" and doc["metadata"]["name"] == "herald"]
     (container,) = herald["spec"]["template"]["spec"]["containers"]

@@ -93,6 +93,18 @@ ADMIN = [{"adminToken": []}]
 AGENT_COOKIE = [{"agentSession": []}]
 NO_AUTH: list[Any] = [{}]
 
+
+def _admin(summary: str, schema: str, answer: str, body: str | None = None) -> dict[str, Any]:
+    """An admin API operation on one group: its JSON answer, and a JSON body when it changes something."""
+    errors = (
+        _errors(*BODY_ERRORS, "401", "403", "404", "429", "503") if body else _errors("401", "403", "404", "429", "503")
+    )
+    more = {"requestBody": _body(_ref(body))} if body else {}
+    return _op(
+        summary, {"200": _json(_ref(schema), answer), **errors}, "admin", security=ADMIN, parameters=[GROUP], **more
+    )
+
+
 PREFLIGHT = _op(
     "CORS preflight: 204 for an origin the group allows, else 403",
     {"204": {"description": "allowed"}, "403": {"description": "origin not allowed"}},
@@ -683,52 +695,30 @@ def _paths(page_files: dict[str, str]) -> dict[str, Any]:
         },
         # -- admin
         "/v1/admin/groups/{group}/settings": {
-            "get": _op(
-                "a group's run-time settings",
-                {"200": _json(_ref("GroupSettings"), "the settings"), **_errors("401", "403", "404", "429", "503")},
-                "admin",
-                security=ADMIN,
-                parameters=[GROUP],
-            ),
-            "put": _op(
+            "get": _admin("a group's run-time settings", "GroupSettings", "the settings"),
+            "put": _admin(
                 "change a group's run-time settings",
-                {
-                    "200": _json(_ref("GroupSettings"), "the settings after the change"),
-                    **_errors(*BODY_ERRORS, "401", "403", "404", "429", "503"),
-                },
-                "admin",
-                security=ADMIN,
-                parameters=[GROUP],
-                requestBody=_body(_ref("GroupSettingsChange")),
+                "GroupSettings",
+                "the settings after the change",
+                "GroupSettingsChange",
             ),
         },
         "/v1/admin/groups/{group}/webhooks": {
-            "get": _op(
+            "get": _admin(
                 "a group's webhook endpoints, configured and set at run time (secrets never shown)",
-                {"200": _json(_ref("WebhookEndpoints"), "the endpoints"), **_errors("401", "403", "404", "429", "503")},
-                "admin",
-                security=ADMIN,
-                parameters=[GROUP],
+                "WebhookEndpoints",
+                "the endpoints",
             ),
-            "put": _op(
+            "put": _admin(
                 "replace a group's run-time webhook endpoints (the configured ones stay)",
-                {
-                    "200": _json(_ref("WebhookEndpoints"), "the endpoints after the change"),
-                    **_errors(*BODY_ERRORS, "401", "403", "404", "429", "503"),
-                },
-                "admin",
-                security=ADMIN,
-                parameters=[GROUP],
-                requestBody=_body(_ref("WebhookEndpointsChange")),
+                "WebhookEndpoints",
+                "the endpoints after the change",
+                "WebhookEndpointsChange",
             ),
         },
         "/v1/admin/groups/{group}/webhooks/dead-letters": {
-            "get": _op(
-                "the newest events an endpoint never took within webhook_retry_for",
-                {"200": _json(_ref("DeadLetters"), "newest first"), **_errors("401", "403", "404", "429", "503")},
-                "admin",
-                security=ADMIN,
-                parameters=[GROUP],
+            "get": _admin(
+                "the newest events an endpoint never took within webhook_retry_for", "DeadLetters", "newest first"
             ),
         },
     }

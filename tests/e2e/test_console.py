@@ -2,14 +2,13 @@
 1366x768: a dense sortable list (20 visitors on screen), unwatch and clear,
 presence shown as stale while the console reconnects, errors in words,
 Show terms only for online visitors, readable names for code callers, ended
-sessions dismissed. Visitors are the Python SDK's; screenshots go to the
-test's tmp_path.
+sessions dismissed. Visitors are the Python SDK's; screenshots go to
+test-artifacts/ (git-ignored).
 """
 
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, Locator, Page, expect
@@ -29,19 +28,6 @@ async def herald() -> AsyncIterator[HeraldServer]:
     server = await HeraldServer(demo_settings(grace_period=5)).start()
     yield server
     await server.stop()
-
-
-@pytest.fixture
-def shot(tmp_path: Path) -> Shot:
-    """Screenshot the viewport (what an agent sees on a 1366x768 screen) into tmp_path."""
-    count = 0
-
-    async def shot(page: Page, step: str) -> None:
-        nonlocal count
-        count += 1
-        await page.screenshot(path=str(tmp_path / f"{count:02d}-{step}.png"))
-
-    return shot
 
 
 @pytest.fixture

@@ -9,8 +9,8 @@ browser's own "share this tab?" prompt (the visitor's consent on the page is
 *Accept*), so the visitor page's own tab is captured. The pages are driven as a
 person would; what they capture is recorded by an init script that wraps
 ``getDisplayMedia`` and ``getUserMedia``, so a test can tell that nothing was
-captured before *Accept*, and that every track stopped. Screenshots go to the
-test's ``tmp_path``.
+captured before *Accept*, and that every track stopped. Screenshots go to
+``test-artifacts/`` (git-ignored).
 """
 
 from __future__ import annotations
@@ -19,7 +19,6 @@ import asyncio
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
-from pathlib import Path
 
 import pytest
 from playwright.async_api import Browser, Page, expect
@@ -86,19 +85,6 @@ document.addEventListener("securitypolicyviolation", (e) => __csp.push(`${e.viol
 
 Servers = tuple[HeraldServer, HeraldServer]
 Shot = Callable[[Page, str], Awaitable[None]]
-
-
-@pytest.fixture
-def shot(tmp_path: Path) -> Shot:
-    """Screenshot a page into the test's tmp_path (never committed)."""
-    count = 0
-
-    async def shot(page: Page, step: str) -> None:
-        nonlocal count
-        count += 1
-        await page.screenshot(path=str(tmp_path / f"{count:02d}-{step}.png"), full_page=True)
-
-    return shot
 
 
 @pytest.fixture(params=["one instance", "two instances"])

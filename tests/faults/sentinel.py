@@ -15,14 +15,11 @@ import signal
 import subprocess
 import tempfile
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import redis
-
 from ..processes import free_port
-from ..redis_server import redis_binary
+from ..redis_server import loopback_client, poll, redis_binary
 
 MASTER_NAME = "mymaster"
 QUORUM = 2
@@ -31,24 +28,6 @@ FAILOVER_TIMEOUT_MS = 5000
 START_TIMEOUT = 10.0  # seconds for one redis-server to answer PING
 DISCOVERY_TIMEOUT = 30.0  # seconds for the Sentinels to see the replica and each other
 STOP_TIMEOUT = 5.0
-
-
-def _client(port: int) -> redis.Redis:
-    return redis.Redis(host="127.0.0.1", port=port, socket_timeout=1.0, socket_connect_timeout=1.0)
-
-
-def _poll(check: Callable[[], Any], within: float, what: str) -> Any:
-    """Call ``check`` every 50 ms until it returns something truthy (errors count as no)."""
-    deadline = time.monotonic() + within
-    last: Exception | None = None
-    while time.monotonic() < deadline:
-        try:
-            if value := check():
-                return value
-        except (redis.RedisError, OSError) as exc:
-            last = exc
-        time.sleep(0.05)
-    raise RuntimeError(f"not within {within}s: {what} (last error: {last!r})")
 
 
 class SentinelCluster:
@@ -71,10 +50,10 @@ class SentinelCluster:
         try:
             self._start_data_node("master", self.master_port)
             self._start_data_node("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port))
-            _poll(self._replica_synced, START_TIMEOUT, "the replica synced with the master")
+            poll(self._replica_synced, START_TIMEOUT, "the replica synced with the master")
             for index, port in enumerate(self.sentinel_ports):
                 self._start_sentinel(index, port)
-            _poll(self._sentinels_see_everyone, DISCOVERY_TIMEOUT, "every Sentinel sees the replica and the others")
+            poll(self._sentinels_see_everyone, DISCOVERY_TIMEOUT, "every Sentinel sees the replica and the others")
         except BaseException:
             self.stop()
             raise
@@ -102,7 +81,7 @@ class SentinelCluster:
 
     def master_address(self, sentinel_port: int | None = None) -> tuple[str, int] | None:
         port = sentinel_port or self.sentinel_ports[0]
-        address = _client(port).execute_command("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
+        address = loopback_client(port).execute_command("SENTINEL", "get-master-addr-by-name", MASTER_NAME)
         if not address:
             return None
         host, master_port = address
@@ -116,11 +95,11 @@ class SentinelCluster:
             return all(self.master_address(port) == ("127.0.0.1", self.replica_port) for port in self.sentinel_ports)
 
         def writable() -> bool:
-            role = _client(self.replica_port).execute_command("ROLE")
+            role = loopback_client(self.replica_port).execute_command("ROLE")
             return bool(role) and role[0] in (b"master", "master")
 
-        _poll(promoted, within, "the Sentinels promoted the replica")
-        _poll(writable, max(1.0, within - (time.monotonic() - started)), "the promoted replica acts as master")
+        poll(promoted, within, "the Sentinels promoted the replica")
+        poll(writable, max(1.0, within - (time.monotonic() - started)), "the promoted replica acts as master")
         return time.monotonic() - started
 
     def log(self, name: str) -> str:
@@ -140,7 +119,11 @@ class SentinelCluster:
         args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
         args += ["--dir", str(self.dir), "--dbfilename", f"{name}.rdb", "--protected-mode", "no"]
         self._spawn(name, [*args, "--loglevel", "warning", *extra])
-        _poll(lambda: self._alive(name) and _client(port).ping(), START_TIMEOUT, f"redis {name} on :{port} answers")
+        poll(
+            lambda: self._alive(name) and loopback_client(port).ping(),
+            START_TIMEOUT,
+            f"redis {name} on :{port} answers",
+        )
 
     def _start_sentinel(self, index: int, port: int) -> None:
         name = f"sentinel-{index}"
@@ -154,7 +137,7 @@ class SentinelCluster:
             f"sentinel failover-timeout {MASTER_NAME} {FAILOVER_TIMEOUT_MS}\n"
         )
         self._spawn(name, [str(config), "--sentinel"])
-        _poll(lambda: self._alive(name) and _client(port).ping(), START_TIMEOUT, f"{name} on :{port} answers")
+        poll(lambda: self._alive(name) and loopback_client(port).ping(), START_TIMEOUT, f"{name} on :{port} answers")
 
     def _alive(self, name: str) -> bool:
         process = self.processes[name]
@@ -163,13 +146,13 @@ class SentinelCluster:
         return True
 
     def _replica_synced(self) -> bool:
-        info = _client(self.master_port).info("replication")
+        info = loopback_client(self.master_port).info("replication")
         replica = info.get("slave0")
         return isinstance(replica, dict) and replica.get("state") == "online"
 
     def _sentinels_see_everyone(self) -> bool:
         for port in self.sentinel_ports:
-            client = _client(port)
+            client = loopback_client(port)
             replicas = client.execute_command("SENTINEL", "replicas", MASTER_NAME)
             sentinels = client.execute_command("SENTINEL", "sentinels", MASTER_NAME)
             if len(sentinels) < len(self.sentinel_ports) - 1:

@@ -11,21 +11,14 @@ answer), and each instance's /readyz said 503 during the gap and 200 after.
 
 from __future__ import annotations
 
-import asyncio
-import itertools
-import time
 from collections.abc import Awaitable, Callable
 
 import pytest
 
-from .conftest import SETTLE, Audit, Cluster, Readiness, SignalRecord, bounded, shared_problems
+from .conftest import FAILOVER_WITHIN, Audit, Cluster, assert_failover_loses_nothing, bounded
 from .sentinel import SentinelCluster
 
 pytestmark = pytest.mark.timeout(75)  # and the Sentinels' start (about 7 s), outside the test's own budget
-
-STAYING = 4  # visitors per instance
-SIGNAL_EVERY = 0.05  # seconds between the agent's signals
-FAILOVER_WITHIN = 20.0  # seconds for the Sentinels to promote the replica
 
 
 @bounded(45)
@@ -35,63 +28,10 @@ async def test_sentinel_failover_loses_no_live_visitor(
     audit_of: Callable[[Cluster], Audit],
 ) -> None:
     cluster = await start_cluster([sentinels.url] * 3)
-    audit = audit_of(cluster)
-    await audit.open_views()
-    await asyncio.gather(
-        *(audit.connect(f"stay-{i}-{k}", i) for i in range(3) for k in range(STAYING)),
-        *(audit.connect(f"leave-{i}", i) for i in range(3)),
-    )
-    await audit.wait_settled()
-    agent = audit.agent(0, "alice")
-    async with asyncio.timeout(15):
-        await agent.connect()
-    targets = [v for v in audit.live() if v.startswith("stay-")]
-    stop = asyncio.Event()
-    sending: list[asyncio.Task[SignalRecord]] = []
-
-    async def keep_signalling() -> None:
-        for n in itertools.count():
-            if stop.is_set() or n >= 2000:
-                return
-            sending.append(asyncio.create_task(audit.send_signal(agent, targets[n % len(targets)])))
-            await asyncio.sleep(SIGNAL_EVERY)
-
-    signaller = asyncio.create_task(keep_signalling())
-    await asyncio.sleep(1.0)  # signals flow before the fault
-    readiness = Readiness(cluster, every=0.1).start()
-
-    sentinels.kill_master()
-    killed_at = time.monotonic()
-    # During the gap: visitors leave and arrive.
-    await asyncio.sleep(0.3)
-    await asyncio.gather(*(audit.close(f"leave-{i}") for i in range(3)))
-    arrivals = [audit.connect_later(f"new-{i}", i) for i in range(3)]
-    took = await asyncio.to_thread(sentinels.wait_for_failover, FAILOVER_WITHIN)
-    promoted_at = time.monotonic()
-
-    await asyncio.sleep(SETTLE)  # signals keep flowing after the promotion
-    stop.set()
-    await signaller
-    async with asyncio.timeout(30):
-        await asyncio.gather(*sending)
-    connects = await asyncio.gather(*arrivals, return_exceptions=True)
-    verdict = await audit.verify(promoted_at)
-    await readiness.stop()
-
-    wrong, unanswered = audit.judge_signals()
-    story = (
-        f"master killed; the Sentinels promoted the replica {took:.2f}s later; "
-        f"{len(audit.signals)} signals: {audit.signal_tally()}"
-    )
-    print(f"\n{story}\n{verdict.report()}\nreadyz: {readiness.summary(killed_at)}\n{audit.visitor_report()}")
-    problems = shared_problems("failover", connects, verdict, readiness, [0, 1, 2], (killed_at, promoted_at + SETTLE))
-    if wrong:
-        problems.append(f"{len(wrong)} signals answered wrongly: {wrong[:10]}")
-    if unanswered:
-        problems.append(f"{len(unanswered)} signals never answered: {unanswered[:10]}")
-    assert not problems, (
-        story
-        + "\n"
-        + "\n".join(problems)
-        + f"\nreadyz (from the kill): {readiness.summary(killed_at)}\n{audit.visitor_report()}\n{cluster.explain()}"
+    await assert_failover_loses_nothing(
+        cluster,
+        audit_of(cluster),
+        kill=sentinels.kill_master,
+        wait_for_failover=lambda: sentinels.wait_for_failover(FAILOVER_WITHIN),
+        story=lambda took: f"master killed; the Sentinels promoted the replica {took:.2f}s later",
     )
