@@ -21,9 +21,10 @@ import time
 from pathlib import Path
 
 import pytest
+import redis
 
 from .processes import free_port
-from .redis_server import loopback_client, poll, redis_binary
+from .redis_server import TlsFiles, loopback_client, poll, redis_binary
 
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout: a master silent this long is failed over
 START_TIMEOUT = 10.0
@@ -43,12 +44,15 @@ def redis_cli_binary() -> str:
 
 
 class RedisClusterServers:
-    """Six nodes, three masters with one replica each."""
+    """Six nodes, three masters with one replica each; or, with ``tls``, three
+    masters that speak TLS only (clients, the cluster bus, replication) and
+    know the ACL user of ``tls``."""
 
-    def __init__(self, nodes: int = 6) -> None:
+    def __init__(self, replicas: int = 1, tls: TlsFiles | None = None) -> None:
         self.binary, self.cli = redis_binary(), redis_cli_binary()
+        self.replicas_per_master, self.tls = replicas, tls
         self.dir = Path(tempfile.mkdtemp(prefix="herald-cluster-"))
-        self.ports = [free_port() for _ in range(nodes)]
+        self.ports = [free_port() for _ in range(3 * (1 + replicas))]
         # Each node's cluster bus port, given (its default, port + 10000, may be taken or past 65535).
         self.bus_ports = {port: free_port() for port in self.ports}
         self.processes: dict[int, subprocess.Popen[bytes]] = {}
@@ -56,15 +60,21 @@ class RedisClusterServers:
     @property
     def url(self) -> str:
         """Herald's ``redis_url`` for it: every node as a seed."""
-        return "redis+cluster://" + ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        nodes = ",".join(f"127.0.0.1:{port}" for port in self.ports)
+        return f"redis+cluster://{nodes}" if self.tls is None else f"rediss+cluster://{self.tls.user_info()}@{nodes}"
+
+    def client(self, port: int) -> redis.Redis:
+        """An administrator's client of one node."""
+        return loopback_client(port) if self.tls is None else self.tls.admin_client(port)
 
     def start(self) -> RedisClusterServers:
         try:
             for port in self.ports:
                 self._start_node(port)
             nodes = [f"127.0.0.1:{port}" for port in self.ports]
+            replicas = ["--cluster-replicas", str(self.replicas_per_master), "--cluster-yes"]
             subprocess.run(
-                [self.cli, "--cluster", "create", *nodes, "--cluster-replicas", "1", "--cluster-yes"],
+                [self.cli, *(self.tls.cli_args() if self.tls else []), "--cluster", "create", *nodes, *replicas],
                 check=True,
                 capture_output=True,
                 timeout=FORM_TIMEOUT,
@@ -76,19 +86,20 @@ class RedisClusterServers:
         return self
 
     def _start_node(self, port: int) -> None:
+        listen = ["--port", str(port)] if self.tls is None else self.tls.server_args(port, cluster=True)
         args = [
-            self.binary, "--port", str(port), "--bind", "127.0.0.1", "--cluster-enabled", "yes",
+            self.binary, *listen, "--bind", "127.0.0.1", "--cluster-enabled", "yes",
             "--cluster-config-file", f"nodes-{port}.conf", "--cluster-node-timeout", str(NODE_TIMEOUT_MS),
             "--cluster-port", str(self.bus_ports[port]),
             "--save", "", "--appendonly", "no", "--dir", str(self.dir), "--protected-mode", "no",
             "--loglevel", "warning", "--logfile", str(self.dir / f"{port}.log"),
         ]  # fmt: skip
         self.processes[port] = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        poll(lambda: loopback_client(port).ping(), START_TIMEOUT, f"node :{port} answers PING")
+        poll(lambda: self.client(port).ping(), START_TIMEOUT, f"node :{port} answers PING")
 
     def _formed(self) -> bool:
         for port in self.live_ports():
-            info = loopback_client(port).cluster("info")
+            info = self.client(port).cluster("info")
             if info.get("cluster_state") != "ok" or int(info.get("cluster_known_nodes", 0)) != len(self.processes):
                 return False
         masters = self.masters()
@@ -100,7 +111,7 @@ class RedisClusterServers:
     def _roles(self) -> dict[int, bytes]:
         roles = {}
         for port in self.live_ports():
-            with loopback_client(port) as client:
+            with self.client(port) as client:
                 roles[port] = client.execute_command("ROLE")[0]
         return roles
 
@@ -111,13 +122,13 @@ class RedisClusterServers:
         return sorted(port for port, role in self._roles().items() if role == b"slave")
 
     def replica_in_sync(self, port: int) -> bool:
-        with loopback_client(port) as client:
+        with self.client(port) as client:
             info = client.info("replication")
         return info.get("master_link_status") == "up"
 
     def master_of(self, key: str) -> int:
         """The port of the master serving ``key``'s slot."""
-        with loopback_client(self.live_ports()[0]) as client:
+        with self.client(self.live_ports()[0]) as client:
             slot = client.cluster("keyslot", key)
             for start, end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
                 if start <= slot <= end:
@@ -137,7 +148,7 @@ class RedisClusterServers:
 
         def promoted() -> bool:
             for port in self.live_ports():
-                with loopback_client(port) as client:
+                with self.client(port) as client:
                     if client.cluster("info").get("cluster_state") != "ok":
                         return False
                     for _start, _end, master, *_replicas in client.execute_command("CLUSTER", "SLOTS"):
@@ -164,7 +175,7 @@ class RedisClusterServers:
         """Calls per command, summed over the masters (``INFO commandstats``)."""
         totals: dict[str, int] = {}
         for port in self.masters():
-            with loopback_client(port) as client:
+            with self.client(port) as client:
                 for name, stats in client.info("commandstats").items():
                     totals[name] = totals.get(name, 0) + int(stats["calls"])
         return totals

@@ -14,6 +14,8 @@ import subprocess
 import tempfile
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,6 +33,74 @@ def redis_binary() -> str:
             pytest.fail(message)
         pytest.skip(message)
     return binary
+
+
+def openssl() -> str:
+    binary = shutil.which("openssl")
+    if binary is None:
+        message = "openssl is not on PATH (apt-get install openssl)"
+        if os.environ.get("CI") == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return binary
+
+
+@dataclass(frozen=True)
+class TlsFiles:
+    """A CA and a server certificate for 127.0.0.1 made with openssl, and the
+    ACL users of a TLS-only redis-server: ``herald``, allowed only the keys
+    and channels under ``prefix`` and no dangerous command, and the default
+    user (the tests' administrator) with a password."""
+
+    ca: Path
+    cert: Path
+    key: Path
+    prefix: str
+    password: str = "tls-test-password-0123456789"
+    admin_password: str = "tls-test-admin-0123456789"
+
+    @classmethod
+    def make(cls, directory: Path, prefix: str) -> TlsFiles:
+        names = ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem", "server.ext")
+        ca_key, ca, key, csr, cert, extensions = (directory / name for name in names)
+        extensions.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
+
+        def run(*args: str) -> None:
+            subprocess.run([openssl(), *args], check=True, capture_output=True, timeout=30)
+
+        run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
+            "-days", "2", "-subj", "/CN=herald test CA")  # fmt: skip
+        run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
+        run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
+            "-out", str(cert), "-days", "2", "-extfile", str(extensions))  # fmt: skip
+        return cls(ca, cert, key, prefix)
+
+    def user_info(self, password: str | None = None) -> str:
+        return f"herald:{self.password if password is None else password}"
+
+    def server_args(self, port: int, *, cluster: bool = False) -> list[str]:
+        """redis-server arguments: TLS only on ``port`` (the cluster bus and
+        replication too, for a cluster node), and the two users."""
+        args = ["--port", "0", "--tls-port", str(port), "--tls-cert-file", str(self.cert),
+                "--tls-key-file", str(self.key), "--tls-ca-cert-file", str(self.ca),
+                "--tls-auth-clients", "no"]  # fmt: skip  # the server proves itself; clients log in with a password
+        if cluster:
+            args += ["--tls-cluster", "yes", "--tls-replication", "yes", "--masterauth", self.admin_password]
+        # One argument per word: redis-server joins the words after an option into its line.
+        admin = ["--user", "default", "on", f">{self.admin_password}", "~*", "&*", "+@all"]
+        herald = ["--user", "herald", "on", f">{self.password}", f"~{self.prefix}:*", f"&{self.prefix}:*",
+                  "+@all", "-@dangerous"]  # fmt: skip
+        return [*args, *admin, *herald]
+
+    def cli_args(self) -> list[str]:
+        """redis-cli arguments to reach such a server as the administrator."""
+        return ["--tls", "--cacert", str(self.ca), "-a", self.admin_password, "--no-auth-warning"]
+
+    def admin_client(self, port: int) -> redis.Redis:
+        return redis.Redis(
+            host="127.0.0.1", port=port, password=self.admin_password, ssl=True, ssl_ca_certs=str(self.ca),
+            socket_timeout=1.0, socket_connect_timeout=1.0,
+        )  # fmt: skip
 
 
 def loopback_client(port: int) -> redis.Redis:

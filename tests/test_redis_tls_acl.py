@@ -1,116 +1,57 @@
 """Redis over TLS, as an ACL user limited to Herald's keys and channels.
 
-The test makes a CA and a server certificate with openssl, starts a
-redis-server of its own that speaks TLS only (``--port 0 --tls-port``) and
-knows one user, ``herald``, allowed the keys ``<prefix>:*`` and the
-channels ``<prefix>:*`` and no dangerous command; the default user is off.
-Two instances then connect with ``rediss://herald:…@127.0.0.1:<port>/0``
-and ``redis_ca_file``, and work as a cluster. Without the CA, or with a
-wrong password, an instance never gets ready and says why.
+The test makes a CA and a server certificate with openssl and starts Redis
+that speaks TLS only (``--port 0 --tls-port``; a cluster's bus and
+replication too) and knows the user ``herald``, allowed the keys
+``<prefix>:*`` and the channels ``<prefix>:*`` and no dangerous command
+(the default user, the tests' administrator, has a password). Two instances
+then connect as ``herald`` with ``redis_ca_file`` and work as a cluster:
+to one server (``rediss://herald:…@127.0.0.1:<port>/0``) and to a Redis
+Cluster of three masters (``rediss+cluster://herald:…@node,node,node``).
+Without the CA, or with a wrong password, an instance never gets ready and
+says why.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
-import socket
-import ssl
 import subprocess
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 import redis.asyncio as aioredis
+from redis.asyncio.cluster import RedisCluster
 from redis.exceptions import NoPermissionError
 
 from herald_presence.server.web.keys import HUB
 
 from .harness import HeraldServer, changed, settings, signal
 from .processes import free_port
-from .redis_server import redis_binary
+from .redis_cluster import RedisClusterServers
+from .redis_server import TlsFiles, poll, redis_binary
 
 PREFIX = "herald-tls"
-PASSWORD = "tls-test-password-0123456789"
-
-
-def openssl() -> str:
-    binary = shutil.which("openssl")
-    if binary is None:
-        message = "openssl is not on PATH (apt-get install openssl)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
-
-
-def make_certificates(directory: Path) -> tuple[Path, Path, Path]:
-    """(CA certificate, server certificate, server key): the server's for 127.0.0.1 and localhost."""
-    ca_key, ca, key, csr, cert = (directory / n for n in ("ca.key", "ca.pem", "server.key", "server.csr", "server.pem"))
-    extensions = directory / "server.ext"
-    extensions.write_text("subjectAltName = IP:127.0.0.1, DNS:localhost\n")
-
-    def run(*args: str) -> None:
-        subprocess.run([openssl(), *args], check=True, capture_output=True, timeout=30)
-
-    run("req", "-x509", "-newkey", "rsa:2048", "-nodes", "-keyout", str(ca_key), "-out", str(ca),
-        "-days", "2", "-subj", "/CN=herald test CA")  # fmt: skip
-    run("req", "-newkey", "rsa:2048", "-nodes", "-keyout", str(key), "-out", str(csr), "-subj", "/CN=127.0.0.1")
-    run("x509", "-req", "-in", str(csr), "-CA", str(ca), "-CAkey", str(ca_key), "-CAcreateserial",
-        "-out", str(cert), "-days", "2", "-extfile", str(extensions))  # fmt: skip
-    return ca, cert, key
+PASSWORD = TlsFiles.password
 
 
 class TlsRedis:
     def __init__(self, directory: Path) -> None:
         self.directory = directory
-        self.ca, self.cert, self.key = make_certificates(directory)
+        self.files = TlsFiles.make(directory, PREFIX)
+        self.ca = self.files.ca
         self.port = free_port()
         self.process: subprocess.Popen[bytes] | None = None
 
     def url(self, password: str = PASSWORD) -> str:
-        return f"rediss://herald:{password}@127.0.0.1:{self.port}/0"
+        return f"rediss://{self.files.user_info(password)}@127.0.0.1:{self.port}/0"
 
     def start(self) -> TlsRedis:
-        config = self.directory / "redis.conf"
-        config.write_text(
-            "\n".join(
-                [
-                    "port 0",
-                    f"tls-port {self.port}",
-                    "bind 127.0.0.1",
-                    f"tls-cert-file {self.cert}",
-                    f"tls-key-file {self.key}",
-                    f"tls-ca-cert-file {self.ca}",
-                    "tls-auth-clients no",  # the server proves itself; clients log in with a password
-                    'save ""',
-                    "appendonly no",
-                    f"dir {self.directory}",
-                    "loglevel warning",
-                    "user default off",
-                    f"user herald on >{PASSWORD} ~{PREFIX}:* &{PREFIX}:* +@all -@dangerous",
-                ]
-            )
-            + "\n"
-        )
-        self.process = subprocess.Popen(
-            [redis_binary(), str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
-        )
-        deadline = time.monotonic() + 10
-        context = ssl.create_default_context(cafile=str(self.ca))
-        while time.monotonic() < deadline:
-            try:
-                with (
-                    socket.create_connection(("127.0.0.1", self.port), timeout=0.5) as raw,
-                    context.wrap_socket(raw, server_hostname="127.0.0.1") as sock,
-                ):
-                    sock.sendall(b"PING\r\n")
-                    if sock.recv(64):  # NOAUTH: it answers over TLS
-                        return self
-            except OSError:
-                time.sleep(0.05)
-        raise RuntimeError("redis-server with TLS did not start")
+        args = [redis_binary(), *self.files.server_args(self.port), "--bind", "127.0.0.1", "--save", ""]
+        args += ["--appendonly", "no", "--dir", str(self.directory), "--loglevel", "warning"]
+        self.process = subprocess.Popen(args, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        poll(lambda: self.files.admin_client(self.port).ping(), 10, "redis-server answers over TLS")
+        return self
 
     def stop(self) -> None:
         if self.process is not None:
@@ -126,8 +67,24 @@ def tls_redis(tmp_path: Path) -> Iterator[TlsRedis]:
     server.stop()
 
 
-async def test_a_cluster_works_over_tls_as_a_user_limited_to_its_prefix(tls_redis: TlsRedis) -> None:
-    options = {"redis_url": tls_redis.url(), "redis_ca_file": str(tls_redis.ca), "redis_prefix": PREFIX}
+@pytest.fixture(params=["standalone", "cluster"])
+def tls_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[tuple[str, Path]]:
+    """(``redis_url``, CA file) of a TLS-only Redis with the limited user: one
+    server, or a Redis Cluster of three masters (``rediss+cluster://``)."""
+    if request.param == "standalone":
+        server = request.getfixturevalue("tls_redis")
+        yield server.url(), server.ca
+        return
+    cluster = RedisClusterServers(replicas=0, tls=TlsFiles.make(tmp_path, PREFIX)).start()
+    try:
+        yield cluster.url, cluster.tls.ca
+    finally:
+        cluster.stop()
+
+
+async def test_a_cluster_works_over_tls_as_a_user_limited_to_its_prefix(tls_url: tuple[str, Path]) -> None:
+    url, ca = tls_url
+    options = {"redis_url": url, "redis_ca_file": str(ca), "redis_prefix": PREFIX}
     a = await HeraldServer(settings(**options)).start()
     b = await HeraldServer(settings(**options)).start()
     try:
@@ -148,7 +105,10 @@ async def test_a_cluster_works_over_tls_as_a_user_limited_to_its_prefix(tls_redi
         await b.stop()
 
     # The user really is limited: nothing outside the prefix, no dangerous command.
-    client = aioredis.Redis.from_url(tls_redis.url(), ssl_ca_certs=str(tls_redis.ca))
+    if url.startswith("rediss+cluster://"):  # a seed node's URL: the cluster client finds the others
+        client = RedisCluster.from_url(url.replace("+cluster", "").split(",")[0], ssl_ca_certs=str(ca))
+    else:
+        client = aioredis.Redis.from_url(url, ssl_ca_certs=str(ca))
     try:
         assert await client.exists(f"{PREFIX}:instances")
         with pytest.raises(NoPermissionError):
