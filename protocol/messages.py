@@ -157,6 +157,7 @@ class Hello(Message):
     session_token: str | None = wire(checks.token, None)  # consumer joining a REST-made session
     data: dict[str, Any] | None = wire(checks.flat_map, None)
     visible: bool | None = wire(checks.boolean, None)
+    session: str | None = wire(checks.identifier, None)  # the support session a visitor believes it holds
 
 
 @message("refresh")
@@ -375,13 +376,19 @@ SESSION_EVENTS = ("started", "ended", "error")
 class SessionEvent(Message):
     """Server -> agents: a session's lifecycle. Agents waiting for its key,
     agents in it, and agents watching its visitor get these. ``reason``
-    says why it ended (ended, visitor_offline, replaced)."""
+    says why it ended (ended, visitor_offline, replaced, terminated).
+
+    Server -> visitor: ``ended``, for the session its connection holds (its
+    group's back end ended it), or for the one its hello named when that is
+    no longer live for it (a reconnect, PROTOCOL.md §11.2). That one has no
+    ``key`` or ``key_type``: the visitor knows them, and Herald may not any
+    more; every other session_event has both."""
 
     event: str = wire(checks.one_of(*SESSION_EVENTS))
     session: str = wire(checks.identifier)
-    key: str = wire(checks.identifier)
     visitor: str = wire(checks.identifier)
-    key_type: str = wire(checks.one_of(*KEY_TYPES))
+    key: str | None = wire(checks.identifier, None)
+    key_type: str | None = wire(checks.one_of(*KEY_TYPES), None)
     reason: str | None = wire(checks.text, None)
 
 

@@ -4,6 +4,10 @@ A customer's back end holds its group's secret and mints these; Herald only
 verifies them. Both are ``"<expires>.<signature>"`` where ``expires`` is unix
 seconds and the signature is HMAC-SHA256 over a role-tagged message, so a
 visitor token can never pass as an agent key (or for another group or ID).
+
+``make_jwt`` mints the same credential as an HS256 JWT (PROTOCOL.md §4.2)
+with the standard library: the claims the server requires, signed with the
+group's secret. The server verifies JWTs itself (``server/web/credentials.py``).
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import hmac
+import json
 import time
 from collections.abc import Iterable
 
@@ -20,6 +25,7 @@ VISITOR = "visitor"
 AGENT = "agent"
 API = "api"  # a CRM back end calling the REST API
 MAX_TOKEN_LIFETIME = 366 * 24 * 3600
+JWT_AUDIENCE = "herald"  # the ``aud`` a group takes unless it sets its own ``jwt_audience``
 
 
 def _signature(secret: str, role: str, group: str, subject: str, expires: int) -> str:
@@ -32,6 +38,30 @@ def make_token(secret: str, role: str, group: str, subject: str, ttl: float = 36
     """Mint a token for ``subject`` (a visitor or agent ID) in ``group``."""
     expires = int((time.time() if now is None else now) + ttl)
     return f"{expires}.{_signature(secret, role, group, subject, expires)}"
+
+
+def _b64url(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).rstrip(b"=").decode()
+
+
+def make_jwt(
+    secret: str,
+    role: str,
+    group: str,
+    subject: str,
+    ttl: float = 3600,
+    audience: str = JWT_AUDIENCE,
+    now: float | None = None,
+) -> str:
+    """An HS256 JWT for ``subject`` (a visitor or agent ID; the group for an
+    API key) in ``group``: the claims ``sub``, ``group``, ``role``, ``aud``,
+    ``iat`` and ``exp``, signed with the group's ``secret``."""
+    issued = int(time.time() if now is None else now)
+    header = {"alg": "HS256", "typ": "JWT"}
+    claims = {"sub": subject, "group": group, "role": role, "aud": audience, "iat": issued, "exp": int(issued + ttl)}
+    signed = ".".join(_b64url(json.dumps(part, separators=(",", ":")).encode()) for part in (header, claims))
+    mac = hmac.new(secret.encode(), signed.encode(), hashlib.sha256).digest()
+    return f"{signed}.{_b64url(mac)}"
 
 
 def visitor_token(secret: str, group: str, visitor: str, ttl: float = 3600) -> str:

@@ -110,7 +110,8 @@ EVENTS_LOST = Counter(
 )
 WEBHOOK_EVENTS = Counter(
     "herald_webhook_events",
-    "Events an endpoint was due, by how they ended: delivered, or dead_lettered after webhook_retry_for",
+    "Events an endpoint was due, by how they ended: delivered, dead_lettered after webhook_retry_for, or "
+    "abandoned (memory mode: still undelivered when the process stopped)",
     ["endpoint", "outcome"],
     registry=REGISTRY,
 )

@@ -6,10 +6,13 @@ from typing import Any
 
 import pytest
 
+from herald_presence.server.config import check_ice_servers
+
 from . import slot_check
 from .harness import HeraldServer, settings
 from .redis_cluster import RedisClusterServers
 from .redis_server import RedisServer
+from .turn_server import TurnServer
 
 BACKENDS = ["memory", "redis"]
 # Modules that run on a Redis Cluster too import their fixtures from ``tests/topologies.py``
@@ -142,3 +145,26 @@ async def start_instance(redis_url: str, prefix: str) -> AsyncIterator[Start]:
     yield start
     for instance in started:
         await instance.stop()
+
+
+TURN_SECRET = "coturn-static-auth-secret-for-tests"
+
+
+@pytest.fixture(scope="module")
+def coturn() -> Iterator[TurnServer]:
+    """A coturn of the tests' own (``tests/turn_server.py``) with ``TURN_SECRET``."""
+    server = TurnServer(TURN_SECRET).start()
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+async def herald_with_turn(coturn: TurnServer) -> AsyncIterator[HeraldServer]:
+    """A Herald whose group ``acme`` has the tests' coturn as its TURN server."""
+    server_settings = settings()
+    server_settings.groups["acme"].ice_servers = check_ice_servers(
+        [{"urls": [coturn.url], "secret": TURN_SECRET, "ttl": 600}]
+    )
+    server = await HeraldServer(server_settings).start()
+    yield server
+    await server.stop()

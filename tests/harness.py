@@ -7,18 +7,22 @@ websockets when a test needs to send bytes no SDK would.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterable
+import socket
+from collections.abc import AsyncIterator, Iterable
 from typing import Any
 
 import aiohttp
 
 from herald_presence.protocol import codec, tokens
 from herald_presence.protocol.client.agent import AgentClient
+from herald_presence.protocol.client.base import Disconnected
 from herald_presence.protocol.client.visitor import VisitorClient
+from herald_presence.protocol.errors import CloseCode
 from herald_presence.protocol.messages import Hello, Message
 from herald_presence.server.backends.base import Backend
 from herald_presence.server.config import Settings, load
 from herald_presence.server.process.app import make_app
+from herald_presence.server.web.keys import HUB
 from herald_presence.server.web.listener import HeraldRunner, HeraldSite
 
 SECRET = "test-secret-acme-0123456789"
@@ -112,6 +116,28 @@ class HeraldServer:
                 welcome = codec.decode(await ws.receive_bytes(timeout=5))
                 assert welcome.TYPE == "welcome", welcome
             yield ws
+
+
+@contextlib.asynccontextmanager
+async def away(
+    herald: HeraldServer, visitor: VisitorClient, back_to: HeraldServer | None = None
+) -> AsyncIterator[None]:
+    """The visitor's connections on ``herald`` are dropped (close 4002, as a
+    drain does) and its SDK cannot get back until the block ends: meanwhile
+    its address leads to a port that refuses connections. Then it reconnects
+    on its own, to ``herald`` or (as a load balancer would send it) to ``back_to``."""
+    home = (back_to or herald).base_url
+    with socket.socket() as nowhere:
+        nowhere.bind(("127.0.0.1", 0))  # bound, never listening: every connection to it is refused
+        visitor.base_url = f"http://127.0.0.1:{nowhere.getsockname()[1]}"
+        for conn in herald.app[HUB].visitors.all():
+            if conn.subject == visitor.visitor:
+                conn.leave(CloseCode.RECONNECT, "the test took it away")
+        await visitor.wait_for(Disconnected)
+        try:
+            yield
+        finally:
+            visitor.base_url = home
 
 
 Samples = dict[tuple[str, frozenset[tuple[str, str]]], float]

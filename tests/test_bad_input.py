@@ -129,6 +129,7 @@ def _hello(
         ("unsupported_version", ErrorCode.UNSUPPORTED_VERSION, CloseCode.UNSUPPORTED_VERSION),
         ("first_frame_not_hello", ErrorCode.HANDSHAKE_REQUIRED, CloseCode.HANDSHAKE_FAILED),
         ("first_frame_garbage", ErrorCode.BAD_FRAME, CloseCode.HANDSHAKE_FAILED),
+        ("held_session_not_an_identifier", ErrorCode.INVALID, CloseCode.HANDSHAKE_FAILED),
     ],
 )
 async def test_bad_visitor_handshake_is_refused_with_its_codes(
@@ -145,6 +146,15 @@ async def test_bad_visitor_handshake_is_refused_with_its_codes(
         "unsupported_version": _hello(versions=[99]),
         "first_frame_not_hello": codec.encode(Ping()),
         "first_frame_garbage": b"\xc1\xc1",
+        "held_session_not_an_identifier": codec.encode(
+            Hello(
+                versions=[1],
+                group="acme",
+                visitor="v1",
+                token=tokens.visitor_token(SECRET, "acme", "v1"),
+                session="s1 OR 1=1",
+            )
+        ),
     }
     error, code = await _handshake(herald, frames[case])
     assert error is not None and error.code == error_code

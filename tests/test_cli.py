@@ -5,6 +5,8 @@ own PID."""
 from __future__ import annotations
 
 import asyncio
+import base64
+import json
 import re
 import signal
 import subprocess
@@ -17,6 +19,7 @@ import aiohttp
 import pytest
 
 from herald_presence import server
+from herald_presence.protocol.client.agent import AgentClient
 from herald_presence.protocol.client.base import Disconnected, Refused
 from herald_presence.protocol.client.visitor import VisitorClient
 from herald_presence.protocol.errors import CloseCode, ErrorCode
@@ -49,12 +52,18 @@ def run_cli(*args: str, timeout: float = CLI_TIMEOUT, stdin: str = "") -> subpro
     )
 
 
-def mint(role: str, group: str, subject: str, secret: str) -> str:
+def mint(role: str, group: str, subject: str, secret: str, *options: str) -> str:
     """A token made the way the README says: ``herald token <role> --group --id``, the
     secret on standard input (never on the command line, where ``ps`` shows it)."""
-    result = run_cli("token", role, "--group", group, "--id", subject, stdin=secret + "\n")
+    result = run_cli("token", role, "--group", group, "--id", subject, *options, stdin=secret + "\n")
     assert result.returncode == 0, result.stderr
     return result.stdout.strip()
+
+
+def jwt_parts(token: str) -> tuple[dict[str, object], dict[str, object]]:
+    """A JWT's header and claims, as JSON (unverified)."""
+    header, claims, _signature = token.split(".")
+    return tuple(json.loads(base64.urlsafe_b64decode(part + "==")) for part in (header, claims))  # type: ignore[return-value]
 
 
 def test_token_without_a_secret_on_stdin_is_one_clear_error() -> None:
@@ -138,6 +147,63 @@ async def test_demo_server_refuses_a_token_signed_with_another_secret(demo_serve
     finally:
         await visitor.close()
     assert refused.value.code == ErrorCode.UNAUTHORIZED
+
+
+async def test_herald_token_jwt_mints_credentials_a_live_server_takes(demo_server: HeraldProcess) -> None:
+    """``--jwt``: an HS256 JWT with exactly the server's claims; a visitor connects with it, an
+    agent logs in and connects with it, a back end reads the audit trail with it."""
+    group, secret = demo_banner(demo_server.stdout())
+    visitor_jwt = await asyncio.to_thread(mint, "visitor", group, "v-jwt", secret, "--jwt", "--ttl", "600")
+    agent_jwt = await asyncio.to_thread(mint, "agent", group, "alice", secret, "--jwt")
+    api = await asyncio.to_thread(run_cli, "token", "api", "--group", group, "--jwt", stdin=secret + "\n")
+    assert api.returncode == 0, api.stderr
+    api_jwt = api.stdout.strip()
+
+    header, claims = jwt_parts(visitor_jwt)
+    assert header == {"alg": "HS256", "typ": "JWT"}
+    assert set(claims) == {"sub", "group", "role", "aud", "iat", "exp"}
+    assert (claims["sub"], claims["group"], claims["role"], claims["aud"]) == ("v-jwt", group, "visitor", "herald")
+    assert claims["exp"] == claims["iat"] + 600 and abs(claims["iat"] - time.time()) < 30  # type: ignore[operator]
+    assert jwt_parts(api_jwt)[1]["sub"] == group and jwt_parts(api_jwt)[1]["role"] == "api"
+
+    visitor = VisitorClient(demo_server.base_url, group, "v-jwt", visitor_jwt, reconnect=False)
+    agent = AgentClient(demo_server.base_url, group, "alice", agent_jwt, reconnect=False)
+    try:
+        async with asyncio.timeout(10):
+            assert (await visitor.connect()).visitor == "v-jwt"
+            welcome = await agent.connect()  # logs in with the key (POST /v1/agent/login), then connects
+    finally:
+        await visitor.close()
+        await agent.close()
+    assert (welcome.role, welcome.agent) == ("agent", "alice")
+    headers = {"Authorization": f"Bearer {api_jwt}"}
+    async with aiohttp.ClientSession() as http:
+        async with http.get(f"{demo_server.base_url}/v1/groups/{group}/events", headers=headers) as response:
+            assert response.status == 200, await response.text()
+        forged = await asyncio.to_thread(mint, "visitor", group, "v-jwt", "not-the-demo-secret-0123456789", "--jwt")
+        refused = VisitorClient(demo_server.base_url, group, "v-jwt", forged, reconnect=False)
+        try:
+            async with asyncio.timeout(10):
+                with pytest.raises(Refused) as refusal:
+                    await refused.connect()
+        finally:
+            await refused.close()
+    assert refusal.value.code == ErrorCode.UNAUTHORIZED
+
+
+def test_herald_token_jwt_takes_the_groups_audience_and_refuses_what_it_cannot_sign(tmp_path: Path) -> None:
+    config = tmp_path / "herald.toml"
+    config.write_text('[groups.acme]\nsecrets = ["cli-secret-0123456789"]\njwt_audience = "acme-crm"\n')
+    made = run_cli("token", "visitor", "--group", "acme", "--id", "v1", "--jwt", "--config", str(config))
+    assert made.returncode == 0, made.stderr
+    assert jwt_parts(made.stdout.strip())[1]["aud"] == "acme-crm"
+    chosen = run_cli("token", "agent", "--group", "acme", "--id", "a", "--jwt", "--audience", "other", "--config",
+                     str(config))  # fmt: skip
+    assert jwt_parts(chosen.stdout.strip())[1]["aud"] == "other"
+    v1 = run_cli("token", "visitor", "--group", "acme", "--id", "v1", "--audience", "x", stdin="cli-secret-0123456789")
+    assert v1.returncode == 1 and "--audience is for JWTs" in v1.stderr, v1.stderr
+    short = run_cli("token", "visitor", "--group", "acme", "--id", "v1", "--jwt", stdin="short\n")
+    assert short.returncode == 1 and short.stdout == "", short.stderr  # the same checks as for v1 tokens
 
 
 def test_demo_secrets_differ_between_starts(demo_server: HeraldProcess, run_herald: StartServer) -> None:

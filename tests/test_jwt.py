@@ -84,6 +84,9 @@ async def test_the_worked_examples_in_protocol_md_are_accepted_as_they_say(tmp_p
         "iat": DOCS_NOW,
         "exp": DOCS_NOW + 3600,
     }
+    # ``tokens.make_jwt`` (what ``herald token --jwt`` prints) makes these very tokens.
+    assert tokens.make_jwt(DOCS_SECRET, tokens.VISITOR, "acme", "v-42", 3600, now=DOCS_NOW) == hs_visitor
+    assert tokens.make_jwt(DOCS_SECRET, tokens.AGENT, "acme", "alice", 300, now=DOCS_NOW) == hs_agent
 
     (tmp_path / "jwks.json").write_text(jwks)
     rs_group = GroupConfig("acme", [DOCS_SECRET], jwt_algorithm="RS256", jwks_file=str(tmp_path / "jwks.json"))

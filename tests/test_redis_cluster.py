@@ -14,12 +14,14 @@ import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ResponseError
 
+from herald_presence.server.backends.base import LogWrite
 from herald_presence.server.backends.redis import STORE_IF_SCRIPT, RedisBackend
 from herald_presence.server.backends.redis_cluster import Shards, shard_tags, slot
 from herald_presence.server.backends.redis_connect import cluster_address, connect
 from herald_presence.server.config import ConfigError
+from herald_presence.server.model import events as ev
 from herald_presence.server.model import presence_rules
-from herald_presence.server.model.names import RedisNames
+from herald_presence.server.model.names import RedisNames, session_key
 
 from . import slot_check
 from .backends.conftest import REDIS_TIMINGS, RecordingListener, closed_in_time, conn, eventually
@@ -120,6 +122,38 @@ async def test_a_presence_change_is_one_script_on_one_slot(redis_cluster: RedisC
             keys = rest[: int(numkeys)]  # type: ignore[call-overload]
             assert {slot(str(k)) for k in keys} == {slot(f"{{{GROUP}}}")}, keys
             assert any(b":inst:" in str(k).encode() for k in keys)  # the instance's set, in the group's slot
+    finally:
+        await closed_in_time(backend)
+
+
+async def test_a_records_change_and_its_events_are_one_script_on_one_slot(redis_cluster: RedisClusterServers) -> None:
+    """A session's write and its events (``LogWrite``): one EVALSHA whose keys
+    are the record's and the log's, all in the group's slot, and both there
+    afterwards."""
+    backend = RedisBackend(redis_cluster.url, prefix="logged", **REDIS_TIMINGS)
+    await backend.start(RecordingListener())
+    try:
+        sent: list[tuple[object, ...]] = []
+        original = backend._batch.script
+
+        async def script(text: str, *args: object) -> object:
+            sent.append(args)
+            return await original(text, *args)
+
+        backend._batch.script = script  # type: ignore[method-assign]
+        event = ev.new_event(ev.SESSION_STARTED, GROUP, session="s1", visitor="v1")
+        key = session_key(GROUP, "s1")
+        assert await backend.kv_set(key, b"session", ttl=10, log=LogWrite(GROUP, append=[event]))
+        ended = ev.new_event(ev.SESSION_ENDED, GROUP, session="s1", visitor="v1", reason="ended")
+        assert await backend.kv_swap(key, None, log=LogWrite(GROUP, append=[ended], cancel=["end:s1"])) == b"session"
+        assert len(sent) == 2, "one script per change"
+        for numkeys, *rest in sent:
+            keys = [str(k) for k in rest[: int(numkeys)]]  # type: ignore[call-overload]
+            assert {slot(k) for k in keys} == {slot(f"{{{GROUP}}}")}, keys
+            assert backend.names.record(key) in keys and backend.names.events(GROUP) in keys, keys
+        assert [e["type"] for _, e in await backend.events.session_events(GROUP, "s1")] == [
+            "session.started", "session.ended",
+        ]  # fmt: skip
     finally:
         await closed_in_time(backend)
 

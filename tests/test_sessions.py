@@ -15,12 +15,22 @@ import pytest
 
 from herald_presence.protocol import RequestFailed, codec, tokens
 from herald_presence.protocol.client.base import Backoff, Connected, Disconnected, SessionLost
+from herald_presence.protocol.client.visitor import VisitorClient
 from herald_presence.protocol.errors import CloseCode, ErrorCode
-from herald_presence.protocol.messages import Error, GuestCount, Hello, SessionEvent, Signal, Welcome
+from herald_presence.protocol.messages import (
+    Error,
+    GuestCount,
+    Hello,
+    SessionConnected,
+    SessionEvent,
+    Signal,
+    Welcome,
+)
 from herald_presence.server.core import short_codes
 from herald_presence.server.web.keys import HUB
 
-from .harness import HeraldServer, drain, receive, signal
+from .harness import HeraldServer, away, drain, receive, signal
+from .test_revoke import call
 from .topologies import backend_name  # noqa: F401  (memory, redis and a Redis Cluster)
 
 Start = Callable[..., Awaitable[HeraldServer]]
@@ -291,6 +301,104 @@ async def test_a_visitor_back_within_the_grace_period_is_still_told_the_guest_co
     await agent.join_session(key="v1")
     told = await back.wait_for(GuestCount, timeout=2)
     assert (told.session, told.guests) == (connected.session, 1)
+
+
+# --- a session that ended while its visitor was away (§11.2) ------------------------------
+
+QUICK = Backoff(initial=0.05, factor=1.0, cap=0.05)  # reconnect attempts every 50 ms or less
+
+
+def lifecycle(event: Any) -> bool:
+    """What a visitor hears of its sessions."""
+    return isinstance(event, SessionEvent | SessionConnected)
+
+
+async def heard_on_return(visitor: VisitorClient, settle: float = 0.3) -> list[Any]:
+    """What the visitor hears of its sessions once it is back: up to its
+    ``Connected`` (the frames after the welcome may come first) and ``settle`` s more."""
+    events: list[Any] = []
+    async with asyncio.timeout(10):
+        while not isinstance(event := await visitor.next_event(), Connected):
+            events.append(event)
+    events += await drain(visitor, settle)
+    return [event for event in events if lifecycle(event)]
+
+
+async def test_a_session_ended_over_rest_while_its_visitor_was_away_is_reported_after_its_welcome(
+    herald: HeraldServer,
+) -> None:
+    visitor = await herald.visitor("v1", backoff=QUICK)
+    connected = await visitor.start_session("random")
+    agent = await herald.agent("alice")
+    await agent.join_session(code=connected.key)
+    async with away(herald, visitor):
+        status, _ = await call(herald, f"/v1/groups/acme/sessions/{connected.session}/end")
+        assert status == 200
+        await agent.wait_for(session_event("ended", "terminated"))
+        assert visitor.session_id == connected.session, "away: nothing told it yet"
+    heard = await heard_on_return(visitor)
+    assert len(heard) == 1 and isinstance(heard[0], SessionEvent), "told once, and no session to take over"
+    told = heard[0]
+    assert (told.event, told.session, told.visitor, told.reason) == ("ended", connected.session, "v1", "terminated")
+    assert (told.key, told.key_type) == (None, None), "a reconnect's ended names no key"
+    assert visitor.session is None
+
+    async with away(herald, visitor):  # with no session held, a reconnect hears nothing of sessions
+        pass
+    assert await heard_on_return(visitor) == []
+
+
+async def test_a_session_replaced_from_another_tab_while_away_is_reported_before_the_new_one(
+    herald: HeraldServer,
+) -> None:
+    tab = await herald.visitor("v1", backoff=QUICK)
+    first = await tab.start_session("visitor")
+    async with away(herald, tab):
+        other_tab = await herald.visitor("v1")
+        second = await other_tab.start_session("visitor")
+    ended, taken_over = await heard_on_return(tab)
+    assert isinstance(ended, SessionEvent) and (ended.event, ended.session, ended.reason) == (
+        "ended", first.session, "replaced",
+    )  # fmt: skip
+    assert isinstance(taken_over, SessionConnected) and taken_over.id is None
+    assert taken_over.session == second.session and tab.session == taken_over, "the newest connection takes it"
+
+
+async def test_a_session_that_ended_with_its_visitor_offline_is_reported_when_it_comes_back(
+    herald: HeraldServer,
+) -> None:
+    visitor = await herald.visitor("v1", backoff=QUICK)
+    connected = await visitor.start_session("visitor")
+    agent = await herald.agent("alice")
+    await agent.join_session(key="v1")
+    async with away(herald, visitor):  # past the grace period: offline, and its session ends
+        await agent.wait_for(session_event("ended", "visitor_offline"), timeout=herald.settings.grace_period + 5)
+    heard = await heard_on_return(visitor)
+    assert [(e.TYPE, e.session, getattr(e, "reason", None)) for e in heard] == [
+        ("session_event", connected.session, "visitor_offline"),
+    ]
+    assert visitor.session is None
+
+
+async def test_a_visitor_back_while_its_session_lives_only_takes_it_over(start_herald: Start) -> None:
+    herald = await start_herald(grace_period=5)
+    visitor = await herald.visitor("v1", backoff=QUICK)
+    connected = await visitor.start_session("visitor")
+    async with away(herald, visitor):
+        pass
+    heard = await heard_on_return(visitor)
+    assert [(type(e), e.session) for e in heard] == [(SessionConnected, connected.session)], heard
+    assert visitor.session is not None and visitor.session.session == connected.session
+
+
+async def test_a_hello_naming_an_unknown_session_is_told_it_ended_with_the_plain_reason(herald: HeraldServer) -> None:
+    token = tokens.visitor_token(herald.secret("acme"), "acme", "v1")
+    async with aiohttp.ClientSession() as http, http.ws_connect(herald.base_url + "/v1/visitor") as ws:
+        await ws.send_bytes(codec.encode(Hello(versions=[1], group="acme", visitor="v1", token=token, session="s0")))
+        assert isinstance(await receive(ws), Welcome)
+        told = await receive(ws)
+        assert isinstance(told, SessionEvent)
+        assert (told.event, told.session, told.visitor, told.reason, told.key) == ("ended", "s0", "v1", "ended", None)
 
 
 async def test_starting_another_session_ends_the_first_as_replaced(herald: HeraldServer) -> None:

@@ -12,11 +12,14 @@ import aiohttp
 import pytest
 
 from herald_presence.protocol import tokens
+from herald_presence.protocol.client.base import Backoff
 from herald_presence.protocol.messages import GuestCount, SessionEvent
 from herald_presence.server.core import short_codes
+from herald_presence.server.web.keys import HUB
 
 from .conftest import Start
-from .harness import OTHER_SECRET, SECRET, signal
+from .harness import OTHER_SECRET, SECRET, away, signal
+from .test_revoke import call
 from .topologies import redis_topology  # noqa: F401  (every test here: standalone and cluster)
 
 ADMIN_TOKEN = "admin-token-0123456789"
@@ -113,6 +116,27 @@ async def test_one_click_session_with_the_visitor_on_a_and_the_agent_on_b(start_
     await visitor.end_session()
     ended = await agent.wait_for(lambda e: isinstance(e, SessionEvent) and e.event == "ended")
     assert (ended.session, ended.reason) == (connected.session, "ended")
+
+
+async def test_a_visitor_away_from_a_whose_session_b_ended_is_told_when_it_comes_back_on_b(
+    start_instance: Start,
+) -> None:
+    """The visitor's connection on a drops; its group's back end ends the session
+    through b; the visitor comes back (a load balancer sends it to b) and hears,
+    right after its welcome, that its session ended and why (PROTOCOL.md §11.2)."""
+    a, b = await start_instance(), await start_instance()
+    visitor = await a.visitor("v1", backoff=Backoff(initial=0.05, factor=1.0, cap=0.05))
+    connected = await visitor.start_session("random")
+    agent = await b.agent("alice")
+    await agent.join_session(code=connected.key)
+    async with away(a, visitor, back_to=b):
+        status, _ = await call(b, f"/v1/groups/acme/sessions/{connected.session}/end")
+        assert status == 200
+        await agent.wait_for(lambda e: isinstance(e, SessionEvent) and e.event == "ended")
+    told = await visitor.wait_for(SessionEvent)
+    assert (told.event, told.session, told.reason) == ("ended", connected.session, "terminated")
+    assert visitor.session is None
+    assert [c.subject for c in b.app[HUB].visitors.all()] == ["v1"], "it is back, on b"
 
 
 async def test_a_code_shown_on_a_is_joined_by_an_agent_on_b(start_instance: Start) -> None:

@@ -3,9 +3,10 @@ receiver the tests start on loopback: every event type arrives signed and
 verifiable; a receiver failing for a while gets every event once it
 recovers (duplicates allowed, loss not); the events an instance was
 delivering when it was SIGKILLed still arrive (Redis); batches and the
-per-endpoint concurrency limit; dead letters; the SSRF guard; the one-click
-flow's timeline in the audit trail on both backends, and another group's
-key refused."""
+per-endpoint concurrency limit; dead letters; the SSRF guard; sessions'
+timelines in the audit trail (memory, one Redis, a Redis Cluster: each event
+stored with its change), and another group's key refused; in memory mode, a
+graceful stop delivers what it holds within the drain."""
 
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ from herald_presence.server.model import events as ev
 
 from .conftest import Start
 from .harness import OTHER_SECRET, SECRET, HeraldServer, changed, sample, scrape, settings, signal
-from .processes import HERALD, REPO, start_server
+from .processes import HERALD, REPO, STOP_TIMEOUT, start_server
 from .redis_server import RedisServer
+from .topologies import backend_name  # noqa: F401  (memory, one Redis and a Redis Cluster)
 
 HOOK_SECRET = "hook-secret-0123456789abcdef"
 ADMIN_TOKEN = "admin-token-for-webhooks-0123"
@@ -432,6 +434,46 @@ async def test_the_one_click_flow_leaves_its_timeline_in_the_audit_trail(herald:
         assert (await audit(herald, **bad))[0] == 400
 
 
+async def test_code_sessions_leave_their_whole_timeline_in_the_audit_trail(
+    start_herald: Callable[..., Awaitable[HeraldServer]],
+) -> None:
+    """A code an agent joins by, and one a consumer redeems: each session's events are stored
+    with its changes, so its timeline has all of them, in order, the code used once."""
+    herald = await start_herald(consumer_codes=("acme",))
+    agent = await herald.agent("bob")
+    visitor = await herald.visitor("v-code")
+    shown = await visitor.start_session("random")
+    joined = await agent.join_session(code=shown.key)
+    await agent.leave_session(joined.session)
+    await agent.join_session(session=joined.session)  # its code again: used already
+    await visitor.end_session()
+    status, answer = await audit(herald, session=shown.session)
+    assert status == 200
+    assert [(e["type"], e.get("by"), e.get("agent"), e.get("reason")) for e in answer["events"]] == [
+        ("session.started", None, None, None),
+        ("code.created", None, None, None),
+        ("code.redeemed", "agent", "bob", None),
+        ("session.joined", None, "bob", None),
+        ("session.left", None, "bob", None),
+        ("session.joined", None, "bob", None),
+        ("session.ended", None, None, "ended"),
+    ]
+    assert {e["visitor"] for e in answer["events"]} == {"v-code"}
+
+    async with aiohttp.ClientSession() as http:
+        async with http.post(f"{herald.base_url}/v1/groups/acme/codes") as response:
+            created = await response.json()
+        for _ in range(2):  # redeemed once: the second is refused, and not recorded
+            async with http.get(f"{herald.base_url}/v1/groups/acme/codes/{created['code']}") as response:
+                pass
+    status, answer = await audit(herald, session=created["session"])
+    assert [(e["type"], e.get("by")) for e in answer["events"]] == [
+        ("session.started", None),
+        ("code.created", None),
+        ("code.redeemed", "consumer"),
+    ]
+
+
 async def test_another_groups_key_gets_403_and_no_key_401(herald: HeraldServer) -> None:
     await one_click_flow(herald)
     status, answer = await audit(herald, key=tokens.api_key(OTHER_SECRET, "other"))
@@ -483,3 +525,82 @@ async def test_events_an_instance_was_delivering_arrive_after_it_is_killed(
         for client in clients:
             await client.close()
         doomed.stop()
+
+
+# --- memory mode: a graceful stop delivers what it holds --------------------------------------
+
+
+async def memory_server_with_events(tmp_path: Path, receiver: Receiver, drain_timeout: float) -> tuple[Any, set[str]]:
+    """A ``herald serve`` process (memory backend) whose webhook fails, and the IDs of the six
+    ``visitor.online`` events it recorded (the audit trail has them) and tried to deliver."""
+    hooks = hook_settings(receiver, concurrency=1) | {"webhook_retry_first": "0.2"}
+    argv = [str(HERALD), "serve", "--group", f"acme={SECRET}", "--grace-period", "30", "--drain-spread", "0.2",
+            "--drain-timeout", str(drain_timeout)]  # fmt: skip
+    env = {f"HERALD_{name.upper()}": value for name, value in hooks.items()}
+    process = await asyncio.to_thread(start_server, tmp_path, *argv, env=env)
+    visitors = [
+        VisitorClient(process.base_url, "acme", f"v{i}", tokens.visitor_token(SECRET, "acme", f"v{i}"), reconnect=False)
+        for i in range(6)
+    ]
+    try:
+        for visitor in visitors:
+            await visitor.connect()
+        key = tokens.api_key(SECRET, "acme")
+        deadline = time.monotonic() + 10
+        while True:
+            async with (
+                aiohttp.ClientSession() as http,
+                http.get(f"{process.base_url}/v1/groups/acme/events", headers={"Authorization": f"Bearer {key}"}) as r,
+            ):
+                logged = {e["id"] for e in (await r.json())["events"]}
+            if len(logged) == 6:
+                break
+            assert time.monotonic() < deadline, logged
+            await asyncio.sleep(0.05)
+        await receiver.wait_for(lambda: receiver.attempts >= 2, 10, "failed deliveries before the stop")
+    except BaseException:
+        process.stop()
+        raise
+    finally:
+        for visitor in visitors:
+            await visitor.close()
+    return process, logged
+
+
+async def test_memory_mode_delivers_what_it_holds_before_a_graceful_exit(tmp_path: Path, receiver: Receiver) -> None:
+    """SIGTERM while the endpoint fails: the endpoint recovers within the drain, and every event
+    recorded before the signal reaches it before the process exits."""
+    receiver.fail_always = True
+    process, logged = await memory_server_with_events(tmp_path, receiver, drain_timeout=10)
+    try:
+        assert not receiver.ids() & logged
+        process.proc.terminate()  # SIGTERM
+        started = time.monotonic()
+        await asyncio.sleep(1.0)  # still failing a while into the drain
+        assert process.proc.poll() is None, "exited with its events undelivered"
+        receiver.fail_always = False
+        code = await asyncio.to_thread(process.proc.wait, 10 + STOP_TIMEOUT)
+        took = time.monotonic() - started
+    finally:
+        process.stop()
+    assert code == 0, process.output()
+    assert receiver.ids() >= logged, f"lost at exit: {logged - receiver.ids()}\n{process.output()}"
+    assert took < 10 - 2, f"the drain waited on after every event was delivered ({took:.1f}s)"
+    assert "undelivered at exit" not in process.stderr(), process.output()
+
+
+async def test_memory_mode_logs_what_is_still_undelivered_at_the_drain_deadline(
+    tmp_path: Path, receiver: Receiver
+) -> None:
+    receiver.fail_always = True  # never recovers
+    process, logged = await memory_server_with_events(tmp_path, receiver, drain_timeout=4)
+    try:
+        process.proc.terminate()  # SIGTERM
+        code = await asyncio.to_thread(process.proc.wait, 4 + STOP_TIMEOUT)
+    finally:
+        process.stop()
+    assert code == 0, process.output()
+    assert not receiver.ids() & logged
+    found = re.search(r"webhooks: (\d+) events still undelivered at exit, lost with the process \((.*)\)",
+                      process.stderr())  # fmt: skip
+    assert found and found[1] == "6" and found[2] == "acme/crm: 6", process.output()

@@ -339,7 +339,7 @@ class AgentClient(HeraldClient):
             frame.state = self._apply(frame.change, frame.delta)  # emitted with the state it leads to
         elif isinstance(frame, PresenceChanged | VisitorInfo) and frame.state is not None:
             self._update(frame.state)
-        elif isinstance(frame, SessionEvent) and frame.event == "started":
+        elif isinstance(frame, SessionEvent) and frame.event == "started" and frame.key is not None:
             self._waiting.discard(frame.key)  # what the wait was for; not re-sent after a reconnect
         elif isinstance(frame, SessionEvent) and frame.event == "ended":
             self._joined.discard(frame.session)

@@ -91,10 +91,14 @@ class VisitorClient(HeraldClient):
     @property
     def session(self) -> SessionConnected | None:
         """The live support session as the server last described it (``guests``
-        kept current by ``guest_count``); None before one starts and after
-        ``end_session``. The server does not tell a visitor that its session
-        ended otherwise (replaced from another connection, or after going
-        offline for longer than the grace period), so it may then be stale."""
+        kept current by ``guest_count``); None before one starts, after
+        ``end_session``, and once the server says it ended (``session_event
+        ended``). Every hello names it, so a session that ended while this
+        client was away (ended by the group's back end, replaced from another
+        connection, expired, or gone with the visitor offline) is reported
+        right after the welcome of the reconnect, and dropped here. While
+        connected, a start from another connection of the visitor is not
+        reported to this one until its next reconnect."""
         return self._support
 
     @property
@@ -171,6 +175,7 @@ class VisitorClient(HeraldClient):
             session_token=credential if consumer else None,
             data=dict(self.data) or None,
             visible=self.visible,
+            session=None if consumer else self.session_id,  # told right after the welcome if it ended meanwhile
         )
 
     def _on_frame(self, frame: Message) -> None:
@@ -183,7 +188,7 @@ class VisitorClient(HeraldClient):
         elif isinstance(frame, GuestCount) and self._support is not None and frame.session == self._support.session:
             self._support = dataclasses.replace(self._support, guests=frame.guests)
         elif isinstance(frame, SessionEvent) and frame.event == "ended" and frame.session == self.session_id:
-            self._support = None  # its group's back end ended it (reason "terminated")
+            self._support = None  # its group's back end ended it, or it ended while this client was away
 
     async def _on_welcome(self, welcome: Welcome) -> None:
         # Changes made while the Hello was in flight missed both it and the socket.

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from dataclasses import dataclass, field
 from typing import Any, Protocol
 
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
@@ -31,6 +32,44 @@ class BackendUnavailable(ProtocolError):
 
 Mutation = Callable[[VisitorRecord], PresenceChange | None]
 Announce = Callable[[PresenceChange], list[tuple[str, bytes]]]
+Event = dict[str, Any]
+Timer = tuple[str, float, Event]  # key, due (unix s), the event it appends then
+
+
+@dataclass(slots=True)
+class LogWrite:
+    """What a change does to its group's event log (``EventLog``) in the
+    change's own atomic step: a record's write (``RecordStore``) or a
+    publish (``Bus.publish_all``) and its events are stored together, or
+    neither is. In this order:
+
+    * the timers ``cancel`` are dropped;
+    * each (timer, event) of ``claim`` drops its timer and appends its event
+      only if the timer was waiting (a short code's first use is recorded
+      once, and never after its expiry fired);
+    * the events ``append`` are appended, indexed as ``EventLog.append``
+      indexes them (a ``terms.requested`` asks, another ``terms.*`` is an
+      answer);
+    * the timers ``schedule`` are set (``EventLog.schedule``).
+
+    Every key of it is in ``group``'s slot, as the record's must be. Once
+    the step is done, the store fills in ``appended``: the types of the
+    events it appended (a claim whose timer was gone appends nothing)."""
+
+    group: str
+    append: list[Event] = field(default_factory=list)
+    cancel: list[str] = field(default_factory=list)
+    claim: list[tuple[str, Event]] = field(default_factory=list)
+    schedule: list[Timer] = field(default_factory=list)
+    appended: list[str] = field(default_factory=list)
+
+    def done(self, claimed: list[bool]) -> None:
+        """Record what the step appended, given which claims found their timer."""
+        won = [event["type"] for (_key, event), took in zip(self.claim, claimed, strict=True) if took]
+        self.appended = won + [event["type"] for event in self.append]
+
+
+Changed = Callable[[bytes | None, bytes | None], LogWrite | None]  # a record's (old, new): what it logs
 
 
 class BackendListener(Protocol):
@@ -112,6 +151,12 @@ class Bus(ABC):
     @abstractmethod
     async def publish(self, topic: str, message: bytes) -> int: ...
 
+    @abstractmethod
+    async def publish_all(self, messages: list[tuple[str, bytes]], log: LogWrite) -> list[int]:
+        """Publish each (topic, message), in order, and write ``log``, all in
+        one atomic step (every topic in ``log.group``'s slot); how many
+        instances each publish reached."""
+
 
 class HeldSignalStore(ABC):
     """Signals waiting for a visitor between connections.
@@ -153,10 +198,18 @@ class RecordStore(ABC):
     async def kv_get(self, key: str) -> bytes | None: ...
 
     @abstractmethod
-    async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
+    async def kv_set(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float | None = None,
+        only_if_absent: bool = False,
+        log: LogWrite | None = None,
+    ) -> bool:
         """Store ``value`` (``ttl`` None: no expiry); with ``only_if_absent``,
         only if the key has none (atomic: of two instances racing, exactly
-        one wins). True if stored."""
+        one wins). ``log`` is written in the same atomic step when the value
+        is stored. True if stored."""
 
     @abstractmethod
     async def kv_delete(self, key: str) -> bool:
@@ -164,17 +217,27 @@ class RecordStore(ABC):
 
     @abstractmethod
     async def kv_update(
-        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
+        self,
+        key: str,
+        update: Callable[[bytes | None], bytes | None],
+        ttl: float | None = None,
+        log: Changed | None = None,
     ) -> bytes | None:
         """Atomically replace the value with ``update(old)`` (None deletes);
         returns the new value. ``update`` may run more than once. ``ttl``
-        None keeps the record's expiry (none for a new record)."""
+        None keeps the record's expiry (none for a new record). ``log(old,
+        new)``, called after each ``update``, is what that change writes to
+        the event log, in the same atomic step as the change that is stored
+        (None: nothing)."""
 
     @abstractmethod
-    async def kv_swap(self, key: str, value: bytes | None, ttl: float | None = None) -> bytes | None:
+    async def kv_swap(
+        self, key: str, value: bytes | None, ttl: float | None = None, log: LogWrite | None = None
+    ) -> bytes | None:
         """Store ``value`` (None deletes the record; ``ttl`` None: no expiry)
         and return the live value it replaced, in one atomic step that never
-        retries against other writers, however many race it."""
+        retries against other writers, however many race it. ``log`` is
+        written in that step if there was a live value to replace."""
 
     @abstractmethod
     async def kv_delete_if(self, key: str, value: bytes) -> bool:
@@ -187,9 +250,6 @@ class RecordStore(ABC):
         lasts ``window`` seconds; the hits so far in it."""
 
 
-Event = dict[str, Any]
-
-
 class EventLog(ABC):
     """Each group's log of events (``model.events``): what webhooks deliver
     and the audit trail returns.
@@ -198,7 +258,9 @@ class EventLog(ABC):
     events are appended to the group's log (``model.events.parse_id``
     orders them). A presence change's event is appended by
     ``PresenceStore.mutate`` itself, in the change's atomic step, when the
-    announcement names ``names.event_log_topic(group)``. Events are kept
+    announcement names ``names.event_log_topic(group)``; the events of a
+    record's change (a session's, a code's) and of a publish (a visitor's
+    terms answer) are a ``LogWrite`` of that step. Events are kept
     ``retention(group)`` seconds and ``max_len`` per group at most
     (``configure``; older ones go at the next append or ``trim``).
 
@@ -219,6 +281,9 @@ class EventLog(ABC):
 
     retention: Callable[[str], float] = staticmethod(lambda group: 7 * 86400.0)
     max_len: int = 100_000
+    # Whether the log outlives this process, with what it has not delivered (Redis: another
+    # instance takes it over); the memory backend's does not.
+    durable: bool = True
 
     def configure(self, retention: Callable[[str], float], max_len: int) -> None:
         self.retention, self.max_len = retention, max_len

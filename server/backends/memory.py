@@ -17,7 +17,7 @@ from herald_presence.protocol.messages import VisitorState
 from herald_presence.server.model.names import event_log_group, unpack
 from herald_presence.server.model.records import HeldSignal, PresenceChange, VisitorRecord, offline_state
 
-from .base import Announce, Backend, BackendListener, Mutation
+from .base import Announce, Backend, BackendListener, Changed, LogWrite, Mutation
 from .memory_events import MemoryEventLog
 
 TOMBSTONE_SECONDS = 600.0  # how long an offline visitor's last version is kept
@@ -122,6 +122,11 @@ class MemoryBackend(Backend):
         self._loop.call_soon(self._listener.on_bus_message, topic, message)
         return 1
 
+    async def publish_all(self, messages: list[tuple[str, bytes]], log: LogWrite) -> list[int]:
+        reached = [await self.publish(topic, message) for topic, message in messages]
+        self.events.write(log)
+        return reached
+
     # -- held signals ----------------------------------------------------
     async def hold(self, group: str, visitor: str, signal: HeldSignal, ttl: float) -> None:
         self._held.setdefault((group, visitor), []).append(_Held(signal, time.monotonic() + ttl))
@@ -175,25 +180,46 @@ class MemoryBackend(Backend):
     async def kv_get(self, key: str) -> bytes | None:
         return self._live(key)
 
-    async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
+    async def kv_set(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float | None = None,
+        only_if_absent: bool = False,
+        log: LogWrite | None = None,
+    ) -> bool:
         if only_if_absent and self._live(key) is not None:
             return False
         self._store(key, value, ttl)
+        if log is not None:
+            self.events.write(log)
         return True
 
     async def kv_delete(self, key: str) -> bool:
         return self._live(key) is not None and self._kv.pop(key, None) is not None
 
     async def kv_update(
-        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
+        self,
+        key: str,
+        update: Callable[[bytes | None], bytes | None],
+        ttl: float | None = None,
+        log: Changed | None = None,
     ) -> bytes | None:
-        value = update(self._live(key))
+        before = self._live(key)
+        value = update(before)
+        written = log(before, value) if log is not None else None
         self._store(key, value, ttl, keep_expiry=True)
+        if written is not None:
+            self.events.write(written)
         return value
 
-    async def kv_swap(self, key: str, value: bytes | None, ttl: float | None = None) -> bytes | None:
+    async def kv_swap(
+        self, key: str, value: bytes | None, ttl: float | None = None, log: LogWrite | None = None
+    ) -> bytes | None:
         before = self._live(key)
         self._store(key, value, ttl)
+        if log is not None and before is not None:
+            self.events.write(log)
         return before
 
     async def kv_delete_if(self, key: str, value: bytes) -> bool:

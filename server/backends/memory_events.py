@@ -4,7 +4,8 @@ Events are kept in a bounded deque per group (``max_len``, and the
 retention, applied at each append); the consumer group is a cursor (what
 was taken) and a table of pending events with their consumer and when it
 last renewed them. Nothing awaits, so each operation is atomic on the event
-loop; nothing survives the process (PROTOCOL.md §13.4).
+loop; nothing survives the process (PROTOCOL.md §13.2: a graceful stop
+delivers what it can within ``drain_timeout`` first).
 """
 
 from __future__ import annotations
@@ -15,9 +16,15 @@ import time
 from collections import deque
 from dataclasses import dataclass, field
 
-from herald_presence.server.model.events import MAX_PENDING_TERMS, MAX_SESSION_EVENTS, TERMS_WINDOW, index_plan
+from herald_presence.server.model.events import (
+    MAX_PENDING_TERMS,
+    MAX_SESSION_EVENTS,
+    TERMS_WINDOW,
+    index_plan,
+    terms_roles,
+)
 
-from .base import Event, EventLog
+from .base import Event, EventLog, LogWrite
 
 MAX_DEAD_LETTERS = 1000
 
@@ -53,6 +60,8 @@ def _after(entries: deque[tuple[str, Event]], floor: tuple[int, int]) -> list[tu
 
 
 class MemoryEventLog(EventLog):
+    durable = False  # what is not delivered when the process exits is lost (the drain flushes first)
+
     def __init__(self) -> None:
         self._logs: dict[str, _Log] = {}
         self._last = (0, 0)  # the last ID made: IDs rise even if the clock goes back
@@ -71,6 +80,21 @@ class MemoryEventLog(EventLog):
 
     async def append(self, group: str, event: Event, *, asks: bool = False, answer: bool = False) -> str:
         return self._append(group, event, asks, answer)
+
+    def write(self, write: LogWrite) -> None:
+        """A change's ``LogWrite``, at once: the backend calls this in the change's own step."""
+        group = write.group
+        for key in write.cancel:
+            self._cancel(group, key)
+        claimed = [self._cancel(group, key) for key, _event in write.claim]
+        for (_key, event), took in zip(write.claim, claimed, strict=True):
+            if took:
+                self._append(group, event, *terms_roles(event["type"]))
+        for event in write.append:
+            self._append(group, event, *terms_roles(event["type"]))
+        for key, due, event in write.schedule:
+            self._schedule(group, key, due, event)
+        write.done(claimed)
 
     def _append(self, group: str, event: Event, asks: bool = False, answer: bool = False) -> str:
         log, now = self._log(group), time.monotonic()
@@ -177,11 +201,17 @@ class MemoryEventLog(EventLog):
             log.pending.pop(event_id, None)
 
     async def schedule(self, group: str, key: str, due: float, event: Event) -> None:
+        self._schedule(group, key, due, event)
+
+    def _schedule(self, group: str, key: str, due: float, event: Event) -> None:
         log = self._log(group)
         log.timer_events[key] = (due, event)
         heapq.heappush(log.timers, (due, key))
 
     async def cancel(self, group: str, key: str) -> bool:
+        return self._cancel(group, key)
+
+    def _cancel(self, group: str, key: str) -> bool:
         return self._log(group).timer_events.pop(key, None) is not None
 
     async def fire_due(self, group: str) -> int:

@@ -25,6 +25,12 @@ a Redis Cluster); the one thing outside it, the instance's index of groups
 (``RedisNames.instance_groups``), is written before, idempotently, and
 written again whenever the instance registers again.
 
+A record's write that carries events for the group's log (``LogWrite``: a
+session started, joined, left or ended, a code made or used) is one script
+too (``RECORD_SCRIPT``), the log's writes and the record's in the group's
+slot; so is a publish with its event (``PUBLISH_LOGGED_SCRIPT``: a visitor's
+terms answer).
+
 Pub/sub runs on its own connection (on a Redis Cluster one per shard,
 sharded pub/sub: ``SSUBSCRIBE``/``SPUBLISH``), without silent retries: when
 one drops, a probe published to ourselves (one per shard) does not come
@@ -58,11 +64,11 @@ from herald_presence.server.model.records import (
 )
 from herald_presence.server.tasks import TaskSupervisor, until_done
 
-from .base import Announce, Backend, BackendListener, BackendUnavailable, Mutation
+from .base import Announce, Backend, BackendListener, BackendUnavailable, Changed, LogWrite, Mutation
 from .redis_batch import CommandBatcher
 from .redis_cluster import REDIS_ERRORS, ClusterBatcher, Shards, Topology
 from .redis_connect import connect
-from .redis_events import RedisEventLog
+from .redis_events import LOG_LIB, LOG_WRITE, RedisEventLog
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -109,6 +115,55 @@ DELETE_IF_SCRIPT = """#!lua
 if redis.call('GET', KEYS[1]) == ARGV[1] then return redis.call('DEL', KEYS[1]) end
 return 0
 """
+
+# A record's write and its event-log write (``LogWrite``) in one step. KEYS[1]: the record,
+# then the log's (``RedisEventLog.write_args``). ARGV: how (``set``; ``add``: only if absent;
+# ``swap``: logged only if it replaced a live value; ``if``: only if the record still is as
+# read: absent when ARGV[5] is 0, else ARGV[6]), whether there is a value (1) or the record goes
+# (0), the value, its ttl (ms; '' none; 'keep' its own), ARGV[5] and ARGV[6], whether a log
+# write follows (1: its arguments from ARGV[8]). The log's writes go first: one Redis refuses
+# stops the script before the record is touched. Answers {written (1 or 0), the record before,
+# which claims found their timer}.
+RECORD_SCRIPT = (
+    "#!lua\n"
+    + LOG_LIB
+    + LOG_WRITE
+    + """
+local mode, before = ARGV[1], redis.call('GET', KEYS[1])
+if mode == 'add' and before then return {0, before, {}} end
+if mode == 'if' and ((ARGV[5] == '0' and before) or (ARGV[5] == '1' and before ~= ARGV[6])) then
+  return {0, before, {}}
+end
+local claimed = {}
+if ARGV[7] == '1' and (mode ~= 'swap' or before) then claimed = write_log(2, 8) end
+if ARGV[2] == '0' then
+  redis.call('DEL', KEYS[1])
+elseif ARGV[4] == '' then
+  redis.call('SET', KEYS[1], ARGV[3])
+elseif ARGV[4] == 'keep' then
+  redis.call('SET', KEYS[1], ARGV[3], 'KEEPTTL')
+else
+  redis.call('SET', KEYS[1], ARGV[3], 'PX', ARGV[4])
+end
+return {1, before, claimed}
+"""
+)
+
+# Publishes and their event-log write in one step (the log's first: a write Redis refuses
+# stops the script before any publish). ARGV: the publish command, how many, each channel and
+# message, then the log's arguments; KEYS: the log's. Answers {each publish's count, which
+# claims found their timer}.
+PUBLISH_LOGGED_SCRIPT = (
+    "#!lua\n"
+    + LOG_LIB
+    + LOG_WRITE
+    + """
+local count, reached = tonumber(ARGV[2]), {}
+local claimed = write_log(1, 3 + 2 * count)
+for i = 1, count do reached[i] = redis.call(ARGV[1], ARGV[1 + 2 * i], ARGV[2 + 2 * i]) end
+return {reached, claimed}
+"""
+)
 
 
 class RedisBackend(Backend):
@@ -461,6 +516,16 @@ class RedisBackend(Backend):
     async def publish(self, topic: str, message: bytes) -> int:
         return int(await self._batch.call(self._publish, self.names.channel(topic), message))
 
+    async def publish_all(self, messages: list[tuple[str, bytes]], log: LogWrite) -> list[int]:
+        """One script in the group's slot (its channels carry the group's hash tag)."""
+        keys, args = self.events.write_args(log)
+        channels = [item for topic, message in messages for item in (self.names.channel(topic), message)]
+        reached, claimed = await self._batch.script(
+            PUBLISH_LOGGED_SCRIPT, len(keys), *keys, self._publish, len(messages), *channels, *args
+        )
+        log.done([bool(took) for took in claimed])
+        return [int(count) for count in reached]
+
     async def _listen(self) -> None:
         """Own the one pub/sub connection: (re)subscribe, dispatch, notice loss."""
         if self._topology is not None:
@@ -800,7 +865,17 @@ class RedisBackend(Backend):
     async def kv_get(self, key: str) -> bytes | None:
         return await self._batch.call("GET", self.names.record(key))  # on every visitor connect: batched
 
-    async def kv_set(self, key: str, value: bytes, ttl: float | None = None, only_if_absent: bool = False) -> bool:
+    async def kv_set(
+        self,
+        key: str,
+        value: bytes,
+        ttl: float | None = None,
+        only_if_absent: bool = False,
+        log: LogWrite | None = None,
+    ) -> bool:
+        if log is not None:
+            mode = "add" if only_if_absent else "set"
+            return (await self._record_script(key, mode, value, "" if ttl is None else _ms(ttl), None, log))[0]
         expiry = _ms(ttl) if ttl is not None else None
         try:
             return bool(await self._redis.set(self.names.record(key), value, px=expiry, nx=only_if_absent))
@@ -813,9 +888,46 @@ class RedisBackend(Backend):
         except REDIS_ERRORS as exc:
             raise BackendUnavailable() from exc
 
-    async def kv_update(
-        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None = None
+    async def _record_script(
+        self, key: str, mode: str, value: bytes | None, ttl: int | str, expected: bytes | None, log: LogWrite | None
+    ) -> tuple[bool, bytes | None]:
+        """``RECORD_SCRIPT``: the record's write and ``log`` in one step;
+        (whether it was written, the record before). ``log`` is marked done
+        when it was written."""
+        keys, args = self.events.write_args(log) if log is not None else ([], [])
+        how = [mode, 0 if value is None else 1, value or b"", ttl, 0 if expected is None else 1, expected or b""]
+        written, before, claimed = await self._batch.script(
+            RECORD_SCRIPT, 1 + len(keys), self.names.record(key), *keys, *how, 0 if log is None else 1, *args
+        )
+        if log is not None and written and (mode != "swap" or before is not None):
+            log.done([bool(took) for took in claimed])
+        return bool(written), before
+
+    async def _update_logged(
+        self, key: str, update: Callable[[bytes | None], bytes | None], ttl: float | None, log: Changed
     ) -> bytes | None:
+        """``kv_update`` with its log: compare-and-set in one script per
+        attempt (no WATCH, no pooled connection held); Redis answers the
+        record as it is now when another writer came first."""
+        current = await self._batch.call("GET", self.names.record(key))
+        expiry = "keep" if ttl is None else _ms(ttl)
+        for _ in range(MAX_WATCH_RETRIES):
+            value = update(current)
+            written, now = await self._record_script(key, "if", value, expiry, current, log(current, value))
+            if written:
+                return value
+            current = now
+        raise BackendUnavailable(f"{key} is changing too fast to update")
+
+    async def kv_update(
+        self,
+        key: str,
+        update: Callable[[bytes | None], bytes | None],
+        ttl: float | None = None,
+        log: Changed | None = None,
+    ) -> bytes | None:
+        if log is not None:
+            return await self._update_logged(key, update, ttl, log)
         name = self.names.record(key)
 
         async def step(pipe: Any) -> bytes | None:
@@ -832,7 +944,11 @@ class RedisBackend(Backend):
 
         return await self._watched(name, step, key)
 
-    async def kv_swap(self, key: str, value: bytes | None, ttl: float | None = None) -> bytes | None:
+    async def kv_swap(
+        self, key: str, value: bytes | None, ttl: float | None = None, log: LogWrite | None = None
+    ) -> bytes | None:
+        if log is not None:
+            return (await self._record_script(key, "swap", value, "" if ttl is None else _ms(ttl), None, log))[1]
         name = self.names.record(key)
         try:
             if value is None:

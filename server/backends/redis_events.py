@@ -7,11 +7,17 @@ through the backend's command batcher, so the hot path's appends (a
 visitor's terms answer) share its one write per batch:
 
 * a presence change's event is an ``XADD`` in the change's own script
-  (``append_command``, in ``RedisBackend.mutate``): stored, announced and
+  (``append_commands``, in ``RedisBackend.mutate``): stored, announced and
   logged in one step, or none of them;
+* the events of a record's change (a session started, joined, left or
+  ended, a code made or used, with the timers of its end and its code's
+  expiry) and of a visitor's terms answer (with its publish) are the
+  change's ``LogWrite``, written by the change's own script
+  (``LOG_WRITE``, arguments from ``write_args``, in ``RedisBackend``);
 * other events (``append``) are one script: the ``XADD`` (trimmed by
   ``MINID`` to the group's retention on the way), the session's index, the
-  visitor's pending terms and who asked it, together;
+  visitor's pending terms and who asked it, together (``LOG_LIB``, which
+  the change scripts share);
 * every key has a TTL: the log and a session's index the retention (from
   the last append), pending terms and who asked ``TERMS_WINDOW``, timers
   their last due time and the dead letters the retention, so a group that
@@ -39,10 +45,11 @@ from herald_presence.server.model.events import (
     TERMS_WINDOW,
     index_plan,
     parse_id,
+    terms_roles,
 )
 from herald_presence.server.model.names import RedisNames, pack, unpack
 
-from .base import BackendUnavailable, Event, EventLog
+from .base import BackendUnavailable, Event, EventLog, LogWrite
 
 CONSUMER_GROUP = "webhooks"
 MAX_DEAD_LETTERS = 1000
@@ -59,41 +66,108 @@ class Runner(Protocol):
     async def script(self, script: str, keys: int, *args: Any) -> Any: ...
 
 
-# KEYS: stream, session's list, visitor's pending terms, visitor's asker.
-# ARGV: event, MINID, flags (f: fill the agent from the asker, a: the event's
-# agent asks, t: the pending terms join the session's list, s: list it under
-# the session, p: add it to the pending terms), agent, window ms, list ttl ms,
-# most pending terms, most events per session.
-APPEND_SCRIPT = """#!lua
-local flags = ARGV[3]
-local function has(flag) return string.find(flags, flag, 1, true) ~= nil end
-local asker = false
-if has('f') then asker = redis.call('GET', KEYS[4]) end
-if has('a') then redis.call('SET', KEYS[4], ARGV[4], 'PX', ARGV[5]) end
-local id
-if asker then
-  id = redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[2], '*', 'e', ARGV[1], 'a', asker)
-else
-  id = redis.call('XADD', KEYS[1], 'MINID', '~', ARGV[2], '*', 'e', ARGV[1])
+# The log's writes as Lua functions, for its own scripts and for those of a
+# change that logs in its own step (a record's write, a publish: ``LOG_WRITE``).
+# ``P``: the group's parameters {MINID, list ttl ms, terms window ms, most
+# pending terms, most events per session}.
+#
+# append_event: the XADD and the indexes. flags: f fill the agent from the
+# asker, a the event's agent asks, t the pending terms join the session's
+# list, s list it under the session, p add it to the pending terms.
+LOG_LIB = """
+local function append_event(stream, list, pending, asker, event, flags, agent, P)
+  local function has(flag) return string.find(flags, flag, 1, true) ~= nil end
+  local asked = false
+  if has('f') then asked = redis.call('GET', asker) end
+  if has('a') then redis.call('SET', asker, agent, 'PX', P[3]) end
+  local id
+  if asked then
+    id = redis.call('XADD', stream, 'MINID', '~', P[1], '*', 'e', event, 'a', asked)
+  else
+    id = redis.call('XADD', stream, 'MINID', '~', P[1], '*', 'e', event)
+  end
+  redis.call('PEXPIRE', stream, P[2])
+  if has('t') then
+    local waiting = redis.call('LRANGE', pending, 0, -1)
+    if #waiting > 0 then redis.call('RPUSH', list, unpack(waiting)) end
+    redis.call('DEL', pending)
+  end
+  if has('s') then
+    redis.call('RPUSH', list, id)
+    redis.call('LTRIM', list, -tonumber(P[5]), -1)
+    redis.call('PEXPIRE', list, P[2])
+  end
+  if has('p') then
+    redis.call('RPUSH', pending, id)
+    redis.call('LTRIM', pending, -tonumber(P[4]), -1)
+    redis.call('PEXPIRE', pending, P[3])
+  end
+  return id
 end
-redis.call('PEXPIRE', KEYS[1], ARGV[6])
-if has('t') then
-  local pending = redis.call('LRANGE', KEYS[3], 0, -1)
-  if #pending > 0 then redis.call('RPUSH', KEYS[2], unpack(pending)) end
-  redis.call('DEL', KEYS[3])
+
+local function schedule_timer(timers, data, key, due, event, lasts)
+  redis.call('ZADD', timers, due, key)
+  redis.call('HSET', data, key, event)
+  for _, name in ipairs({timers, data}) do
+    redis.call('PEXPIRE', name, lasts, 'NX')
+    redis.call('PEXPIRE', name, lasts, 'GT')
+  end
 end
-if has('s') then
-  redis.call('RPUSH', KEYS[2], id)
-  redis.call('LTRIM', KEYS[2], -tonumber(ARGV[8]), -1)
-  redis.call('PEXPIRE', KEYS[2], ARGV[6])
+
+local function cancel_timer(timers, data, key)
+  redis.call('HDEL', data, key)
+  return redis.call('ZREM', timers, key)
 end
-if has('p') then
-  redis.call('RPUSH', KEYS[3], id)
-  redis.call('LTRIM', KEYS[3], -tonumber(ARGV[7]), -1)
-  redis.call('PEXPIRE', KEYS[3], ARGV[5])
-end
-return id
 """
+
+# A change's LogWrite (base.py), from KEYS[k] and ARGV[a] on (``RedisEventLog.write_args``).
+# KEYS: stream, timers, their events, then a session's list, pending terms and asker per event
+# claimed or appended. ARGV: P (5 values), then each part as its count and its items: timers
+# cancelled (key), claims (timer, event, flags, agent), appends (event, flags, agent), timers
+# set (key, due ms, event, lasts ms). Answers which claims found their timer (1 or 0 each).
+LOG_WRITE = """
+local function write_log(k, a)
+  local P = {ARGV[a], ARGV[a + 1], ARGV[a + 2], ARGV[a + 3], ARGV[a + 4]}
+  local stream, timers, data, e, i = KEYS[k], KEYS[k + 1], KEYS[k + 2], k + 3, a + 6
+  for _ = 1, tonumber(ARGV[a + 5]) do
+    cancel_timer(timers, data, ARGV[i])
+    i = i + 1
+  end
+  local claimed = {}
+  local count = tonumber(ARGV[i])
+  i = i + 1
+  for c = 1, count do
+    claimed[c] = cancel_timer(timers, data, ARGV[i])
+    if claimed[c] == 1 then
+      append_event(stream, KEYS[e], KEYS[e + 1], KEYS[e + 2], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3], P)
+    end
+    e, i = e + 3, i + 4
+  end
+  count = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, count do
+    append_event(stream, KEYS[e], KEYS[e + 1], KEYS[e + 2], ARGV[i], ARGV[i + 1], ARGV[i + 2], P)
+    e, i = e + 3, i + 3
+  end
+  count = tonumber(ARGV[i])
+  i = i + 1
+  for _ = 1, count do
+    schedule_timer(timers, data, ARGV[i], ARGV[i + 1], ARGV[i + 2], ARGV[i + 3])
+    i = i + 4
+  end
+  return claimed
+end
+"""
+
+# KEYS: stream, session's list, visitor's pending terms, visitor's asker.
+# ARGV: event, flags, agent, then P.
+APPEND_SCRIPT = (
+    "#!lua\n"
+    + LOG_LIB
+    + """
+return append_event(KEYS[1], KEYS[2], KEYS[3], KEYS[4], ARGV[1], ARGV[2], ARGV[3], {unpack(ARGV, 4, 8)})
+"""
+)
 
 READ_SCRIPT = """#!lua
 return redis.call('XRANGE', KEYS[1], ARGV[1], '+', 'COUNT', ARGV[2])
@@ -155,21 +229,17 @@ if type(acked) == 'table' and acked.err and not string.find(acked.err, 'NOGROUP'
 return 0
 """
 
-# KEYS: timers, their events. ARGV: key, due (ms), event.
-SCHEDULE_SCRIPT = """#!lua
-redis.call('ZADD', KEYS[1], ARGV[2], ARGV[1])
-redis.call('HSET', KEYS[2], ARGV[1], ARGV[3])
-for i = 1, 2 do
-  redis.call('PEXPIRE', KEYS[i], ARGV[4], 'NX')
-  redis.call('PEXPIRE', KEYS[i], ARGV[4], 'GT')
-end
+# KEYS: timers, their events. ARGV: key, due (ms), event, lasts (ms).
+SCHEDULE_SCRIPT = (
+    "#!lua\n"
+    + LOG_LIB
+    + """
+schedule_timer(KEYS[1], KEYS[2], ARGV[1], ARGV[2], ARGV[3], ARGV[4])
 return 1
 """
+)
 
-CANCEL_SCRIPT = """#!lua
-redis.call('HDEL', KEYS[2], ARGV[1])
-return redis.call('ZREM', KEYS[1], ARGV[1])
-"""
+CANCEL_SCRIPT = "#!lua\n" + LOG_LIB + "\nreturn cancel_timer(KEYS[1], KEYS[2], ARGV[1])\n"
 
 # Lease the due timers to the caller: {key, due (ms), event} each.
 LEASE_SCRIPT = """#!lua
@@ -225,6 +295,11 @@ return 1
 """
 
 
+def _timer_lasts(due: float) -> int:
+    """Milliseconds the timers' keys live: past their last due time and its lease."""
+    return int((max(0.0, due - time.time()) + TIMER_LEASE * 2) * 1000)
+
+
 def _text(value: Any) -> str:
     return value.decode() if isinstance(value, bytes) else str(value)
 
@@ -276,7 +351,19 @@ class RedisEventLog(EventLog):
         except Exception as exc:  # a refusal (out of memory, a replica): not done
             raise BackendUnavailable() from exc
 
-    async def append(self, group: str, event: Event, *, asks: bool = False, answer: bool = False) -> str:
+    def _parameters(self, group: str) -> list[Any]:
+        """``P`` of the log's Lua functions (``LOG_LIB``)."""
+        return [
+            self._minid(group),
+            self._ttl_ms(group),
+            int(TERMS_WINDOW * 1000),
+            MAX_PENDING_TERMS,
+            MAX_SESSION_EVENTS,
+        ]
+
+    def _indexing(self, group: str, event: Event, asks: bool, answer: bool) -> tuple[list[str], list[Any]]:
+        """An append's keys (its session's list, its visitor's pending terms
+        and asker) and arguments (the event, its flags, its agent)."""
         session, takes, pends = index_plan(event)
         visitor = event.get("visitor") or ""
         flags = "".join(
@@ -292,15 +379,36 @@ class RedisEventLog(EventLog):
         )
         names = self.names
         keys = [
-            names.events(group),
             names.session_events(group, session or ""),
             names.pending_terms(group, visitor),
             names.terms_asker(group, visitor),
         ]
-        window_ms, list_ms = int(TERMS_WINDOW * 1000), self._ttl_ms(group)
-        args = (pack(event), self._minid(group), flags, event.get("agent") or "", window_ms, list_ms)
-        event_id = await self._script(APPEND_SCRIPT, keys, *args, MAX_PENDING_TERMS, MAX_SESSION_EVENTS)
+        return keys, [pack(event), flags, event.get("agent") or ""]
+
+    async def append(self, group: str, event: Event, *, asks: bool = False, answer: bool = False) -> str:
+        keys, args = self._indexing(group, event, asks, answer)
+        event_id = await self._script(APPEND_SCRIPT, [self.names.events(group), *keys], *args, *self._parameters(group))
         return _text(event_id)
+
+    def write_args(self, write: LogWrite) -> tuple[list[str], list[Any]]:
+        """The KEYS and ARGV of ``LOG_WRITE``'s ``write_log`` for a change's
+        ``write``, to follow the change's own in its script."""
+        group = write.group
+        keys = [self.names.events(group), *self._timer_keys(group)]
+        args: list[Any] = [*self._parameters(group), len(write.cancel), *write.cancel, len(write.claim)]
+        for timer, event in write.claim:
+            indexing, indexed = self._indexing(group, event, *terms_roles(event["type"]))
+            keys += indexing
+            args += [timer, *indexed]
+        args.append(len(write.append))
+        for event in write.append:
+            indexing, indexed = self._indexing(group, event, *terms_roles(event["type"]))
+            keys += indexing
+            args += indexed
+        args.append(len(write.schedule))
+        for timer, due, event in write.schedule:
+            args += [timer, int(due * 1000), pack(event), _timer_lasts(due)]
+        return keys, args
 
     def _kept(self, group: str, entries: list[tuple[str, Event]]) -> list[tuple[str, Event]]:
         """Those within the retention: appends trim the stream roughly (by whole nodes)."""
@@ -350,8 +458,8 @@ class RedisEventLog(EventLog):
         return [self.names.event_timers(group), self.names.event_timer_data(group)]
 
     async def schedule(self, group: str, key: str, due: float, event: Event) -> None:
-        lasts = int((max(0.0, due - time.time()) + TIMER_LEASE * 2) * 1000)  # the timers outlive their last one
-        await self._script(SCHEDULE_SCRIPT, self._timer_keys(group), key, int(due * 1000), pack(event), lasts)
+        due_ms, lasts = int(due * 1000), _timer_lasts(due)
+        await self._script(SCHEDULE_SCRIPT, self._timer_keys(group), key, due_ms, pack(event), lasts)
 
     async def cancel(self, group: str, key: str) -> bool:
         return bool(await self._script(CANCEL_SCRIPT, self._timer_keys(group), key))

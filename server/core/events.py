@@ -1,15 +1,26 @@
 """Recording events for the customer's back end (PROTOCOL.md §13).
 
-The services call ``record`` where something happened; the event goes into
-its group's log (``EventLog``), from which webhooks deliver it and the
-audit trail reads it. When the change and its publish are one atomic step
-the event rides in it: a presence change's event is part of its
-announcement (``presence_event``), stored with it by the presence store.
-Elsewhere the order is: the change is stored, then its event is appended,
-then agents are told (sessions, codes), or the event is appended together
-with the publish (a visitor's terms answer: both awaited before its ack).
-An append that fails (the backend away) is retried in the background until
-the log takes it; only an instance that dies meanwhile loses it.
+Events go into their group's log (``EventLog``), from which webhooks
+deliver them and the audit trail reads them. An event rides in the atomic
+step of the change it records, so that an instance dying in between can
+leave neither a change without its event nor an event without its change:
+
+* a presence change's event is part of its announcement
+  (``presence_event``), stored with it by the presence store;
+* a session's and a code's events (started, joined, left, ended; created,
+  redeemed) are the ``LogWrite`` of the session record's write
+  (``RecordStore``), with the timers of its end and its code's expiry;
+* a visitor's terms answer is the ``LogWrite`` of its publish
+  (``Bus.publish_all``), awaited before its ack.
+
+Either the step happens, events included, or it fails as a whole (the
+backend away) and the change fails with it. ``written`` counts what such a
+step appended. ``record`` appends an event on its own: ``terms.requested``,
+whose append goes out ahead of the signal it records (the signal reaches
+the visitor over another instance's inbox, another slot, or at once on this
+instance), and a terms answer the backend refused while this instance's own
+agents still heard it. An append that fails is retried in the background
+until the log takes it; only an instance that dies meanwhile loses it.
 """
 
 from __future__ import annotations
@@ -20,7 +31,7 @@ from collections import deque
 from typing import Any
 
 from herald_presence.server import metrics
-from herald_presence.server.backends.base import BackendUnavailable, Event, EventLog
+from herald_presence.server.backends.base import BackendUnavailable, Event, EventLog, LogWrite
 from herald_presence.server.config import Settings
 from herald_presence.server.model import events as ev
 from herald_presence.server.model import names, presence_rules
@@ -104,16 +115,7 @@ class EventRecorder:
             self._unrecorded.popleft()
             metrics.event_recorded(event["type"])
 
-    async def schedule(self, group: str, key: str, due: float, event_type: str, **fields: Any) -> None:
-        """An event appended at ``due`` (unix s) unless ``cancel(key)`` comes first."""
-        try:
-            await self.log.schedule(group, key, due, ev.new_event(event_type, group, **fields))
-        except BackendUnavailable:
-            log.warning("event log: could not schedule %s for %s of %s", event_type, key, group)
-
-    async def cancel(self, group: str, key: str) -> bool:
-        """True if the timer was waiting (and now never fires)."""
-        try:
-            return await self.log.cancel(group, key)
-        except BackendUnavailable:
-            return False
+    def written(self, write: LogWrite) -> None:
+        """A change's step is done: count the events it appended."""
+        for event_type in write.appended:
+            metrics.event_recorded(event_type)

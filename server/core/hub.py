@@ -120,12 +120,13 @@ class Hub:
         return [*self.visitors.all(), *self.watchers.agents()]
 
     # -- connections -------------------------------------------------------------
-    async def release_held(self, conn: VisitorConnection) -> None:
+    async def release_held(self, conn: VisitorConnection, held_session: str | None = None) -> None:
         """After the welcome: the visitor's live session follows this
-        connection, and signals held while it was away are delivered."""
+        connection (or, if the session its hello named ended meanwhile, it
+        hears so), and signals held while it was away are delivered."""
         with contextlib.suppress(BackendUnavailable):  # they stay held; their senders hear of it
             if not conn.subject.startswith(CONSUMER_PREFIX):  # a consumer attaches with its token
-                await self.sessions.visitor_connected(conn)
+                await self.sessions.visitor_connected(conn, held_session)
             await self.signals.release_held(conn)
 
     async def agent_joined(self, agent: AgentConnection) -> None:

@@ -19,7 +19,6 @@ several topics; it carries a dedupe key so that the agent sees it once.
 
 from __future__ import annotations
 
-import contextlib
 import secrets
 import time
 from collections.abc import Callable
@@ -27,7 +26,15 @@ from collections.abc import Callable
 from herald_presence.protocol import codec, tokens
 from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from herald_presence.protocol.messages import GuestCount, IceServer, SessionConnected, SessionEvent, SessionJoined
-from herald_presence.server.backends.base import Bus, PresenceStore, RecordStore
+from herald_presence.server.backends.base import (
+    BackendUnavailable,
+    Bus,
+    Event,
+    LogWrite,
+    PresenceStore,
+    RecordStore,
+    Timer,
+)
 from herald_presence.server.config import Settings
 from herald_presence.server.model import events as ev
 from herald_presence.server.model import names
@@ -68,60 +75,52 @@ class Sessions:
         self._instance = instance
         self._presence = presence  # where a consumer's connection is, to close it when its session ends
         self._inbox = inbox
-        self._events = events  # the group's log: each change is recorded after it is stored, before agents hear
+        self._events = events  # the group's log: each change's events are stored with it, before agents hear
 
     # -- records -------------------------------------------------------------
     async def load(self, group: str, session: str) -> SupportSession | None:
         data = await self._records.kv_get(names.session_key(group, session))
         return SupportSession.unpack(data) if data else None
 
-    async def _save(self, session: SupportSession, ttl: float | None = None) -> None:
+    async def _save(self, session: SupportSession, code_ttl: float, ttl: float | None = None) -> None:
+        """Store a new session (living ``ttl``, default ``session_ttl``) and,
+        in the same atomic step, its events: ``session.started`` and its
+        code's ``code.created``, with the timers of its end by TTL and its
+        code's expiry (``code_ttl`` from now). The digits are a capability:
+        never in an event."""
         ttl = self.settings.session_ttl if ttl is None else ttl
-        await self._records.kv_set(names.session_key(session.group, session.id), session.pack(), ttl)
-        await self._expires(session, ttl)
+        write = self._log_write(session.group)
+        if write is not None:
+            write.append.append(_event(ev.SESSION_STARTED, session, key_type=session.key_type))
+            write.schedule.append(_expiry(session, ttl))
+            if session.code is not None:
+                expires = time.time() + code_ttl
+                write.append.append(_event(ev.CODE_CREATED, session, expires=round(expires, 3)))
+                write.schedule.append((_code_timer(session.id), expires, _event(ev.CODE_EXPIRED, session)))
+        await self._records.kv_set(names.session_key(session.group, session.id), session.pack(), ttl, log=write)
+        self._recorded(write)
 
-    async def _expires(self, session: SupportSession, ttl: float) -> None:
-        """A session that is never ended lives ``ttl`` from now: then its log
-        gets ``session.ended`` (reason ``expired``), unless it ends or lives
-        longer first."""
-        if self._events is not None:
-            await self._events.schedule(
-                session.group,
-                _end_timer(session.id),
-                time.time() + ttl,
-                ev.SESSION_ENDED,
-                session=session.id,
-                visitor=session.visitor,
-                reason="expired",
-            )
+    def _log_write(self, group: str) -> LogWrite | None:
+        """What a change of the group's sessions writes to its log, in the change's step (None: no log)."""
+        return LogWrite(group) if self._events is not None else None
 
-    async def _record(self, event_type: str, session: SupportSession, **fields: object) -> None:
-        if self._events is not None:
-            await self._events.record(event_type, session.group, session=session.id, visitor=session.visitor, **fields)
-
-    async def _code_created(self, session: SupportSession, ttl: float) -> None:
-        """A short code was made for ``session``: its event, and its expiry's
-        (``code.expired``, unless it is used or its session ends first). The
-        digits are a capability: never in an event."""
-        if self._events is not None and session.code is not None:
-            expires = time.time() + ttl
-            await self._record(ev.CODE_CREATED, session, expires=round(expires, 3))
-            await self._events.schedule(
-                session.group, _code_timer(session.id), expires, ev.CODE_EXPIRED, session=session.id,
-                visitor=session.visitor,
-            )  # fmt: skip
-
-    async def _code_used(self, session: SupportSession, by: str, agent: str | None = None) -> None:
-        """Its code was redeemed (by the consumer) or claimed (by an agent
-        joining): recorded once, if it had not expired or been used."""
-        if self._events is not None and await self._events.cancel(session.group, _code_timer(session.id)):
-            await self._record(ev.CODE_REDEEMED, session, by=by, agent=agent)
+    def _recorded(self, write: LogWrite | None) -> None:
+        if write is not None and self._events is not None:
+            self._events.written(write)
 
     async def _edit(
-        self, group: str, session: str, edit: Callable[[SupportSession], None], keep_expiry: bool = False
+        self,
+        group: str,
+        session: str,
+        edit: Callable[[SupportSession], None],
+        keep_expiry: bool = False,
+        logs: Callable[[SupportSession, SupportSession, LogWrite], None] | None = None,
     ) -> SupportSession | None:
         """Apply ``edit(session)`` atomically; None if the session is gone.
-        The session then lives ``session_ttl`` more, unless ``keep_expiry``."""
+        The session then lives ``session_ttl`` more, unless ``keep_expiry``.
+        ``logs(before, after, write)`` adds the edit's events to ``write``,
+        stored in the same atomic step as the edit (with its timer of the
+        session's end by TTL, moved)."""
 
         def update(data: bytes | None) -> bytes | None:
             if data is None:
@@ -131,10 +130,24 @@ class Sessions:
             return record.pack()
 
         ttl = None if keep_expiry else self.settings.session_ttl
-        data = await self._records.kv_update(names.session_key(group, session), update, ttl)
+        writes: list[LogWrite] = []  # one per attempt: the last is the one stored
+
+        def changed(old: bytes | None, new: bytes | None) -> LogWrite | None:
+            write = self._log_write(group)
+            if write is None or old is None or new is None:
+                return None
+            after = SupportSession.unpack(new)
+            if logs is not None:
+                logs(SupportSession.unpack(old), after, write)
+            if ttl is not None:
+                write.schedule.append(_expiry(after, ttl))
+            writes.append(write)
+            return write
+
+        data = await self._records.kv_update(names.session_key(group, session), update, ttl, log=changed)
         edited = SupportSession.unpack(data) if data else None
-        if edited is not None and ttl is not None:
-            await self._expires(edited, ttl)
+        if edited is not None and writes:
+            self._recorded(writes[-1])
         return edited
 
     async def _new(
@@ -170,9 +183,7 @@ class Sessions:
             await self._announce(failed, "error", str(exc.code))
             raise
         session.connection, session.instance = conn.id, self._instance
-        await self._save(session)  # stored before it is claimed: whoever displaces it can end it
-        await self._record(ev.SESSION_STARTED, session, key_type=session.key_type)
-        await self._code_created(session, rules.code_ttl)
+        await self._save(session, rules.code_ttl)  # stored before it is claimed: whoever displaces it can end it
         previous = await self._claim(conn.group, conn.subject, session.id)
         if previous is not None and previous != session.id:
             await self.end(conn.group, previous, "replaced")
@@ -211,17 +222,18 @@ class Sessions:
         code = names.code_key(group, record.code) if record.code is not None else None
         if code is not None:  # before: a retry after a failure further on still finds the record
             await self._release(code, session_id)
-        taken = await self._records.kv_swap(names.session_key(group, session_id), None)
+        write = self._log_write(group)
+        if write is not None:  # logged by the one ender that takes the record, in that step
+            write.cancel += [_end_timer(session_id), _code_timer(session_id)]  # an unused code is withdrawn
+            write.append.append(_event(ev.SESSION_ENDED, record, reason=reason))
+        taken = await self._records.kv_swap(names.session_key(group, session_id), None, log=write)
         if taken is None:
             return False
+        self._recorded(write)
         session = SupportSession.unpack(taken)
         if code is not None:  # and after: an agent's join may have just claimed it (see ``join``)
             await self._release(code, session_id)
         await self._release(names.session_by_visitor(group, session.visitor), session_id)
-        if self._events is not None:
-            await self._events.cancel(group, _end_timer(session.id))
-            await self._events.cancel(group, _code_timer(session.id))  # an unused code is withdrawn, not expired
-            await self._record(ev.SESSION_ENDED, session, reason=reason)
         await self._announce(session, "ended", reason)
         if is_consumer(session.visitor):
             await self._close_consumer(session)
@@ -246,9 +258,7 @@ class Sessions:
         a code created and abandoned costs nothing after ``code_ttl``."""
         rules = await group_settings.load(self._records, self.settings, group)
         session = await self._new(group, "random", None, rules)
-        await self._save(session, rules.code_ttl)
-        await self._record(ev.SESSION_STARTED, session, key_type=session.key_type)
-        await self._code_created(session, rules.code_ttl)
+        await self._save(session, rules.code_ttl, rules.code_ttl)
         await self._announce(session, "started")
         return session
 
@@ -257,18 +267,23 @@ class Sessions:
         session_id = await short_codes.resolve(self._records, group, code)
         if session_id is None:
             return None
-        taken: list[bool] = []
+        first_use = False
 
         def take(record: SupportSession) -> None:
             # Only sessions made for a consumer: a code a visitor's app shows
             # must never let a guesser in on the visitor's side.
-            taken.append(record.redeemed or not is_consumer(record.visitor))
+            nonlocal first_use
+            first_use = not record.redeemed and is_consumer(record.visitor)
             record.redeemed = True
 
-        session = await self._edit(group, session_id, take, keep_expiry=True)  # still gone after code_ttl
-        if session is None or taken != [False]:
+        def logs(before: SupportSession, after: SupportSession, write: LogWrite) -> None:
+            if not before.redeemed and is_consumer(before.visitor):
+                write.claim.append(_code_use(after, "consumer"))
+
+        # Still gone after code_ttl: its expiry stays.
+        session = await self._edit(group, session_id, take, keep_expiry=True, logs=logs)
+        if session is None or not first_use:
             return None
-        await self._code_used(session, "consumer")
         secret = self.settings.groups[group].secrets[0]
         signed = tokens.make_token(secret, SESSION_ROLE, group, session.id, ttl=self.settings.session_ttl)
         return session, f"{session.id}.{signed}"
@@ -293,13 +308,54 @@ class Sessions:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session of this token has ended")
         return session_id
 
-    async def visitor_connected(self, conn: VisitorConnection) -> None:
+    async def visitor_connected(self, conn: VisitorConnection, held: str | None = None) -> None:
         """A visitor's newest connection takes over its live session (a tab
-        reconnecting within the grace period keeps it), and hears so."""
-        session_id = await self._records.kv_get(names.session_by_visitor(conn.group, conn.subject))
-        if session_id is not None:
-            with contextlib.suppress(ProtocolError):  # it ended meanwhile
-                conn.send_message(await self.attach(conn, session_id.decode()))
+        reconnecting within the grace period keeps it), and hears so.
+
+        ``held`` is the session its hello says it holds: when that is not
+        the one it takes over (it ended while the visitor was away), the
+        connection first hears that it ended (PROTOCOL.md §11.2)."""
+        index = await self._records.kv_get(names.session_by_visitor(conn.group, conn.subject))
+        live = index.decode() if index is not None else None
+        if held is not None and held != live:
+            conn.send_message(await self._ended_for(conn, held))
+        if live is None:
+            return
+        try:
+            conn.send_message(await self.attach(conn, live))
+        except ProtocolError:  # it ended meanwhile
+            if held == live:
+                conn.send_message(await self._ended_for(conn, held))
+
+    async def _ended_for(self, conn: VisitorConnection, session_id: str) -> SessionEvent:
+        """``session_event ended`` for a visitor whose hello named a session
+        that is not live for it. Its reason is the one the group's log
+        recorded when that session was this visitor's; for any other ID (a
+        foreign session, live or not, an unknown one, or an end not in the
+        log) it is ``ended``: the same answer, so nothing of another
+        visitor's session is told, and nothing is done to it."""
+        return SessionEvent(
+            event="ended",
+            session=session_id,
+            visitor=conn.subject,
+            reason=await self._recorded_end(conn.group, conn.subject, session_id) or "ended",
+        )
+
+    async def _recorded_end(self, group: str, visitor: str, session_id: str) -> str | None:
+        """Why ``visitor``'s session ``session_id`` ended, as its group's log
+        has it (``session.ended``), or None (not this visitor's, not recorded,
+        past the log's retention, or the log out of reach)."""
+        if self._events is None:
+            return None
+        try:
+            timeline = await self._events.log.session_events(group, session_id)
+        except BackendUnavailable:
+            return None
+        for _, event in reversed(timeline):
+            if event.get("type") == ev.SESSION_ENDED and event.get("visitor") == visitor:
+                reason = event.get("reason")
+                return reason if isinstance(reason, str) else None
+        return None
 
     async def attach(self, conn: VisitorConnection, session_id: str) -> SessionConnected:
         """Make ``conn`` the session's visitor connection (guest counts go there)."""
@@ -370,7 +426,15 @@ class Sessions:
             if agent.id not in record.guests:
                 record.guests.append(agent.id)
 
-        joined = await self._edit(agent.group, found.id, add)
+        def logs(before: SupportSession, after: SupportSession, write: LogWrite) -> None:
+            if after.code is not None:  # its code is used: recorded at its first use only
+                write.claim.append(_code_use(after, "agent", agent.subject))
+            guests = len(after.guests)
+            write.append.append(
+                _event(ev.SESSION_JOINED, after, agent=agent.subject, connection=agent.id, guests=guests)
+            )
+
+        joined = await self._edit(agent.group, found.id, add, logs=logs)
         if joined is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
         if joined.code is not None:  # claimed: the code now lives as long as the session
@@ -379,10 +443,6 @@ class Sessions:
             if await self.load(agent.group, joined.id) is None:  # it ended meanwhile: its code goes too
                 await self._release(code_key, joined.id)
                 raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
-            await self._code_used(joined, "agent", agent.subject)
-        await self._record(
-            ev.SESSION_JOINED, joined, agent=agent.subject, connection=agent.id, guests=len(joined.guests)
-        )
         agent.sessions[joined.id] = joined.visitor
         await self._watchers.watch(agent, [names.session_topic(agent.group, joined.id)])
         await self._tell_guests(joined)
@@ -400,12 +460,15 @@ class Sessions:
             if agent.id in record.guests:
                 record.guests.remove(agent.id)
 
+        def logs(before: SupportSession, after: SupportSession, write: LogWrite) -> None:
+            guests = len(after.guests)
+            write.append.append(_event(ev.SESSION_LEFT, after, agent=agent.subject, connection=agent.id, guests=guests))
+
         agent.sessions.pop(session_id, None)
         await self._watchers.unwatch(agent, [names.session_topic(agent.group, session_id)])
-        left = await self._edit(agent.group, session_id, remove)
+        left = await self._edit(agent.group, session_id, remove, logs=logs)
         if left is None:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session has ended")
-        await self._record(ev.SESSION_LEFT, left, agent=agent.subject, connection=agent.id, guests=len(left.guests))
         await self._tell_guests(left)
 
     # -- telling -------------------------------------------------------------------
@@ -430,6 +493,25 @@ def _end_timer(session: str) -> str:
 
 def _code_timer(session: str) -> str:
     return f"code:{session}"
+
+
+def _event(event_type: str, session: SupportSession, **fields: object) -> Event:
+    """A session's event (``model.events``): its session and visitor, and ``fields``."""
+    return ev.new_event(event_type, session.group, session=session.id, visitor=session.visitor, **fields)
+
+
+def _expiry(session: SupportSession, ttl: float) -> Timer:
+    """A session that is never ended lives ``ttl`` from now: then its log
+    gets ``session.ended`` (reason ``expired``), unless it ends or lives
+    longer first."""
+    return _end_timer(session.id), time.time() + ttl, _event(ev.SESSION_ENDED, session, reason="expired")
+
+
+def _code_use(session: SupportSession, by: str, agent: str | None = None) -> tuple[str, Event]:
+    """Its code redeemed (by the consumer) or claimed (by an agent joining):
+    ``code.redeemed``, a claim of its expiry's timer, so that it is recorded
+    once, and only if the code had not expired or been used."""
+    return _code_timer(session.id), _event(ev.CODE_REDEEMED, session, by=by, agent=agent)
 
 
 def _connected(

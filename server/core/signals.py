@@ -27,7 +27,7 @@ from herald_presence.protocol import codec
 from herald_presence.protocol.errors import ErrorCode, ProtocolError
 from herald_presence.protocol.messages import Signal
 from herald_presence.server import metrics
-from herald_presence.server.backends.base import BackendUnavailable, Bus, HeldSignalStore, PresenceStore
+from herald_presence.server.backends.base import BackendUnavailable, Bus, HeldSignalStore, LogWrite, PresenceStore
 from herald_presence.server.config import Settings
 from herald_presence.server.model import events as ev
 from herald_presence.server.model import names
@@ -92,11 +92,6 @@ async def _counted(delivered: int) -> int:
     return delivered
 
 
-async def _uncounted(work: Coroutine[Any, Any, None]) -> int | None:
-    await work
-    return None
-
-
 def _targets(record: VisitorRecord, to_all: bool) -> list[ConnectionRecord]:
     focused = record.focused()
     return list(record.connections.values()) if to_all else [focused] if focused else []
@@ -151,28 +146,46 @@ class SignalRouter:
             topics = [names.visitor_topic(conn.group, conn.subject), names.group_topic(conn.group)]
         # Both topics at once: the backend sends them in one write. Each topic
         # keeps this visitor's order, since the next frame waits for these.
-        # A terms answer goes to the group's log alongside (awaited before the ack).
-        sends = [self._publish_event(topic, conn.subject, envelope, frame) for topic in topics]
         answer = ev.terms_answer((message.data or {}).get("status")) if message.event == ev.TERMS_SIGNAL else None
         if answer is not None and self._events is not None:
-            session = getattr(conn, "session", None)
-            if is_consumer(conn.subject):
-                session = conn.subject.removeprefix(CONSUMER_PREFIX)
-            logged = self._events.record(
-                answer,
-                conn.group,
-                answer=True,
-                visitor=conn.subject,
-                connection=conn.id,
-                agent=message.agent,
-                session=session,
-                sid=message.sid,
-            )
-            sends.append(_uncounted(logged))
-        counts = (await asyncio.gather(*sends))[: len(topics)]
+            counts = await self._publish_answer(self._events, conn, message, answer, topics, envelope, frame)
+        else:
+            counts = await asyncio.gather(*(self._publish_event(t, conn.subject, envelope, frame) for t in topics))
         if message.agent is not None and counts[0] is None:
             raise BackendUnavailable()
         return sum(count or 0 for count in counts)
+
+    async def _publish_answer(
+        self,
+        events: EventRecorder,
+        conn: Connection,
+        message: Signal,
+        answer: str,
+        topics: list[str],
+        envelope: bytes,
+        frame: bytes,
+    ) -> list[int | None]:
+        """A visitor's terms answer, published with its event in one atomic
+        step (``Bus.publish_all``), awaited before its ack. With the backend
+        away, this instance's own agents on the topics still hear it
+        (``_publish_event``), and so does the log once it is back
+        (``EventRecorder.record`` retries)."""
+        session = conn.subject.removeprefix(CONSUMER_PREFIX) if is_consumer(conn.subject) else None
+        fields = {
+            "visitor": conn.subject,
+            "connection": conn.id,
+            "agent": message.agent,
+            "session": session or getattr(conn, "session", None),
+            "sid": message.sid,
+        }
+        write = LogWrite(conn.group, append=[ev.new_event(answer, conn.group, **fields)])
+        try:
+            counts: list[int | None] = list(await self._bus.publish_all([(t, envelope) for t in topics], write))
+        except BackendUnavailable:
+            await events.record(answer, conn.group, answer=True, **fields)
+            return [1 if self._watchers.deliver(t, conn.subject, None, frame) else None for t in topics]
+        events.written(write)
+        return counts
 
     async def _publish_event(self, topic: str, visitor: str, envelope: bytes, frame: bytes) -> int | None:
         """Subscribers reached, or, when the cluster is unreachable, 1 if this

@@ -7,7 +7,10 @@ dead-lettered). What an instance has taken stays pending in the log and is
 renewed while it works on it; an instance that dies stops renewing, and
 after ``webhook_claim_after`` another instance takes its events over and
 delivers them again (at least once: a receiver may get an event twice, and
-uses its ``id`` to see it). In memory mode the log is an in-process queue.
+uses its ``id`` to see it). In memory mode the log is an in-process queue:
+at a graceful stop (SIGTERM) the drain gives what it holds until the drain's
+deadline to go out (``flush``), and logs and counts what is still
+undelivered then, which dies with the process.
 
 Per endpoint and instance: a queue and at most ``concurrency`` POSTs in
 flight; a POST carries what waits, up to ``webhook_batch`` events (one when
@@ -57,6 +60,7 @@ ENDPOINTS_FRESH = 2.0  # seconds a group's endpoints are cached
 FIRE_EVERY = 1.0  # seconds between looks for due timers (a code's expiry, a session's end)
 TRIM_EVERY = 60.0
 QUIET_LOGS = 30.0  # seconds between two log lines of one endpoint's failures
+FLUSH_POLL = 0.05  # seconds between looks at what is left to deliver, at a graceful stop
 
 
 # -- endpoints ------------------------------------------------------------------------
@@ -164,6 +168,7 @@ class Sender:
         self.removed = False
         self.quiet_until = 0.0  # its next failure is logged after this (monotonic)
         self.pending = metrics.WEBHOOK_PENDING.labels(endpoint=self.label)
+        self.owed = 0  # events queued or in flight for it: what ``pending`` shows
 
 
 class Webhooks:
@@ -295,6 +300,7 @@ class Webhooks:
     def _queue(self, sender: Sender, item: Held) -> None:
         sender.queue.append(item)
         sender.pending.inc()
+        sender.owed += 1
         concurrency = sender.endpoint.get("concurrency") or self.settings.webhook_concurrency
         while sender.workers < concurrency and sender.workers < len(sender.queue):
             sender.workers += 1
@@ -391,10 +397,51 @@ class Webhooks:
 
     def _done(self, sender: Sender, item: Held) -> None:
         sender.pending.dec()
+        sender.owed -= 1
         item.waiting -= 1
         if item.waiting == 0:
             self._held[item.group].pop(item.id, None)
             self._ack(item.group, item.id)
+
+    # -- a graceful stop (memory mode) ---------------------------------------------------
+    async def flush(self, deadline: float) -> int:
+        """Deliver what the log holds until every endpoint had it or
+        ``deadline`` (monotonic) comes, while the consumer loop goes on; then
+        log loudly (and count, ``outcome="abandoned"``) what is still
+        undelivered. For a log that dies with the process (the memory
+        backend's): a durable log's events are delivered by another instance.
+        The number of events left undelivered."""
+        while time.monotonic() < deadline:
+            took = False
+            for group in self.settings.groups:
+                took |= bool(await self._guarded(self._take(group), group, "taking"))
+            if not took and not any(self._held.values()):
+                return 0
+            await asyncio.sleep(min(FLUSH_POLL, max(0.0, deadline - time.monotonic())))
+        return await self._abandon()
+
+    async def _abandon(self) -> int:
+        """Count and log what is undelivered now, taken or not."""
+        owed = {sender.label: sender.owed for sender in self._senders.values() if sender.owed and not sender.removed}
+        events = sum(len(held) for held in self._held.values())
+        for group in self.settings.groups:
+            try:
+                found = await self.endpoints(group)
+                while found and (taken := await self._log.take(group, self.consumer, TAKE_AT_ONCE)):
+                    for _event_id, event in taken:
+                        wanted = [e for e in found if ev.wants(e["events"], event["type"])]
+                        events += bool(wanted)
+                        for endpoint in wanted:
+                            label = f"{group}/{endpoint['id']}"
+                            owed[label] = owed.get(label, 0) + 1
+            except BackendUnavailable:
+                continue
+        for label, count in owed.items():
+            metrics.WEBHOOK_EVENTS.labels(endpoint=label, outcome="abandoned").inc(count)
+        if events:
+            by_endpoint = ", ".join(f"{label}: {count}" for label, count in sorted(owed.items()))
+            log.error("webhooks: %d events still undelivered at exit, lost with the process (%s)", events, by_endpoint)
+        return events
 
     # -- acknowledgements -----------------------------------------------------------------
     def _ack(self, group: str, event_id: str) -> None:

@@ -76,6 +76,15 @@ def is_terms(event_type: str) -> bool:
     return event_type.startswith("terms.")
 
 
+def terms_roles(event_type: str) -> tuple[bool, bool]:
+    """(asks, answer) of an event appended as part of a change
+    (``EventLog.append``'s flags): ``terms.requested`` names who asks its
+    visitor; the visitor's own ``terms.*`` is an answer, attributed to who
+    asked when it names no agent."""
+    asks = event_type == TERMS_REQUESTED
+    return asks, is_terms(event_type) and not asks
+
+
 def parse_id(event_id: str) -> tuple[int, int] | None:
     """``(ms, seq)`` of an event ID, which orders IDs; None if it is not one."""
     match = _ID.match(event_id)

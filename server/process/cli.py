@@ -17,6 +17,7 @@ from herald_presence.server import __version__
 from herald_presence.server.config import (
     TOKEN_SECRET_ENV,
     ConfigError,
+    GroupConfig,
     Settings,
     check_group_id,
     check_group_secret,
@@ -222,7 +223,8 @@ def _serve_parser(sub: argparse._SubParsersAction) -> None:
 
 
 TOKEN_DESCRIPTION = (
-    "Print a visitor token, agent login key or REST API key signed with the group's secret. "
+    "Print a visitor token, agent login key or REST API key signed with the group's secret: "
+    "Herald's own format, or with --jwt an HS256 JWT (claims sub, group, role, aud, iat, exp; PROTOCOL.md §4.2). "
     f"The secret is read from the environment ({TOKEN_SECRET_ENV}), else from the group's configuration "
     "(--config FILE or HERALD_GROUPS), else from standard input (asked for without echo on a terminal): "
     "never from the command line, where every user of the machine can read it (ps, shell history)."
@@ -236,24 +238,43 @@ def _token_parser(sub: argparse._SubParsersAction) -> None:
     token.add_argument("role", choices=[tokens.VISITOR, tokens.AGENT, tokens.API])
     token.add_argument("--group", required=True)
     token.add_argument("--id", help="the visitor or agent ID (not for api)")
-    token.add_argument("--config", metavar="FILE", help="the server's TOML file, to take the group's secret from")
+    token.add_argument(
+        "--config", metavar="FILE", help="the server's TOML file, to take the group's secret (and jwt_audience) from"
+    )
     token.add_argument("--ttl", type=float, default=3600, help="seconds the token is valid (default: 3600)")
+    token.add_argument(
+        "--jwt",
+        action="store_true",
+        help="mint an HS256 JWT instead of Herald's own format (for a group whose jwt_algorithm is HS256)",
+    )
+    token.add_argument(
+        "--audience",
+        metavar="AUD",
+        help=f"the JWT's aud claim (default: the group's jwt_audience when configured, else {tokens.JWT_AUDIENCE})",
+    )
     token.add_argument("--secret", help=argparse.SUPPRESS)  # only "-" (standard input), as it used to be
 
 
-def _token_secret(args: argparse.Namespace) -> str:
+def _configured_group(args: argparse.Namespace) -> GroupConfig | None:
+    """The group's configuration when one is given (--config FILE or
+    HERALD_GROUPS); a --config FILE without the group is an error."""
+    if not (args.config or os.environ.get("HERALD_GROUPS")):
+        return None
+    group = load(args.config, warnings=[]).groups.get(args.group)
+    if group is None and args.config:
+        raise ConfigError(f"group {args.group!r} is not in {args.config} (nor in HERALD_GROUPS)")
+    return group
+
+
+def _token_secret(args: argparse.Namespace, configured: GroupConfig | None) -> str:
     """The secret to sign with, from the first place that has one
     (``TOKEN_DESCRIPTION``): the environment, the group's configuration,
     standard input."""
     secret = os.environ.get(TOKEN_SECRET_ENV)
     if secret is not None:
         return secret.strip()
-    if args.config or os.environ.get("HERALD_GROUPS"):
-        group = load(args.config, warnings=[]).groups.get(args.group)
-        if group is not None:
-            return group.secrets[0]  # the current one: the first during a rotation
-        if args.config:
-            raise ConfigError(f"group {args.group!r} is not in {args.config} (nor in HERALD_GROUPS)")
+    if configured is not None:
+        return configured.secrets[0]  # the current one: the first during a rotation
     if sys.stdin is None:
         raise ConfigError(f"no secret: set {TOKEN_SECRET_ENV} or pipe it on standard input")
     if sys.stdin.isatty():
@@ -284,14 +305,35 @@ def _token(args: argparse.Namespace) -> None:
             raise ConfigError(
                 f"--ttl must be above 0 and at most {tokens.MAX_TOKEN_LIFETIME} seconds (what the server takes)"
             )
-        secret = _token_secret(args)
+        if args.audience is not None and not args.jwt:
+            raise ConfigError("--audience is for JWTs: add --jwt")
+        needs_config = args.jwt or os.environ.get(TOKEN_SECRET_ENV) is None
+        configured = _configured_group(args) if needs_config else None
+        audience = _jwt_audience(args, configured) if args.jwt else ""
+        secret = _token_secret(args, configured)
         check_group_secret(args.group, secret)
     except ConfigError as exc:
         sys.exit(f"herald: {exc}")
-    if args.role == tokens.API:
+    subject = args.group if args.role == tokens.API else args.id
+    if args.jwt:
+        print(tokens.make_jwt(secret, args.role, args.group, subject, args.ttl, audience))
+    elif args.role == tokens.API:
         print(tokens.api_key(secret, args.group, args.ttl))
     else:
-        print(tokens.make_token(secret, args.role, args.group, args.id, args.ttl))
+        print(tokens.make_token(secret, args.role, args.group, subject, args.ttl))
+
+
+def _jwt_audience(args: argparse.Namespace, configured: GroupConfig | None) -> str:
+    """The ``aud`` of a JWT for the group; refused for a group that takes no HS256 JWTs."""
+    if configured is not None and configured.jwt_algorithm != "HS256":
+        raise ConfigError(
+            f"group {args.group!r} takes {configured.jwt_algorithm} JWTs, signed with your private key;"
+            " --jwt mints HS256 (the group's secret) only"
+        )
+    audience = args.audience or (configured.jwt_audience if configured is not None else tokens.JWT_AUDIENCE)
+    if not audience.strip():
+        raise ConfigError("--audience must not be empty")
+    return audience
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -77,7 +77,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         log.debug("visitor %s/%s connected", group, visitor)
         if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
             return ws  # closed: a consumer is nothing without its session
-        await hub.release_held(conn)
+        await hub.release_held(conn, hello.session)
         await serve_frames(conn, settings, partial(_handle, request, presence, sessions, app[SIGNALS], conn))
     finally:
         await presence.visitor_left(conn)

@@ -9,14 +9,20 @@ import asyncio
 import time
 from collections.abc import Awaitable, Callable
 
-from herald_presence.server.backends.base import Backend, BackendUnavailable
-from herald_presence.server.model.names import code_key, group_topic, lookups_by_group, visitor_topic
+from herald_presence.server.backends.base import Backend, BackendUnavailable, LogWrite
+from herald_presence.server.model import events as ev
+from herald_presence.server.model.names import code_key, group_topic, lookups_by_group, session_key, visitor_topic
 from herald_presence.server.model.records import HeldSignal
 
 from ..redis_server import RedisServer
 from .conftest import GROUP, STANDALONE_ONLY, RecordingListener, StartBackend, conn, eventually, joins, silent
 
 UNAVAILABLE_WITHIN = 3.0  # seconds an operation may take to give up
+
+
+def logged() -> LogWrite:
+    """A change's event: with the backend away, neither the change nor it happens."""
+    return LogWrite(GROUP, append=[ev.new_event(ev.SESSION_STARTED, GROUP, session="s1", visitor="v1")])
 
 
 async def test_a_started_backend_is_healthy(backend: Backend) -> None:
@@ -72,6 +78,12 @@ async def test_every_operation_raises_backend_unavailable_when_redis_is_gone(
         "kv_swap None": lambda: backend.kv_swap(code_key(GROUP, "1"), None),
         "kv_delete_if": lambda: backend.kv_delete_if(code_key(GROUP, "1"), b"x"),
         "kv_count": lambda: backend.kv_count(lookups_by_group(GROUP), window=10),
+        "kv_set logged": lambda: backend.kv_set(session_key(GROUP, "s1"), b"x", log=logged()),
+        "kv_update logged": lambda: backend.kv_update(
+            session_key(GROUP, "s1"), lambda value: b"x", log=lambda old, new: logged()
+        ),
+        "kv_swap logged": lambda: backend.kv_swap(session_key(GROUP, "s1"), None, log=logged()),
+        "publish_all": lambda: backend.publish_all([(group_topic(GROUP), b"lost")], logged()),
     }
     outcomes = {name: await outcome(operation) for name, operation in operations.items()}
     assert outcomes == dict.fromkeys(operations, "BackendUnavailable")

@@ -1,18 +1,31 @@
 """The ``EventLog`` contract (``backends/base.py``), on both backends: IDs
 that rise in append order, a presence change's event logged in the change's
-own step, each session's timeline, a consumer group whose events outlive a
-consumer that stops, timers, retention and dead letters."""
+own step, so are a record's write's and a publish's events (``LogWrite``:
+both or neither), each session's timeline, a consumer group whose events
+outlive a consumer that stops, timers, retention and dead letters."""
 
 from __future__ import annotations
 
 import asyncio
 import time
 
-from herald_presence.server.backends.base import Backend
-from herald_presence.server.model import events as ev
-from herald_presence.server.model.names import event_log_topic, pack
+import pytest
 
-from .conftest import GROUP, REDIS_ONLY, StartBackend, change_of, conn, goes_offline, joins, leaves
+from herald_presence.server.backends.base import Backend, BackendUnavailable, LogWrite
+from herald_presence.server.model import events as ev
+from herald_presence.server.model.names import event_log_topic, group_topic, pack, session_key, visitor_topic
+
+from .conftest import (
+    GROUP,
+    REDIS_ONLY,
+    RecordingListener,
+    StartBackend,
+    change_of,
+    conn,
+    goes_offline,
+    joins,
+    leaves,
+)
 
 
 def event(event_type: str, **fields: object) -> dict[str, object]:
@@ -174,3 +187,105 @@ async def test_another_instance_takes_over_what_a_closed_one_had_taken(
     await other.events.ack(GROUP, ids)
     await asyncio.sleep(0.3)
     assert await backend.events.reclaim(GROUP, backend.instance_id, 0.2, 10) == []
+
+
+# -- a change and its events, in one step (LogWrite) ---------------------------------------------
+
+
+def session_write(*events: dict[str, object], **parts: object) -> LogWrite:
+    return LogWrite(GROUP, append=list(events), **parts)  # type: ignore[arg-type]
+
+
+async def types_logged(backend: Backend) -> list[str]:
+    return [e["type"] for _, e in await backend.events.read(GROUP, None, 100)]
+
+
+async def test_a_records_write_and_its_events_are_stored_together(backend: Backend) -> None:
+    """kv_set, kv_update and kv_swap with a LogWrite: the record and its events (timers claimed,
+    cancelled and set with them) in one step; a write that does not happen logs nothing."""
+    key, log = session_key(GROUP, "s1"), backend.events
+    fields = {"session": "s1", "visitor": "v1"}
+    started = session_write(
+        event("session.started", **fields),
+        event("code.created", **fields),
+        schedule=[("end:s1", time.time() + 0.3, event("session.ended", reason="expired", **fields)),
+                  ("code:s1", time.time() + 60, event("code.expired", **fields))],
+    )  # fmt: skip
+    assert await backend.kv_set(key, b"started", ttl=10, log=started) is True
+    assert started.appended == ["session.started", "code.created"]
+    assert await backend.kv_get(key) == b"started"
+    again = session_write(event("session.started", **fields))
+    assert await backend.kv_set(key, b"again", only_if_absent=True, log=again) is False
+    assert again.appended == [] and await types_logged(backend) == ["session.started", "code.created"]
+
+    joined: list[LogWrite] = []  # one per attempt: the last is the one stored
+
+    def logged(old: bytes | None, new: bytes | None) -> LogWrite | None:
+        if old is None:
+            return None
+        redeemed = event("code.redeemed", by="agent", **fields)
+        joined.append(session_write(event("session.joined", **fields), claim=[("code:s1", redeemed)]))
+        return joined[-1]
+
+    assert await backend.kv_update(key, lambda value: (value or b"") + b"+", ttl=10, log=logged) == b"started+"
+    assert joined[-1].appended == ["code.redeemed", "session.joined"]  # the code's first use
+    assert await backend.kv_update(key, lambda value: (value or b"") + b"+", log=logged) == b"started++"
+    assert joined[-1].appended == ["session.joined"]  # its timer is gone: used once
+    assert await backend.kv_update(session_key(GROUP, "gone"), lambda value: None, log=logged) is None
+
+    ended = session_write(event("session.ended", reason="ended", **fields), cancel=["end:s1"])
+    assert await backend.kv_swap(key, None, log=ended) == b"started++"
+    assert ended.appended == ["session.ended"] and await backend.kv_get(key) is None
+    twice = session_write(event("session.ended", reason="ended", **fields), cancel=["end:s1"])
+    assert await backend.kv_swap(key, None, log=twice) is None  # nothing replaced: nothing logged
+    assert twice.appended == []
+    await asyncio.sleep(0.4)
+    assert await log.fire_due(GROUP) == 0  # its end by TTL was cancelled with the end
+    timeline = ["session.started", "code.created", "code.redeemed", "session.joined", "session.joined", "session.ended"]
+    assert await types_logged(backend) == timeline
+    assert [e["type"] for _, e in await log.session_events(GROUP, "s1")] == timeline
+    assert await log.cancel(GROUP, "code:s1") is False  # claimed by the first join
+
+
+async def test_a_publish_and_its_event_are_one_step(backend: Backend, listener: RecordingListener) -> None:
+    """publish_all: the messages and the log's events together; terms events indexed as append does."""
+    topic = visitor_topic(GROUP, "v1")
+    await backend.subscribe(topic)
+    asked = session_write(event("terms.requested", visitor="v1", agent="alice"))
+    assert await backend.publish_all([(topic, b"showterms")], asked) == [1]
+    answered = session_write(event("terms.accepted", visitor="v1", connection="c1"))
+    assert await backend.publish_all([(topic, b"accepted"), (group_topic(GROUP), b"unheard")], answered) == [1, 0]
+    assert asked.appended == ["terms.requested"] and answered.appended == ["terms.accepted"]
+    assert [await listener.next_message() for _ in range(2)] == [(topic, b"showterms"), (topic, b"accepted")]
+    logged = [e for _, e in await backend.events.read(GROUP, None, 10)]
+    assert [(e["type"], e.get("agent")) for e in logged] == [("terms.requested", "alice"), ("terms.accepted", "alice")]
+    await backend.events.append(GROUP, event("session.started", visitor="v1", session="s9"))
+    assert [e["type"] for _, e in await backend.events.session_events(GROUP, "s9")] == [
+        "terms.requested", "terms.accepted", "session.started",
+    ]  # fmt: skip
+
+
+@REDIS_ONLY
+async def test_a_change_whose_events_redis_refuses_is_not_made(backend: Backend, listener: RecordingListener) -> None:
+    """Neither without the other: when the log's write fails (here the stream's key holds a
+    string, so XADD is refused), the record is left as it was and nothing is published."""
+    key, fields = session_key(GROUP, "s1"), {"session": "s1", "visitor": "v1"}
+    assert await backend.kv_set(key, b"before", ttl=10)
+    assert await backend.kv_set("{acme}:events", b"not a stream")  # the log's own key, as a record
+    topic = visitor_topic(GROUP, "v1")
+    await backend.subscribe(topic)
+    changes = {
+        "kv_set": lambda: backend.kv_set(key, b"after", log=session_write(event("session.started", **fields))),
+        "kv_update": lambda: backend.kv_update(
+            key, lambda value: b"after", log=lambda old, new: session_write(event("session.joined", **fields))
+        ),
+        "kv_swap": lambda: backend.kv_swap(key, None, log=session_write(event("session.ended", **fields))),
+        "publish_all": lambda: backend.publish_all(
+            [(topic, b"lost")], session_write(event("terms.accepted", visitor="v1"))
+        ),
+    }
+    for name, change in changes.items():
+        with pytest.raises(BackendUnavailable):
+            await change()
+        assert await backend.kv_get(key) == b"before", name
+    assert await listener.messages_so_far(backend) == []

@@ -16,10 +16,12 @@ captured before *Accept*, and that every track stopped. Screenshots go to
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import re
 import uuid
 from collections.abc import AsyncIterator, Awaitable, Callable
 
+import aiohttp
 import pytest
 from playwright.async_api import Browser, Page, expect
 
@@ -31,7 +33,7 @@ from herald_presence.server.web.keys import HUB
 from ..conftest import FAST
 from ..harness import SECRET, HeraldServer, settings
 from ..redis_server import RedisServer
-from .conftest import STEP_TIMEOUT_MS, demo_settings
+from .conftest import DEMO_SECRET, STEP_TIMEOUT_MS, demo_settings
 
 # A page of Herald's origin with no script of its own: the client is imported into it.
 BLANK = "/js/vendor/msgpack.LICENSE"
@@ -360,11 +362,13 @@ async def test_declining_captures_nothing_and_ending_the_session_stops_every_tra
 class FailoverProxy:
     """The load balancer in front of a cluster, for one test: each TCP connection goes to the
     first instance (by port) that accepts it, so a drained instance's clients come back on the
-    other, as behind a real one."""
+    other, as behind a real one. While ``refusing``, it closes every new connection at once (the
+    way back is cut; connections already open go on)."""
 
     def __init__(self, ports: list[int]) -> None:
         self.ports = ports
         self.port = 0
+        self.refusing = False
         self._tasks: set[asyncio.Task[None]] = set()
 
     async def start(self) -> FailoverProxy:
@@ -377,6 +381,9 @@ class FailoverProxy:
         return f"http://127.0.0.1:{self.port}"
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if self.refusing:
+            writer.close()
+            return
         for port in self.ports:
             try:
                 up_reader, up_writer = await asyncio.open_connection("127.0.0.1", port)
@@ -409,12 +416,12 @@ class FailoverProxy:
         await asyncio.gather(*self._tasks, return_exceptions=True)
 
 
-async def test_draining_the_visitors_instance_moves_it_and_the_picture_comes_back(
-    browser: Browser, redis_server: RedisServer, shot: Shot
-) -> None:
-    """A real drain (drain.py, what SIGTERM runs) of the instance the visitor is on: its listener
-    closes, the visitor is told to reconnect (4002), comes back on the other instance through the
-    load balancer, and the call is renegotiated from there."""
+@contextlib.asynccontextmanager
+async def behind_a_balancer(
+    redis_server: RedisServer,
+) -> AsyncIterator[tuple[HeraldServer, HeraldServer, FailoverProxy]]:
+    """Two instances on the tests' Redis (agents', visitors'), fast drains, and the test's load
+    balancer in front of the visitors' instance (the agents' one behind it): stopped after."""
     if redis_server.process is None or redis_server.process.poll() is not None:
         redis_server.start()
     cluster = {
@@ -424,8 +431,22 @@ async def test_draining_the_visitors_instance_moves_it_and_the_picture_comes_bac
     agents_instance = await HeraldServer(demo_settings(**cluster)).start()
     visitors_instance = await HeraldServer(demo_settings(**cluster)).start()
     balancer = await FailoverProxy([visitors_instance.port, agents_instance.port]).start()
-    errors: list[str] = []
     try:
+        yield agents_instance, visitors_instance, balancer
+    finally:
+        await balancer.stop()
+        await visitors_instance.stop()
+        await agents_instance.stop()
+
+
+async def test_draining_the_visitors_instance_moves_it_and_the_picture_comes_back(
+    browser: Browser, redis_server: RedisServer, shot: Shot
+) -> None:
+    """A real drain (drain.py, what SIGTERM runs) of the instance the visitor is on: its listener
+    closes, the visitor is told to reconnect (4002), comes back on the other instance through the
+    load balancer, and the call is renegotiated from there."""
+    errors: list[str] = []
+    async with behind_a_balancer(redis_server) as (agents_instance, visitors_instance, balancer):
         console = await console_watching(browser, agents_instance, "cust-99", errors)
         site = await open_page(
             browser, balancer.base_url + "/demo/visitor#visitor=cust-99", RECORD_CAPTURES, RECORD_CSP, errors=errors
@@ -444,8 +465,50 @@ async def test_draining_the_visitors_instance_moves_it_and_the_picture_comes_bac
         await expect(card.locator('[data-field="state"]')).to_have_text("Live")
         await expect(site.locator("#share-status")).to_have_text("1 agent sees this tab.")
         await shot(console, "picture-back-after-drain")
-    finally:
-        await balancer.stop()
-        await visitors_instance.stop()
-        await agents_instance.stop()
+    assert not errors, errors
+
+
+async def test_a_session_ended_while_the_visitor_was_away_stops_every_track_when_it_is_back(
+    browser: Browser, redis_server: RedisServer, shot: Shot
+) -> None:
+    """The visitor shares; its instance drains and the way back is cut for a while; meanwhile
+    the group's back end ends the session (the control route, reason ``terminated``), which the
+    visitor cannot hear. Back on the other instance, its hello names the session, the server
+    answers ``session_event ended`` right after the welcome (PROTOCOL.md §11.2), and the page
+    stops every track it captured."""
+    errors: list[str] = []
+    async with behind_a_balancer(redis_server) as (agents_instance, visitors_instance, balancer):
+        console = await console_watching(browser, agents_instance, "cust-away", errors)
+        site = await open_page(
+            browser, balancer.base_url + "/demo/visitor#visitor=cust-away", RECORD_CAPTURES, RECORD_CSP, errors=errors
+        )
+        await accepted_and_joined(console, site, "cust-away")
+        (session,) = [c.session for c in visitors_instance.app[HUB].visitors.all() if c.subject == "cust-away"]
+        assert session is not None
+
+        balancer.refusing = True
+        await drain(visitors_instance.app, [visitors_instance.site])
+        assert visitors_instance.app[HUB].visitors.all() == []
+        api = {"Authorization": f"Bearer {tokens.api_key(DEMO_SECRET, 'demo')}"}
+        async with (
+            aiohttp.ClientSession() as http,
+            http.post(f"{agents_instance.base_url}/v1/groups/demo/sessions/{session}/end", headers=api) as response,
+        ):
+            assert response.status == 200, await response.text()
+        card = console.locator('#sessions li[data-visitor="cust-away"]')
+        await expect(card.locator('[data-field="state"]')).to_have_text("Ended")
+        assert await site.evaluate("__live()") > 0, "away, the visitor could not hear of it: still capturing"
+        await shot(site, "still-sharing-while-away")
+
+        balancer.refusing = False
+        await expect(site.locator("#share-status")).to_have_text(
+            "Sharing stopped: the session ended.", timeout=PICTURE_TIMEOUT * 1000
+        )
+        assert [c.subject for c in agents_instance.app[HUB].visitors.all()] == ["cust-away"]  # back, on the other
+        assert await site.evaluate("__live()") == 0
+        assert await site.evaluate("__captures.flatMap((c) => c.tracks).every((t) => t.readyState === 'ended')")
+        for gone in ("Share this tab", "Stop sharing", "End session"):  # no session left to share in
+            await expect(site.get_by_role("button", name=gone)).to_be_hidden()
+        await shot(site, "sharing-stopped-after-reconnect")
+        assert await site.evaluate("__csp") == []
     assert not errors, errors

@@ -58,8 +58,10 @@ const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
  * @typedef {{type: "session_signal", session: string, event: string, payload?: string, data?: FlatMap,
  *            connection: string, agent?: string, visitor?: string, sid?: string}} SessionSignal
  *   `connection` is the sender's: the `to` of an answer
- * @typedef {{type: "session_event", event: "started"|"ended"|"error", session: string, key: string,
- *            visitor: string, key_type: string, reason?: string}} SessionEvent
+ * @typedef {{type: "session_event", event: "started"|"ended"|"error", session: string, key?: string,
+ *            visitor: string, key_type?: string, reason?: string}} SessionEvent
+ *   `key` and `key_type` are absent only in the "ended" a visitor hears after a reconnect for the
+ *   session its hello named (PROTOCOL.md §11.2)
  * @typedef {{connection: string, data?: FlatMap, visible?: boolean, since?: number}} ConnectionDelta
  * @typedef {{visitor: string, version: number, base: number, changed: ConnectionDelta[], removed: string[],
  *            focused: string | null}} VisitorDelta  what changed from version `base` (see applyDelta)
@@ -86,7 +88,9 @@ const IDENTIFIER = /^[A-Za-z0-9._:@+-]{1,128}$/;
  * @property {{type: "guest_count", session: string, guests: number}} guest_count  visitors: agents in the session
  * @property {{type: "focus", focused: boolean}} focus  visitors: this tab gained or lost focus
  * @property {{session: string, reason: string}} session_ended  visitors: this client's session is over: it
- *   ended it ("ended"), started another ("replaced") or the group's back end ended it ("terminated")
+ *   ended it ("ended"), started another ("replaced") or the group's back end ended it ("terminated"); or,
+ *   told right after a reconnect, it ended while the client was away (the reason Herald recorded:
+ *   "terminated", "replaced", "visitor_offline", "expired", …, else "ended")
  * @property {SessionSignal} session_signal  a member of a session this client is in sent it (a sid already
  *   seen is dropped, not emitted)
  * @property {{type: "error", code: string, message: string}} error  an error that answers no request
@@ -712,10 +716,12 @@ export class VisitorClient extends HeraldClient {
     const credential = await resolveCredential(this._credential);
     this._sent = { data: { ...this.data }, visible: this.visible };
     const data = Object.keys(this.data).length ? { ...this.data } : undefined;
+    // The session this tab holds: if it ended while the tab was away, the server says so after the welcome.
+    const session = this.session?.session;
     return this.consumer
       ? { type: "hello", versions: VERSIONS, group: this.group, session_token: credential, data, visible: this.visible }
       : { type: "hello", versions: VERSIONS, group: this.group, visitor: this.visitor, token: credential, data,
-          visible: this.visible };
+          visible: this.visible, session };
   }
 
   _onFrame(frame) {
@@ -728,8 +734,9 @@ export class VisitorClient extends HeraldClient {
     } else if (frame.type === "guest_count" && this.session?.session === frame.session) {
       this.session = { ...this.session, guests: frame.guests };
     } else if (frame.type === "session_event" && frame.event === "ended" && this.session?.session === frame.session) {
-      this.session = null; // its group's back end ended it (reason "terminated")
-      this._emit("session_ended", { session: frame.session, reason: frame.reason || "terminated" });
+      // Its group's back end ended it ("terminated"), or it ended while this tab was away (after a reconnect).
+      this.session = null;
+      this._emit("session_ended", { session: frame.session, reason: frame.reason || "ended" });
     }
   }
 
