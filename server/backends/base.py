@@ -30,6 +30,15 @@ class BackendUnavailable(ProtocolError):
         super().__init__(ErrorCode.BACKEND_UNAVAILABLE, message)
 
 
+class Refused(Exception):  # noqa: N818: an answer, not a failure
+    """A change made ``unless`` a key exists found that key: nothing was
+    stored or announced. ``value``: the key's value."""
+
+    def __init__(self, value: bytes) -> None:
+        super().__init__("refused: the change's guard key exists")
+        self.value = value
+
+
 Mutation = Callable[[VisitorRecord], PresenceChange | None]
 Announce = Callable[[PresenceChange], list[tuple[str, bytes]]]
 Event = dict[str, Any]
@@ -109,10 +118,14 @@ class PresenceStore(ABC):
     """
 
     @abstractmethod
-    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+    async def mutate(
+        self, group: str, visitor: str, mutation: Mutation, announce: Announce, unless: str | None = None
+    ) -> PresenceChange | None:
         """Apply ``mutation`` to the visitor's record atomically and publish
         ``announce(change)`` with it; None (and nothing stored) if it changed
-        nothing."""
+        nothing. With ``unless`` (a ``RecordStore`` key, of the visitor's
+        group), ``Refused`` instead if that key exists, checked in the same
+        atomic step."""
 
     @abstractmethod
     async def visitor(self, group: str, visitor: str) -> VisitorState:

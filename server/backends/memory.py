@@ -17,7 +17,7 @@ from herald_presence.protocol.messages import VisitorState
 from herald_presence.server.model.names import event_log_group, unpack
 from herald_presence.server.model.records import HeldSignal, PresenceChange, VisitorRecord, offline_state
 
-from .base import Announce, Backend, BackendListener, Changed, LogWrite, Mutation
+from .base import Announce, Backend, BackendListener, Changed, LogWrite, Mutation, Refused
 from .memory_events import MemoryEventLog
 
 TOMBSTONE_SECONDS = 600.0  # how long an offline visitor's last version is kept
@@ -55,7 +55,11 @@ class MemoryBackend(Backend):
         visitors = self._groups.get(group)
         return visitors.get(visitor) if visitors else None
 
-    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+    async def mutate(
+        self, group: str, visitor: str, mutation: Mutation, announce: Announce, unless: str | None = None
+    ) -> PresenceChange | None:
+        if unless is not None and (guard := await self.kv_get(unless)) is not None:
+            raise Refused(guard)
         record = self._get(group, visitor)
         if record is None:
             last, _ = self._tombstones.get((group, visitor), (0, 0.0))

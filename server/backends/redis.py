@@ -64,7 +64,7 @@ from herald_presence.server.model.records import (
 )
 from herald_presence.server.tasks import TaskSupervisor, until_done
 
-from .base import Announce, Backend, BackendListener, BackendUnavailable, Changed, LogWrite, Mutation
+from .base import Announce, Backend, BackendListener, BackendUnavailable, Changed, LogWrite, Mutation, Refused
 from .redis_batch import CommandBatcher
 from .redis_cluster import REDIS_ERRORS, ClusterBatcher, Shards, Topology
 from .redis_connect import connect
@@ -89,15 +89,22 @@ return {redis.call('ZADD', KEYS[1], ms, ARGV[1]), ms}
 # A presence change in one round trip: if the visitor's hash (KEYS[1]) still
 # has the version the change was computed from (ARGV[1], '' for none), run
 # its writes and publishes and answer 1; else answer the hash as it is now,
-# to compute the change again. The rest of ARGV is the commands, each as its
+# to compute the change again. With a guard key (ARGV[2]: its index in KEYS,
+# 0: none) that exists, nothing happens and the answer is {{its value}} (a
+# hash is never nested). The rest of ARGV is the commands, each as its
 # length n, its name, the index in KEYS of the key it writes (0: none, a
 # publish), then its other arguments: every key it touches is declared, and
 # ``#!lua`` makes Redis refuse any that is not in the same slot.
 STORE_IF_SCRIPT = """#!lua
+local guard = tonumber(ARGV[2])
+if guard > 0 then
+  local held = redis.call('GET', KEYS[guard])
+  if held then return {{held}} end
+end
 if (redis.call('HGET', KEYS[1], 'version') or '') ~= ARGV[1] then
   return redis.call('HGETALL', KEYS[1])
 end
-local i = 2
+local i = 3
 while i <= #ARGV do
   local n, k = tonumber(ARGV[i]), tonumber(ARGV[i + 2])
   if k == 0 then
@@ -302,7 +309,9 @@ class RedisBackend(Backend):
             raise BackendUnavailable() from exc
         raise BackendUnavailable(f"{what} is changing too fast to update")
 
-    async def mutate(self, group: str, visitor: str, mutation: Mutation, announce: Announce) -> PresenceChange | None:
+    async def mutate(
+        self, group: str, visitor: str, mutation: Mutation, announce: Announce, unless: str | None = None
+    ) -> PresenceChange | None:
         """Compute the change from the visitor's hash as this instance last
         wrote it (visitors with a connection or a grace period here), or
         from none, and store it if Redis still has that version
@@ -332,10 +341,14 @@ class RedisBackend(Backend):
                     commands.append((publish, None, self.names.channel(topic), message))
             for instance in indexed:
                 await self._index(group, instance)
-            answer = await self._batch.script(STORE_IF_SCRIPT, *_script_args(key, raw.get(b"version", b""), commands))
+            guard = None if unless is None else self.names.record(unless)
+            args = _script_args(key, raw.get(b"version", b""), commands, guard)
+            answer = await self._batch.script(STORE_IF_SCRIPT, *args)
             if answer == 1:
                 self._remember(key, record, stored)
                 return change
+            if answer and isinstance(answer[0], list):
+                raise Refused(answer[0][0])
             raw, read = dict(zip(answer[::2], answer[1::2], strict=True)), True
         raise BackendUnavailable(f"visitor {visitor} is changing too fast to update")
 
@@ -986,11 +999,11 @@ def _pack_held(signal: HeldSignal, expires: float, claimed: bool) -> bytes:
     return pack((signal.reply_to, signal.frame, signal.to_all, signal.answer_by, expires, claimed))
 
 
-def _script_args(key: str, version: bytes, commands: list[Command]) -> list[Any]:
+def _script_args(key: str, version: bytes, commands: list[Command], guard: str | None = None) -> list[Any]:
     """``STORE_IF_SCRIPT``'s numkeys, KEYS and ARGV for ``commands``: the
     visitor's hash first, each other key once, referred to by its index."""
     keys = {key: 1}
-    argv: list[Any] = [version]
+    argv: list[Any] = [version, 0 if guard is None else keys.setdefault(guard, 2)]
     for name, target, *args in commands:
         index = 0 if target is None else keys.setdefault(target, len(keys) + 1)
         argv += [2 + len(args), name, index, *args]

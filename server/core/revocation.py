@@ -18,9 +18,10 @@ refused a while), agents' logins revoked, on every instance.
 from __future__ import annotations
 
 import logging
+import math
 import time
 
-from herald_presence.protocol.errors import CloseCode, ErrorCode
+from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
 from herald_presence.server.backends.base import Bus, PresenceStore, RecordStore
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names
@@ -52,10 +53,18 @@ class Revocations:
         self._watchers = watchers
 
     # -- visitors --------------------------------------------------------------
-    async def refused_for(self, group: str, visitor: str) -> float:
-        """Seconds this visitor is still refused (0: it is not)."""
-        until = await self._records.kv_get(names.refused_visitor(group, visitor))
-        return max(0.0, float(until) - time.time()) if until else 0.0
+    @staticmethod
+    def refusal_key(group: str, visitor: str) -> str:
+        """The record that refuses this visitor while it exists: checked in
+        the same atomic step that registers its connection
+        (``PresenceService.visitor_joined``)."""
+        return names.refused_visitor(group, visitor)
+
+    @staticmethod
+    def refused(until: bytes) -> ProtocolError:
+        """What a refused visitor's hello is answered (``until``: the refusal record's value)."""
+        left = max(1, math.ceil(float(until) - time.time()))
+        return ProtocolError(ErrorCode.REVOKED, f"this visitor is refused for {left} more seconds")
 
     async def disconnect_visitor(self, group: str, visitor: str, refuse_for: float, reason: str) -> tuple[int, float]:
         """Close every connection of the visitor; with ``refuse_for`` > 0 its

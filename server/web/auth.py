@@ -12,6 +12,7 @@ would otherwise outlive it.
 
 from __future__ import annotations
 
+import asyncio
 import logging
 import secrets
 import time
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp_session import get_session, new_session
+from aiohttp_session import SESSION_KEY, get_session, new_session
 from aiohttp_session import setup as setup_session_middleware
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
@@ -201,12 +202,22 @@ async def agent_login(request: web.Request) -> AgentLogin | None:
     if not isinstance(expires, int | float) or not isinstance(issued, int | float) or expires < time.time():
         return None
     try:
-        if await request.app[RECORDS].kv_get(revoked_login_key(session_id)) is not None:
-            return None
-        if issued < await request.app[REVOCATIONS].not_before(group.id, agent):
+        # Both reads in one batch: one round trip.
+        logged_out, not_before = await asyncio.gather(
+            request.app[RECORDS].kv_get(revoked_login_key(session_id)),
+            request.app[REVOCATIONS].not_before(group.id, agent),
+        )
+        if logged_out is not None or issued < not_before:
             return None
     except BackendUnavailable:
         # Local agents keep working through a Redis outage; a logout or a
         # revocation made meanwhile is only enforced again once Redis is back.
         log.warning("backend unavailable: cannot check whether %s/%s logged out", group.id, agent)
     return AgentLogin(group, agent, float(expires), float(issued))
+
+
+def forget_session(request: web.Request) -> None:
+    """Drop the decoded login session from a request that will not change it
+    (an agent's websocket, once its login is read): it would otherwise stay
+    in memory for as long as the connection lasts."""
+    request.pop(SESSION_KEY, None)

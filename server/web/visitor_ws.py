@@ -2,9 +2,7 @@
 
 from __future__ import annotations
 
-import contextlib
 import logging
-import math
 from functools import partial
 
 from aiohttp import web
@@ -23,7 +21,7 @@ from herald_presence.protocol.messages import (
     StartSession,
 )
 from herald_presence.server import logs
-from herald_presence.server.backends.base import BackendUnavailable
+from herald_presence.server.backends.base import Refused
 from herald_presence.server.core.connection import VisitorConnection
 from herald_presence.server.core.presence import PresenceService
 from herald_presence.server.core.revocation import Revocations
@@ -32,7 +30,7 @@ from herald_presence.server.core.signals import SignalRouter
 from herald_presence.server.model.presence_rules import is_consumer
 
 from . import auth
-from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, REVOCATIONS, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
+from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
     open_websocket,
     read_hello,
@@ -57,7 +55,6 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         hello, version = await read_hello(ws, settings)
         group, visitor, consumer_session, expires = await _identify(request, sessions, hello)
         await auth.require_origin(request, settings.groups[group])
-        await _not_refused(app[REVOCATIONS], group, visitor)
     except ProtocolError as exc:
         log.info("visitor handshake refused: %s", exc.code)
         await refuse(ws, exc)
@@ -67,7 +64,12 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     logs.CONNECTION.set(conn.id)  # this handler's log lines (and its tasks') name it
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
-        focused = await presence.visitor_joined(conn)
+        # Refused (by the group's back end: PROTOCOL.md §12.4) in the same step, unchecked while Redis is away.
+        focused = await presence.visitor_joined(conn, refused_by=Revocations.refusal_key(group, visitor))
+    except Refused as refusal:
+        log.info("visitor handshake refused: %s", ErrorCode.REVOKED)
+        await refuse(ws, Revocations.refused(refusal.value))
+        return ws
     except ProtocolError as exc:
         await refuse(ws, exc)
         return ws
@@ -101,15 +103,6 @@ async def _identify(request: web.Request, sessions: Sessions, hello: Hello) -> t
     if is_consumer(visitor):
         raise ProtocolError(ErrorCode.UNAUTHORIZED, f"visitor IDs starting with {CONSUMER_PREFIX} are the server's")
     return group.id, visitor, None, expires
-
-
-async def _not_refused(revocations: Revocations, group: str, visitor: str) -> None:
-    """A visitor its group's back end disconnected with a refusal stays out
-    until it runs out (unchecked while the cluster backend is away)."""
-    with contextlib.suppress(BackendUnavailable):
-        left = await revocations.refused_for(group, visitor)
-        if left > 0:
-            raise ProtocolError(ErrorCode.REVOKED, f"this visitor is refused for {math.ceil(left)} more seconds")
 
 
 async def _attach(sessions: Sessions, conn: VisitorConnection, session: str) -> bool:

@@ -10,9 +10,9 @@ import time
 import pytest
 
 from herald_presence.protocol.messages import VisitorState
-from herald_presence.server.backends.base import Backend
+from herald_presence.server.backends.base import Backend, Refused
 from herald_presence.server.model.limits import ConnectionLimit
-from herald_presence.server.model.names import visitor_topic
+from herald_presence.server.model.names import refused_visitor, visitor_topic
 from herald_presence.server.model.records import PresenceChange, offline_state
 
 from .conftest import (
@@ -76,6 +76,25 @@ async def test_mutate_publishes_the_announcement_with_the_change(backend: Backen
     assert announced(await listener.next_message()) == (topic, "online", change.version)
     # Stored together with the announcement: whoever hears it reads at least that version.
     assert (await backend.visitor(GROUP, "v1"))["version"] >= change.version
+
+
+async def test_a_change_unless_a_key_exists_is_refused_with_its_value_and_stores_nothing(
+    backend: Backend, listener: RecordingListener
+) -> None:
+    topic = visitor_topic(GROUP, "v1")
+    await backend.subscribe(topic)
+    guard = refused_visitor(GROUP, "v1")
+    await backend.kv_set(guard, b"until-then", ttl=30)
+
+    with pytest.raises(Refused) as refused:
+        await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), announce_on(topic), unless=guard)
+    assert refused.value.value == b"until-then"
+    assert await backend.visitor_record(GROUP, "v1") is None  # nothing stored…
+    await backend.kv_delete(guard)
+    change = await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), announce_on(topic), unless=guard)
+    assert change is not None
+    # …and nothing announced: the first announcement is the join made once the key was gone.
+    assert announced(await listener.next_message()) == (topic, "online", change.version)
 
 
 async def test_versions_rise_and_never_go_back_after_a_visitor_goes_offline(backend: Backend) -> None:

@@ -306,20 +306,26 @@ def storm(cluster: Cluster, workers: list[Worker], args: argparse.Namespace) -> 
 
 
 def ramp(cluster: Cluster, generators: list[Worker], args: argparse.Namespace) -> Step | None:
-    """Rates up to the first that fails (p99 over the limit, or a loss); then one more step, between the
-    last two rates (half the first if it failed), unless ``--quick``."""
-    print(f"  ramp ({args.step_seconds:g} s per rate, until p99 > {args.p99_limit:g} ms or a loss):")
+    """Rates up to the first that fails (p99 over the limit, or a loss) twice in a row (one hiccup of a
+    shared machine is no verdict: a failed rate runs once more); then one more step, between the last
+    two rates (half the first if it failed), unless ``--quick``."""
+    print(f"  ramp ({args.step_seconds:g} s per rate, until p99 > {args.p99_limit:g} ms or a loss, twice):")
     best: Step | None = None
     rates = list(args.rates)
-    refine = not args.quick
+    refine, again = not args.quick, True
     while rates:
         step = run_step(cluster, generators, rates.pop(0), args.step_seconds)
         ok = passed(step, args.p99_limit)
-        print_step(step, "" if ok else "failed")
+        print_step(step, "" if ok else ("failed, once more" if again else "failed"))
         if ok:
             best = step if best is None or step.rate > best.rate else best
             continue
         time.sleep(1.0)  # let the backlog of an overload drain before the next step
+        if again:
+            rates.insert(0, step.rate)
+            again = False
+            continue
+        again = True
         if not refine:
             break
         rates, refine = [round(math.sqrt(best.rate * step.rate) if best else step.rate / 2, -1)], False
