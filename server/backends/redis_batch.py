@@ -28,8 +28,6 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .base import BackendUnavailable
 
 Queued = tuple[str, tuple[Any, ...], "asyncio.Future[Any]"]
-Command = tuple[str, tuple[Any, ...]]
-PUBLISHES = ("PUBLISH", "SPUBLISH")  # merged when neighbours in a batch name one channel (``coalesced``)
 # Answers a Redis Cluster gives when a slot is elsewhere or moving (MOVED is
 # an AskError): passed to the caller as they are, to follow (redis_cluster.py).
 REDIRECTS = (AskError, TryAgainError, ClusterDownError)
@@ -112,15 +110,20 @@ class CommandBatcher:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
-                commands, callers = coalesced(batch)
                 try:
-                    replies = await self._execute(commands)
+                    replies = await self._execute(batch)
                 except (RedisError, OSError) as exc:
                     _fail(batch, exc)
                 else:
-                    for futures, reply in zip(callers, replies, strict=True):
-                        for future in futures:
-                            _answer(future, reply)
+                    for (_command, _args, future), reply in zip(batch, replies, strict=True):
+                        if future.done():  # its caller gave up
+                            continue
+                        if isinstance(reply, (NoScriptError, *REDIRECTS)):
+                            future.set_exception(reply)
+                        elif isinstance(reply, ResponseError):  # refused (out of memory, a read-only replica…)
+                            _fail([(_command, _args, future)], reply)
+                        else:
+                            future.set_result(reply)
                 batch = []
         except BaseException as exc:  # cancelled at shutdown: nobody is left waiting
             _fail(batch + self._queue, exc)
@@ -129,23 +132,23 @@ class CommandBatcher:
         finally:
             self._sender = None
 
-    async def _execute(self, commands: list[Command]) -> list[Any]:
+    async def _execute(self, batch: list[Queued]) -> list[Any]:
         try:
-            return await self._execute_on(self._connection or await self._link.acquire(), commands)
+            return await self._execute_on(self._connection or await self._link.acquire(), batch)
         except RedisConnectionError:
             # The connection died while idle (Redis restarted, a proxy timed
             # it out): nothing was executed on it; once more, on a new socket
             # (the pool's idle ones may be as dead).
             connection = await self._link.acquire()
             await connection.disconnect()
-            return await self._execute_on(connection, commands)
+            return await self._execute_on(connection, batch)
 
-    async def _execute_on(self, connection: Connection, commands: list[Command]) -> list[Any]:
+    async def _execute_on(self, connection: Connection, batch: list[Queued]) -> list[Any]:
         self._connection = connection
         try:
-            await connection.send_packed_command(connection.pack_commands([(c, *a) for c, a in commands]))
+            await connection.send_packed_command(connection.pack_commands([(c, *a) for c, a, _f in batch]))
             replies: list[Any] = []
-            for command, _args in commands:
+            for command, _args, _future in batch:
                 try:
                     replies.append(await self._link.parse(connection, command))
                 except ResponseError as exc:
@@ -165,37 +168,6 @@ class CommandBatcher:
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await self._link.release(connection)
-
-
-def coalesced(batch: list[Queued]) -> tuple[list[Command], list[list[asyncio.Future[Any]]]]:
-    """The commands to send for ``batch``, and whose futures each one's
-    reply answers. Publishes in a row to one channel become one publish of
-    their messages back to back (each is one msgpack value, so the payload
-    is a msgpack stream the subscriber reads in order: ``names.unpack_all``);
-    the channel's subscribers get one message instead of many. Only
-    neighbours merge: the order of messages across channels stays as called."""
-    commands: list[Command] = []
-    callers: list[list[asyncio.Future[Any]]] = []
-    for command, args, future in batch:
-        if command in PUBLISHES and commands and commands[-1][0] == command and commands[-1][1][0] == args[0]:
-            _, (channel, payload) = commands[-1]
-            commands[-1] = (command, (channel, payload + args[1]))
-            callers[-1].append(future)
-        else:
-            commands.append((command, args))
-            callers.append([future])
-    return commands, callers
-
-
-def _answer(future: asyncio.Future[Any], reply: Any) -> None:
-    if future.done():  # its caller gave up
-        return
-    if isinstance(reply, (NoScriptError, *REDIRECTS)):
-        future.set_exception(reply)
-    elif isinstance(reply, ResponseError):  # refused (out of memory, a read-only replica…)
-        _fail([("", (), future)], reply)
-    else:
-        future.set_result(reply)
 
 
 def _fail(batch: list[Queued], exc: BaseException) -> None:

@@ -150,23 +150,18 @@ class Hub:
     # -- the backend's listener ------------------------------------------------------
     def on_bus_message(self, topic: str, message: bytes) -> None:
         try:
-            items = names.unpack_all(message)  # indexed, not re-packed: this runs for every bus message
+            item = names.unpack(message)  # indexed, not re-packed: this runs for every bus message
+            kind = item[0]
+            if kind == names.PRESENCE:  # [kind, group, visitor, version, frame or nil, route or nil]
+                self.routes.heard(item[1], item[2], item[3], item[5])
+                if item[4] is not None:
+                    self.watchers.deliver(topic, item[2], item[3], item[4])
+            elif kind == names.EVENT:  # [kind, group, visitor, frame, dedupe]
+                self.watchers.deliver(topic, item[2], None, item[3], item[4])
+            else:
+                self.inbox.dispatch(item)
         except Exception:
             log.exception("dropping bad bus message on %s", topic)
-            return
-        for item in items:
-            try:
-                kind = item[0]
-                if kind == names.PRESENCE:  # [kind, group, visitor, version, frame or nil, route or nil]
-                    self.routes.heard(item[1], item[2], item[3], item[5])
-                    if item[4] is not None:
-                        self.watchers.deliver(topic, item[2], item[3], item[4])
-                elif kind == names.EVENT:  # [kind, group, visitor, frame, dedupe]
-                    self.watchers.deliver(topic, item[2], None, item[3], item[4])
-                else:
-                    self.inbox.dispatch(item)
-            except Exception:
-                log.exception("dropping bad bus message on %s", topic)
 
     def announcement(self, change: PresenceChange) -> list[tuple[str, bytes]]:
         return self.presence.announcement(change)

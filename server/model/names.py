@@ -31,7 +31,6 @@ is the layout of the Redis backend's own keys and channels under a prefix.
 
 from __future__ import annotations
 
-from io import BytesIO
 from typing import Any
 
 import msgpack
@@ -57,16 +56,6 @@ def pack(value: Any) -> bytes:
 
 def unpack(data: bytes) -> Any:
     return msgpack.unpackb(data, raw=False, use_list=True)
-
-
-def unpack_all(data: bytes) -> list[Any]:
-    """The envelopes of one bus message, in order: usually one, several when
-    the publisher merged neighbouring publishes to one channel (a msgpack
-    stream: ``backends.redis_batch.coalesced``)."""
-    try:
-        return [msgpack.unpackb(data, raw=False, use_list=True)]
-    except msgpack.ExtraData as more:  # the first value, and bytes after it
-        return [more.unpacked, *msgpack.Unpacker(BytesIO(more.extra), raw=False, use_list=True)]
 
 
 def envelope(*items: Any) -> bytes:
