@@ -5,8 +5,6 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import Awaitable, Callable
-from functools import partial
 
 from aiohttp import web
 
@@ -28,11 +26,7 @@ from herald_presence.protocol.messages import (
 from herald_presence.server import logs, metrics
 from herald_presence.server.backends.base import BackendUnavailable
 from herald_presence.server.core.connection import AgentConnection
-from herald_presence.server.core.presence import PresenceService
-from herald_presence.server.core.session_signals import SessionSignals
-from herald_presence.server.core.sessions import Sessions
 from herald_presence.server.core.signals import SignalRouter
-from herald_presence.server.tasks import TaskSupervisor
 
 from . import auth
 from .http_common import error_response
@@ -78,11 +72,7 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
         request.app[EXPIRY].watch(agent, login.expires)
         agent.send_message(welcome(agent, version, settings, agent=agent_id, expires=login.expires))
         log.debug("agent %s/%s connected", group.id, agent_id)
-        app = request.app
-        handle = partial(
-            _handle, app[PRESENCE], app[SESSIONS], app[SIGNALS], hub.tasks, agent, session_signals=app[SESSION_SIGNALS]
-        )
-        await serve_frames(agent, settings, _refreshing(request, agent, handle))
+        await serve_frames(agent, request.app, _handle)
     finally:
         await hub.agent_left(agent)
         await agent.finish()
@@ -101,70 +91,54 @@ async def _revoked_meanwhile(request: web.Request, agent: AgentConnection) -> bo
     return False
 
 
-def _refreshing(
-    request: web.Request, agent: AgentConnection, handle: Callable[[Message], Awaitable[None]]
-) -> Callable[[Message], Awaitable[None]]:
-    """``handle``, with ``refresh`` answered here: a fresh login key of the
-    same agent lets the connection live ``session_max_age`` more, as a new
-    login would."""
-
-    async def handle_or_refresh(message: Message) -> None:
-        if not isinstance(message, Refresh):
-            return await handle(message)
-        group = request.app[SETTINGS].groups[agent.group]
-        await request.app[CREDENTIALS].verify(group, tokens.AGENT, agent.subject, message.token)
-        with contextlib.suppress(BackendUnavailable):
-            if agent.issued < await request.app[REVOCATIONS].not_before(agent.group, agent.subject):
-                raise ProtocolError(ErrorCode.REVOKED, "this agent's logins were revoked")
-        expires = time.time() + request.app[SETTINGS].session_max_age
-        request.app[EXPIRY].watch(agent, expires)
-        agent.send_message(Ack(id=message.id, expires=expires))
-
-    return handle_or_refresh
-
-
-async def _handle(
-    presence: PresenceService,
-    sessions: Sessions,
-    signals: SignalRouter,
-    tasks: TaskSupervisor,
-    agent: AgentConnection,
-    message: Message,
-    *,
-    session_signals: SessionSignals,
-) -> None:
+async def _handle(app: web.Application, agent: AgentConnection, message: Message) -> None:
     if isinstance(message, Signal):
         if message.visitor is None:
             raise ProtocolError(ErrorCode.INVALID, "visitor: is required")
         # Delivery may wait for a reconnecting visitor: never block this loop.
-        tasks.spawn(
-            answering_errors(agent, message.id, _signal(signals, agent, message)),
+        app[HUB].tasks.spawn(
+            answering_errors(agent, message.id, _signal(app[SIGNALS], agent, message)),
             f"signal-{agent.id}-{message.id}",
         )
     elif isinstance(message, Subscribe | Unsubscribe):
         if not message.visitors and not message.group:
             raise ProtocolError(ErrorCode.INVALID, "name visitors, or set group")
         if isinstance(message, Subscribe):
-            await presence.subscribe(agent, message.id, message.visitors or [], bool(message.group))
+            await app[PRESENCE].subscribe(agent, message.id, message.visitors or [], bool(message.group))
         else:
-            await presence.unsubscribe(agent, message.visitors or [], bool(message.group))
+            await app[PRESENCE].unsubscribe(agent, message.visitors or [], bool(message.group))
             agent.send_message(Ack(id=message.id))
     elif isinstance(message, Lookup):
-        await presence.lookup(agent, message.id, message.visitor)
+        await app[PRESENCE].lookup(agent, message.id, message.visitor)
     elif isinstance(message, WaitSession):
-        await sessions.wait(agent, message.key)
+        await app[SESSIONS].wait(agent, message.key)
         agent.send_message(Ack(id=message.id))
-        await sessions.tell_if_live(agent, message.key)
+        await app[SESSIONS].tell_if_live(agent, message.key)
     elif isinstance(message, JoinSession):
-        join = sessions.join(agent, message.id, key=message.key, code=message.code, session=message.session)
+        join = app[SESSIONS].join(agent, message.id, key=message.key, code=message.code, session=message.session)
         agent.send_message(await join)
     elif isinstance(message, LeaveSession):
-        await sessions.leave(agent, message.session)
+        await app[SESSIONS].leave(agent, message.session)
         agent.send_message(Ack(id=message.id))
     elif isinstance(message, SessionSignal):
-        await relay_session_signal(agent, message, session_signals, tasks)
+        await relay_session_signal(agent, message, app[SESSION_SIGNALS], app[HUB].tasks)
+    elif isinstance(message, Refresh):
+        agent.send_message(await _refresh(app, agent, message))
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not an agent message")
+
+
+async def _refresh(app: web.Application, agent: AgentConnection, message: Refresh) -> Ack:
+    """A fresh login key of the same agent lets the connection live
+    ``session_max_age`` more, as a new login would."""
+    group = app[SETTINGS].groups[agent.group]
+    await app[CREDENTIALS].verify(group, tokens.AGENT, agent.subject, message.token)
+    with contextlib.suppress(BackendUnavailable):
+        if agent.issued < await app[REVOCATIONS].not_before(agent.group, agent.subject):
+            raise ProtocolError(ErrorCode.REVOKED, "this agent's logins were revoked")
+    expires = time.time() + app[SETTINGS].session_max_age
+    app[EXPIRY].watch(agent, expires)
+    return Ack(id=message.id, expires=expires)
 
 
 async def _signal(signals: SignalRouter, agent: AgentConnection, message: Signal) -> None:

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import logging
-from functools import partial
 
 from aiohttp import web
 
@@ -23,10 +22,8 @@ from herald_presence.protocol.messages import (
 from herald_presence.server import logs
 from herald_presence.server.backends.base import Refused
 from herald_presence.server.core.connection import VisitorConnection
-from herald_presence.server.core.presence import PresenceService
 from herald_presence.server.core.revocation import Revocations
 from herald_presence.server.core.sessions import CONSUMER_PREFIX, Sessions
-from herald_presence.server.core.signals import SignalRouter
 from herald_presence.server.model.presence_rules import is_consumer
 
 from . import auth
@@ -80,7 +77,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
             return ws  # closed: a consumer is nothing without its session
         await hub.release_held(conn, hello.session)
-        await serve_frames(conn, settings, partial(_handle, request, presence, sessions, app[SIGNALS], conn))
+        await serve_frames(conn, app, _handle)
     finally:
         await presence.visitor_left(conn)
         await conn.finish()
@@ -118,45 +115,38 @@ async def _attach(sessions: Sessions, conn: VisitorConnection, session: str) -> 
         return False
 
 
-async def _handle(
-    request: web.Request,
-    presence: PresenceService,
-    sessions: Sessions,
-    signals: SignalRouter,
-    conn: VisitorConnection,
-    message: Message,
-) -> None:
+async def _handle(app: web.Application, conn: VisitorConnection, message: Message) -> None:
     if isinstance(message, Presence):
         if message.data is None and message.visible is None:
             raise ProtocolError(ErrorCode.INVALID, "presence needs data or visible")
-        await presence.visitor_updated(conn, message.data, message.visible)
+        await app[PRESENCE].visitor_updated(conn, message.data, message.visible)
     elif isinstance(message, Signal):
-        reached = await signals.from_visitor(conn, message)
+        reached = await app[SIGNALS].from_visitor(conn, message)
         if message.agent is not None and not reached:
             raise ProtocolError(ErrorCode.AGENT_OFFLINE, f"agent {message.agent} is not connected")
         if message.id is not None:
             conn.send_message(Ack(id=message.id))
     elif isinstance(message, StartSession):
-        conn.send_message(await sessions.start(conn, message.key_type, message.id))
+        conn.send_message(await app[SESSIONS].start(conn, message.key_type, message.id))
     elif isinstance(message, EndSession):
-        if not await sessions.end_visitor_session(conn.group, conn.subject, "ended"):
+        if not await app[SESSIONS].end_visitor_session(conn.group, conn.subject, "ended"):
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "this visitor has no live session")
         conn.session = None
         conn.send_message(Ack(id=message.id))
     elif isinstance(message, SessionSignal):
-        await relay_session_signal(conn, message, request.app[SESSION_SIGNALS], request.app[HUB].tasks)
+        await relay_session_signal(conn, message, app[SESSION_SIGNALS], app[HUB].tasks)
     elif isinstance(message, Refresh):
-        conn.send_message(await _refresh(request, conn, message))
+        conn.send_message(await _refresh(app, conn, message))
     else:
         raise ProtocolError(ErrorCode.INVALID, f"{message.TYPE} is not a visitor message")
 
 
-async def _refresh(request: web.Request, conn: VisitorConnection, message: Refresh) -> Ack:
+async def _refresh(app: web.Application, conn: VisitorConnection, message: Refresh) -> Ack:
     """A fresh visitor token for this connection's own visitor ID: the
     connection now lasts until it expires."""
     if conn.expires is None:  # anonymous and consumer connections hold no expiring token
         raise ProtocolError(ErrorCode.INVALID, "this connection has no token to refresh")
-    group = request.app[SETTINGS].groups[conn.group]
-    expires = await request.app[CREDENTIALS].verify(group, tokens.VISITOR, conn.subject, message.token)
-    request.app[EXPIRY].watch(conn, expires)
+    group = app[SETTINGS].groups[conn.group]
+    expires = await app[CREDENTIALS].verify(group, tokens.VISITOR, conn.subject, message.token)
+    app[EXPIRY].watch(conn, expires)
     return Ack(id=message.id, expires=expires)

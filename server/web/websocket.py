@@ -12,7 +12,7 @@ import contextlib
 import logging
 import random
 from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import WSMsgType, web
 
@@ -37,8 +37,10 @@ from herald_presence.server.model.limits import ConnectionLimit, Verdict, count,
 from herald_presence.server.tasks import TaskSupervisor
 
 from .http_common import client_address, error_response
+from .keys import SETTINGS
 
 log = logging.getLogger(__name__)
+C = TypeVar("C", bound=Connection)  # a role's connection
 
 SERVER_NAME = f"herald/{__version__}"
 HANDSHAKE_CONTROL_FRAMES = 4  # pings and pongs taken before the hello; more are refused as no hello
@@ -178,9 +180,14 @@ def welcome(conn: Connection, version: int, settings: Settings, **role_fields: A
     )
 
 
-async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[Message], Awaitable[None]]) -> None:
+async def serve_frames(
+    conn: C, app: web.Application, handle: Callable[[web.Application, C, Message], Awaitable[None]]
+) -> None:
     """Answer every frame until the connection ends: the frames both roles
-    share here, the role's own through ``handle``, errors as error frames."""
+    share here, the role's own through ``handle(app, conn, message)`` (a
+    module function: nothing is made per connection for it), errors as
+    error frames."""
+    settings = app[SETTINGS]
     async for message in messages(conn, settings):
         if conn.closing:
             continue  # it arrived after our close: unanswered, so the client counts it as not done
@@ -192,7 +199,7 @@ async def serve_frames(conn: Connection, settings: Settings, handle: Callable[[M
         elif isinstance(message, Hello):
             conn.send_error(ErrorCode.INVALID, "hello was already received")
         else:
-            await answering_errors(conn, getattr(message, "id", None), handle(message))
+            await answering_errors(conn, getattr(message, "id", None), handle(app, conn, message))
 
 
 def _within_rate(conn: Connection, settings: Settings, size: int) -> bool:
