@@ -10,7 +10,7 @@ import pytest
 import redis.asyncio as aioredis
 
 from herald_presence.server.backends.base import BackendUnavailable
-from herald_presence.server.backends.redis_batch import CommandBatcher
+from herald_presence.server.backends.redis_batch import CommandBatcher, unpack_messages
 
 from .processes import free_port
 from .redis_server import RedisServer
@@ -41,4 +41,38 @@ async def test_an_unreachable_redis_fails_every_caller_with_backend_unavailable(
             await batch.call("hgetall", "k")
     finally:
         await batch.close()
+        await client.aclose()
+
+
+async def test_neighbouring_publishes_to_one_channel_go_out_as_one_message(redis_server: RedisServer) -> None:
+    """One loop turn's publishes in a row to one channel are one PUBLISH of
+    a batch; the subscriber splits it into the messages as published, in
+    order. Publishes to another channel in between are not merged across it."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    listener = client.pubsub()
+    batch = CommandBatcher(client, "test")
+    try:
+        await listener.subscribe("batch-test:a", "batch-test:b")
+        for _ in range(2):
+            await listener.get_message(timeout=1)  # the two subscribe confirmations
+        stats_before = (await client.info("commandstats")).get("cmdstat_publish", {}).get("calls", 0)
+        await batch.call("PUBLISH", "batch-test:warm", b"")  # the batcher holds its connection from now on
+        sent = [("batch-test:a", n) for n in range(3)] + [("batch-test:b", 3)] + [("batch-test:a", n) for n in (4, 5)]
+        reached = await asyncio.gather(*(batch.call("PUBLISH", ch, b"m%d" % n) for ch, n in sent))
+        assert reached == [1] * len(sent)  # every caller hears its channel's subscriber count
+        received = []
+        while len(received) < 3:
+            message = await listener.get_message(timeout=2)
+            assert message is not None, received
+            received.append((message["channel"].decode(), unpack_messages(message["data"])))
+        assert received == [
+            ("batch-test:a", [b"m0", b"m1", b"m2"]),
+            ("batch-test:b", [b"m3"]),  # alone: as published
+            ("batch-test:a", [b"m4", b"m5"]),
+        ]
+        stats_after = (await client.info("commandstats"))["cmdstat_publish"]["calls"]
+        assert stats_after - stats_before == 1 + 3  # the warm-up, then three publishes for six messages
+    finally:
+        await batch.close()
+        await listener.aclose()
         await client.aclose()

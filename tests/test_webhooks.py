@@ -24,6 +24,7 @@ from typing import Any
 
 import aiohttp
 import pytest
+import redis.asyncio as aioredis
 from aiohttp import web
 
 from herald_presence.protocol import tokens
@@ -31,6 +32,7 @@ from herald_presence.protocol.client.visitor import VisitorClient
 from herald_presence.server.config import EVENT_TYPES, ConfigError, load, public_address
 from herald_presence.server.core.webhooks import GuardedResolver, RefusedAddress
 from herald_presence.server.model import events as ev
+from herald_presence.server.model.names import RedisNames, unpack
 
 from .conftest import Start
 from .harness import OTHER_SECRET, SECRET, HeraldServer, changed, sample, scrape, settings, signal
@@ -604,3 +606,37 @@ async def test_memory_mode_logs_what_is_still_undelivered_at_the_drain_deadline(
     found = re.search(r"webhooks: (\d+) events still undelivered at exit, lost with the process \((.*)\)",
                       process.stderr())  # fmt: skip
     assert found and found[1] == "6" and found[2] == "acme/crm: 6", process.output()
+
+
+@pytest.mark.parametrize("where", ["same instance", "another instance"])
+async def test_a_terms_request_is_in_the_log_before_its_visitor_can_see_it(
+    redis_server: RedisServer, prefix: str, where: str
+) -> None:
+    """Redis takes no writes for a while (CLIENT PAUSE WRITE): an agent's
+    showterms must not reach the visitor before its terms.requested is stored,
+    so an instance killed at any moment never leaves a request delivered and
+    not logged. On the visitor's own instance the append is awaited before
+    the local delivery; through another instance's inbox it goes out ahead
+    of the delivery's publish on the same connection."""
+    if redis_server.process is None or redis_server.process.poll() is not None:
+        redis_server.start()
+    options = {"redis_url": redis_server.url, "redis_prefix": prefix}
+    visitors = await HeraldServer(settings(**options)).start()
+    agents = visitors if where == "same instance" else await HeraldServer(settings(**options)).start()
+    admin = aioredis.Redis.from_url(redis_server.url)
+    stream = RedisNames(prefix).events("acme")
+    try:
+        visitor = await visitors.visitor("v-asked")
+        agent = await agents.agent("alice")
+        await admin.execute_command("CLIENT", "PAUSE", "600", "WRITE")
+        asked = asyncio.create_task(agent.show_terms("v-asked"))
+        await visitor.wait_for(signal("showterms"), timeout=5)
+        logged = [unpack(entry[b"e"])["type"] for _id, entry in await admin.xrange(stream)]
+        assert "terms.requested" in logged, logged
+        assert await asked == 1
+    finally:
+        await admin.execute_command("CLIENT", "UNPAUSE")
+        await admin.aclose()
+        await visitors.stop()
+        if agents is not visitors:
+            await agents.stop()

@@ -150,9 +150,13 @@ class Bus(ABC):
 
     ``publish`` reaches every instance subscribed to the topic, in publish
     order per publisher, and returns how many instances that was. Messages
-    arrive through the listener given to ``Backend.start``. ``subscribe``
-    returns once the subscription is in effect: a message published after
-    it returns is delivered.
+    arrive through the listener given to ``Backend.start``, each as it was
+    published (an implementation may carry several of one topic together,
+    as the Redis bus does under load, but hands them over one by one). A
+    message never starts with the byte 0xc1, which msgpack never uses (the
+    Redis bus marks its batches with it). ``subscribe`` returns once the
+    subscription is in effect: a message published after it returns is
+    delivered.
     """
 
     @abstractmethod
@@ -297,6 +301,10 @@ class EventLog(ABC):
     # Whether the log outlives this process, with what it has not delivered (Redis: another
     # instance takes it over); the memory backend's does not.
     durable: bool = True
+    # Whether an append is stored before any publish that was started after it (both ride one
+    # ordered connection: memory, one Redis, Sentinel); not on a Redis Cluster, where the log's
+    # master and a publish's may differ.
+    ordered_with_publishes: bool = True
 
     def configure(self, retention: Callable[[str], float], max_len: int) -> None:
         self.retention, self.max_len = retention, max_len

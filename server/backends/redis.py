@@ -65,7 +65,7 @@ from herald_presence.server.model.records import (
 from herald_presence.server.tasks import TaskSupervisor, until_done
 
 from .base import Announce, Backend, BackendListener, BackendUnavailable, Changed, LogWrite, Mutation, Refused
-from .redis_batch import CommandBatcher
+from .redis_batch import CommandBatcher, unpack_messages
 from .redis_cluster import REDIS_ERRORS, ClusterBatcher, Shards, Topology
 from .redis_connect import connect
 from .redis_events import LOG_LIB, LOG_WRITE, RedisEventLog
@@ -209,6 +209,7 @@ class RedisBackend(Backend):
         else:
             self._batch = ClusterBatcher(self._topology, self.instance_id)
         self.events = RedisEventLog(self._batch, self.names)  # webhooks and the audit trail (redis_events.py)
+        self.events.ordered_with_publishes = self._topology is None
         self._indexed: set[str] = set()  # groups in this instance's index (instance_groups), as far as we know
         self._groups_here: set[str] = set()  # every group this instance ever indexed: indexed again on restores
         self._leaving: dict[bytes, int] = {}  # sharded channels we asked to leave, not yet confirmed
@@ -631,7 +632,8 @@ class RedisBackend(Backend):
                 self._probes[channel] = time.monotonic()
             elif self._listener is not None:
                 topic = self.names.topic(channel)
-                self._listener.on_bus_message(topic, message["data"])
+                for data in unpack_messages(message["data"]):  # one, or a batch's (``coalesced``)
+                    self._listener.on_bus_message(topic, data)
         elif kind in ("subscribe", "ssubscribe"):
             confirmed = self._confirmed.get(channel)
             if confirmed is not None and not confirmed.done():

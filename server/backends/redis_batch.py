@@ -19,6 +19,7 @@ import asyncio
 import hashlib
 from typing import Any
 
+import msgpack
 import redis.asyncio as aioredis
 from redis.asyncio.cluster import ClusterNode
 from redis.asyncio.connection import Connection
@@ -28,6 +29,8 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from .base import BackendUnavailable
 
 Queued = tuple[str, tuple[Any, ...], "asyncio.Future[Any]"]
+Command = tuple[str, tuple[Any, ...]]
+PUBLISHES = ("PUBLISH", "SPUBLISH")  # merged when neighbours in a batch name one channel (``coalesced``)
 # Answers a Redis Cluster gives when a slot is elsewhere or moving (MOVED is
 # an AskError): passed to the caller as they are, to follow (redis_cluster.py).
 REDIRECTS = (AskError, TryAgainError, ClusterDownError)
@@ -110,20 +113,15 @@ class CommandBatcher:
         try:
             while self._queue:
                 batch, self._queue = self._queue, []
+                commands, callers = coalesced(batch)
                 try:
-                    replies = await self._execute(batch)
+                    replies = await self._execute(commands)
                 except (RedisError, OSError) as exc:
                     _fail(batch, exc)
                 else:
-                    for (_command, _args, future), reply in zip(batch, replies, strict=True):
-                        if future.done():  # its caller gave up
-                            continue
-                        if isinstance(reply, (NoScriptError, *REDIRECTS)):
-                            future.set_exception(reply)
-                        elif isinstance(reply, ResponseError):  # refused (out of memory, a read-only replica…)
-                            _fail([(_command, _args, future)], reply)
-                        else:
-                            future.set_result(reply)
+                    for futures, reply in zip(callers, replies, strict=True):
+                        for future in futures:
+                            _answer(future, reply)
                 batch = []
         except BaseException as exc:  # cancelled at shutdown: nobody is left waiting
             _fail(batch + self._queue, exc)
@@ -132,23 +130,23 @@ class CommandBatcher:
         finally:
             self._sender = None
 
-    async def _execute(self, batch: list[Queued]) -> list[Any]:
+    async def _execute(self, commands: list[Command]) -> list[Any]:
         try:
-            return await self._execute_on(self._connection or await self._link.acquire(), batch)
+            return await self._execute_on(self._connection or await self._link.acquire(), commands)
         except RedisConnectionError:
             # The connection died while idle (Redis restarted, a proxy timed
             # it out): nothing was executed on it; once more, on a new socket
             # (the pool's idle ones may be as dead).
             connection = await self._link.acquire()
             await connection.disconnect()
-            return await self._execute_on(connection, batch)
+            return await self._execute_on(connection, commands)
 
-    async def _execute_on(self, connection: Connection, batch: list[Queued]) -> list[Any]:
+    async def _execute_on(self, connection: Connection, commands: list[Command]) -> list[Any]:
         self._connection = connection
         try:
-            await connection.send_packed_command(connection.pack_commands([(c, *a) for c, a, _f in batch]))
+            await connection.send_packed_command(connection.pack_commands([(c, *a) for c, a in commands]))
             replies: list[Any] = []
-            for command, _args, _future in batch:
+            for command, _args in commands:
                 try:
                     replies.append(await self._link.parse(connection, command))
                 except ResponseError as exc:
@@ -168,6 +166,57 @@ class CommandBatcher:
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await self._link.release(connection)
+
+
+def coalesced(batch: list[Queued]) -> tuple[list[Command], list[list[asyncio.Future[Any]]]]:
+    """The commands to send for ``batch``, and whose futures each one's
+    reply answers. Publishes in a row to one channel become one publish of
+    a batch of their messages (``pack_messages``), which the subscriber
+    splits again (``unpack_messages``): its listener still gets each message
+    as it was published, in order, while Redis and the subscriber's socket
+    carry one. Only neighbours merge: the order across channels stays as
+    called."""
+    commands: list[Command] = []
+    callers: list[list[asyncio.Future[Any]]] = []
+    runs: dict[int, list[bytes]] = {}  # index in commands -> the messages of a merged publish
+    for command, args, future in batch:
+        last = len(commands) - 1
+        if command in PUBLISHES and last >= 0 and commands[last][0] == command and commands[last][1][0] == args[0]:
+            runs.setdefault(last, [commands[last][1][1]]).append(args[1])
+            callers[last].append(future)
+        else:
+            commands.append((command, args))
+            callers.append([future])
+    for index, messages in runs.items():
+        command, (channel, _first) = commands[index]
+        commands[index] = (command, (channel, pack_messages(messages)))
+    return commands, callers
+
+
+BATCH_MARK = b"\xc1"  # a byte msgpack never uses: no message starts with it (the Bus contract)
+
+
+def pack_messages(messages: list[bytes]) -> bytes:
+    """One pub/sub payload for several messages of one channel."""
+    return BATCH_MARK + msgpack.packb(messages, use_bin_type=True)
+
+
+def unpack_messages(payload: bytes) -> list[bytes]:
+    """The messages of a pub/sub payload, in publish order: one, or a batch's."""
+    if payload[:1] != BATCH_MARK:
+        return [payload]
+    return list(msgpack.unpackb(payload[1:], raw=False, use_list=True))
+
+
+def _answer(future: asyncio.Future[Any], reply: Any) -> None:
+    if future.done():  # its caller gave up
+        return
+    if isinstance(reply, (NoScriptError, *REDIRECTS)):
+        future.set_exception(reply)
+    elif isinstance(reply, ResponseError):  # refused (out of memory, a read-only replica…)
+        _fail([("", (), future)], reply)
+    else:
+        future.set_result(reply)
 
 
 def _fail(batch: list[Queued], exc: BaseException) -> None:

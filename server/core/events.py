@@ -16,9 +16,9 @@ leave neither a change without its event nor an event without its change:
 Either the step happens, events included, or it fails as a whole (the
 backend away) and the change fails with it. ``written`` counts what such a
 step appended. ``record`` appends an event on its own: ``terms.requested``,
-whose append goes out ahead of the signal it records (the signal reaches
-the visitor over another instance's inbox, another slot, or at once on this
-instance), and a terms answer the backend refused while this instance's own
+stored before the signal it records can reach the visitor (queued ahead of
+a delivery through another instance on one ordered connection, else awaited
+first: ``SignalRouter.to_visitor``), and a terms answer the backend refused while this instance's own
 agents still heard it. An append that fails is retried in the background
 until the log takes it; only an instance that dies meanwhile loses it.
 """

@@ -10,6 +10,7 @@ the backend's interfaces one by one.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
 
@@ -124,10 +125,23 @@ class Hub:
         """After the welcome: the visitor's live session follows this
         connection (or, if the session its hello named ended meanwhile, it
         hears so), and signals held while it was away are delivered."""
-        with contextlib.suppress(BackendUnavailable):  # they stay held; their senders hear of it
-            if not conn.subject.startswith(CONSUMER_PREFIX):  # a consumer attaches with its token
-                await self.sessions.visitor_connected(conn, held_session)
-            await self.signals.release_held(conn)
+        consumer = conn.subject.startswith(CONSUMER_PREFIX)  # a consumer attaches with its token
+        # Both reads in one batch (one Redis round trip), after the registration.
+        live, taken = await asyncio.gather(
+            _nothing() if consumer else self.sessions.live_session(conn),
+            self.signals.take_held(conn),
+            return_exceptions=True,
+        )
+        for outcome in (live, taken):
+            if isinstance(outcome, BaseException) and not isinstance(outcome, BackendUnavailable):
+                raise outcome
+        if not consumer and not isinstance(live, BaseException):
+            with contextlib.suppress(BackendUnavailable):
+                await self.sessions.visitor_connected(conn, held_session, live)
+        # Not taken (the backend away): they stay held, and their senders hear of it.
+        if not isinstance(taken, BaseException):
+            with contextlib.suppress(BackendUnavailable):  # a sender's reply lost: it hears delivery_failed
+                await self.signals.release_held(conn, taken)
 
     async def agent_joined(self, agent: AgentConnection) -> None:
         metrics.connection_opened(agent.role)
@@ -182,3 +196,7 @@ class Hub:
         # they reconnect at once and start again from a fresh snapshot.
         for agent in self.watchers.agents():
             agent.close(CloseCode.RECONNECT, "resync after a cluster backend outage")
+
+
+async def _nothing() -> None:
+    return None

@@ -308,15 +308,19 @@ class Sessions:
             raise ProtocolError(ErrorCode.SESSION_NOT_FOUND, "the session of this token has ended")
         return session_id
 
-    async def visitor_connected(self, conn: VisitorConnection, held: str | None = None) -> None:
+    async def live_session(self, conn: VisitorConnection) -> str | None:
+        """The ID of the visitor's live session, as its index has it."""
+        index = await self._records.kv_get(names.session_by_visitor(conn.group, conn.subject))
+        return index.decode() if index is not None else None
+
+    async def visitor_connected(self, conn: VisitorConnection, held: str | None, live: str | None) -> None:
         """A visitor's newest connection takes over its live session (a tab
         reconnecting within the grace period keeps it), and hears so.
 
         ``held`` is the session its hello says it holds: when that is not
-        the one it takes over (it ended while the visitor was away), the
-        connection first hears that it ended (PROTOCOL.md §11.2)."""
-        index = await self._records.kv_get(names.session_by_visitor(conn.group, conn.subject))
-        live = index.decode() if index is not None else None
+        the one it takes over (``live``: ``live_session``'s answer; it ended
+        while the visitor was away), the connection first hears that it
+        ended (PROTOCOL.md §11.2)."""
         if held is not None and held != live:
             conn.send_message(await self._ended_for(conn, held))
         if live is None:

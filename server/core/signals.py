@@ -213,12 +213,18 @@ class SignalRouter:
             raise ProtocolError(ErrorCode.VISITOR_OFFLINE, f"visitor {visitor} is offline")
         asked = None
         if message.event == ev.TERMS_REQUEST_SIGNAL and self._events is not None:
-            # Who asked, in the group's log: its append is under way (queued on the backend's
-            # connection ahead of the delivery) before the visitor can see the signal and answer.
+            # Who asked, in the group's log, stored before the visitor can see the signal: its
+            # append is queued on the backend's connection ahead of a delivery through another
+            # instance's inbox; awaited first when a connection of the visitor is here (delivered
+            # at once) or the log and the inbox are on different Redis masters (a Redis Cluster).
             asked = asyncio.create_task(
                 self._events.record(ev.TERMS_REQUESTED, group, asks=True, visitor=visitor, agent=agent, sid=message.sid)
             )
-            await asyncio.sleep(0)
+            here = any(c.instance == self._instance for c in record.connections.values())
+            if self._events.log.ordered_with_publishes and not here:
+                await asyncio.sleep(0)
+            else:
+                await asked
         try:
             return await self._deliver_or_hold(group, visitor, frame, to_all, record)
         finally:
@@ -359,12 +365,16 @@ class SignalRouter:
         # Taken just now by the visitor's instance: its reply is on the way.
         return await self._await_reply(key, reply, self.settings.delivery_timeout)
 
-    async def release_held(self, conn: VisitorConnection) -> None:
+    async def take_held(self, conn: VisitorConnection) -> list[tuple[HeldSignal, bool]]:
+        """What waited for this visitor (``release_held`` delivers it)."""
+        return await self._held.take_held(conn.group, conn.subject)
+
+    async def release_held(self, conn: VisitorConnection, taken: list[tuple[HeldSignal, bool]]) -> None:
         """A visitor connection joined: deliver what waited for it. The first
         connection back answers the sender (delivered to 1); a ``to: all``
         signal also reaches each connection that comes back after it while
         it is held, without a second answer."""
-        for held, first in await self._held.take_held(conn.group, conn.subject):
+        for held, first in taken:
             if _too_late(held.answer_by, held.key):
                 continue
             conn.send(held.frame)
