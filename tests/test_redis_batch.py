@@ -7,10 +7,11 @@ from __future__ import annotations
 import asyncio
 
 import pytest
+import redis
 import redis.asyncio as aioredis
 
 from herald_presence.server.backends.base import BackendUnavailable
-from herald_presence.server.backends.redis_batch import CommandBatcher, unpack_messages
+from herald_presence.server.backends.redis_batch import CommandBatcher, pack_commands, unpack_messages
 
 from .processes import free_port
 from .redis_server import RedisServer
@@ -76,3 +77,19 @@ async def test_neighbouring_publishes_to_one_channel_go_out_as_one_message(redis
         await batch.close()
         await listener.aclose()
         await client.aclose()
+
+
+def test_commands_are_packed_as_redis_py_packs_them() -> None:
+    """The batcher's own packer gives redis-py's bytes for every kind of
+    argument Herald sends (and refuses what Redis would misread)."""
+    commands = [
+        ("EVALSHA", ("a" * 40, 2, "herald:{acme}:v:x", b"herald:{acme}:online", b"", 0, 3.25, "é", b"\x00\xff" * 300)),
+        ("PUBLISH", ("herald:inbox:i1", b"\x93\x01\x02\x03")),
+        ("XGROUP SETID", ("stream", "webhooks", "0-0")),
+        ("GET", (memoryview(b"k"),)),
+    ]
+    reference = redis.Connection()  # a client-side connection object: only its packer is used, nothing connects
+    expected = b"".join(reference.pack_commands([(c, *a) for c, a in commands]))
+    assert pack_commands(commands) == expected
+    with pytest.raises(TypeError):
+        pack_commands([("SET", ("k", True))])

@@ -144,7 +144,7 @@ class CommandBatcher:
     async def _execute_on(self, connection: Connection, commands: list[Command]) -> list[Any]:
         self._connection = connection
         try:
-            await connection.send_packed_command(connection.pack_commands([(c, *a) for c, a in commands]))
+            await connection.send_packed_command(pack_commands(commands))
             replies: list[Any] = []
             for command, _args in commands:
                 try:
@@ -166,6 +166,34 @@ class CommandBatcher:
         if self._connection is not None:
             connection, self._connection = self._connection, None
             await self._link.release(connection)
+
+
+def pack_commands(commands: list[Command]) -> bytes:
+    """The batch in Redis's wire format (RESP arrays of bulk strings), made in
+    one pass: redis-py's own packer, per argument, cost 8 % of an instance's
+    CPU under a connect storm (profiled). Arguments are what Herald sends:
+    bytes, str, int and float (a command name with a space is two words)."""
+    out: list[bytes] = []
+    for command, args in commands:
+        words = command.split() if " " in command else (command,)
+        out.append(b"*%d\r\n" % (len(words) + len(args)))
+        for arg in (*words, *args):
+            if isinstance(arg, bytes):
+                data = arg
+            elif isinstance(arg, str):
+                data = arg.encode()
+            elif isinstance(arg, bool):
+                raise TypeError("a bool is not a Redis argument")
+            elif isinstance(arg, int):
+                data = b"%d" % arg
+            elif isinstance(arg, float):
+                data = repr(arg).encode()
+            elif isinstance(arg, memoryview):
+                data = arg.tobytes()
+            else:
+                raise TypeError(f"not a Redis argument: {type(arg).__name__}")
+            out += (b"$%d\r\n" % len(data), data, b"\r\n")
+    return b"".join(out)
 
 
 def coalesced(batch: list[Queued]) -> tuple[list[Command], list[list[asyncio.Future[Any]]]]:
