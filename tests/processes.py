@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -25,6 +26,19 @@ HERALD = Path(sys.executable).parent / "herald"
 START_TIMEOUT = 15.0  # seconds for a server to answer /healthz
 STOP_TIMEOUT = 5.0  # seconds between SIGTERM and SIGKILL
 CLI_TIMEOUT = 20.0  # seconds for a one-shot command
+
+
+def required_binary(name: str, install: str) -> str:
+    """A program the tests run (on PATH, or in /usr/sbin and /usr/local/bin
+    where Debian puts daemons): a skip without it, a failure under CI=true,
+    where everything the tests need must be installed."""
+    found = shutil.which(name) or shutil.which(name, path="/usr/sbin:/usr/local/bin")
+    if found is None:
+        message = f"{name} is not installed ({install})"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(message)
+        pytest.skip(message)
+    return found
 
 
 def free_port() -> int:

@@ -20,10 +20,9 @@ import tempfile
 import time
 from pathlib import Path
 
-import pytest
 import redis
 
-from .processes import free_port
+from .processes import free_port, required_binary
 from .redis_server import TlsFiles, loopback_client, poll, redis_binary
 
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout: a master silent this long is failed over
@@ -33,14 +32,7 @@ STOP_TIMEOUT = 5.0
 
 
 def redis_cli_binary() -> str:
-    """redis-cli's path; a skip without it, a failure under CI=true."""
-    binary = shutil.which("redis-cli")
-    if binary is None:
-        message = "redis-cli is not on PATH (apt-get install redis-tools)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return required_binary("redis-cli", "apt-get install redis-tools")
 
 
 class RedisClusterServers:

@@ -7,8 +7,6 @@ skipping the Redis tests.
 
 from __future__ import annotations
 
-import os
-import shutil
 import socket
 import subprocess
 import tempfile
@@ -18,31 +16,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import pytest
 import redis
 
-from .processes import free_port
+from .processes import free_port, required_binary
 
 
 def redis_binary() -> str:
-    """redis-server's path; a skip without it, a failure under CI=true."""
-    binary = shutil.which("redis-server")
-    if binary is None:
-        message = "redis-server is not on PATH (apt-get install redis-server)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return required_binary("redis-server", "apt-get install redis-server")
 
 
 def openssl() -> str:
-    binary = shutil.which("openssl")
-    if binary is None:
-        message = "openssl is not on PATH (apt-get install openssl)"
-        if os.environ.get("CI") == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return required_binary("openssl", "apt-get install openssl")
 
 
 @dataclass(frozen=True)

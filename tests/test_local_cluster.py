@@ -10,8 +10,6 @@ installs both, so a skip there would hide a broken setup.
 from __future__ import annotations
 
 import asyncio
-import os
-import shutil
 import sys
 import time
 import urllib.error
@@ -28,6 +26,7 @@ from herald_presence.protocol.client.base import Backoff
 from herald_presence.protocol.client.visitor import VisitorClient
 
 from .harness import SECRET, changed, signal
+from .processes import required_binary
 
 # Fast cluster timings (as tests/conftest.py's FAST), and no per-address limits:
 # every client of these tests is 127.0.0.1 (HAProxy names it in X-Forwarded-For,
@@ -44,18 +43,10 @@ SETTINGS = {
 BACKOFF = Backoff(initial=0.1, factor=2.0, cap=0.5)  # quick reconnects keep the tests short
 
 
-def require(binary: str, install: str) -> None:
-    if shutil.which(binary) is None and shutil.which(binary, path="/usr/sbin") is None:
-        message = f"{binary} is not installed ({install})"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-
-
 @pytest.fixture
 async def cluster() -> AsyncIterator[LocalCluster]:
-    require("haproxy", "apt-get install haproxy")
-    require("redis-server", "apt-get install redis-server")
+    required_binary("haproxy", "apt-get install haproxy")
+    required_binary("redis-server", "apt-get install redis-server")
     local = LocalCluster(3, groups={"acme": SECRET}, settings=SETTINGS, python=sys.executable, drain_timeout=2.0)
     started = time.monotonic()
     async with local:

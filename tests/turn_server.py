@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import hashlib
 import hmac
-import os
 import secrets
 import shutil
 import socket
@@ -29,7 +28,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import pytest
+from .processes import required_binary
 
 MAGIC = 0x2112A442
 BINDING, ALLOCATE = 0x0001, 0x0003
@@ -43,14 +42,7 @@ STOP_TIMEOUT = 5.0
 
 
 def turnserver_binary() -> str:
-    """coturn's ``turnserver``; a skip without it, a failure under CI=true."""
-    binary = shutil.which("turnserver") or shutil.which("turnserver", path="/usr/sbin:/usr/local/bin")
-    if binary is None:
-        message = "turnserver is not on PATH (apt-get install coturn)"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(message)
-        pytest.skip(message)
-    return binary
+    return required_binary("turnserver", "apt-get install coturn")
 
 
 def free_udp_and_tcp_port() -> int:
