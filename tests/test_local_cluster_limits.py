@@ -23,7 +23,7 @@ import pytest
 from deploy.local.cluster import LocalCluster
 
 from .harness import SECRET
-from .test_local_cluster import require
+from .processes import required_binary
 
 INSTANCES = 2
 WEBSOCKETS_PER_ADDRESS = 3  # connections_per_address: new websockets per address per minute, per instance
@@ -45,8 +45,8 @@ ABUSER = "127.0.0.10"
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[LocalCluster]:
-    require("haproxy", "apt-get install haproxy")
-    require("redis-server", "apt-get install redis-server")
+    required_binary("haproxy", "apt-get install haproxy")
+    required_binary("redis-server", "apt-get install redis-server")
     local = LocalCluster(
         INSTANCES, groups={"acme": SECRET}, settings=SETTINGS, python=sys.executable, drain_timeout=2.0
     )

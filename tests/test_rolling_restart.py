@@ -30,8 +30,9 @@ from herald_presence.protocol.errors import RequestFailed
 from herald_presence.protocol.messages import PresenceChanged, Signal
 
 from .harness import SECRET, sample, scrape
+from .processes import required_binary
 from .test_cluster import eventually
-from .test_local_cluster import BACKOFF, SETTINGS, require
+from .test_local_cluster import BACKOFF, SETTINGS
 
 VISITORS = 200
 DRAIN_TIMEOUT = 6.0
@@ -42,8 +43,8 @@ SIGNAL_EVERY = 0.02  # seconds between the agent's signals while instances resta
 
 @pytest.fixture
 async def cluster() -> AsyncIterator[LocalCluster]:
-    require("haproxy", "apt-get install haproxy")
-    require("redis-server", "apt-get install redis-server")
+    required_binary("haproxy", "apt-get install haproxy")
+    required_binary("redis-server", "apt-get install redis-server")
     local = LocalCluster(
         3, groups={"acme": SECRET}, settings=ROLLING, python=sys.executable, drain_timeout=DRAIN_TIMEOUT
     )
