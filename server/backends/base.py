@@ -30,9 +30,24 @@ class BackendUnavailable(ProtocolError):
         super().__init__(ErrorCode.BACKEND_UNAVAILABLE, message)
 
 
+@dataclass(slots=True)
+class Arrival:
+    """A new connection's registration (``PresenceStore.mutate``): refused
+    (``Refused``) if the record ``refused_by`` exists; once registered, read
+    in the same atomic step, the record ``session_key`` (``session``) and
+    whether signals are held for the visitor (``held``). ``read`` says
+    whether the store filled them in."""
+
+    refused_by: str
+    session_key: str
+    session: bytes | None = None
+    held: bool = False
+    read: bool = False
+
+
 class Refused(Exception):  # noqa: N818: an answer, not a failure
-    """A change made ``unless`` a key exists found that key: nothing was
-    stored or announced. ``value``: the key's value."""
+    """A registration whose ``Arrival.refused_by`` exists: nothing was
+    stored or announced. ``value``: that record's value."""
 
     def __init__(self, value: bytes) -> None:
         super().__init__("refused: the change's guard key exists")
@@ -119,13 +134,13 @@ class PresenceStore(ABC):
 
     @abstractmethod
     async def mutate(
-        self, group: str, visitor: str, mutation: Mutation, announce: Announce, unless: str | None = None
+        self, group: str, visitor: str, mutation: Mutation, announce: Announce, arrival: Arrival | None = None
     ) -> PresenceChange | None:
         """Apply ``mutation`` to the visitor's record atomically and publish
         ``announce(change)`` with it; None (and nothing stored) if it changed
-        nothing. With ``unless`` (a ``RecordStore`` key, of the visitor's
-        group), ``Refused`` instead if that key exists, checked in the same
-        atomic step."""
+        nothing. With ``arrival`` (a connection joining; its keys are of the
+        visitor's group), ``Refused`` instead if its ``refused_by`` exists,
+        and its reads filled in: all in the same atomic step."""
 
     @abstractmethod
     async def visitor(self, group: str, visitor: str) -> VisitorState:

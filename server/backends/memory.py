@@ -17,7 +17,7 @@ from herald_presence.protocol.messages import VisitorState
 from herald_presence.server.model.names import event_log_group, unpack
 from herald_presence.server.model.records import HeldSignal, PresenceChange, VisitorRecord, offline_state
 
-from .base import Announce, Backend, BackendListener, Changed, LogWrite, Mutation, Refused
+from .base import Announce, Arrival, Backend, BackendListener, Changed, LogWrite, Mutation, Refused
 from .memory_events import MemoryEventLog
 
 TOMBSTONE_SECONDS = 600.0  # how long an offline visitor's last version is kept
@@ -56,9 +56,9 @@ class MemoryBackend(Backend):
         return visitors.get(visitor) if visitors else None
 
     async def mutate(
-        self, group: str, visitor: str, mutation: Mutation, announce: Announce, unless: str | None = None
+        self, group: str, visitor: str, mutation: Mutation, announce: Announce, arrival: Arrival | None = None
     ) -> PresenceChange | None:
-        if unless is not None and (guard := await self.kv_get(unless)) is not None:
+        if arrival is not None and (guard := await self.kv_get(arrival.refused_by)) is not None:
             raise Refused(guard)
         record = self._get(group, visitor)
         if record is None:
@@ -74,6 +74,11 @@ class MemoryBackend(Backend):
             self._remove(record)
         for topic, message in announce(change):
             await self.publish(topic, message)
+        if arrival is not None:
+            now = time.monotonic()
+            arrival.session = await self.kv_get(arrival.session_key)
+            arrival.held = any(held.expires > now for held in self._held.get((group, visitor), []))
+            arrival.read = True
         return change
 
     def _remove(self, record: VisitorRecord) -> None:

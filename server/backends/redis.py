@@ -64,7 +64,17 @@ from herald_presence.server.model.records import (
 )
 from herald_presence.server.tasks import TaskSupervisor, until_done
 
-from .base import Announce, Backend, BackendListener, BackendUnavailable, Changed, LogWrite, Mutation, Refused
+from .base import (
+    Announce,
+    Arrival,
+    Backend,
+    BackendListener,
+    BackendUnavailable,
+    Changed,
+    LogWrite,
+    Mutation,
+    Refused,
+)
 from .redis_batch import CommandBatcher, unpack_messages
 from .redis_cluster import REDIS_ERRORS, ClusterBatcher, Shards, Topology
 from .redis_connect import connect
@@ -91,7 +101,10 @@ return {redis.call('ZADD', KEYS[1], ms, ARGV[1]), ms}
 # its writes and publishes and answer 1; else answer the hash as it is now,
 # to compute the change again. With a guard key (ARGV[2]: its index in KEYS,
 # 0: none) that exists, nothing happens and the answer is {{its value}} (a
-# hash is never nested). The rest of ARGV is the commands, each as its
+# hash is never nested). A joining connection's reads (ARGV[3] and ARGV[4]:
+# the session index's and the held signals' indexes in KEYS, 0: none) make
+# the answer {1, the index's value, whether signals are held}, read after
+# the writes. The rest of ARGV (from ARGV[5]) is the commands, each as its
 # length n, its name, the index in KEYS of the key it writes (0: none, a
 # publish), then its other arguments: every key it touches is declared, and
 # ``#!lua`` makes Redis refuse any that is not in the same slot.
@@ -104,7 +117,7 @@ end
 if (redis.call('HGET', KEYS[1], 'version') or '') ~= ARGV[1] then
   return redis.call('HGETALL', KEYS[1])
 end
-local i = 3
+local i = 5
 while i <= #ARGV do
   local n, k = tonumber(ARGV[i]), tonumber(ARGV[i + 2])
   if k == 0 then
@@ -113,6 +126,10 @@ while i <= #ARGV do
     redis.call(ARGV[i + 1], KEYS[k], unpack(ARGV, i + 3, i + n))
   end
   i = i + n + 1
+end
+local session, held = tonumber(ARGV[3]), tonumber(ARGV[4])
+if session > 0 then
+  return {1, redis.call('GET', KEYS[session]), redis.call('EXISTS', KEYS[held])}
 end
 return 1
 """
@@ -311,7 +328,7 @@ class RedisBackend(Backend):
         raise BackendUnavailable(f"{what} is changing too fast to update")
 
     async def mutate(
-        self, group: str, visitor: str, mutation: Mutation, announce: Announce, unless: str | None = None
+        self, group: str, visitor: str, mutation: Mutation, announce: Announce, arrival: Arrival | None = None
     ) -> PresenceChange | None:
         """Compute the change from the visitor's hash as this instance last
         wrote it (visitors with a connection or a grace period here), or
@@ -342,16 +359,24 @@ class RedisBackend(Backend):
                     commands.append((publish, None, self.names.channel(topic), message))
             for instance in indexed:
                 await self._index(group, instance)
-            guard = None if unless is None else self.names.record(unless)
-            args = _script_args(key, raw.get(b"version", b""), commands, guard)
+            args = _script_args(key, raw.get(b"version", b""), commands, self._arrival_keys(group, visitor, arrival))
             answer = await self._batch.script(STORE_IF_SCRIPT, *args)
-            if answer == 1:
+            if answer == 1 or (answer and answer[0] == 1):
                 self._remember(key, record, stored)
+                if arrival is not None:
+                    arrival.session, arrival.held, arrival.read = answer[1], bool(answer[2]), True
                 return change
             if answer and isinstance(answer[0], list):
                 raise Refused(answer[0][0])
             raw, read = dict(zip(answer[::2], answer[1::2], strict=True)), True
         raise BackendUnavailable(f"visitor {visitor} is changing too fast to update")
+
+    def _arrival_keys(self, group: str, visitor: str, arrival: Arrival | None) -> tuple[str, str, str] | None:
+        """The guard, session-index and held-signals keys of a joining connection's registration."""
+        if arrival is None:
+            return None
+        names = self.names
+        return names.record(arrival.refused_by), names.record(arrival.session_key), names.held(group, visitor)
 
     def _remember(self, key: str, record: VisitorRecord, stored: dict[bytes, bytes]) -> None:
         """Keep the hash just written while its visitor's connections or grace period are here."""
@@ -1001,11 +1026,16 @@ def _pack_held(signal: HeldSignal, expires: float, claimed: bool) -> bytes:
     return pack((signal.reply_to, signal.frame, signal.to_all, signal.answer_by, expires, claimed))
 
 
-def _script_args(key: str, version: bytes, commands: list[Command], guard: str | None = None) -> list[Any]:
+def _script_args(
+    key: str, version: bytes, commands: list[Command], arrival: tuple[str, str, str] | None = None
+) -> list[Any]:
     """``STORE_IF_SCRIPT``'s numkeys, KEYS and ARGV for ``commands``: the
-    visitor's hash first, each other key once, referred to by its index."""
+    visitor's hash first, each other key once, referred to by its index;
+    with ``arrival``, its guard, session-index and held-signals keys."""
     keys = {key: 1}
-    argv: list[Any] = [version, 0 if guard is None else keys.setdefault(guard, 2)]
+    argv: list[Any] = (
+        [version, *(keys.setdefault(k, len(keys) + 1) for k in arrival)] if arrival else [version, 0, 0, 0]
+    )
     for name, target, *args in commands:
         index = 0 if target is None else keys.setdefault(target, len(keys) + 1)
         argv += [2 + len(args), name, index, *args]

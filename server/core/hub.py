@@ -13,14 +13,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+from collections.abc import Awaitable
+from typing import TypeVar
 
 from herald_presence.protocol.errors import CloseCode, ProtocolError
 from herald_presence.server import metrics
-from herald_presence.server.backends.base import Backend, BackendUnavailable
+from herald_presence.server.backends.base import Arrival, Backend, BackendUnavailable
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names
 from herald_presence.server.model.limits import ConnectionRate
-from herald_presence.server.model.records import PresenceChange
+from herald_presence.server.model.records import HeldSignal, PresenceChange
 from herald_presence.server.tasks import TaskSupervisor
 
 from .connection import AgentConnection, Connection, VisitorConnection
@@ -38,6 +40,7 @@ from .signals import SignalRouter
 from .webhooks import Webhooks
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Hub:
@@ -121,17 +124,32 @@ class Hub:
         return [*self.visitors.all(), *self.watchers.agents()]
 
     # -- connections -------------------------------------------------------------
-    async def release_held(self, conn: VisitorConnection, held_session: str | None = None) -> None:
+    def arrival(self, group: str, visitor: str) -> Arrival:
+        """What a visitor connection's registration checks and reads in its
+        own atomic step: the back end's refusal of the visitor, its live
+        session's index, whether signals wait for it (``release_held``)."""
+        return Arrival(Revocations.refusal_key(group, visitor), names.session_by_visitor(group, visitor))
+
+    async def release_held(
+        self, conn: VisitorConnection, held_session: str | None = None, arrival: Arrival | None = None
+    ) -> None:
         """After the welcome: the visitor's live session follows this
         connection (or, if the session its hello named ended meanwhile, it
-        hears so), and signals held while it was away are delivered."""
+        hears so), and signals held while it was away are delivered. What
+        the registration read (``arrival``) saves the round trip, else both
+        are read now, in one batch."""
         consumer = conn.subject.startswith(CONSUMER_PREFIX)  # a consumer attaches with its token
-        # Both reads in one batch (one Redis round trip), after the registration.
-        live, taken = await asyncio.gather(
-            _nothing() if consumer else self.sessions.live_session(conn),
-            self.signals.take_held(conn),
-            return_exceptions=True,
-        )
+        live: str | BaseException | None
+        taken: list[tuple[HeldSignal, bool]] | BaseException
+        if arrival is not None and arrival.read:
+            live = arrival.session.decode() if arrival.session is not None else None
+            taken = await _outcome(self.signals.take_held(conn)) if arrival.held else []
+        else:
+            live, taken = await asyncio.gather(
+                _nothing() if consumer else self.sessions.live_session(conn),
+                self.signals.take_held(conn),
+                return_exceptions=True,
+            )
         for outcome in (live, taken):
             if isinstance(outcome, BaseException) and not isinstance(outcome, BackendUnavailable):
                 raise outcome
@@ -200,3 +218,11 @@ class Hub:
 
 async def _nothing() -> None:
     return None
+
+
+async def _outcome(work: Awaitable[T]) -> T | BaseException:
+    """``work``'s result, or the exception it raised (as ``gather`` with ``return_exceptions``)."""
+    try:
+        return await work
+    except Exception as exc:
+        return exc

@@ -20,7 +20,7 @@ from herald_presence.protocol import codec
 from herald_presence.protocol.errors import ProtocolError
 from herald_presence.protocol.messages import PresenceChanged, Snapshot, VisitorInfo, VisitorState
 from herald_presence.server import metrics
-from herald_presence.server.backends.base import BackendUnavailable, Mutation, PresenceStore, Refused
+from herald_presence.server.backends.base import Arrival, BackendUnavailable, Mutation, PresenceStore, Refused
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names, presence_rules
 from herald_presence.server.model.limits import allowed_presence, check_presence, check_subscriptions
@@ -62,19 +62,20 @@ class PresenceService:
         self._repairer: asyncio.Task[None] | None = None
 
     # -- visitors ------------------------------------------------------------
-    async def visitor_joined(self, conn: VisitorConnection, refused_by: str | None = None) -> bool:
+    async def visitor_joined(self, conn: VisitorConnection, arrival: Arrival | None = None) -> bool:
         """Register a new connection (``limit_exceeded`` if the visitor has its
         maximum already, or its presence data is too big); whether it has
         focus. Fields its group does not let agents see are dropped. With
-        ``refused_by`` (a record key), ``Refused`` if that key exists,
-        checked in the registration's own atomic step (one round trip)."""
+        ``arrival``: ``Refused`` if its ``refused_by`` record exists, and its
+        reads filled in, in the registration's own atomic step (one round
+        trip for the whole connect)."""
         conn.presence.data = allowed_presence(conn.presence.data, self._presence_fields(conn.group))
         check_presence(conn.presence.data, self.settings)
         self._visitors.add(conn)
         limit = presence_rules.connection_limit(conn.subject, self.settings.max_connections_per_visitor)
         join = partial(presence_rules.join, connection=conn.presence, limit=limit)
         try:
-            change = await self._visitor_mutate(conn, join, joined=conn.id, unless=refused_by)
+            change = await self._visitor_mutate(conn, join, joined=conn.id, arrival=arrival)
         except (ProtocolError, Refused):
             self._visitors.remove(conn)
             raise
@@ -158,13 +159,13 @@ class PresenceService:
             await self._visitor_mutate(conn, partial(presence_rules.rejoin, connection=conn.presence))
 
     async def _visitor_mutate(
-        self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None, unless: str | None = None
+        self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None, arrival: Arrival | None = None
     ) -> PresenceChange | None:
         """A local connection's presence change. If the store is away the
         connection lives on: the change is applied to its own copy, which is
         registered again as soon as the store takes it (``_repair``)."""
         try:
-            return await self._apply(conn, mutation, joined, unless)
+            return await self._apply(conn, mutation, joined, arrival)
         except BackendUnavailable:
             log.warning("backend unavailable: presence of %r kept locally until it is back", conn)
             mutation(VisitorRecord(conn.group, conn.subject, 0, {conn.id: conn.presence}))
@@ -172,9 +173,9 @@ class PresenceService:
             return None
 
     async def _apply(
-        self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None, unless: str | None = None
+        self, conn: VisitorConnection, mutation: Mutation, joined: str | None = None, arrival: Arrival | None = None
     ) -> PresenceChange | None:
-        change = await self._mutate(conn.group, conn.subject, mutation, joined, unless)
+        change = await self._mutate(conn.group, conn.subject, mutation, joined, arrival)
         if change is not None and change.record is not None:
             conn.presence = change.record.connections.get(conn.id, conn.presence)
         return change
@@ -204,10 +205,10 @@ class PresenceService:
                 self._unsynced.pop(connection, None)
 
     async def _mutate(
-        self, group: str, visitor: str, mutation: Mutation, joined: str | None = None, unless: str | None = None
+        self, group: str, visitor: str, mutation: Mutation, joined: str | None = None, arrival: Arrival | None = None
     ) -> PresenceChange | None:
         """Change a visitor's presence, announce it, move focus if it moved."""
-        change = await self._store.mutate(group, visitor, mutation, self.announcement, unless)
+        change = await self._store.mutate(group, visitor, mutation, self.announcement, arrival)
         if change is not None:
             self.changed(change)
         if change is not None and change.focus_moved:

@@ -62,7 +62,8 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
         # Refused (by the group's back end: PROTOCOL.md §12.4) in the same step, unchecked while Redis is away.
-        focused = await presence.visitor_joined(conn, refused_by=Revocations.refusal_key(group, visitor))
+        arrival = hub.arrival(group, visitor)
+        focused = await presence.visitor_joined(conn, arrival)
     except Refused as refusal:
         log.info("visitor handshake refused: %s", ErrorCode.REVOKED)
         await refuse(ws, Revocations.refused(refusal.value))
@@ -76,7 +77,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         log.debug("visitor %s/%s connected", group, visitor)
         if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
             return ws  # closed: a consumer is nothing without its session
-        await hub.release_held(conn, hello.session)
+        await hub.release_held(conn, hello.session, arrival)
         await serve_frames(conn, app, _handle)
     finally:
         await presence.visitor_left(conn)

@@ -10,10 +10,10 @@ import time
 import pytest
 
 from herald_presence.protocol.messages import VisitorState
-from herald_presence.server.backends.base import Backend, Refused
+from herald_presence.server.backends.base import Arrival, Backend, Refused
 from herald_presence.server.model.limits import ConnectionLimit
-from herald_presence.server.model.names import refused_visitor, visitor_topic
-from herald_presence.server.model.records import PresenceChange, offline_state
+from herald_presence.server.model.names import refused_visitor, session_by_visitor, visitor_topic
+from herald_presence.server.model.records import HeldSignal, PresenceChange, offline_state
 
 from .conftest import (
     GROUP,
@@ -78,23 +78,37 @@ async def test_mutate_publishes_the_announcement_with_the_change(backend: Backen
     assert (await backend.visitor(GROUP, "v1"))["version"] >= change.version
 
 
-async def test_a_change_unless_a_key_exists_is_refused_with_its_value_and_stores_nothing(
+async def test_an_arrival_refused_by_its_record_stores_nothing_and_announces_nothing(
     backend: Backend, listener: RecordingListener
 ) -> None:
     topic = visitor_topic(GROUP, "v1")
     await backend.subscribe(topic)
-    guard = refused_visitor(GROUP, "v1")
-    await backend.kv_set(guard, b"until-then", ttl=30)
+    refusal = refused_visitor(GROUP, "v1")
+    await backend.kv_set(refusal, b"until-then", ttl=30)
 
+    arrival = Arrival(refusal, session_by_visitor(GROUP, "v1"))
     with pytest.raises(Refused) as refused:
-        await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), announce_on(topic), unless=guard)
-    assert refused.value.value == b"until-then"
+        await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), announce_on(topic), arrival)
+    assert refused.value.value == b"until-then" and not arrival.read
     assert await backend.visitor_record(GROUP, "v1") is None  # nothing stored…
-    await backend.kv_delete(guard)
-    change = await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), announce_on(topic), unless=guard)
+    await backend.kv_delete(refusal)
+    change = await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), announce_on(topic), arrival)
     assert change is not None
-    # …and nothing announced: the first announcement is the join made once the key was gone.
+    # …and nothing announced: the first announcement is the join made once the record was gone.
     assert announced(await listener.next_message()) == (topic, "online", change.version)
+
+
+async def test_an_arrival_reads_its_session_index_and_held_signals_in_the_same_step(backend: Backend) -> None:
+    arrival = Arrival(refused_visitor(GROUP, "v1"), session_by_visitor(GROUP, "v1"))
+    await backend.mutate(GROUP, "v1", joins(conn(backend, "c1")), silent, arrival)
+    assert (arrival.read, arrival.session, arrival.held) == (True, None, False)
+
+    await backend.kv_set(session_by_visitor(GROUP, "v1"), b"s-42", ttl=30)
+    await backend.hold(GROUP, "v1", HeldSignal("k1", "agent-instance", b"frame", False, time.time() + 60), ttl=30)
+    again = Arrival(refused_visitor(GROUP, "v1"), session_by_visitor(GROUP, "v1"))
+    await backend.mutate(GROUP, "v1", joins(conn(backend, "c2")), silent, again)
+    assert (again.read, again.session, again.held) == (True, b"s-42", True)
+    assert [signal.key for signal, _first in await backend.take_held(GROUP, "v1")] == ["k1"]  # read, not taken
 
 
 async def test_versions_rise_and_never_go_back_after_a_visitor_goes_offline(backend: Backend) -> None:
