@@ -163,7 +163,8 @@ def exercise(
         if case.query and "group" in case.query and rng.random() < 0.7:
             case.query["group"] = "acme"
         if operation.path.endswith("/webhooks") and isinstance(case.body, dict):
-            for endpoint in case.body.get("endpoints") or []:
+            endpoints = case.body.get("endpoints")
+            for endpoint in endpoints if isinstance(endpoints, list) else []:  # negative data: anything
                 if isinstance(endpoint, dict) and isinstance(endpoint.get("url"), str):
                     endpoint["url"] = NOWHERE
         auth = credentials(operation, cookie, rng)

@@ -9,9 +9,10 @@ import asyncio
 import time
 from pathlib import Path
 
+import aiohttp
 import pytest
 
-from herald_presence.protocol import RequestFailed
+from herald_presence.protocol import RequestFailed, tokens
 from herald_presence.protocol.errors import ErrorCode
 
 from .conftest import Start
@@ -44,6 +45,16 @@ async def test_a_late_event_loop_refuses_new_signals_then_serves_again(start_her
     with pytest.raises(RequestFailed) as refused:
         await agent.signal("v1", "showterms", retries=0)
     assert refused.value.code == ErrorCode.OVERLOADED
+    # The back end's REST signal is refused the same way, as a documented 503 (never a 500).
+    async with (
+        aiohttp.ClientSession() as http,
+        http.post(
+            f"{herald.base_url}/v1/groups/acme/visitors/v1/signals",
+            json={"event": "showterms"},
+            headers={"Authorization": f"Bearer {tokens.api_key(SECRET, 'acme')}"},
+        ) as response,
+    ):
+        assert (response.status, (await response.json())["error"]["code"]) == (503, "overloaded")
     await hogging
     started = time.monotonic()
     while True:  # back within a second or so of the hog stopping

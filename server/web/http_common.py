@@ -43,6 +43,7 @@ STATUS = {
     ErrorCode.BACKEND_UNAVAILABLE: 503,
     ErrorCode.CODE_SPACE_EXHAUSTED: 503,
     ErrorCode.DRAINING: 503,
+    ErrorCode.OVERLOADED: 503,
     ErrorCode.DELIVERY_FAILED: 504,
 }
 

@@ -291,7 +291,9 @@ RESPONSES: dict[str, Any] = {
         "rate_limited",
         {"Retry-After": {"schema": {"type": "string"}, "description": "seconds"}},
     ),
-    "Unavailable": _json(_ref("Error"), "backend_unavailable, code_space_exhausted or draining: retry later"),
+    "Unavailable": _json(
+        _ref("Error"), "backend_unavailable, code_space_exhausted, draining or overloaded: retry later"
+    ),
 }
 
 WEBSOCKET = {
