@@ -15,7 +15,7 @@ import subprocess
 import sys
 import time
 import urllib.request
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +39,22 @@ def required_binary(name: str, install: str) -> str:
             pytest.fail(message)
         pytest.skip(message)
     return found
+
+
+def stop_processes(processes: Iterable[subprocess.Popen[bytes]], timeout: float) -> None:
+    """Stop the tests' own processes by PID: SIGCONT first (a test may have
+    frozen one), SIGTERM to all, then wait, and SIGKILL what outlives ``timeout``."""
+    processes = list(processes)
+    for process in processes:
+        if process.poll() is None:
+            os.kill(process.pid, signal.SIGCONT)
+            process.terminate()
+    for process in processes:
+        try:
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait(timeout)
 
 
 def free_port() -> int:

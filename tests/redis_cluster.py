@@ -22,7 +22,7 @@ from pathlib import Path
 
 import redis
 
-from .processes import free_port, required_binary
+from .processes import free_port, required_binary, stop_processes
 from .redis_server import TlsFiles, loopback_client, poll, redis_binary
 
 NODE_TIMEOUT_MS = 1000  # cluster-node-timeout: a master silent this long is failed over
@@ -173,14 +173,6 @@ class RedisClusterServers:
         return totals
 
     def stop(self) -> None:
-        for process in self.processes.values():
-            if process.poll() is None:
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        stop_processes(self.processes.values(), STOP_TIMEOUT)
         self.processes.clear()
         shutil.rmtree(self.dir, ignore_errors=True)

@@ -60,6 +60,7 @@ from .cluster import (
     loadavg,
     rss_kib,
     scrape,
+    visitor_costs,
 )
 
 IDLE_PER_WORKER = 4500  # visitors (and as many agents) per idle process: 9,000 sockets, under the 20,000 open files
@@ -232,16 +233,7 @@ def count_redis(cluster: Cluster, generators: list[Worker], args: argparse.Names
     n, counter, herald = args.redis_ops, RedisCounter(cluster.redis.url), cluster.kind == "herald"
     helper = cluster.worker("idle", "--name", "redis")
     counter.measure_baseline(args.baseline_seconds)
-    result: dict[str, Any] = {}
-    start = counter.look()
-    helper.send({"cmd": "visitors", "count": n, "prefix": "r", "concurrency": 1})
-    helper.answer()
-    result["connect"] = per_op(counter.since(start), n)
-    start = counter.look()
-    helper.send({"cmd": "close", "prefix": "r", "concurrency": 1})
-    helper.answer()
-    time.sleep(GRACE + 0.5 if herald else 0.5)  # Herald's offline announcements come after the grace period
-    result["disconnect"] = per_op(counter.since(start), n)
+    result: dict[str, Any] = visitor_costs(counter, helper, n, GRACE + 0.5 if herald else 0.5, per_op)
     start = counter.look()
     step = run_step(cluster, generators, n, 1.0)
     result[SIGNALS] = per_op(counter.since(start), step.sent)

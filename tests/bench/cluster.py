@@ -16,9 +16,10 @@ import sys
 import time
 import urllib.request
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import redis
 from prometheus_client.parser import text_string_to_metric_families
@@ -39,6 +40,7 @@ RAISED_LIMITS = {
     "--visitor-signal-burst": "1000000",
 }
 WORKER_TIMEOUT = 120.0  # seconds a generator may take to answer one command
+T = TypeVar("T")
 TICKS = os.sysconf("SC_CLK_TCK")
 
 
@@ -250,3 +252,20 @@ class RedisCounter:
         time.sleep(seconds)
         calls, reads = self.since(start)
         self.baseline = (Counter({k: v / seconds for k, v in calls.items()}), reads / seconds)
+
+
+def visitor_costs(counter: Any, helper: Worker, n: int, settle: float, per_op: Callable[[Any, int], T]) -> dict[str, T]:
+    """What ``n`` visitor connects (one at a time, through ``helper``) and
+    their disconnects cost, as ``per_op`` of ``counter``'s deltas (its
+    ``look``/``since``); the disconnects counted ``settle`` s after the close
+    (Herald announces them offline after its grace period)."""
+    start = counter.look()
+    helper.send({"cmd": "visitors", "count": n, "prefix": "r", "concurrency": 1})
+    helper.answer()
+    costs = {"connect": per_op(counter.since(start), n)}
+    start = counter.look()
+    helper.send({"cmd": "close", "prefix": "r", "concurrency": 1})
+    helper.answer()
+    time.sleep(settle)
+    costs["disconnect"] = per_op(counter.since(start), n)
+    return costs

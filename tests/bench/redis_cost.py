@@ -39,7 +39,7 @@ from herald_presence.server.config import Settings
 
 from ..redis_cluster import RedisClusterServers
 from ..redis_server import RedisServer
-from .cluster import Cluster, Worker, cpu_seconds
+from .cluster import Cluster, Worker, cpu_seconds, visitor_costs
 
 GRACE = Settings().grace_period
 SIGNALS = "signal + answer"
@@ -160,15 +160,7 @@ def measure(name: str, server: Any, ports: list[int], workdir: Path, args: argpa
         helper = cluster.worker("idle", "--name", f"{name}-r")
         run_signals(generator, 200, 1.0)  # warm-up: connections made, scripts loaded
         counter.measure_baseline(args.baseline)
-        start = counter.look()
-        helper.send({"cmd": "visitors", "count": n, "prefix": "r", "concurrency": 1})
-        helper.answer()
-        result["connect"] = per_op(counter.since(start), n)
-        start = counter.look()
-        helper.send({"cmd": "close", "prefix": "r", "concurrency": 1})
-        helper.answer()
-        time.sleep(GRACE + 0.5)  # the offline announcements come after the grace period
-        result["disconnect"] = per_op(counter.since(start), n)
+        result.update(visitor_costs(counter, helper, n, GRACE + 0.5, per_op))
         start = counter.look()
         sent = run_signals(generator, n, 1.0)
         result[SIGNALS] = per_op(counter.since(start), sent)

@@ -9,16 +9,14 @@ missing redis-server fails the run instead of skipping it.
 
 from __future__ import annotations
 
-import os
 import shutil
-import signal
 import subprocess
 import tempfile
 import time
 from pathlib import Path
 from typing import Any
 
-from ..processes import free_port
+from ..processes import free_port, stop_processes
 from ..redis_server import loopback_client, poll, redis_binary
 
 MASTER_NAME = "mymaster"
@@ -61,16 +59,7 @@ class SentinelCluster:
 
     def stop(self) -> None:
         """Stop every process by its PID (SIGCONT first, in case a test froze one)."""
-        for process in self.processes.values():
-            if process.poll() is None:
-                os.kill(process.pid, signal.SIGCONT)
-                process.terminate()
-        for process in self.processes.values():
-            try:
-                process.wait(STOP_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                process.kill()
-                process.wait(STOP_TIMEOUT)
+        stop_processes(self.processes.values(), STOP_TIMEOUT)
         shutil.rmtree(self.dir, ignore_errors=True)
 
     def kill_master(self) -> None:
