@@ -88,8 +88,6 @@ UNTHROTTLED = {
     "message_burst": 1_000_000,
     "connections_per_address": 1_000_000,
     "max_connections_per_address": 1_000_000,
-    # The fuzzer runs in the server's own event loop: its CPU is the loop's lag, which is not overload.
-    "overload_lag": 0,
 }
 
 
