@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import time
+
 import aiohttp
 import msgpack
 import pytest
@@ -23,6 +25,7 @@ def _hello(visitor: str) -> bytes:
 async def test_a_connection_over_its_message_rate_gets_rate_limited_then_closed_as_flooding(start_herald) -> None:  # type: ignore[no-untyped-def]
     herald = await start_herald(message_rate=5, message_burst=10)
     async with herald.raw_visitor("flooder") as ws:
+        started = time.monotonic()
         for _ in range(300):
             await ws.send_bytes(codec.encode(Ping()))
         answers: list[object] = []
@@ -31,8 +34,10 @@ async def test_a_connection_over_its_message_rate_gets_rate_limited_then_closed_
             if msg.type is not aiohttp.WSMsgType.BINARY:
                 break
             answers.append(codec.decode(msg.data))
+        elapsed = time.monotonic() - started
         assert ws.close_code == CloseCode.FLOODING
-        assert sum(isinstance(a, Pong) for a in answers) <= 11  # the burst, maybe one refill
+        # The burst, plus what the bucket refilled while the flood lasted (a slow machine takes longer).
+        assert sum(isinstance(a, Pong) for a in answers) <= 10 + 1 + int(5 * elapsed)
         errors = [a for a in answers if isinstance(a, Error)]
         # One error per streak, not one per frame (the close may overtake it).
         assert [e.code for e in errors] in ([ErrorCode.RATE_LIMITED], [])
