@@ -1,10 +1,12 @@
 """One client connection: its identity and its single, bounded writer.
 
-Fan-out never awaits a client. ``send`` appends the already-encoded frame
-to a bounded queue and, if no writer is running, starts one; the writer
-exits when the queue is empty, so an idle connection holds no task. A client
-that stops reading lets its queue fill and is closed as a slow consumer;
-nobody else waits for it.
+Fan-out never awaits a client. ``send`` writes the already-encoded frame to
+the socket at once while nothing of the connection's waits to be written
+(the common case: no task, no queue); otherwise it appends it to a bounded
+queue and, if no writer is running, starts one; the writer exits when the
+queue is empty, so an idle connection holds no task. A client that stops
+reading lets its queue fill and is closed as a slow consumer; nobody else
+waits for it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
+from collections.abc import Coroutine
 from typing import Any
 
 from aiohttp import web
@@ -44,6 +47,18 @@ def error_frame(code: ErrorCode | str, message: str, request_id: int | None = No
     return codec.encode(Error(code=str(code), message=message, id=request_id))
 
 
+async def _resume(sending: Coroutine[Any, Any, None], waiting: Any) -> None:
+    """Finish a coroutine that was started by hand and waits on ``waiting``."""
+    try:
+        while True:
+            await asyncio.wait([waiting])
+            waiting = sending.send(None)
+    except StopIteration:
+        return
+    finally:
+        sending.close()
+
+
 class Connection:
     """A client's socket and identity; ``send`` queues, one writer drains."""
 
@@ -52,9 +67,10 @@ class Connection:
         "_closing",
         "_leaving",
         "_queue",
+        "_transport",
         "_writer",
         "expires",
-        "expiry_timer",
+        "expiry_second",
         "group",
         "id",
         "max_queue",
@@ -67,6 +83,9 @@ class Connection:
 
     def __init__(self, ws: web.WebSocketResponse, role: str, group: str, subject: str, max_queue: int) -> None:
         self.ws = ws
+        # Its socket's write buffer says whether a frame can be written at
+        # once (``send``); held here because aiohttp lets go of it while closing.
+        self._transport = ws._req.transport if ws._req is not None else None
         self.id = new_connection_id()
         self.role = role
         self.group = group
@@ -81,7 +100,7 @@ class Connection:
         self.requests = 0  # requests of this client being answered now
         self.rate = FrameRate()
         self.expires: float | None = None  # unix s when its credential runs out (core/expiry.py); None: never
-        self.expiry_timer: asyncio.TimerHandle | None = None
+        self.expiry_second: int | None = None  # the second core/expiry.py files it under
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.group}/{self.subject} {self.id}>"
@@ -101,6 +120,8 @@ class Connection:
             return
         queue = self._queue
         if queue is None:
+            if self._written_at_once(frame):
+                return
             self._queue = deque((frame,))
             self._writer = asyncio.create_task(self._drain(), name=f"writer-{self.id}")
             return
@@ -117,9 +138,34 @@ class Connection:
     def send_error(self, code: ErrorCode | str, message: str, request_id: int | None = None) -> None:
         self.send(error_frame(code, message, request_id))
 
-    async def _drain(self) -> None:
+    def _written_at_once(self, frame: bytes) -> bool:
+        """Write ``frame`` now, without a task, if the socket has nothing
+        buffered: aiohttp's send of an uncompressed frame then completes
+        without waiting (it only waits for a paused transport, and one with
+        an empty buffer is not paused). False: queue it."""
+        transport = self._transport
+        if transport is None or transport.get_write_buffer_size():
+            return False
+        sending = self.ws.send_bytes(frame)
+        try:
+            waiting = sending.send(None)
+        except StopIteration:
+            pass
+        except (ConnectionError, RuntimeError) as exc:
+            log.debug("write to %r failed: %s", self, exc)  # the receive loop sees the close
+            return True
+        else:
+            # It waited after all: a writer finishes it, and frames sent meanwhile queue behind it.
+            self._queue = deque()
+            self._writer = asyncio.create_task(self._drain(_resume(sending, waiting)), name=f"writer-{self.id}")
+        metrics.sent(self.role, frame)
+        return True
+
+    async def _drain(self, in_flight: Coroutine[Any, Any, None] | None = None) -> None:
         queue = self._queue
         try:
+            if in_flight is not None:
+                await in_flight
             while queue and not self.ws.closed:
                 frame = queue.popleft()
                 await self.ws.send_bytes(frame)
@@ -179,8 +225,7 @@ class Connection:
         await self._close(code, reason)
 
     async def _close(self, code: int, reason: str) -> None:
-        # Grab the transport first: aiohttp lets go of it while closing.
-        transport = self.ws._req.transport if self.ws._req is not None else None
+        transport = self._transport
         try:
             async with asyncio.timeout(CLOSE_TIMEOUT):
                 await self.ws.close(code=code, message=reason.encode()[:120])
@@ -201,9 +246,6 @@ class Connection:
     async def finish(self) -> None:
         """Before a handler returns: let queued frames go out and a close
         started elsewhere complete (both bounded)."""
-        if self.expiry_timer is not None:
-            self.expiry_timer.cancel()
-            self.expiry_timer = None
         tasks = [task for task in (self._writer, self._closer) if task is not None]
         if tasks:
             await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)

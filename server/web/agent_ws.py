@@ -53,7 +53,6 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     login = await auth.agent_login(request)
     if login is None:
         return error_response(401, ErrorCode.UNAUTHORIZED, "log in at /v1/agent/login first")
-    auth.forget_session(request)
     group, agent_id = login.group, login.agent
     if not await auth.origin_allowed(request, group):
         return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
@@ -74,6 +73,7 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
         log.debug("agent %s/%s connected", group.id, agent_id)
         await serve_frames(agent, request.app, _handle)
     finally:
+        request.app[EXPIRY].forget(agent)
         await hub.agent_left(agent)
         await agent.finish()
         log.debug("agent connection closed (%s)", ws.close_code)

@@ -20,8 +20,6 @@ from dataclasses import dataclass
 from typing import Any
 
 from aiohttp import web
-from aiohttp_session import SESSION_KEY, get_session, new_session
-from aiohttp_session import setup as setup_session_middleware
 from aiohttp_session.cookie_storage import EncryptedCookieStorage
 
 from herald_presence.protocol import checks, tokens
@@ -39,12 +37,18 @@ from .keys import CREDENTIALS, RECORDS, REVOCATIONS, SETTINGS
 log = logging.getLogger(__name__)
 
 COOKIE_NAME = "HERALD_SESSION"
+# The agent's login session, in an encrypted cookie: read by the requests that
+# need it and written by login and logout, through aiohttp-session's storage
+# alone. Its middleware is not installed: it would wrap every request, and a
+# websocket's request lasts as long as the connection, holding that
+# middleware's frame (~0.9 KiB per idle connection, measured).
+COOKIES = web.AppKey("login_cookies", EncryptedCookieStorage)
 
 
 def setup_sessions(app: web.Application, settings: Settings) -> None:
     # Without a session_secret, sessions live as long as this process and only on this instance.
     key = session_key(settings.session_secret) if settings.session_secret else secrets.token_bytes(32)
-    storage = EncryptedCookieStorage(
+    app[COOKIES] = EncryptedCookieStorage(
         key,
         cookie_name=COOKIE_NAME,
         max_age=settings.session_max_age,
@@ -52,7 +56,6 @@ def setup_sessions(app: web.Application, settings: Settings) -> None:
         secure=settings.cookie_secure,
         samesite=settings.cookie_samesite,
     )
-    setup_session_middleware(app, storage)
 
 
 async def allowed_origins(request: web.Request, group: GroupConfig) -> list[str]:
@@ -139,13 +142,16 @@ async def login(request: web.Request) -> web.StreamResponse:
         if exc.code == ErrorCode.UNAUTHORIZED:  # an unknown group and a bad key look the same
             return error_response(401, exc.code, "unknown group or bad key")
         return error_response(STATUS.get(exc.code, 401), exc.code, exc.message)
-    session = await new_session(request)
+    cookies = request.app[COOKIES]
+    session = await cookies.new_session()
     issued = time.time()
     expires = int(issued) + settings.session_max_age
     # "iat": a revocation of the agent's logins (``revoke_agent``) refuses every cookie issued before it.
     session.update({"group": group.id, "agent": agent, "expires": expires, "sid": secrets.token_hex(16), "iat": issued})
     log.info("agent %s/%s logged in", group.id, agent)
-    return web.json_response({"group": group.id, "agent": agent, "expires": expires})
+    response = web.json_response({"group": group.id, "agent": agent, "expires": expires})
+    await cookies.save_session(request, response, session)
+    return response
 
 
 async def logout(request: web.Request) -> web.StreamResponse:
@@ -155,7 +161,8 @@ async def logout(request: web.Request) -> web.StreamResponse:
     While the backend is unreachable the logout is refused (503) and the
     cookie stays valid: a logout that could not be recorded everywhere must
     not look done."""
-    session = await get_session(request)
+    cookies = request.app[COOKIES]
+    session = await cookies.load_session(request)
     group = request.app[SETTINGS].groups.get(session.get("group", ""))
     if group is not None and not await origin_allowed(request, group):
         # A foreign page must not log an agent out (a nuisance CSRF on a cookie it cannot read).
@@ -170,7 +177,9 @@ async def logout(request: web.Request) -> web.StreamResponse:
             response.headers["Retry-After"] = "1"
             return response
     session.invalidate()
-    return web.json_response({"ok": True})
+    response = web.json_response({"ok": True})
+    await cookies.save_session(request, response, session)  # the cookie cleared
+    return response
 
 
 @dataclass(frozen=True, slots=True)
@@ -193,7 +202,7 @@ async def agent_login(request: web.Request) -> AgentLogin | None:
     """This request's login session, if still valid: not expired, not logged
     out, and not made before its agent's logins were revoked."""
     settings = request.app[SETTINGS]
-    session = await get_session(request)
+    session = await request.app[COOKIES].load_session(request)
     group = settings.groups.get(session.get("group", ""))
     agent, session_id = session.get("agent"), session.get("sid")
     if group is None or not isinstance(agent, str) or not isinstance(session_id, str):
@@ -214,10 +223,3 @@ async def agent_login(request: web.Request) -> AgentLogin | None:
         # revocation made meanwhile is only enforced again once Redis is back.
         log.warning("backend unavailable: cannot check whether %s/%s logged out", group.id, agent)
     return AgentLogin(group, agent, float(expires), float(issued))
-
-
-def forget_session(request: web.Request) -> None:
-    """Drop the decoded login session from a request that will not change it
-    (an agent's websocket, once its login is read): it would otherwise stay
-    in memory for as long as the connection lasts."""
-    request.pop(SESSION_KEY, None)

@@ -78,8 +78,12 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
             return ws  # closed: a consumer is nothing without its session
         await hub.release_held(conn, hello.session, arrival)
+        # This frame waits as long as the connection lives, and keeps its
+        # locals: the handshake's (the hello's token too) are let go of here.
+        del hello, arrival
         await serve_frames(conn, app, _handle)
     finally:
+        app[EXPIRY].forget(conn)
         await presence.visitor_left(conn)
         await conn.finish()
         log.debug("visitor connection closed (%s)", ws.close_code)

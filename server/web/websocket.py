@@ -11,10 +11,10 @@ import asyncio
 import contextlib
 import logging
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
-from aiohttp import WSMsgType, web
+from aiohttp import WSMsgType, hdrs, web
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.errors import CloseCode, ErrorCode, ProtocolError
@@ -73,13 +73,15 @@ class HandshakeTimeout(ProtocolError):
 
 def refused_before_upgrade(request: web.Request, hub: Hub) -> web.Response | None:
     """A 503 while draining (the client retries, elsewhere: readiness is
-    already false), a 426 for a request that is no websocket upgrade, a 429
-    for an address opening connections too fast."""
+    already false), a 426 for a request that is no websocket upgrade (a GET
+    with ``Upgrade: websocket``; the rest of the handshake is checked by
+    the upgrade itself, which answers 400), a 429 for an address opening
+    connections too fast."""
     if hub.draining:
         response = error_response(503, ErrorCode.DRAINING, "this instance is shutting down; reconnect")
         response.headers["Retry-After"] = "1"
         return response
-    if not web.WebSocketResponse(protocols=()).can_prepare(request).ok:
+    if request.method != hdrs.METH_GET or request.headers.get(hdrs.UPGRADE, "").lower() != "websocket":
         response = error_response(426, ErrorCode.INVALID, "this path takes a websocket upgrade only")
         response.headers["Upgrade"] = "websocket"
         return response
@@ -186,9 +188,35 @@ async def serve_frames(
     """Answer every frame until the connection ends: the frames both roles
     share here, the role's own through ``handle(app, conn, message)`` (a
     module function: nothing is made per connection for it), errors as
-    error frames."""
+    error frames. One loop reads the socket (no iterator or generator
+    between it and aiohttp: each would be held by every idle connection).
+
+    Every frame counts against the rate and the byte budget before anything
+    else is done with it: data frames, and the control frames (pings,
+    pongs) that aiohttp hands us since it no longer answers them."""
     settings = app[SETTINGS]
-    async for message in messages(conn, settings):
+    ws = conn.ws
+    while True:
+        msg = await ws.receive()
+        kind = msg.type
+        if kind in _COUNTED:
+            if conn.closing or not _within_rate(conn, settings, len(msg.data)):
+                continue  # over a limit, or after we started closing: dropped unread
+            if kind is WSMsgType.PING:
+                await _pong(ws, msg.data)
+                continue
+            if kind is WSMsgType.PONG:
+                continue  # the answer to our heartbeat's ping: its arrival already reset the heartbeat
+            message = _decoded(conn, msg.data, settings)
+            if message is None:
+                continue
+        else:
+            if kind is WSMsgType.ERROR:
+                error = ws.exception()
+                if getattr(error, "code", None) == CloseCode.MESSAGE_TOO_BIG:
+                    metrics.limit_hit("max_frame_bytes")
+                log.debug("%r ended with %s", conn, error)
+            return  # closed
         if conn.closing:
             continue  # it arrived after our close: unanswered, so the client counts it as not done
         metrics.received(conn.role, message.TYPE)
@@ -200,6 +228,21 @@ async def serve_frames(
             conn.send_error(ErrorCode.INVALID, "hello was already received")
         else:
             await answering_errors(conn, getattr(message, "id", None), handle(app, conn, message))
+
+
+def _decoded(conn: Connection, frame: bytes | str, settings: Settings) -> Message | None:
+    """A data frame's message; None when there is none to answer (a bad
+    frame answered with an error frame, or an oversized one that closed)."""
+    if len(frame) > settings.max_frame_bytes:
+        return _session_sized(conn, frame, settings)
+    if isinstance(frame, str):
+        conn.send_error(ErrorCode.BAD_FRAME, "frames must be binary msgpack")
+        return None
+    try:
+        return codec.decode(frame, settings.max_frame_bytes)
+    except ProtocolError as exc:
+        conn.send_error(exc.code, exc.message, exc.request_id)
+        return None
 
 
 def _within_rate(conn: Connection, settings: Settings, size: int) -> bool:
@@ -221,39 +264,6 @@ def _within_rate(conn: Connection, settings: Settings, size: int) -> bool:
 async def _pong(ws: web.WebSocketResponse, payload: bytes) -> None:
     with contextlib.suppress(ConnectionError, RuntimeError):  # closing: the receive loop ends on its own
         await ws.pong(payload)
-
-
-async def messages(conn: Connection, settings: Settings) -> AsyncIterator[Message]:
-    """Decoded frames until the connection ends; errors go back as frames.
-    Every frame counts against the rate and the byte budget before anything
-    else is done with it: data frames, and the control frames (pings,
-    pongs) that aiohttp hands us since it no longer answers them."""
-    max_bytes = settings.max_frame_bytes
-    async for msg in conn.ws:
-        if msg.type in _COUNTED and (conn.closing or not _within_rate(conn, settings, len(msg.data))):
-            continue  # over a limit, or after we started closing: dropped unread
-        if msg.type in (WSMsgType.BINARY, WSMsgType.TEXT) and len(msg.data) > max_bytes:
-            large = _session_sized(conn, msg.data, settings)
-            if large is not None:
-                yield large
-            continue
-        if msg.type is WSMsgType.BINARY:
-            try:
-                yield codec.decode(msg.data, max_bytes)
-            except ProtocolError as exc:
-                conn.send_error(exc.code, exc.message, exc.request_id)
-        elif msg.type is WSMsgType.PING:
-            await _pong(conn.ws, msg.data)
-        elif msg.type is WSMsgType.PONG:
-            pass  # the answer to our heartbeat's ping: its arrival already reset the heartbeat
-        elif msg.type is WSMsgType.TEXT:
-            conn.send_error(ErrorCode.BAD_FRAME, "frames must be binary msgpack")
-        elif msg.type is WSMsgType.ERROR:
-            error = conn.ws.exception()
-            if getattr(error, "code", None) == CloseCode.MESSAGE_TOO_BIG:
-                metrics.limit_hit("max_frame_bytes")
-            log.debug("%r ended with %s", conn, error)
-            return
 
 
 def _session_sized(conn: Connection, frame: bytes | str, settings: Settings) -> Message | None:
