@@ -33,6 +33,7 @@ from herald_presence.server.model.records import ConnectionRecord
 log = logging.getLogger(__name__)
 
 CLOSE_TIMEOUT = 2.0
+PING_FRAME = b"\x89\x00"  # a server's ping: FIN, opcode 9, unmasked, no payload (RFC 6455 5.5.2)
 FLOOR_SECONDS = 10.0  # how long after a snapshot stale bus events may still arrive
 SIGNALLED_REMEMBERED = 256  # visitors an agent connection signalled, who may answer it by name
 
@@ -70,10 +71,13 @@ class Connection:
         "_transport",
         "_writer",
         "expires",
-        "expiry_second",
+        "expiry_slice",
         "group",
+        "heard",
         "id",
+        "keepalive_slice",
         "max_queue",
+        "pinged",
         "rate",
         "requests",
         "role",
@@ -100,7 +104,10 @@ class Connection:
         self.requests = 0  # requests of this client being answered now
         self.rate = FrameRate()
         self.expires: float | None = None  # unix s when its credential runs out (core/expiry.py); None: never
-        self.expiry_second: int | None = None  # the second core/expiry.py files it under
+        self.expiry_slice: int | None = None  # where core/expiry.py files it
+        self.heard = time.monotonic()  # when the client's last frame came (any kind: pongs too)
+        self.pinged: float | None = None  # when core/keepalive.py pinged it, if unanswered yet
+        self.keepalive_slice: int | None = None  # where core/keepalive.py files it
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.group}/{self.subject} {self.id}>"
@@ -195,6 +202,26 @@ class Connection:
         # Awaited by finish(): the close ends the handler's receive loop,
         # and the handler waits for it before returning.
         self._closer = asyncio.get_running_loop().create_task(closing, name=f"close-{self.id}")
+
+    def ping(self) -> None:
+        """A keepalive ping, straight onto the socket: frames are written whole
+        (one synchronous write each), so it cannot land inside one."""
+        transport = self._transport
+        if not self.closing and transport is not None and not transport.is_closing():
+            transport.write(PING_FRAME)
+
+    def drop(self) -> None:
+        """Gone without a word (no answer to a ping): nothing more is
+        written and the socket is aborted at once; the handler's receive
+        loop ends as for any lost socket."""
+        if self._closing:
+            return
+        self._closing = True
+        self._queue = None
+        if self._writer is not None:
+            self._writer.cancel()
+        if self._transport is not None:
+            self._transport.abort()
 
     def leave(self, code: int, reason: str) -> None:
         """Close without losing anything: after the request in hand is

@@ -29,6 +29,7 @@ from .connection import AgentConnection, Connection, VisitorConnection
 from .events import EventRecorder
 from .expiry import Expiry
 from .inbox import Inbox
+from .keepalive import Keepalive
 from .load import Load
 from .presence import PresenceService
 from .registry import LocalVisitors, Watchers
@@ -98,6 +99,7 @@ class Hub:
         self.revocations = Revocations(settings, backend, backend, backend, self.inbox, self.watchers)
         self.inbox.on(names.REVOKE, self.revocations.on_revoke)  # arrives on an agent's topic
         self.expiry = Expiry(settings, backend, self.tasks)
+        self.keepalive = Keepalive(settings.keepalive)
         self.connection_rate = ConnectionRate(settings.connections_per_address)
         self.draining = False  # SIGTERM came: not ready, no new connections
 
@@ -112,6 +114,8 @@ class Hub:
             await self.backend.subscribe(names.inbox_topic(self.instance))
 
     async def close(self) -> None:
+        self.expiry.close()
+        self.keepalive.close()
         await self.tasks.close()
         await self.backend.close()
 
@@ -210,10 +214,14 @@ class Hub:
         metrics.BACKEND_RECONNECTS.inc()
         self.routes.clear()  # the bus was down: changes may have been missed
         await self.presence.restore()
-        # Changes published while the bus was down never reached our agents:
-        # they reconnect at once and start again from a fresh snapshot.
+        # Changes published while the bus was down never reached the agents
+        # that watch something: they reconnect and start again from a fresh
+        # snapshot, once the requests they have in hand are answered. An agent
+        # that only has its own topic missed nothing it could act on (its
+        # revocation cannot be made while the backend is away) and stays.
         for agent in self.watchers.agents():
-            agent.close(CloseCode.RECONNECT, "resync after a cluster backend outage")
+            if agent.watching_group or len(agent.topics - {names.agent_topic(agent.group, agent.subject)}):
+                agent.leave(CloseCode.RECONNECT, "resync after a cluster backend outage")
 
 
 async def _nothing() -> None:

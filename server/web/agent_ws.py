@@ -70,10 +70,12 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
             return ws
         request.app[EXPIRY].watch(agent, login.expires)
         agent.send_message(welcome(agent, version, settings, agent=agent_id, expires=login.expires))
+        hub.keepalive.watch(agent)
         log.debug("agent %s/%s connected", group.id, agent_id)
-        await serve_frames(agent, request.app, _handle)
+        await serve_frames(agent, request, _handle)
     finally:
         request.app[EXPIRY].forget(agent)
+        hub.keepalive.forget(agent)
         await hub.agent_left(agent)
         await agent.finish()
         log.debug("agent connection closed (%s)", ws.close_code)

@@ -74,6 +74,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     try:
         app[EXPIRY].watch(conn, expires)
         conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=focused, expires=expires))
+        hub.keepalive.watch(conn)
         log.debug("visitor %s/%s connected", group, visitor)
         if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
             return ws  # closed: a consumer is nothing without its session
@@ -81,9 +82,10 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         # This frame waits as long as the connection lives, and keeps its
         # locals: the handshake's (the hello's token too) are let go of here.
         del hello, arrival
-        await serve_frames(conn, app, _handle)
+        await serve_frames(conn, request, _handle)
     finally:
         app[EXPIRY].forget(conn)
+        hub.keepalive.forget(conn)
         await presence.visitor_left(conn)
         await conn.finish()
         log.debug("visitor connection closed (%s)", ws.close_code)

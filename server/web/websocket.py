@@ -10,7 +10,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import random
+import time
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, TypeVar
 
@@ -92,16 +92,11 @@ def refused_before_upgrade(request: web.Request, hub: Hub) -> web.Response | Non
 
 async def open_websocket(request: web.Request, settings: Settings) -> web.WebSocketResponse:
     ws = web.WebSocketResponse(
-        # Pings after this much silence; no pong within half of it closes (half-open
-        # TCP). Each connection's own period, 0.8-1 x keepalive: clients that
-        # connected together (after a deploy, a drain) drift apart instead of
-        # being pinged in one burst every keepalive seconds.
-        heartbeat=settings.keepalive * random.uniform(0.8, 1.0),
-        # Pings and pongs come to our loop (``messages``), which counts them
-        # against the connection's frame rate and byte budget like any frame
-        # and answers pings within them: aiohttp's autoping answered every
-        # ping, unseen and unlimited. The heartbeat needs no autoping: any
-        # bytes arriving (the pong to its ping too) are what keep it alive.
+        # No heartbeat: core/keepalive.py pings silent connections, and
+        # pings and pongs come to our loop (``serve_frames``), which counts
+        # them against the connection's frame rate and byte budget like any
+        # frame and answers pings within them: aiohttp's autoping answered
+        # every ping, unseen and unlimited.
         autoping=False,
         # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted
         # (a session member's session_signal); ``messages`` holds every other frame to max_frame_bytes.
@@ -183,7 +178,7 @@ def welcome(conn: Connection, version: int, settings: Settings, **role_fields: A
 
 
 async def serve_frames(
-    conn: C, app: web.Application, handle: Callable[[web.Application, C, Message], Awaitable[None]]
+    conn: C, request: web.Request, handle: Callable[[web.Application, C, Message], Awaitable[None]]
 ) -> None:
     """Answer every frame until the connection ends: the frames both roles
     share here, the role's own through ``handle(app, conn, message)`` (a
@@ -194,10 +189,13 @@ async def serve_frames(
     Every frame counts against the rate and the byte budget before anything
     else is done with it: data frames, and the control frames (pings,
     pongs) that aiohttp hands us since it no longer answers them."""
+    _forget_handshake(request)
+    app = request.app
     settings = app[SETTINGS]
     ws = conn.ws
     while True:
         msg = await ws.receive()
+        conn.heard = time.monotonic()  # alive, whatever it sent (core/keepalive.py)
         kind = msg.type
         if kind in _COUNTED:
             if conn.closing or not _within_rate(conn, settings, len(msg.data)):
@@ -228,6 +226,17 @@ async def serve_frames(
             conn.send_error(ErrorCode.INVALID, "hello was already received")
         else:
             await answering_errors(conn, getattr(message, "id", None), handle(app, conn, message))
+
+
+def _forget_handshake(request: web.Request) -> None:
+    """aiohttp keeps what a request's properties computed (its URL, headers
+    view, peer address...) for the request's life, which for a websocket is
+    the connection's: ~0.9 KB per idle connection (tracemalloc), let go of
+    once the handshake is done. Computed again if read again (the access
+    log does, at the close)."""
+    cached = getattr(request, "_cache", None)
+    if isinstance(cached, dict):
+        cached.clear()
 
 
 def _decoded(conn: Connection, frame: bytes | str, settings: Settings) -> Message | None:

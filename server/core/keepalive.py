@@ -1,0 +1,69 @@
+"""Keepalive: a ping after a connection's silence, and a connection that
+does not answer it dropped (half-open TCP: a peer whose network vanished).
+
+Each connection has its own period, 0.8-0.85 x ``keepalive`` (from its ID),
+and is checked at most a tenth of ``keepalive`` after it is due: pinged
+after 0.8-0.95 x ``keepalive`` of silence, so clients that connected
+together, after a deploy or a drain, drift apart instead of being pinged in
+one burst, and dropped within 1.5 x ``keepalive`` of its last frame
+(PROTOCOL.md §7). Any frame from the client counts as
+heard (``Connection.heard``, set by the receive loop), its pong too. A
+connection silent for its period is pinged; still silent half a period
+later, its socket is aborted (a peer that does not answer a ping would not
+read a close frame either) and its handler ends as for any lost socket.
+Connections are filed by when they are next due (``deadlines.py``: one
+timer per instance, slices of keepalive / 10), not on aiohttp's heartbeat,
+whose timer per connection weighed ~0.5 KiB of every idle connection and
+was pushed back by a callback scheduled for every frame received.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+
+from .connection import Connection
+from .deadlines import Deadlines
+
+log = logging.getLogger(__name__)
+
+SLICES = 10  # a connection is checked at most keepalive / SLICES after it is due
+
+
+class Keepalive:
+    def __init__(self, keepalive: float) -> None:
+        self._keepalive = keepalive
+        self._deadlines: Deadlines[Connection] = Deadlines(keepalive / SLICES, time.monotonic, self._due)
+
+    def watch(self, conn: Connection) -> None:
+        """From now on ``conn`` is pinged when silent (after its welcome)."""
+        if not conn.closing:
+            conn.keepalive_slice = self._deadlines.add(conn, conn.heard + self._period(conn))
+
+    def forget(self, conn: Connection) -> None:
+        self._deadlines.remove(conn, conn.keepalive_slice)
+        conn.keepalive_slice = None
+
+    def close(self) -> None:
+        self._deadlines.close()
+
+    def _period(self, conn: Connection) -> float:
+        return self._keepalive * (0.8 + 0.05 * int(conn.id[-4:], 16) / 0xFFFF)
+
+    def _due(self, conn: Connection) -> None:
+        conn.keepalive_slice = None
+        if conn.closing:
+            return
+        now, period = time.monotonic(), self._period(conn)
+        if conn.pinged is not None and conn.heard < conn.pinged:  # no answer yet
+            if now - conn.pinged >= period / 2:
+                log.info("dropping %r: no answer to a keepalive ping", conn)
+                conn.drop()
+                return
+            when = conn.pinged + period / 2
+        elif now - conn.heard >= period:
+            conn.ping()
+            conn.pinged, when = now, now + period / 2
+        else:
+            conn.pinged, when = None, conn.heard + period
+        conn.keepalive_slice = self._deadlines.add(conn, when)
