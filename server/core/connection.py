@@ -61,7 +61,8 @@ async def _resume(sending: Coroutine[Any, Any, None], waiting: Any) -> None:
 
 
 class Connection:
-    """A client's socket and identity; ``send`` queues, one writer drains."""
+    """A client's socket and identity; ``send`` writes at once or queues
+    behind what waits, and one writer drains the queue."""
 
     __slots__ = (
         "_closer",
