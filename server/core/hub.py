@@ -220,7 +220,7 @@ class Hub:
         # that only has its own topic missed nothing it could act on (its
         # revocation cannot be made while the backend is away) and stays.
         for agent in self.watchers.agents():
-            if agent.watching_group or len(agent.topics - {names.agent_topic(agent.group, agent.subject)}):
+            if agent.topics - {names.agent_topic(agent.group, agent.subject)}:  # visitors, the group, sessions
                 agent.leave(CloseCode.RECONNECT, "resync after a cluster backend outage")
 
 

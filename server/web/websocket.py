@@ -99,7 +99,7 @@ async def open_websocket(request: web.Request, settings: Settings) -> web.WebSoc
         # every ping, unseen and unlimited.
         autoping=False,
         # aiohttp refuses a frame of max_msg_size bytes or more; ours is the largest accepted
-        # (a session member's session_signal); ``messages`` holds every other frame to max_frame_bytes.
+        # (a session member's session_signal); ``serve_frames`` holds every other frame to max_frame_bytes.
         max_msg_size=max(settings.max_frame_bytes, settings.max_session_frame_bytes) + 1,  # bigger: 1009
         timeout=CLOSE_TIMEOUT,
         # No permessage-deflate, though every browser offers it: our frames are
@@ -204,7 +204,7 @@ async def serve_frames(
                 await _pong(ws, msg.data)
                 continue
             if kind is WSMsgType.PONG:
-                continue  # the answer to our heartbeat's ping: its arrival already reset the heartbeat
+                continue  # the answer to a keepalive ping: heard above
             message = _decoded(conn, msg.data, settings)
             if message is None:
                 continue
@@ -231,7 +231,7 @@ async def serve_frames(
 def _forget_handshake(request: web.Request) -> None:
     """aiohttp keeps what a request's properties computed (its URL, headers
     view, peer address...) for the request's life, which for a websocket is
-    the connection's: ~0.9 KB per idle connection (tracemalloc), let go of
+    the connection's: ~1.9 KB per idle connection (tracemalloc), let go of
     once the handshake is done. Computed again if read again (the access
     log does, at the close)."""
     cached = getattr(request, "_cache", None)
