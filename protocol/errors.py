@@ -46,7 +46,8 @@ class CloseCode(IntEnum):
     NORMAL = 1000
     GOING_AWAY = 1001  # server shutting down: reconnect, probably elsewhere
     PROTOCOL_ERROR = 1002  # a websocket-level violation, e.g. a compressed frame (never negotiated)
-    MESSAGE_TOO_BIG = 1009  # frame above max_frame_bytes (sent by aiohttp)
+    MESSAGE_TOO_BIG = 1009  # frame above max_frame_bytes
+    INTERNAL_ERROR = 1011  # the server failed while setting the connection up: reconnect
     # 4000-4499: reconnect with backoff.
     HANDSHAKE_TIMEOUT = 4000
     SLOW_CONSUMER = 4001

@@ -1,12 +1,12 @@
 """One client connection: its identity and its single, bounded writer.
 
 Fan-out never awaits a client. ``send`` writes the already-encoded frame to
-the socket at once while nothing of the connection's waits to be written
-(the common case: no task, no queue); otherwise it appends it to a bounded
-queue and, if no writer is running, starts one; the writer exits when the
-queue is empty, so an idle connection holds no task. A client that stops
-reading lets its queue fill and is closed as a slow consumer; nobody else
-waits for it.
+the socket at once (the transport buffers what the kernel does not take
+yet); only while the transport's buffer is over its high-water mark (the
+client reads slower than it is written to) do frames wait in a bounded
+queue, written as soon as the transport takes writes again. No task, no
+lock: an idle connection holds neither. A client that stops reading lets
+its queue fill and is closed as a slow consumer; nobody else waits for it.
 """
 
 from __future__ import annotations
@@ -16,10 +16,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Coroutine
 from typing import Any
-
-from aiohttp import web
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.errors import CloseCode, ErrorCode
@@ -30,10 +27,10 @@ from herald_presence.server.model.limits import FrameRate, RecentKeys, SignalBud
 from herald_presence.server.model.names import KEY_TOPIC, VISITOR_TOPIC, visitor_topic
 from herald_presence.server.model.records import ConnectionRecord
 
+from .wire import CLOSE_TIMEOUT, Wire
+
 log = logging.getLogger(__name__)
 
-CLOSE_TIMEOUT = 2.0
-PING_FRAME = b"\x89\x00"  # a server's ping: FIN, opcode 9, unmasked, no payload (RFC 6455 5.5.2)
 FLOOR_SECONDS = 10.0  # how long after a snapshot stale bus events may still arrive
 SIGNALLED_REMEMBERED = 256  # visitors an agent connection signalled, who may answer it by name
 
@@ -48,49 +45,34 @@ def error_frame(code: ErrorCode | str, message: str, request_id: int | None = No
     return codec.encode(Error(code=str(code), message=message, id=request_id))
 
 
-async def _resume(sending: Coroutine[Any, Any, None], waiting: Any) -> None:
-    """Finish a coroutine that was started by hand and waits on ``waiting``."""
-    try:
-        while True:
-            await asyncio.wait([waiting])
-            waiting = sending.send(None)
-    except StopIteration:
-        return
-    finally:
-        sending.close()
-
-
 class Connection:
-    """A client's socket and identity; ``send`` writes at once or queues
-    behind what waits, and one writer drains the queue."""
+    """A client's socket (its ``Wire``) and identity; ``send`` writes at
+    once, or queues while the socket's buffer is full."""
 
     __slots__ = (
-        "_closer",
         "_closing",
         "_leaving",
         "_queue",
-        "_transport",
-        "_writer",
+        "_then_close",
         "expires",
         "expiry_slice",
         "group",
         "heard",
         "id",
+        "inbox",
         "keepalive_slice",
         "max_queue",
         "pinged",
         "rate",
         "requests",
         "role",
+        "serving",
         "subject",
-        "ws",
+        "wire",
     )
 
-    def __init__(self, ws: web.WebSocketResponse, role: str, group: str, subject: str, max_queue: int) -> None:
-        self.ws = ws
-        # Its socket's write buffer says whether a frame can be written at
-        # once (``send``); held here because aiohttp lets go of it while closing.
-        self._transport = ws._req.transport if ws._req is not None else None
+    def __init__(self, wire: Wire, role: str, group: str, subject: str, max_queue: int) -> None:
+        self.wire = wire
         self.id = new_connection_id()
         self.role = role
         self.group = group
@@ -98,9 +80,8 @@ class Connection:
         self.max_queue = max_queue
         # Only while frames wait: an idle connection keeps no deque (760 bytes).
         self._queue: deque[bytes] | None = None
-        self._writer: asyncio.Task[None] | None = None
-        self._closer: asyncio.Task[None] | None = None
         self._closing = False
+        self._then_close: tuple[int, str] | None = None  # a close waiting for the queue to be written
         self._leaving: tuple[int, str] | None = None  # a close waiting for the request in hand
         self.requests = 0  # requests of this client being answered now
         self.rate = FrameRate()
@@ -109,13 +90,18 @@ class Connection:
         self.heard = time.monotonic()  # when the client's last frame came (any kind: pongs too)
         self.pinged: float | None = None  # when core/keepalive.py pinged it, if unanswered yet
         self.keepalive_slice: int | None = None  # where core/keepalive.py files it
+        # Its messages waiting for their turn, and the task answering them
+        # in order: both only while there are any (web/websocket.py).
+        self.inbox: deque[Any] | None = None
+        self.serving: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
         return f"<{self.role} {self.group}/{self.subject} {self.id}>"
 
     @property
     def closing(self) -> bool:
-        return self._closing or self.ws.closed
+        wire = self.wire
+        return self._closing or wire.close_sent or wire.lost
 
     @property
     def session_member(self) -> bool:
@@ -123,15 +109,17 @@ class Connection:
         return False
 
     def send(self, frame: bytes) -> None:
-        """Queue an encoded frame; never blocks, never raises."""
+        """Write an encoded frame, or queue it; never blocks, never raises."""
         if self.closing:
             return
         queue = self._queue
         if queue is None:
-            if self._written_at_once(frame):
+            if not self.wire.writing_paused:
+                self.wire.send(frame)
+                metrics.sent(self.role, frame)
                 return
             self._queue = deque((frame,))
-            self._writer = asyncio.create_task(self._drain(), name=f"writer-{self.id}")
+            self.wire.on_resume(self._write_queued)
             return
         if queue_full(len(queue), self.max_queue):
             log.warning("closing slow consumer %r: %d frames queued", self, len(queue))
@@ -146,83 +134,62 @@ class Connection:
     def send_error(self, code: ErrorCode | str, message: str, request_id: int | None = None) -> None:
         self.send(error_frame(code, message, request_id))
 
-    def _written_at_once(self, frame: bytes) -> bool:
-        """Write ``frame`` now, without a task, if the socket has nothing
-        buffered: aiohttp's send of an uncompressed frame then completes
-        without waiting (it only waits for a paused transport, and one with
-        an empty buffer is not paused). False: queue it."""
-        transport = self._transport
-        if transport is None or transport.get_write_buffer_size():
-            return False
-        sending = self.ws.send_bytes(frame)
-        try:
-            waiting = sending.send(None)
-        except StopIteration:
-            pass
-        except (ConnectionError, RuntimeError) as exc:
-            log.debug("write to %r failed: %s", self, exc)  # the receive loop sees the close
-            return True
-        else:
-            # It waited after all: a writer finishes it, and frames sent meanwhile queue behind it.
-            self._queue = deque()
-            self._writer = asyncio.create_task(self._drain(_resume(sending, waiting)), name=f"writer-{self.id}")
-        metrics.sent(self.role, frame)
-        return True
-
-    async def _drain(self, in_flight: Coroutine[Any, Any, None] | None = None) -> None:
-        queue = self._queue
-        try:
-            if in_flight is not None:
-                await in_flight
-            while queue and not self.ws.closed:
-                frame = queue.popleft()
-                await self.ws.send_bytes(frame)
+    def _write_queued(self) -> None:
+        """The transport takes writes again: what waits goes out, until it is
+        full again or all is written (then a close waiting for it follows)."""
+        queue, wire = self._queue, self.wire
+        while queue and not wire.writing_paused:
+            frame = queue.popleft()
+            if wire.send(frame):
                 metrics.sent(self.role, frame)
-        except (ConnectionError, RuntimeError) as exc:
-            # The peer went away mid-write; the receive loop sees the close.
-            log.debug("write to %r failed: %s", self, exc)
-        finally:
-            # Empty (or given up on): the next send starts a new queue and writer.
-            self._queue, self._writer = None, None
+        if queue:
+            return
+        self._queue = None
+        wire.on_resume(None)
+        if self._then_close is not None:
+            code, reason = self._then_close
+            self._then_close = None
+            wire.close(code, reason)
 
     def close(self, code: int, reason: str, flush: bool = False) -> None:
         """Close from anywhere (fan-out, timers): queued frames are dropped
         (or, with ``flush``, written first for at most CLOSE_TIMEOUT: the
         error frame that explains the close), the close frame goes out, and
-        a peer that does not take it within CLOSE_TIMEOUT is dropped."""
+        a peer that does not answer it within CLOSE_TIMEOUT is dropped."""
         if self._closing:
             return
         self._closing = True
-        if flush:
-            closing = self._flush_and_close(code, reason)
-        else:
-            self._queue = None
-            if self._writer is not None:
-                self._writer.cancel()
-            closing = self._close(code, reason)
-        # Awaited by finish(): the close ends the handler's receive loop,
-        # and the handler waits for it before returning.
-        self._closer = asyncio.get_running_loop().create_task(closing, name=f"close-{self.id}")
+        if flush and self._queue:
+            self._then_close = (code, reason)
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._close_unflushed)
+            return
+        self._queue = None
+        self.wire.on_resume(None)
+        self.wire.close(code, reason)
+
+    def _close_unflushed(self) -> None:
+        """A flushing close whose queue the peer did not take in time."""
+        if self._then_close is not None:
+            code, reason = self._then_close
+            self._then_close, self._queue = None, None
+            self.wire.on_resume(None)
+            self.wire.close(code, reason)
 
     def ping(self) -> None:
         """A keepalive ping, straight onto the socket: frames are written whole
         (one synchronous write each), so it cannot land inside one."""
-        transport = self._transport
-        if not self.closing and transport is not None and not transport.is_closing():
-            transport.write(PING_FRAME)
+        if not self.closing:
+            self.wire.ping()
 
     def drop(self) -> None:
         """Gone without a word (no answer to a ping): nothing more is
-        written and the socket is aborted at once; the handler's receive
-        loop ends as for any lost socket."""
+        written and the socket is aborted at once; its endpoint hears of
+        it as of any lost socket."""
         if self._closing:
             return
         self._closing = True
         self._queue = None
-        if self._writer is not None:
-            self._writer.cancel()
-        if self._transport is not None:
-            self._transport.abort()
+        self.wire.abort()
 
     def leave(self, code: int, reason: str) -> None:
         """Close without losing anything: after the request in hand is
@@ -245,38 +212,10 @@ class Connection:
             self._leaving = None
             self.leave(code, reason)
 
-    async def _flush_and_close(self, code: int, reason: str) -> None:
-        writer = self._writer
-        if writer is not None:
-            await asyncio.wait([writer], timeout=CLOSE_TIMEOUT)
-            writer.cancel()  # a peer that does not read is not waited for longer
-        await self._close(code, reason)
-
-    async def _close(self, code: int, reason: str) -> None:
-        transport = self._transport
-        try:
-            async with asyncio.timeout(CLOSE_TIMEOUT):
-                await self.ws.close(code=code, message=reason.encode()[:120])
-        except (TimeoutError, ConnectionError, RuntimeError):
-            pass
-        except asyncio.CancelledError:
-            # Cancelling the stuck writer can cancel the close with it; only
-            # our own cancellation (shutdown) goes on up.
-            current = asyncio.current_task()
-            if current is not None and current.cancelling():
-                raise
-        finally:
-            # A peer that does not read would keep a half-closed socket
-            # waiting to flush forever: drop it now (a no-op once closed).
-            if transport is not None:
-                transport.abort()
-
     async def finish(self) -> None:
-        """Before a handler returns: let queued frames go out and a close
-        started elsewhere complete (both bounded)."""
-        tasks = [task for task in (self._writer, self._closer) if task is not None]
-        if tasks:
-            await asyncio.wait(tasks, timeout=CLOSE_TIMEOUT)
+        """Until the socket is gone: a close started anywhere completes
+        (the peer answers, or is dropped after CLOSE_TIMEOUT), bounded."""
+        await self.wire.wait_closed(3 * CLOSE_TIMEOUT)
 
 
 class VisitorConnection(Connection):
@@ -287,7 +226,7 @@ class VisitorConnection(Connection):
 
     def __init__(
         self,
-        ws: web.WebSocketResponse,
+        wire: Wire,
         group: str,
         visitor: str,
         max_queue: int,
@@ -295,7 +234,7 @@ class VisitorConnection(Connection):
         data: dict[str, Any],
         visible: bool,
     ) -> None:
-        super().__init__(ws, "visitor", group, visitor, max_queue)
+        super().__init__(wire, "visitor", group, visitor, max_queue)
         data = {key: value for key, value in data.items() if value is not None}
         self.presence = ConnectionRecord(self.id, instance, data, visible, round(time.time(), 3))
         self.presence_due = 0.0  # monotonic time before which a presence change waits (presence_rate)
@@ -354,8 +293,8 @@ class AgentConnection(Connection):
         "watching_group",
     )
 
-    def __init__(self, ws: web.WebSocketResponse, group: str, agent: str, max_queue: int, issued: float = 0.0) -> None:
-        super().__init__(ws, "agent", group, agent, max_queue)
+    def __init__(self, wire: Wire, group: str, agent: str, max_queue: int, issued: float = 0.0) -> None:
+        super().__init__(wire, "agent", group, agent, max_queue)
         self.issued = issued  # unix s when its login session was made: a revocation after it closes this
         self.topics: set[str] = set()
         self.watching_group = False

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 
@@ -13,10 +14,23 @@ from herald_presence.server.backends.base import Backend
 from herald_presence.server.backends.memory import MemoryBackend
 from herald_presence.server.config import Settings
 from herald_presence.server.core.hub import Hub
-from herald_presence.server.web import admin, auth, codes, control, crm, demo, events, health, keys, openapi, pages
-from herald_presence.server.web.agent_ws import agent_endpoint
+from herald_presence.server.core.wire import CLOSE_TIMEOUT
+from herald_presence.server.web import (
+    admin,
+    agent_ws,
+    auth,
+    codes,
+    control,
+    crm,
+    demo,
+    events,
+    health,
+    keys,
+    openapi,
+    pages,
+    visitor_ws,
+)
 from herald_presence.server.web.http_common import name_the_server
-from herald_presence.server.web.visitor_ws import visitor_endpoint
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +56,8 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
     app = web.Application(client_max_size=64 * 1024)
     keys.install(app, settings, Hub(settings, backend or make_backend(settings)))
     auth.setup_sessions(app, settings)
-    app.router.add_get("/v1/visitor", visitor_endpoint)
-    app.router.add_get("/v1/agent", agent_endpoint)
+    visitor_ws.add_routes(app)
+    agent_ws.add_routes(app)
     app.router.add_post("/v1/agent/login", auth.login)
     app.router.add_post("/v1/agent/logout", auth.logout)
     for routes in (codes, admin, crm, control, events, demo, pages, openapi):
@@ -70,3 +84,7 @@ async def _close_connections(app: web.Application) -> None:
         conn.close(CloseCode.GOING_AWAY, "server shutting down")
     for conn in connections:
         await conn.finish()
+    # Each socket gone, its endpoint lets go of it (presence, watchers): before the hub closes.
+    cleanups = [conn.serving for conn in connections if conn.serving is not None]
+    if cleanups:
+        await asyncio.wait(cleanups, timeout=CLOSE_TIMEOUT)

@@ -30,7 +30,7 @@ from aiohttp import web
 
 from herald_presence.server import __version__
 from herald_presence.server.config import Settings
-from herald_presence.server.core.connection import CLOSE_TIMEOUT
+from herald_presence.server.core.wire import CLOSE_TIMEOUT
 from herald_presence.server.web import health
 from herald_presence.server.web.access_log import AccessLogger
 from herald_presence.server.web.keys import HUB

@@ -32,21 +32,27 @@ from . import auth
 from .http_common import error_response
 from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, REVOCATIONS, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
+    FrameServer,
     answering_errors,
     open_websocket,
     read_hello,
     refuse,
     refused_before_upgrade,
     relay_session_signal,
-    serve_frames,
-    welcome,
 )
 
 log = logging.getLogger(__name__)
+FRAMES = web.AppKey("agent_frames", FrameServer[AgentConnection])
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/agent", agent_endpoint)
+    app[FRAMES] = FrameServer(app, _handle, _gone)
 
 
 async def agent_endpoint(request: web.Request) -> web.StreamResponse:
-    settings, hub = request.app[SETTINGS], request.app[HUB]
+    app = request.app
+    settings, hub = app[SETTINGS], app[HUB]
     refused = refused_before_upgrade(request, hub)
     if refused is not None:
         return refused
@@ -56,39 +62,38 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
     group, agent_id = login.group, login.agent
     if not await auth.origin_allowed(request, group):
         return error_response(403, ErrorCode.FORBIDDEN, "origin not allowed for this group")
-    ws = await open_websocket(request, settings)
+    wire = open_websocket(request, settings)
     try:
-        _hello, version = await read_hello(ws, settings)
+        _hello, version = await read_hello(wire, settings)
     except ProtocolError as exc:
-        await refuse(ws, exc)
-        return ws
-    agent = AgentConnection(ws, group.id, agent_id, settings.max_queue, issued=login.issued)
+        return refuse(wire, exc)
+    agent = AgentConnection(wire, group.id, agent_id, settings.max_queue, issued=login.issued)
     logs.CONNECTION.set(agent.id)  # this handler's log lines (and its tasks') name it
-    try:
-        await hub.agent_joined(agent)
-        if await _revoked_meanwhile(request, agent):
-            return ws
-        request.app[EXPIRY].watch(agent, login.expires)
-        agent.send_message(welcome(agent, version, settings, agent=agent_id, expires=login.expires))
-        hub.keepalive.watch(agent)
-        log.debug("agent %s/%s connected", group.id, agent_id)
-        await serve_frames(agent, request, _handle)
-    finally:
-        request.app[EXPIRY].forget(agent)
-        hub.keepalive.forget(agent)
-        await hub.agent_left(agent)
-        await agent.finish()
-        log.debug("agent connection closed (%s)", ws.close_code)
-    return ws
+    return await app[FRAMES].serve_after(agent, _welcomed(app, agent, version, login.expires))
 
 
-async def _revoked_meanwhile(request: web.Request, agent: AgentConnection) -> bool:
+async def _welcomed(app: web.Application, agent: AgentConnection, version: int, expires: float) -> bool:
+    """The rest of the handshake: watching its own topic, the welcome.
+    False: its logins were revoked meanwhile (closed)."""
+    await app[HUB].agent_joined(agent)
+    if await _revoked_meanwhile(app, agent):
+        return False
+    app[FRAMES].greet(agent, version, expires, agent=agent.subject)
+    return True
+
+
+async def _gone(app: web.Application, agent: AgentConnection) -> None:
+    """Once its socket is gone (or its handshake failed after it joined)."""
+    await app[HUB].agent_left(agent)
+
+
+async def _revoked_meanwhile(app: web.Application, agent: AgentConnection) -> bool:
     """A revocation published after the upgrade's check and before this
     connection watched its agent's topic missed it: checked once more, now
     that the topic is watched (closed if so)."""
     with contextlib.suppress(BackendUnavailable):
-        if agent.issued < await request.app[REVOCATIONS].not_before(agent.group, agent.subject):
-            await refuse(agent.ws, ProtocolError(ErrorCode.REVOKED, "this agent's logins were revoked"))
+        if agent.issued < await app[REVOCATIONS].not_before(agent.group, agent.subject):
+            refuse(agent.wire, ProtocolError(ErrorCode.REVOKED, "this agent's logins were revoked"))
             return True
     return False
 

@@ -42,6 +42,7 @@ import ipaddress
 import logging
 import math
 import resource
+from collections.abc import Callable
 from typing import Any
 
 from aiohttp import web
@@ -212,6 +213,15 @@ class _Handler(web.RequestHandler):
         if budget is not None:
             budget.release(self._counted_as)
         super().connection_lost(exc)
+
+
+def hand_over_budget(handler: web.RequestHandler) -> Callable[[], None] | None:
+    """A socket that leaves aiohttp (a websocket, web/websocket.py) takes
+    its place in the budget with it: what to call once it closes."""
+    if not isinstance(handler, _Handler) or handler._budget is None:
+        return None  # served by a plain aiohttp runner (tests): nothing counted
+    budget, handler._budget = handler._budget, None
+    return functools.partial(budget.release, handler._counted_as)
 
 
 class _Gate(asyncio.Protocol):

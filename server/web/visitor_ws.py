@@ -20,7 +20,7 @@ from herald_presence.protocol.messages import (
     StartSession,
 )
 from herald_presence.server import logs
-from herald_presence.server.backends.base import Refused
+from herald_presence.server.backends.base import Arrival, Refused
 from herald_presence.server.core.connection import VisitorConnection
 from herald_presence.server.core.revocation import Revocations
 from herald_presence.server.core.sessions import CONSUMER_PREFIX, Sessions
@@ -29,16 +29,21 @@ from herald_presence.server.model.presence_rules import is_consumer
 from . import auth
 from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
+    FrameServer,
     open_websocket,
     read_hello,
     refuse,
     refused_before_upgrade,
     relay_session_signal,
-    serve_frames,
-    welcome,
 )
 
 log = logging.getLogger(__name__)
+FRAMES = web.AppKey("visitor_frames", FrameServer[VisitorConnection])
+
+
+def add_routes(app: web.Application) -> None:
+    app.router.add_get("/v1/visitor", visitor_endpoint)
+    app[FRAMES] = FrameServer(app, _handle, _gone)
 
 
 async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
@@ -47,17 +52,16 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     refused = refused_before_upgrade(request, hub)
     if refused is not None:
         return refused
-    ws = await open_websocket(request, settings)
+    wire = open_websocket(request, settings)
     try:
-        hello, version = await read_hello(ws, settings)
+        hello, version = await read_hello(wire, settings)
         group, visitor, consumer_session, expires = await _identify(request, sessions, hello)
         await auth.require_origin(request, settings.groups[group])
     except ProtocolError as exc:
         log.info("visitor handshake refused: %s", exc.code)
-        await refuse(ws, exc)
-        return ws
+        return refuse(wire, exc)
     visible = True if hello.visible is None else hello.visible
-    conn = VisitorConnection(ws, group, visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
+    conn = VisitorConnection(wire, group, visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
     logs.CONNECTION.set(conn.id)  # this handler's log lines (and its tasks') name it
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.
@@ -66,30 +70,35 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         focused = await presence.visitor_joined(conn, arrival)
     except Refused as refusal:
         log.info("visitor handshake refused: %s", ErrorCode.REVOKED)
-        await refuse(ws, Revocations.refused(refusal.value))
-        return ws
+        return refuse(wire, Revocations.refused(refusal.value))
     except ProtocolError as exc:
-        await refuse(ws, exc)
-        return ws
-    try:
-        app[EXPIRY].watch(conn, expires)
-        conn.send_message(welcome(conn, version, settings, visitor=visitor, focused=focused, expires=expires))
-        hub.keepalive.watch(conn)
-        log.debug("visitor %s/%s connected", group, visitor)
-        if consumer_session is not None and not await _attach(sessions, conn, consumer_session):
-            return ws  # closed: a consumer is nothing without its session
-        await hub.release_held(conn, hello.session, arrival)
-        # This frame waits as long as the connection lives, and keeps its
-        # locals: the handshake's (the hello's token too) are let go of here.
-        del hello, arrival
-        await serve_frames(conn, request, _handle)
-    finally:
-        app[EXPIRY].forget(conn)
-        hub.keepalive.forget(conn)
-        await presence.visitor_left(conn)
-        await conn.finish()
-        log.debug("visitor connection closed (%s)", ws.close_code)
-    return ws
+        return refuse(wire, exc)
+    rest = _welcomed(app, conn, version, expires, focused, consumer_session, hello.session, arrival)
+    return await app[FRAMES].serve_after(conn, rest)
+
+
+async def _welcomed(
+    app: web.Application,
+    conn: VisitorConnection,
+    version: int,
+    expires: float | None,
+    focused: bool,
+    consumer_session: str | None,
+    held_session: str | None,
+    arrival: Arrival,
+) -> bool:
+    """The rest of the handshake: the welcome, a consumer's session, the
+    signals held for this visitor. False: the connection was closed."""
+    app[FRAMES].greet(conn, version, expires, visitor=conn.subject, focused=focused)
+    if consumer_session is not None and not await _attach(app[SESSIONS], conn, consumer_session):
+        return False  # closed: a consumer is nothing without its session
+    await app[HUB].release_held(conn, held_session, arrival)
+    return True
+
+
+async def _gone(app: web.Application, conn: VisitorConnection) -> None:
+    """Once its socket is gone (or its handshake failed after it registered)."""
+    await app[PRESENCE].visitor_left(conn)
 
 
 async def _identify(request: web.Request, sessions: Sessions, hello: Hello) -> tuple[str, str, str | None, int | None]:

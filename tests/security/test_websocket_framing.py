@@ -1,0 +1,197 @@
+"""Websocket frames no browser or SDK sends, written byte by byte on a raw
+socket: the server's own framing (RFC 6455) takes what the RFC allows and
+closes on the rest with the RFC's code, and never waits for a payload it is
+going to refuse. Each test ends with a bystander that still works."""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import hashlib
+import os
+import struct
+
+from herald_presence.protocol import codec
+from herald_presence.protocol.messages import Welcome
+
+from ..harness import HeraldServer
+from .helpers import assert_bystanders_served, hello
+
+KEY = base64.b64encode(b"0123456789abcdef").decode()
+ACCEPT = base64.b64encode(hashlib.sha1(KEY.encode() + b"258EAFA5-E914-47DA-95CA-C5AB0DC85B11").digest()).decode()
+BINARY, TEXT, CONTINUATION, CLOSE, PING, PONG = 0x2, 0x1, 0x0, 0x8, 0x9, 0xA
+
+
+def upgrade_request(version: str = "13", key: str = KEY) -> bytes:
+    return (
+        f"GET /v1/visitor HTTP/1.1\r\nHost: x\r\nUpgrade: websocket\r\nConnection: Upgrade\r\n"
+        f"Sec-WebSocket-Key: {key}\r\nSec-WebSocket-Version: {version}\r\n\r\n"
+    ).encode()
+
+
+def client_frame(opcode: int, payload: bytes, *, final: bool = True, rsv: int = 0, masked: bool = True) -> bytes:
+    first = (0x80 if final else 0) | rsv | opcode
+    size = len(payload)
+    mask_bit = 0x80 if masked else 0
+    if size < 126:
+        header = struct.pack("!BB", first, mask_bit | size)
+    elif size < 1 << 16:
+        header = struct.pack("!BBH", first, mask_bit | 126, size)
+    else:
+        header = struct.pack("!BBQ", first, mask_bit | 127, size)
+    if not masked:
+        return header + payload
+    mask = os.urandom(4)
+    return header + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+
+
+class RawSocket:
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def frame(self) -> tuple[int, bytes]:
+        async with asyncio.timeout(5):
+            first, second = await self.reader.readexactly(2)
+            size = second & 0x7F
+            if size == 126:
+                size = int.from_bytes(await self.reader.readexactly(2), "big")
+            elif size == 127:
+                size = int.from_bytes(await self.reader.readexactly(8), "big")
+            return first & 0x0F, await self.reader.readexactly(size)
+
+    async def close_code(self) -> int:
+        """The code of the server's close frame (skipping what came before it);
+        the server then closes the socket."""
+        while True:
+            opcode, payload = await self.frame()
+            if opcode == CLOSE:
+                async with asyncio.timeout(5):
+                    assert await self.reader.read() == b"", "the server closes the socket after its close frame"
+                return int.from_bytes(payload[:2], "big")
+
+    def send(self, data: bytes) -> None:
+        self.writer.write(data)
+
+
+async def upgraded(herald: HeraldServer, *, also: bytes = b"") -> RawSocket:
+    """A socket past its 101 (``also``: bytes sent in the same write as the request)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", herald.port)
+    writer.write(upgrade_request() + also)
+    head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+    assert head.startswith(b"HTTP/1.1 101 "), head
+    assert f"Sec-WebSocket-Accept: {ACCEPT}".encode() in head, head
+    return RawSocket(reader, writer)
+
+
+async def welcomed(sock: RawSocket) -> None:
+    opcode, payload = await sock.frame()
+    assert opcode == BINARY and isinstance(codec.decode(payload), Welcome), (opcode, payload)
+
+
+async def test_a_hello_in_fragments_written_a_byte_at_a_time_with_a_ping_between_is_welcomed(
+    herald: HeraldServer,
+) -> None:
+    sock = await upgraded(herald)
+    frame = hello("frag")
+    parts = (
+        client_frame(BINARY, frame[:5], final=False)
+        + client_frame(PING, b"between")
+        + client_frame(CONTINUATION, frame[5:9], final=False)
+        + client_frame(CONTINUATION, frame[9:])
+    )
+    for byte in parts:
+        sock.send(bytes((byte,)))
+        await sock.writer.drain()
+    assert await sock.frame() == (PONG, b"between")
+    await welcomed(sock)
+    sock.writer.close()
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_a_hello_sent_with_the_upgrade_request_before_the_101_is_read(herald: HeraldServer) -> None:
+    sock = await upgraded(herald, also=client_frame(BINARY, hello("eager")))
+    await welcomed(sock)
+    sock.writer.close()
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_an_unmasked_client_frame_closes_with_1002(herald: HeraldServer) -> None:
+    sock = await upgraded(herald)
+    sock.send(client_frame(BINARY, hello("bare"), masked=False))
+    assert await sock.close_code() == 1002
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_a_compressed_frame_never_negotiated_closes_with_1002(herald: HeraldServer) -> None:
+    sock = await upgraded(herald)
+    sock.send(client_frame(BINARY, hello("deflated"), rsv=0x40))
+    assert await sock.close_code() == 1002
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_a_frame_declaring_an_exabyte_closes_with_1009_before_any_payload(herald: HeraldServer) -> None:
+    sock = await upgraded(herald)
+    sock.send(struct.pack("!BBQ", 0x80 | BINARY, 0x80 | 127, 1 << 60) + os.urandom(4))  # the header alone
+    assert await sock.close_code() == 1009
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_fragments_adding_up_past_the_limit_close_with_1009(herald: HeraldServer) -> None:
+    sock = await upgraded(herald)
+    await welcomed_after_hello(sock, "fragments")
+    limit = max(herald.settings.max_frame_bytes, herald.settings.max_session_frame_bytes)
+    piece = b"x" * (limit // 4 + 1)
+    sock.send(client_frame(BINARY, piece, final=False))
+    for _ in range(4):
+        sock.send(client_frame(CONTINUATION, piece, final=False))
+    assert await sock.close_code() == 1009
+    await assert_bystanders_served(herald.base_url)
+
+
+async def welcomed_after_hello(sock: RawSocket, visitor: str) -> None:
+    sock.send(client_frame(BINARY, hello(visitor)))
+    await welcomed(sock)
+
+
+async def test_text_that_is_not_utf8_closes_with_1007(herald: HeraldServer) -> None:
+    sock = await upgraded(herald)
+    await welcomed_after_hello(sock, "latin1")
+    sock.send(client_frame(TEXT, "caf\u00e9".encode("latin-1")))
+    assert await sock.close_code() == 1007
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_out_of_place_frames_close_with_1002(herald: HeraldServer) -> None:
+    cases = {
+        "a continuation with nothing to continue": client_frame(CONTINUATION, b"x"),
+        "a new message inside a fragmented one": client_frame(BINARY, b"a", final=False) + client_frame(BINARY, b"b"),
+        "a fragmented ping": client_frame(PING, b"x", final=False),
+        "a ping over 125 bytes": client_frame(PING, b"x" * 126),
+        "an unknown opcode": client_frame(0x3, b"x"),
+        "a one-byte close": client_frame(CLOSE, b"\x03"),
+        "a close code nobody may send": client_frame(CLOSE, (1005).to_bytes(2, "big")),
+    }
+    for what, frames in cases.items():
+        sock = await upgraded(herald)
+        await welcomed_after_hello(sock, "odd")
+        sock.send(frames)
+        assert await sock.close_code() == 1002, what
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_a_client_close_is_answered_with_its_code_and_the_socket_closed(herald: HeraldServer) -> None:
+    sock = await upgraded(herald)
+    await welcomed_after_hello(sock, "polite")
+    sock.send(client_frame(CLOSE, (4321).to_bytes(2, "big") + b"bye"))
+    assert await sock.close_code() == 4321
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_upgrades_that_are_not_rfc_6455_are_refused_with_400(herald: HeraldServer) -> None:
+    for request in (upgrade_request(version="8"), upgrade_request(key="c2hvcnQ=")):
+        reader, writer = await asyncio.open_connection("127.0.0.1", herald.port)
+        writer.write(request)
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
+        assert head.startswith(b"HTTP/1.1 400 "), head
+        writer.close()
+    await assert_bystanders_served(herald.base_url)
