@@ -7,10 +7,16 @@ capability it records, so query strings are never written and a route's
 percent-encoded, so a ``%0A`` in it cannot start a forged log line. Tokens
 never travel in URLs at all (they are in the first websocket frame or in
 JSON bodies), and cookies are never logged.
+
+A websocket upgrade (101) is a DEBUG line, as the rest of a connection's
+life is: at INFO a reconnect storm would write a line per client (writing
+it was an eighth of a connect's CPU, profiled), and the connections are
+counted in ``/metrics`` anyway.
 """
 
 from __future__ import annotations
 
+import logging
 from typing import TypeGuard
 
 from aiohttp import web
@@ -44,7 +50,11 @@ class AccessLogger(AbstractAccessLogger):
     def log(self, request: web.BaseRequest, response: web.StreamResponse, time: float) -> None:
         address = client_address(request) if _routed(request) else request.remote
         path = logged_path(request)
-        self.logger.info(
+        level = logging.DEBUG if response.status == 101 else logging.INFO
+        if not self.logger.isEnabledFor(level):
+            return
+        self.logger.log(
+            level,
             '%s "%s %s" %s %.1fms',
             address,
             request.method,

@@ -283,7 +283,7 @@ class FrameServer(Generic[C]):
             )
         )
         self._hub.keepalive.watch(conn)
-        log.debug("%r connected", conn)
+        log.debug("%s %s/%s connected", conn.role, conn.group, conn.subject)
 
     async def serve_after(self, conn: C, rest_of_handshake: Awaitable[bool]) -> Upgraded:
         """Serve ``conn`` once the rest of its handshake is done (False: it
