@@ -181,7 +181,7 @@ class Wire(asyncio.Protocol):
         if self.close_sent or self.lost:
             return
         self._write_close(code, reason)
-        self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
+        self._drop_later()
 
     def abort(self) -> None:
         """Drop the socket now, unflushed (a peer that stopped answering)."""
@@ -350,7 +350,7 @@ class Wire(asyncio.Protocol):
             self.close_code = code
         if not self.close_sent:  # the peer closes first: our answer echoes its code
             self._write_close(1000 if code == NO_STATUS else code, "")
-        self.transport.close()  # the server closes the TCP connection first (RFC 6455 7.1.1)
+        self._close_socket()  # the server closes the TCP connection first (RFC 6455 7.1.1)
 
     def _fail(self, code: int, reason: str) -> None:
         """Refuse the peer's bytes: our close frame with ``code``, the socket
@@ -361,7 +361,18 @@ class Wire(asyncio.Protocol):
         if not self.close_sent:
             self._write_close(code, reason)
         self._buffer, self._fragments = None, None
+        self._close_socket()
+
+    def _close_socket(self) -> None:
+        """Close once what is written has gone out; a peer that does not
+        read it is dropped after CLOSE_TIMEOUT (a closing transport waits
+        for its buffer to drain for as long as it takes)."""
         self.transport.close()
+        self._drop_later()
+
+    def _drop_later(self) -> None:
+        if self._close_timer is None and not self.lost:
+            self._close_timer = asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self.abort)
 
     def _write_close(self, code: int, reason: str) -> None:
         self.close_sent = True
