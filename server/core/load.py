@@ -5,11 +5,13 @@ the event loop's ready callbacks, deliveries waiting for replies) and every
 message waits longer, until none is answered in time. An instance that
 refuses what it cannot serve in time keeps serving the rest: an agent's
 signal is refused at once with ``overloaded`` while the event loop runs
-late (it wakes more than ``overload_lag`` after it should) or while
-``max_signals_in_flight`` deliveries already wait for other instances'
-replies (a visitor's instance that cannot keep up). The refusal costs
-little; what is accepted is answered in time, and the instance is back to
-normal as soon as the excess stops.
+late (it wakes more than ``overload_lag`` after it should), while
+deliveries through other instances take more than half of ``overload_lag``
+from publish to reply (a visitor's instance, Redis or the machine that
+cannot keep up: a late loop here is not the only queue a signal waits in),
+or while ``max_signals_in_flight`` deliveries already wait for replies. The
+refusal costs little; what is accepted is answered in time, and the
+instance is back to normal as soon as the excess stops.
 """
 
 from __future__ import annotations
@@ -26,12 +28,21 @@ EASE = 0.8
 
 
 class Load:
-    __slots__ = ("in_flight", "lag", "settings")
+    __slots__ = ("_delivered", "delivery_lag", "in_flight", "lag", "settings")
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.lag = 0.0  # seconds the event loop runs late, recently
         self.in_flight = 0  # deliveries to other instances waiting for their reply
+        # Seconds a delivery through another instance took, recently: a moving
+        # average over deliveries, eased toward 0 on each check-in that saw none
+        # (while everything is refused, nothing would bring it down again).
+        self.delivery_lag = 0.0
+        self._delivered = False
+
+    def delivery_took(self, seconds: float) -> None:
+        self.delivery_lag = self.delivery_lag * EASE + seconds * (1 - EASE)
+        self._delivered = True
 
     async def measure(self) -> None:
         """Until cancelled: how late the event loop wakes from a short sleep."""
@@ -41,7 +52,12 @@ class Load:
             await asyncio.sleep(TICK)
             late = max(0.0, loop.time() - started - TICK)
             self.lag = self.lag * EASE + late * (1 - EASE)
+            if not self._delivered:
+                self.delivery_lag *= EASE
+            self._delivered = False
 
     def overloaded(self) -> bool:
         lag = self.settings.overload_lag
-        return (lag > 0 and self.lag > lag) or self.in_flight >= self.settings.max_signals_in_flight
+        if lag > 0 and (self.lag > lag or self.delivery_lag > lag / 2):
+            return True
+        return self.in_flight >= self.settings.max_signals_in_flight

@@ -258,6 +258,7 @@ class SignalRouter:
         delivered = self._visitors.deliver(by_instance.pop(self._instance, []), frame)
         waits = []
         answer_by = time.time() + self.settings.delivery_timeout * (1 - REPLY_MARGIN)
+        published = time.monotonic()
         for instance, connections in by_instance.items():
             key, reply = self._expect_reply()
             envelope = names.envelope(names.DELIVER, key, self._instance, answer_by, connections, frame)
@@ -265,12 +266,15 @@ class SignalRouter:
                 waits.append(self._await_reply(key, reply, self.settings.delivery_timeout))
             else:
                 self._replies.pop(key, None)
+        if not waits:
+            return delivered
         self._load.in_flight += len(waits)
         try:
             for count in await asyncio.gather(*waits):
                 delivered += count
         finally:
             self._load.in_flight -= len(waits)
+        self._load.delivery_took(time.monotonic() - published)
         return delivered
 
     async def deliver_later(self, instance: str, connections: list[str], frame: bytes) -> Coroutine[Any, Any, int]:
