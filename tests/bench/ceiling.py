@@ -23,6 +23,8 @@ import msgpack
 import redis.asyncio as aioredis
 from aiohttp import WSMsgType, web
 
+BACKLOG = 1024  # the accept queue Herald listens with (server/web/listener.py): storms compare the servers
+
 pack, unpack, Socket = msgpack.packb, msgpack.unpackb, web.WebSocketResponse
 
 
@@ -191,7 +193,7 @@ def main() -> None:
         application.router.add_post("/v1/agent/login", relay.login)
         return application
 
-    web.run_app(app(), host="127.0.0.1", port=args.port, print=None, access_log=None)
+    web.run_app(app(), host="127.0.0.1", port=args.port, print=None, access_log=None, backlog=BACKLOG)
 
 
 if __name__ == "__main__":
