@@ -7,10 +7,10 @@ after 0.8-0.95 x ``keepalive`` of silence, so clients that connected
 together, after a deploy or a drain, drift apart instead of being pinged in
 one burst, and dropped within 1.5 x ``keepalive`` of its last frame
 (PROTOCOL.md §7). Any frame from the client counts as
-heard (``Connection.heard``, set by the receive loop), its pong too. A
+heard (``Connection.heard``, set as each frame is read), its pong too. A
 connection silent for its period is pinged; still silent half a period
 later, its socket is aborted (a peer that does not answer a ping would not
-read a close frame either) and its handler ends as for any lost socket.
+read a close frame either) and it ends as any lost socket does.
 Connections are filed by when they are next due (``deadlines.py``: one
 timer per instance, slices of at most 50 ms), not on aiohttp's heartbeat,
 whose timer per connection weighed ~0.5 KiB of every idle connection and

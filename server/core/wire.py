@@ -3,12 +3,13 @@ the HTTP upgrade is done: frames in, frames out, the closing handshake.
 
 aiohttp serves a websocket as one long request: its request handler, the
 parsed upgrade request, a response object, a reader, a queue and two tasks
-stay with every connection for its whole life (~8 KiB of an idle one,
-measured), and every frame received goes through that queue and wakes a
-task. Here the socket is handed over after the upgrade (``web/upgrade.py``)
-to one small protocol object that parses frames as they arrive and calls
-its ``FrameSink``: an idle connection is this object, its ``Connection``
-and the kernel's socket, with no task and no timer.
+stay with every connection for its whole life, and every frame received
+goes through that queue and wakes a task (the benchmark: 16.5 KiB of RSS
+per idle visitor with all that, 3.7 KiB without). Here the socket is
+handed over after the upgrade (``web/websocket.py``, ``take_socket``) to
+one small protocol object that parses frames as they arrive and calls its
+``FrameSink``: an idle connection is this object, its ``Connection`` and
+the kernel's socket, with no task and no timer.
 
 What is refused, as the RFC asks: an unmasked client frame, reserved bits
 (no extension is ever negotiated, so no compression), unknown opcodes, a

@@ -185,12 +185,11 @@ class HeraldRunner(web.AppRunner):
     def __init__(
         self, app: web.Application, settings: Settings, *, shutdown_timeout: float, **handler_args: Any
     ) -> None:
-        # aiohttp rounds every timeout over 5 s up to a whole second, the
-        # websockets' heartbeats included: however spread their periods
-        # (``open_websocket``), all connections' pings then fall due on one
-        # loop turn a second. With 10,000 idle connections that turn stalled
-        # the loop ~30 ms every second (measured), every client's latency
-        # with it. Never rounded, they stay spread.
+        # aiohttp rounds every timeout over 5 s up to a whole second: its
+        # timers for many connections then fall due on one loop turn a
+        # second (with 10,000 idle websockets on aiohttp's heartbeat that
+        # turn stalled the loop ~30 ms every second, measured). Never
+        # rounded, they stay spread.
         handler_args.setdefault("timeout_ceil_threshold", math.inf)
         super().__init__(
             app, shutdown_timeout=shutdown_timeout, keepalive_timeout=settings.request_timeout, **handler_args
