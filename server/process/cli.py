@@ -56,7 +56,10 @@ HELP = {
     "max_signal_bytes": "largest data of one signal (msgpack bytes)",
     "visitor_signal_rate": "signals per second one visitor may send one agent connection (more are dropped)",
     "visitor_signal_burst": "signals one visitor may send one agent connection at once above the rate",
-    "overload_lag": "seconds the event loop may run late before agents' new signals are refused (overloaded); 0: never",
+    "overload_lag": (
+        "seconds the event loop may run late (or, halved, a delivery through another instance may take,"
+        " on average) before agents' new signals are refused (overloaded); 0: never"
+    ),
     "max_signals_in_flight": "deliveries to other instances awaiting their reply before new signals are refused",
     "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
     "session_max_age": "seconds an agent login lasts",
