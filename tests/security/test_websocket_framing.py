@@ -9,12 +9,17 @@ import asyncio
 import base64
 import hashlib
 import os
+import socket
 import struct
+from collections.abc import Awaitable, Callable
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.messages import Welcome
+from herald_presence.server.core.wire import CLOSE_TIMEOUT
+from herald_presence.server.web.keys import HUB
 
 from ..harness import HeraldServer
+from ..test_cluster import eventually
 from .helpers import assert_bystanders_served, hello
 
 KEY = base64.b64encode(b"0123456789abcdef").decode()
@@ -73,9 +78,18 @@ class RawSocket:
         self.writer.write(data)
 
 
-async def upgraded(herald: HeraldServer, *, also: bytes = b"") -> RawSocket:
-    """A socket past its 101 (``also``: bytes sent in the same write as the request)."""
-    reader, writer = await asyncio.open_connection("127.0.0.1", herald.port)
+async def upgraded(herald: HeraldServer, *, also: bytes = b"", receive_buffer: int | None = None) -> RawSocket:
+    """A socket past its 101 (``also``: bytes sent in the same write as the
+    request; ``receive_buffer``: its kernel buffer, set before connecting)."""
+    sock = None
+    if receive_buffer is not None:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)  # before connect: sets the window
+        sock.setblocking(False)
+        await asyncio.get_running_loop().sock_connect(sock, ("127.0.0.1", herald.port))
+    reader, writer = await (
+        asyncio.open_connection(sock=sock) if sock is not None else asyncio.open_connection("127.0.0.1", herald.port)
+    )
     writer.write(upgrade_request() + also)
     head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
     assert head.startswith(b"HTTP/1.1 101 "), head
@@ -194,4 +208,30 @@ async def test_upgrades_that_are_not_rfc_6455_are_refused_with_400(herald: Heral
         head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 5)
         assert head.startswith(b"HTTP/1.1 400 "), head
         writer.close()
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_a_client_that_sends_its_close_and_never_reads_is_let_go(
+    start_herald: Callable[..., Awaitable[HeraldServer]],
+) -> None:
+    """Its close is answered, but our answer waits behind what it never read:
+    the socket is dropped after CLOSE_TIMEOUT instead of waiting to drain
+    for as long as the client likes, and the connection is let go of."""
+    herald = await start_herald(message_rate=10_000, message_burst=10_000, max_queue=100_000)
+    sock = await upgraded(herald, receive_buffer=4096)
+    await welcomed_after_hello(sock, "deaf")
+    agent = await herald.agent("alice")
+    await agent.subscribe(["deaf"])
+    data = {f"blob{i}": "x" * 2_000 for i in range(3)}
+    for _ in range(50):  # ~6 MB the deaf client never reads: more than the kernels' buffers (4 MB) hold
+        assert await asyncio.gather(*(agent.signal("deaf", "fill", data) for _ in range(20))) == [1] * 20
+    sock.send(client_frame(CLOSE, (1000).to_bytes(2, "big")))
+    await sock.writer.drain()
+
+    def deaf_connections() -> list[object]:
+        return [conn for conn in herald.app[HUB].connections() if conn.subject == "deaf"]
+
+    assert deaf_connections(), "still held while its close is answered"
+    await eventually(lambda: not deaf_connections(), CLOSE_TIMEOUT + 3, "the deaf client's connection let go of")
+    sock.writer.close()
     await assert_bystanders_served(herald.base_url)
