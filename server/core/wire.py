@@ -93,6 +93,7 @@ class Wire(asyncio.Protocol):
         "_early",
         "_fragment_opcode",
         "_fragments",
+        "_held",
         "_lost_waiter",
         "_need",
         "_on_lost",
@@ -115,7 +116,8 @@ class Wire(asyncio.Protocol):
         self._on_lost = on_lost  # called once the socket is gone (its place in the connection budget)
         self._buffer: bytearray | None = None  # the start of a frame not yet whole
         self._need = 0  # bytes _buffer must hold before it is parsed again
-        self._paused = False  # reading paused: frames already read wait in _buffer
+        self._paused = False  # reading paused by the sink: frames already read wait in _buffer
+        self._held = False  # ... or by the handshake, its early frames' queue full
         self._fragments: bytearray | None = None  # a fragmented message so far
         self._fragment_opcode = 0
         self._early: deque[tuple[int, bytes | str]] | None = deque()  # frames before ``serve``
@@ -145,9 +147,10 @@ class Wire(asyncio.Protocol):
                 await self._waiter
             finally:
                 self._waiter = None
-        if len(early) == EARLY_FRAMES_MAX:
-            self.resume_reading()
-        return early.popleft()
+        frame = early.popleft()
+        if self._held and len(early) < EARLY_FRAMES_MAX:
+            self._hold(False)  # what waited in the buffer joins the queue, behind this frame
+        return frame
 
     def serve(self, sink: FrameSink, conn: object) -> None:
         """From now on every frame goes to ``sink.frame(conn, ...)`` as it
@@ -155,10 +158,9 @@ class Wire(asyncio.Protocol):
         it already is); frames read during the handshake go first."""
         early, self._early = self._early, None
         self.sink, self.conn = sink, conn
-        if early is not None and len(early) >= EARLY_FRAMES_MAX:
-            self.resume_reading()
         for opcode, payload in early or ():
             sink.frame(conn, opcode, payload)
+        self._hold(False)  # then what waited in the buffer, in the order it came
         if self.lost:
             sink.lost(conn)
 
@@ -251,7 +253,7 @@ class Wire(asyncio.Protocol):
         at = 0
         closing = self.transport.is_closing
         while not closing():
-            if self._paused:
+            if self._paused or self._held:
                 self._need = 0  # read on once resumed
                 break
             if end - at < 2:
@@ -330,8 +332,8 @@ class Wire(asyncio.Protocol):
         early = self._early
         assert early is not None
         early.append((opcode, payload))
-        if len(early) == EARLY_FRAMES_MAX:
-            self.pause_reading()  # the handshake reads on; a client that does not wait for it, waits
+        if len(early) >= EARLY_FRAMES_MAX:
+            self._hold(True)  # the handshake reads on; a client that does not wait for it, waits
         self._wake()
 
     def _peer_closed(self, payload: bytes) -> None:
@@ -382,22 +384,33 @@ class Wire(asyncio.Protocol):
         self._wake()
 
     def pause_reading(self) -> None:
-        """Take no more frames (those of the last read wait) and read nothing
-        more from the socket until ``resume_reading``."""
-        self._paused = True
-        if not self.transport.is_closing() and self.transport.is_reading():
-            self.transport.pause_reading()
+        """The sink's: take no more frames (those of the last read wait) and
+        read nothing more from the socket until ``resume_reading``."""
+        if not self._paused:
+            self._paused = True
+            self._update_reading()
 
     def resume_reading(self) -> None:
-        if not self._paused:
+        if self._paused:
+            self._paused = False
+            self._update_reading()
+
+    def _hold(self, held: bool) -> None:
+        """The handshake's own pause (its queue of early frames is full),
+        apart from the sink's: lifting one leaves the other."""
+        if self._held != held:
+            self._held = held
+            self._update_reading()
+
+    def _update_reading(self) -> None:
+        transport = self.transport
+        if transport.is_closing():
             return
-        self._paused = False
-        if self.transport.is_closing():
-            return
-        if self._buffer is not None and len(self._buffer) >= self._need:
-            self.data_received(b"")  # the frames that waited
-        if not self._paused and not self.transport.is_reading():
-            self.transport.resume_reading()
+        if not (self._paused or self._held) and self._buffer is not None and len(self._buffer) >= self._need:
+            self.data_received(b"")  # the frames that waited (which may pause again)
+        reading = not (self._paused or self._held)
+        if reading != transport.is_reading():
+            (transport.resume_reading if reading else transport.pause_reading)()
 
     def _wake(self) -> None:
         if self._waiter is not None and not self._waiter.done():

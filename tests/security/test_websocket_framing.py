@@ -14,7 +14,7 @@ import struct
 from collections.abc import Awaitable, Callable
 
 from herald_presence.protocol import codec
-from herald_presence.protocol.messages import Welcome
+from herald_presence.protocol.messages import Signal, Welcome
 from herald_presence.server.core.wire import CLOSE_TIMEOUT
 from herald_presence.server.web.keys import HUB
 
@@ -125,6 +125,27 @@ async def test_a_hello_in_fragments_written_a_byte_at_a_time_with_a_ping_between
 async def test_a_hello_sent_with_the_upgrade_request_before_the_101_is_read(herald: HeraldServer) -> None:
     sock = await upgraded(herald, also=client_frame(BINARY, hello("eager")))
     await welcomed(sock)
+    sock.writer.close()
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_frames_sent_before_the_welcome_are_answered_in_their_order(
+    start_herald: Callable[..., Awaitable[HeraldServer]],
+) -> None:
+    """A client that does not wait for its welcome: more frames than the
+    handshake holds before it stops reading (EARLY_FRAMES_MAX), all answered
+    after the welcome and in the order they were sent."""
+    herald = await start_herald(message_rate=1000, message_burst=1000, visitor_signal_burst=1000)
+    signals = b"".join(
+        client_frame(BINARY, codec.encode(Signal(event="early", data={}, id=number))) for number in range(1, 41)
+    )
+    sock = await upgraded(herald, also=client_frame(BINARY, hello("hasty")) + signals)
+    await welcomed(sock)
+    answered = []
+    for _ in range(40):
+        opcode, payload = await sock.frame()
+        answered.append(getattr(codec.decode(payload), "id", None))
+    assert answered == list(range(1, 41))
     sock.writer.close()
     await assert_bystanders_served(herald.base_url)
 
