@@ -144,6 +144,7 @@ async def test_frames_sent_before_the_welcome_are_answered_in_their_order(
     answered = []
     for _ in range(40):
         opcode, payload = await sock.frame()
+        assert opcode == BINARY
         answered.append(getattr(codec.decode(payload), "id", None))
     assert answered == list(range(1, 41))
     sock.writer.close()
