@@ -27,7 +27,7 @@ from herald_presence.server.model.limits import FrameRate, RecentKeys, SignalBud
 from herald_presence.server.model.names import KEY_TOPIC, VISITOR_TOPIC, visitor_topic
 from herald_presence.server.model.records import ConnectionRecord
 
-from .wire import CLOSE_TIMEOUT, Wire
+from .wire import CLOSE_TIMEOUT, PING, Wire
 
 log = logging.getLogger(__name__)
 
@@ -100,8 +100,7 @@ class Connection:
 
     @property
     def closing(self) -> bool:
-        wire = self.wire
-        return self._closing or wire.close_sent or wire.lost
+        return self._closing or self.wire.closed
 
     @property
     def session_member(self) -> bool:
@@ -142,14 +141,10 @@ class Connection:
             frame = queue.popleft()
             if wire.send(frame):
                 metrics.sent(self.role, frame)
-        if queue:
-            return
-        self._queue = None
-        wire.on_resume(None)
-        if self._then_close is not None:
-            code, reason = self._then_close
-            self._then_close = None
-            wire.close(code, reason)
+        if not queue:
+            self._queue = None
+            wire.on_resume(None)
+            self._close_flushed()
 
     def close(self, code: int, reason: str, flush: bool = False) -> None:
         """Close from anywhere (fan-out, timers): queued frames are dropped
@@ -159,16 +154,14 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        if flush and self._queue:
-            self._then_close = (code, reason)
-            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._close_unflushed)
-            return
-        self._queue = None
-        self.wire.on_resume(None)
-        self.wire.close(code, reason)
+        self._then_close = (code, reason)
+        if flush and self._queue:  # once the queue is written, or CLOSE_TIMEOUT at most
+            asyncio.get_running_loop().call_later(CLOSE_TIMEOUT, self._close_flushed)
+        else:
+            self._close_flushed()
 
-    def _close_unflushed(self) -> None:
-        """A flushing close whose queue the peer did not take in time."""
+    def _close_flushed(self) -> None:
+        """The close waiting for the queue: now (what is still queued is dropped)."""
         if self._then_close is not None:
             code, reason = self._then_close
             self._then_close, self._queue = None, None
@@ -179,7 +172,7 @@ class Connection:
         """A keepalive ping, straight onto the socket: frames are written whole
         (one synchronous write each), so it cannot land inside one."""
         if not self.closing:
-            self.wire.ping()
+            self.wire.send(b"", PING)
 
     def drop(self) -> None:
         """Gone without a word (no answer to a ping): nothing more is

@@ -31,7 +31,6 @@ log = logging.getLogger(__name__)
 
 CONTINUATION, TEXT, BINARY, CLOSE, PING, PONG = 0x0, 0x1, 0x2, 0x8, 0x9, 0xA
 _DATA = (TEXT, BINARY)
-PING_FRAME = b"\x89\x00"  # a server's ping: FIN, opcode 9, unmasked, no payload
 
 CLOSE_TIMEOUT = 2.0  # seconds a peer gets to answer our close frame before its socket is dropped
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 7.1.5), never sent
@@ -140,7 +139,7 @@ class Wire(asyncio.Protocol):
         early = self._early
         assert early is not None, "receive() is for the handshake, before serve()"
         while not early:
-            if self.lost or self.close_sent or self.transport.is_closing():
+            if self.closed or self.transport.is_closing():
                 raise Closed()
             self._waiter = asyncio.get_running_loop().create_future()
             try:
@@ -166,22 +165,23 @@ class Wire(asyncio.Protocol):
 
     # -- writing ------------------------------------------------------------
 
+    @property
+    def closed(self) -> bool:
+        """Nothing more is written: our close frame went out, or the socket is gone."""
+        return self.close_sent or self.lost
+
     def send(self, payload: bytes, opcode: int = BINARY) -> bool:
         """Write one frame now (the transport buffers what the socket does
         not take yet). False once the socket is closing."""
-        if self.close_sent or self.lost:
+        if self.closed:
             return False
         self.transport.write(frame_header(opcode, len(payload)) + payload)
         return True
 
-    def ping(self) -> None:
-        if not (self.close_sent or self.lost):
-            self.transport.write(PING_FRAME)
-
     def close(self, code: int, reason: str = "") -> None:
         """Send our close frame; the peer answers with its own (then the
         socket is closed) or is dropped after CLOSE_TIMEOUT."""
-        if self.close_sent or self.lost:
+        if self.closed:
             return
         self._write_close(code, reason)
         self._drop_later()
@@ -349,27 +349,25 @@ class Wire(asyncio.Protocol):
         except UnicodeDecodeError:
             self._fail(INVALID_DATA, "a close reason must be UTF-8")
             return
-        if self.close_code is None:
-            self.close_code = code
-        if not self.close_sent:  # the peer closes first: our answer echoes its code
-            self._write_close(1000 if code == NO_STATUS else code, "")
-        self._close_socket()  # the server closes the TCP connection first (RFC 6455 7.1.1)
+        self._end(code, 1000 if code == NO_STATUS else code, "")  # the peer closed first: our answer echoes its code
 
     def _fail(self, code: int, reason: str) -> None:
         """Refuse the peer's bytes: our close frame with ``code``, the socket
         closed once it is written; nothing more is read."""
         log.debug("websocket closed with %d: %s", code, reason)
+        self._buffer, self._fragments = None, None
+        self._end(code, code, reason)
+
+    def _end(self, code: int, answer: int, reason: str) -> None:
+        """The peer's close (``code``), or our refusal of its bytes: our close
+        frame (``answer``) unless it went out already, then the socket closes
+        (the server closes the TCP connection first, RFC 6455 7.1.1) once what
+        is written has gone out; a peer that does not read it is dropped after
+        CLOSE_TIMEOUT (a closing transport waits to drain for as long as it takes)."""
         if self.close_code is None:
             self.close_code = code
         if not self.close_sent:
-            self._write_close(code, reason)
-        self._buffer, self._fragments = None, None
-        self._close_socket()
-
-    def _close_socket(self) -> None:
-        """Close once what is written has gone out; a peer that does not
-        read it is dropped after CLOSE_TIMEOUT (a closing transport waits
-        for its buffer to drain for as long as it takes)."""
+            self._write_close(answer, reason)
         self.transport.close()
         self._drop_later()
 

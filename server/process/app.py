@@ -56,11 +56,9 @@ def make_app(settings: Settings, backend: Backend | None = None) -> web.Applicat
     app = web.Application(client_max_size=64 * 1024)
     keys.install(app, settings, Hub(settings, backend or make_backend(settings)))
     auth.setup_sessions(app, settings)
-    visitor_ws.add_routes(app)
-    agent_ws.add_routes(app)
     app.router.add_post("/v1/agent/login", auth.login)
     app.router.add_post("/v1/agent/logout", auth.logout)
-    for routes in (codes, admin, crm, control, events, demo, pages, openapi):
+    for routes in (visitor_ws, agent_ws, codes, admin, crm, control, events, demo, pages, openapi):
         routes.add_routes(app)
     health.add_routes(app, metrics=not settings.metrics_port)  # else on the metrics listener only
     app.on_response_prepare.append(name_the_server)
