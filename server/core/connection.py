@@ -27,7 +27,7 @@ from herald_presence.server.model.limits import FrameRate, RecentKeys, SignalBud
 from herald_presence.server.model.names import KEY_TOPIC, VISITOR_TOPIC, visitor_topic
 from herald_presence.server.model.records import ConnectionRecord
 
-from .wire import CLOSE_TIMEOUT, PING, Wire
+from .wire import CLOSE_TIMEOUT, PING, PONG, Wire
 
 log = logging.getLogger(__name__)
 
@@ -52,6 +52,7 @@ class Connection:
     __slots__ = (
         "_closing",
         "_leaving",
+        "_pong",
         "_queue",
         "_then_close",
         "expires",
@@ -80,6 +81,7 @@ class Connection:
         self.max_queue = max_queue
         # Only while frames wait: an idle connection keeps no deque (760 bytes).
         self._queue: deque[bytes] | None = None
+        self._pong: bytes | None = None  # the latest ping's answer, waiting with the queue
         self._closing = False
         self._then_close: tuple[int, str] | None = None  # a close waiting for the queue to be written
         self._leaving: tuple[int, str] | None = None  # a close waiting for the request in hand
@@ -133,15 +135,34 @@ class Connection:
     def send_error(self, code: ErrorCode | str, message: str, request_id: int | None = None) -> None:
         self.send(error_frame(code, message, request_id))
 
+    def pong(self, payload: bytes) -> None:
+        """Answer a client's ping. While the transport takes no writes (the
+        client does not read), only its latest ping is answered, once it
+        does, as RFC 6455 (5.5.3) allows: a client that pings and never reads
+        holds one pong here, not one per ping in the transport's buffer."""
+        if self.closing:
+            return
+        if self._queue is None and not self.wire.writing_paused:
+            self.wire.send(payload, PONG)
+            return
+        self._pong = payload
+        if self._queue is None:
+            self._queue = deque()
+            self.wire.on_resume(self._write_queued)
+
     def _write_queued(self) -> None:
-        """The transport takes writes again: what waits goes out, until it is
-        full again or all is written (then a close waiting for it follows)."""
-        queue, wire = self._queue, self.wire
+        """The transport takes writes again: what waits goes out (a pong
+        first), until it is full again or all is written (then a close
+        waiting for it follows)."""
+        queue, wire, pong = self._queue, self.wire, self._pong
+        if pong is not None and not wire.writing_paused:
+            self._pong = None
+            wire.send(pong, PONG)
         while queue and not wire.writing_paused:
             frame = queue.popleft()
             if wire.send(frame):
                 metrics.sent(self.role, frame)
-        if not queue:
+        if not queue and self._pong is None:
             self._queue = None
             wire.on_resume(None)
             self._close_flushed()
@@ -164,7 +185,7 @@ class Connection:
         """The close waiting for the queue: now (what is still queued is dropped)."""
         if self._then_close is not None:
             code, reason = self._then_close
-            self._then_close, self._queue = None, None
+            self._then_close, self._queue, self._pong = None, None, None
             self.wire.on_resume(None)
             self.wire.close(code, reason)
 
@@ -181,7 +202,7 @@ class Connection:
         if self._closing:
             return
         self._closing = True
-        self._queue = None
+        self._queue = self._pong = None
         self.wire.abort()
 
     def leave(self, code: int, reason: str) -> None:

@@ -353,7 +353,7 @@ class FrameServer(Generic[C]):
         if conn.closing or not _within_rate(conn, settings, len(payload)):
             return  # over a limit, or after we started closing: dropped unread
         if opcode == PING:
-            conn.wire.send(payload, PONG)  # type: ignore[arg-type]
+            conn.pong(payload)  # type: ignore[arg-type]
             return
         if opcode == PONG:
             return  # the answer to a keepalive ping: heard when it came

@@ -11,6 +11,7 @@ import hashlib
 import os
 import socket
 import struct
+import time
 from collections.abc import Awaitable, Callable
 
 from herald_presence.protocol import codec
@@ -47,7 +48,8 @@ def client_frame(opcode: int, payload: bytes, *, final: bool = True, rsv: int = 
     if not masked:
         return header + payload
     mask = os.urandom(4)
-    return header + mask + bytes(byte ^ mask[i % 4] for i, byte in enumerate(payload))
+    key = (mask * (size // 4 + 1))[:size]
+    return header + mask + (int.from_bytes(payload, "big") ^ int.from_bytes(key, "big")).to_bytes(size, "big")
 
 
 class RawSocket:
@@ -255,5 +257,39 @@ async def test_a_client_that_sends_its_close_and_never_reads_is_let_go(
 
     assert deaf_connections(), "still held while its close is answered"
     await eventually(lambda: not deaf_connections(), CLOSE_TIMEOUT + 3, "the deaf client's connection let go of")
+    sock.writer.close()
+    await assert_bystanders_served(herald.base_url)
+
+
+async def test_a_client_that_pings_and_never_reads_is_owed_one_pong_not_a_pile(
+    start_herald: Callable[..., Awaitable[HeraldServer]],
+) -> None:
+    """Pings (within its rates) from a client that never reads: answered
+    while the socket takes our writes; once it does not, only the latest
+    ping's pong waits (RFC 6455 5.5.3), so what the server holds for the
+    client stays bounded instead of growing by a pong per ping. When the
+    client reads again, that latest pong comes."""
+    herald = await start_herald(
+        message_rate=1_000_000, message_burst=1_000_000, message_bytes_rate=10**9, message_bytes_burst=10**9
+    )
+    sock = await upgraded(herald, receive_buffer=4096)
+    await welcomed_after_hello(sock, "pinger")
+    pings, padding = 100_000, b"p" * 117  # 12.7 MB of pongs: more than the kernels' buffers (4 MB) hold
+    for start in range(0, pings, 1_000):
+        sock.send(b"".join(client_frame(PING, n.to_bytes(8, "big") + padding) for n in range(start, start + 1_000)))
+        await sock.writer.drain()
+    (conn,) = [conn for conn in herald.app[HUB].connections() if conn.subject == "pinger"]
+    await eventually(
+        lambda: conn.inbox is None and time.monotonic() - conn.heard > 0.5, 30, "every ping taken by the server"
+    )
+    assert conn.wire.transport.get_write_buffer_size() < 128 * 1024, "pongs piled up for a client that never reads"
+    answered = 0
+    while True:
+        opcode, payload = await sock.frame()
+        assert opcode == PONG
+        answered += 1
+        if payload[:8] == (pings - 1).to_bytes(8, "big"):
+            break
+    assert answered < pings // 2, answered
     sock.writer.close()
     await assert_bystanders_served(herald.base_url)
