@@ -250,8 +250,8 @@ class FrameServer(Generic[C]):
 
     Frames wait in the connection's inbox and are taken in the order they
     came by a task that exists only while the inbox does (an idle
-    connection holds neither); a connection with INBOX_MAX frames waiting
-    is not read until it catches up. Every frame counts against the rate
+    connection holds neither); a connection with INBOX_MAX frames, or its
+    byte burst, waiting is not read until it catches up (``Inbox``). Every frame counts against the rate
     and the byte budget before anything else is done with it: data frames,
     pings and pongs alike."""
 
@@ -313,7 +313,7 @@ class FrameServer(Generic[C]):
 
     def frame(self, conn: C, opcode: int, payload: bytes | str) -> None:  # type: ignore[override]
         conn.heard = time.monotonic()  # alive, whatever it sent (core/keepalive.py)
-        self._queue(conn, (opcode, payload))
+        self._queue(conn, (opcode, payload), len(payload))
 
     def lost(self, conn: C) -> None:  # type: ignore[override]
         if conn.wire.close_code == MESSAGE_TOO_BIG:
@@ -321,14 +321,14 @@ class FrameServer(Generic[C]):
         log.debug("%r closed (%s)", conn, conn.wire.close_code)
         self._queue(conn, END)
 
-    def _queue(self, conn: C, item: object) -> None:
+    def _queue(self, conn: C, item: object, size: int = 0) -> None:
         inbox = conn.inbox
         if inbox is None:
-            conn.inbox = deque((item,))
+            inbox = conn.inbox = Inbox()
             conn.serving = self._hub.tasks.spawn(self._answer_inbox(conn), f"frames-{conn.id}")
-            return
         inbox.append(item)
-        if len(inbox) == INBOX_MAX:
+        inbox.size += size
+        if len(inbox) >= INBOX_MAX or inbox.size >= self._settings.message_bytes_burst:
             conn.wire.pause_reading()
 
     async def _answer_inbox(self, conn: C) -> None:
@@ -338,13 +338,15 @@ class FrameServer(Generic[C]):
         try:
             while inbox:
                 item = inbox.popleft()
-                if len(inbox) == INBOX_MAX - 1:
-                    conn.wire.resume_reading()
                 if item is END:
                     inbox.clear()
                     await self._let_go(conn)
                     return
-                await self._take(conn, *item)  # type: ignore[misc]
+                opcode, payload = item
+                inbox.size -= len(payload)
+                if len(inbox) < INBOX_MAX and inbox.size < self._settings.message_bytes_burst:
+                    conn.wire.resume_reading()
+                await self._take(conn, opcode, payload)
         finally:
             conn.inbox, conn.serving = None, None
 
@@ -369,6 +371,18 @@ class FrameServer(Generic[C]):
             conn.send_error(ErrorCode.INVALID, "hello was already received")
         else:
             await answering_errors(conn, getattr(message, "id", None), self._handle(self._app, conn, message))
+
+
+class Inbox(deque[Any]):
+    """A connection's frames waiting for their answer, and their bytes: at
+    INBOX_MAX frames, or at its byte burst (``message_bytes_burst``: what
+    it may send at once), its socket is not read until it catches up."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
 
 
 def _decoded(conn: Connection, frame: bytes | str, settings: Settings) -> Message | None:

@@ -9,6 +9,7 @@ import asyncio
 import base64
 import hashlib
 import os
+import signal
 import socket
 import struct
 import time
@@ -19,7 +20,8 @@ from herald_presence.protocol.messages import Signal, Welcome
 from herald_presence.server.core.wire import CLOSE_TIMEOUT
 from herald_presence.server.web.keys import HUB
 
-from ..harness import HeraldServer
+from ..harness import HeraldServer, settings
+from ..redis_server import RedisServer
 from ..test_cluster import eventually
 from .helpers import assert_bystanders_served, hello
 
@@ -293,3 +295,44 @@ async def test_a_client_that_pings_and_never_reads_is_owed_one_pong_not_a_pile(
     assert answered < pings // 2, answered
     sock.writer.close()
     await assert_bystanders_served(herald.base_url)
+
+
+async def test_frames_sent_while_redis_stalls_take_no_more_than_the_byte_burst() -> None:
+    """Redis frozen (SIGSTOP): a visitor's answer waits for it, and the
+    visitor's next frames wait behind it. The server reads no more of them
+    than the visitor may send at once (``message_bytes_burst``); the rest
+    stays in the kernels' buffers. 30 frames of 60 KB cost the server
+    256 KiB, not 1.8 MB (before: up to 64 frames of 64 KiB, 4 MiB, a
+    connection, and an address may hold 256 of them). Redis back, the
+    server serves a bystander."""
+    redis = RedisServer()
+    redis.start()
+    assert redis.process is not None
+    burst = 256 * 1024
+    herald = await HeraldServer(
+        settings(redis_url=redis.url, message_bytes_rate=64 * 1024, message_bytes_burst=burst)
+    ).start()
+    try:
+        sock = await upgraded(herald)
+        await welcomed_after_hello(sock, "stalled")
+        (conn,) = [conn for conn in herald.app[HUB].connections() if conn.subject == "stalled"]
+
+        def waiting() -> int:  # bytes of its frames read and not answered yet
+            return sum(len(frame) for _opcode, frame in conn.inbox or ())
+
+        os.kill(redis.process.pid, signal.SIGSTOP)
+        try:
+            sock.send(client_frame(BINARY, codec.encode_map({"type": "signal", "id": 1, "event": "terms", "data": {}})))
+            big = client_frame(BINARY, b"\x00" * 60_000)
+            for _ in range(30):
+                sock.send(big)
+            await eventually(lambda: waiting() >= burst, 5, "the visitor's frames read")
+            await asyncio.sleep(0.3)  # what else the server would read, it has read by now
+            assert waiting() < burst + 60_000, waiting()
+        finally:
+            os.kill(redis.process.pid, signal.SIGCONT)
+        sock.writer.close()
+        await assert_bystanders_served(herald.base_url)
+    finally:
+        await herald.stop()
+        redis.stop()
