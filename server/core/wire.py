@@ -36,6 +36,7 @@ CLOSE_TIMEOUT = 2.0  # seconds a peer gets to answer our close frame before its 
 NO_STATUS = 1005  # a close frame without a code (RFC 6455 7.1.5), never sent
 PROTOCOL_ERROR, INVALID_DATA, MESSAGE_TOO_BIG = 1002, 1007, 1009
 EARLY_FRAMES_MAX = 16  # frames read before ``serve`` (during the handshake) beyond which reading pauses
+EARLY_BYTES_MAX = 64 * 1024  # ... or their bytes (a handshake waiting for Redis holds no more of a client's)
 _REASON_MAX = 123  # bytes of a close reason (a control frame's payload is at most 125)
 _SHORT, _MEDIUM = struct.Struct("!BB"), struct.Struct("!BBH")
 _LONG = struct.Struct("!BBQ")
@@ -77,6 +78,10 @@ def _valid_close_code(code: int) -> bool:
     """Codes a peer may send (RFC 6455 7.4): the defined ones that are not
     reserved for local use, and the registered and private ranges."""
     return code in (1000, 1001, 1002, 1003, 1007, 1008, 1009, 1010, 1011, 1012, 1013, 1014) or 3000 <= code <= 4999
+
+
+def _early_full(early: deque[tuple[int, bytes | str]]) -> bool:
+    return len(early) >= EARLY_FRAMES_MAX or sum(len(payload) for _opcode, payload in early) >= EARLY_BYTES_MAX
 
 
 class Wire(asyncio.Protocol):
@@ -147,7 +152,7 @@ class Wire(asyncio.Protocol):
             finally:
                 self._waiter = None
         frame = early.popleft()
-        if self._held and len(early) < EARLY_FRAMES_MAX:
+        if self._held and not _early_full(early):
             self._hold(False)  # what waited in the buffer joins the queue, behind this frame
         return frame
 
@@ -332,7 +337,7 @@ class Wire(asyncio.Protocol):
         early = self._early
         assert early is not None
         early.append((opcode, payload))
-        if len(early) >= EARLY_FRAMES_MAX:
+        if _early_full(early):
             self._hold(True)  # the handshake reads on; a client that does not wait for it, waits
         self._wake()
 
