@@ -24,6 +24,7 @@ QUORUM = 2
 DOWN_AFTER_MS = 1000
 FAILOVER_TIMEOUT_MS = 5000
 START_TIMEOUT = 10.0  # seconds for one redis-server to answer PING
+SYNC_TIMEOUT = 30.0  # seconds for the replica's first full sync (a busy CI machine: 10 s was once too few)
 DISCOVERY_TIMEOUT = 30.0  # seconds for the Sentinels to see the replica and each other
 STOP_TIMEOUT = 5.0
 
@@ -48,7 +49,7 @@ class SentinelCluster:
         try:
             self._start_data_node("master", self.master_port)
             self._start_data_node("replica", self.replica_port, "--replicaof", "127.0.0.1", str(self.master_port))
-            poll(self._replica_synced, START_TIMEOUT, "the replica synced with the master")
+            poll(self._replica_synced, SYNC_TIMEOUT, "the replica synced with the master")
             for index, port in enumerate(self.sentinel_ports):
                 self._start_sentinel(index, port)
             poll(self._sentinels_see_everyone, DISCOVERY_TIMEOUT, "every Sentinel sees the replica and the others")
@@ -106,6 +107,7 @@ class SentinelCluster:
 
     def _start_data_node(self, name: str, port: int, *extra: str) -> None:
         args = ["--port", str(port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no"]
+        args += ["--repl-diskless-sync-delay", "0"]  # a full sync starts at once (Redis 7 waits 5 s for more replicas)
         args += ["--dir", str(self.dir), "--dbfilename", f"{name}.rdb", "--protected-mode", "no"]
         self._spawn(name, [*args, "--loglevel", "warning", *extra])
         poll(
