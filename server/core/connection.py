@@ -94,7 +94,7 @@ class Connection:
         self.keepalive_slice: int | None = None  # where core/keepalive.py files it
         # Its messages waiting for their turn, and the task answering them
         # in order: both only while there are any (web/websocket.py).
-        self.inbox: deque[Any] | None = None
+        self.inbox: Inbox | None = None
         self.serving: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -230,6 +230,17 @@ class Connection:
         """Until the socket is gone: a close started anywhere completes
         (the peer answers, or is dropped after CLOSE_TIMEOUT), bounded."""
         await self.wire.wait_closed(3 * CLOSE_TIMEOUT)
+
+
+class Inbox(deque[Any]):
+    """A connection's frames waiting for their answer (web/websocket.py),
+    and how many bytes they hold."""
+
+    __slots__ = ("size",)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.size = 0
 
 
 class VisitorConnection(Connection):

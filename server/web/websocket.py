@@ -18,7 +18,6 @@ import binascii
 import hashlib
 import logging
 import time
-from collections import deque
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any, Generic, TypeVar
 
@@ -38,7 +37,7 @@ from herald_presence.protocol.messages import (
 )
 from herald_presence.server import __version__, logs, metrics
 from herald_presence.server.config import Settings
-from herald_presence.server.core.connection import Connection, error_frame
+from herald_presence.server.core.connection import Connection, Inbox, error_frame
 from herald_presence.server.core.hub import Hub
 from herald_presence.server.core.session_signals import SessionSignals
 from herald_presence.server.core.wire import BINARY, MESSAGE_TOO_BIG, PING, PONG, Closed, Wire
@@ -251,9 +250,9 @@ class FrameServer(Generic[C]):
     Frames wait in the connection's inbox and are taken in the order they
     came by a task that exists only while the inbox does (an idle
     connection holds neither); a connection with INBOX_MAX frames, or its
-    byte burst, waiting is not read until it catches up (``Inbox``). Every frame counts against the rate
-    and the byte budget before anything else is done with it: data frames,
-    pings and pongs alike."""
+    byte burst, waiting is not read until it catches up. Every frame counts
+    against the rate and the byte budget before anything else is done with
+    it: data frames, pings and pongs alike."""
 
     __slots__ = ("_app", "_gone", "_handle", "_hub", "_settings")
 
@@ -371,18 +370,6 @@ class FrameServer(Generic[C]):
             conn.send_error(ErrorCode.INVALID, "hello was already received")
         else:
             await answering_errors(conn, getattr(message, "id", None), self._handle(self._app, conn, message))
-
-
-class Inbox(deque[Any]):
-    """A connection's frames waiting for their answer, and their bytes: at
-    INBOX_MAX frames, or at its byte burst (``message_bytes_burst``: what
-    it may send at once), its socket is not read until it catches up."""
-
-    __slots__ = ("size",)
-
-    def __init__(self) -> None:
-        super().__init__()
-        self.size = 0
 
 
 def _decoded(conn: Connection, frame: bytes | str, settings: Settings) -> Message | None:
