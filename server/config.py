@@ -85,6 +85,7 @@ class Settings:
     max_frame_bytes: int = MAX_FRAME_BYTES
     max_session_frame_bytes: int = MAX_PAYLOAD_BYTES + 16 * 1024  # a session member's session_signal (an SDP)
     max_queue: int = 1024  # outbound frames buffered per connection before "slow consumer"
+    max_queue_bytes: int = 4 * 1024 * 1024  # ... or their bytes (beyond the socket's own buffers)
     message_rate: float = 50.0  # frames per second a connection may send, sustained
     message_burst: int = 100  # frames a connection may send at once above the rate
     message_bytes_rate: int = 64 * 1024  # bytes per second a connection may send, sustained (pings too)
@@ -137,6 +138,11 @@ class Settings:
     event_retention: float = 7 * 86400.0  # seconds a group's events are kept for the audit trail
     event_log_max: int = 100_000  # events kept per group at most
     groups: dict[str, GroupConfig] = field(default_factory=dict)
+
+    @property
+    def queue_limits(self) -> tuple[int, int]:
+        """A connection's outbound queue: at most this many frames, and bytes."""
+        return self.max_queue, self.max_queue_bytes
 
 
 @functools.cache
@@ -632,8 +638,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError(f"trusted_proxies: {exc}") from None
     if settings.log_format not in ("text", "json"):
         raise ConfigError("log_format must be text or json")
-    if settings.max_frame_bytes < 1024 or settings.max_queue < 1:
-        raise ConfigError("max_frame_bytes must be at least 1024 and max_queue at least 1")
+    if settings.max_frame_bytes < 1024 or settings.max_queue < 1 or settings.max_queue_bytes < 1024:
+        raise ConfigError("max_frame_bytes and max_queue_bytes must be at least 1024 and max_queue at least 1")
     if settings.max_session_frame_bytes < settings.max_frame_bytes:
         raise ConfigError("max_session_frame_bytes must be at least max_frame_bytes")
     largest = max(settings.max_frame_bytes, settings.max_session_frame_bytes)

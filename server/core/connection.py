@@ -63,6 +63,7 @@ class Connection:
         "inbox",
         "keepalive_slice",
         "max_queue",
+        "max_queue_bytes",
         "pinged",
         "rate",
         "requests",
@@ -72,15 +73,15 @@ class Connection:
         "wire",
     )
 
-    def __init__(self, wire: Wire, role: str, group: str, subject: str, max_queue: int) -> None:
+    def __init__(self, wire: Wire, role: str, group: str, subject: str, queue_limits: tuple[int, int]) -> None:
         self.wire = wire
         self.id = new_connection_id()
         self.role = role
         self.group = group
         self.subject = subject  # the visitor ID or agent ID
-        self.max_queue = max_queue
+        self.max_queue, self.max_queue_bytes = queue_limits  # frames, and their bytes (Settings.queue_limits)
         # Only while frames wait: an idle connection keeps no deque (760 bytes).
-        self._queue: deque[bytes] | None = None
+        self._queue: FrameQueue | None = None
         self._pong: bytes | None = None  # the latest ping's answer, waiting with the queue
         self._closing = False
         self._then_close: tuple[int, str] | None = None  # a close waiting for the queue to be written
@@ -94,7 +95,7 @@ class Connection:
         self.keepalive_slice: int | None = None  # where core/keepalive.py files it
         # Its messages waiting for their turn, and the task answering them
         # in order: both only while there are any (web/websocket.py).
-        self.inbox: Inbox | None = None
+        self.inbox: FrameQueue | None = None
         self.serving: asyncio.Task[None] | None = None
 
     def __repr__(self) -> str:
@@ -119,15 +120,15 @@ class Connection:
                 self.wire.send(frame)
                 metrics.sent(self.role, frame)
                 return
-            self._queue = deque((frame,))
+            queue = self._queue = FrameQueue()
             self.wire.on_resume(self._write_queued)
-            return
-        if queue_full(len(queue), self.max_queue):
-            log.warning("closing slow consumer %r: %d frames queued", self, len(queue))
+        elif queue_full(len(queue), queue.size + len(frame), self.max_queue, self.max_queue_bytes):
+            log.warning("closing slow consumer %r: %d frames (%d bytes) queued", self, len(queue), queue.size)
             metrics.SLOW_CONSUMERS.labels(role=self.role).inc()
             self.close(CloseCode.SLOW_CONSUMER, "slow consumer")
             return
         queue.append(frame)
+        queue.size += len(frame)
 
     def send_message(self, message: Message) -> None:
         self.send(codec.encode(message))
@@ -147,7 +148,7 @@ class Connection:
             return
         self._pong = payload
         if self._queue is None:
-            self._queue = deque()
+            self._queue = FrameQueue()
             self.wire.on_resume(self._write_queued)
 
     def _write_queued(self) -> None:
@@ -160,6 +161,7 @@ class Connection:
             wire.send(pong, PONG)
         while queue and not wire.writing_paused:
             frame = queue.popleft()
+            queue.size -= len(frame)
             if wire.send(frame):
                 metrics.sent(self.role, frame)
         if not queue and self._pong is None:
@@ -232,9 +234,9 @@ class Connection:
         await self.wire.wait_closed(3 * CLOSE_TIMEOUT)
 
 
-class Inbox(deque[Any]):
-    """A connection's frames waiting for their answer (web/websocket.py),
-    and how many bytes they hold."""
+class FrameQueue(deque[Any]):
+    """Frames and how many bytes they hold (kept by whoever adds and takes
+    them): a connection's outbound queue, and its inbox (web/websocket.py)."""
 
     __slots__ = ("size",)
 
@@ -254,12 +256,12 @@ class VisitorConnection(Connection):
         wire: Wire,
         group: str,
         visitor: str,
-        max_queue: int,
+        queue_limits: tuple[int, int],
         instance: str,
         data: dict[str, Any],
         visible: bool,
     ) -> None:
-        super().__init__(wire, "visitor", group, visitor, max_queue)
+        super().__init__(wire, "visitor", group, visitor, queue_limits)
         data = {key: value for key, value in data.items() if value is not None}
         self.presence = ConnectionRecord(self.id, instance, data, visible, round(time.time(), 3))
         self.presence_due = 0.0  # monotonic time before which a presence change waits (presence_rate)
@@ -318,8 +320,8 @@ class AgentConnection(Connection):
         "watching_group",
     )
 
-    def __init__(self, wire: Wire, group: str, agent: str, max_queue: int, issued: float = 0.0) -> None:
-        super().__init__(wire, "agent", group, agent, max_queue)
+    def __init__(self, wire: Wire, group: str, agent: str, queue_limits: tuple[int, int], issued: float = 0.0) -> None:
+        super().__init__(wire, "agent", group, agent, queue_limits)
         self.issued = issued  # unix s when its login session was made: a revocation after it closes this
         self.topics: set[str] = set()
         self.watching_group = False

@@ -24,7 +24,7 @@ group ``presence_fields``      ``allowed_presence`` (hello, presence)  fields dr
 ``failed_credentials_per_``    ``check_failed_credentials``           ``rate_limited`` / 429
 ``address``                    (agent login, admin token)
 ``max_frame_bytes``            aiohttp's reader and the codec         close 1009
-``max_queue``                  ``queue_full`` (the writer)            close 4001
+``max_queue(_bytes)``          ``queue_full`` (the writer)            close 4001
 =============================  =====================================  ==========================
 """
 
@@ -135,11 +135,13 @@ class FrameRate:
         return Verdict.REFUSED
 
 
-def queue_full(queued: int, max_queue: int) -> bool:
-    """A connection's outbound queue is at ``max_queue``: a slow consumer."""
-    if queued < max_queue:
+def queue_full(frames: int, size: int, max_queue: int, max_queue_bytes: int) -> bool:
+    """A connection's outbound queue of ``frames`` holding ``size`` bytes (the
+    next frame's included) is past ``max_queue`` or ``max_queue_bytes``: a
+    slow consumer. An empty queue takes any one frame."""
+    if frames < max_queue and (size <= max_queue_bytes or not frames):
         return False
-    metrics.limit_hit("max_queue")
+    metrics.limit_hit("max_queue" if frames >= max_queue else "max_queue_bytes")
     return True
 
 

@@ -40,6 +40,8 @@ HELP = {
     "max_session_frame_bytes": "largest session_signal a support session's member may send (an SDP of up to "
     "64 KiB); other frames are held to max_frame_bytes",
     "max_queue": "outbound frames queued per connection before it is closed as a slow consumer",
+    "max_queue_bytes": "outbound bytes queued per connection (beyond its socket's buffers) before it is closed as a "
+    "slow consumer; a frame larger than this alone still waits",
     "message_rate": "frames per second a connection may send, sustained (token bucket)",
     "message_burst": "frames a connection may send at once above the rate",
     "message_bytes_rate": "bytes per second a connection may send, sustained (token bucket; pings count)",
@@ -126,6 +128,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "max_frame_bytes",
         "max_session_frame_bytes",
         "max_queue",
+        "max_queue_bytes",
         "message_rate",
         "message_burst",
         "message_bytes_rate",

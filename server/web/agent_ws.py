@@ -67,7 +67,7 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
         _hello, version = await read_hello(wire, settings)
     except ProtocolError as exc:
         return refuse(wire, exc)
-    agent = AgentConnection(wire, group.id, agent_id, settings.max_queue, issued=login.issued)
+    agent = AgentConnection(wire, group.id, agent_id, settings.queue_limits, issued=login.issued)
     logs.CONNECTION.set(agent.id)  # this handler's log lines (and its tasks') name it
     return await app[FRAMES].serve_after(agent, _welcomed(app, agent, version, login.expires))
 

@@ -61,7 +61,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
         log.info("visitor handshake refused: %s", exc.code)
         return refuse(wire, exc)
     visible = True if hello.visible is None else hello.visible
-    conn = VisitorConnection(wire, group, visitor, settings.max_queue, hub.instance, hello.data or {}, visible)
+    conn = VisitorConnection(wire, group, visitor, settings.queue_limits, hub.instance, hello.data or {}, visible)
     logs.CONNECTION.set(conn.id)  # this handler's log lines (and its tasks') name it
     try:
         # Registered first, so that once a client has its welcome, agents can reach it.

@@ -37,7 +37,7 @@ from herald_presence.protocol.messages import (
 )
 from herald_presence.server import __version__, logs, metrics
 from herald_presence.server.config import Settings
-from herald_presence.server.core.connection import Connection, Inbox, error_frame
+from herald_presence.server.core.connection import Connection, FrameQueue, error_frame
 from herald_presence.server.core.hub import Hub
 from herald_presence.server.core.session_signals import SessionSignals
 from herald_presence.server.core.wire import BINARY, MESSAGE_TOO_BIG, PING, PONG, Closed, Wire
@@ -323,7 +323,7 @@ class FrameServer(Generic[C]):
     def _queue(self, conn: C, item: object, size: int = 0) -> None:
         inbox = conn.inbox
         if inbox is None:
-            inbox = conn.inbox = Inbox()
+            inbox = conn.inbox = FrameQueue()
             conn.serving = self._hub.tasks.spawn(self._answer_inbox(conn), f"frames-{conn.id}")
         inbox.append(item)
         inbox.size += size

@@ -20,7 +20,7 @@ from herald_presence.protocol.messages import Signal, Welcome
 from herald_presence.server.core.wire import CLOSE_TIMEOUT
 from herald_presence.server.web.keys import HUB
 
-from ..harness import HeraldServer, settings
+from ..harness import HeraldServer, sample, scrape, settings
 from ..redis_server import RedisServer
 from ..test_cluster import eventually
 from .helpers import assert_bystanders_served, hello
@@ -336,3 +336,35 @@ async def test_frames_sent_while_redis_stalls_take_no_more_than_the_byte_burst()
     finally:
         await herald.stop()
         redis.stop()
+
+
+async def test_a_client_that_never_reads_is_closed_at_the_queues_byte_bound(
+    start_herald: Callable[..., Awaitable[HeraldServer]],
+) -> None:
+    """Signals of 6 KB for a visitor that never reads: once ``max_queue_bytes``
+    (1 MB here) wait beyond its socket's buffers it is closed as a slow
+    consumer (4001), long before ``max_queue`` (100,000) frames would: a
+    connection's queue holds bytes, not frames of any size, 1024 times."""
+    herald = await start_herald(max_queue=100_000, max_queue_bytes=1_000_000)
+    sock = await upgraded(herald, receive_buffer=4096)
+    await welcomed_after_hello(sock, "deaf")
+    (conn,) = [conn for conn in herald.app[HUB].connections() if conn.subject == "deaf"]
+    agent = await herald.agent("alice")
+    await agent.subscribe(["deaf"])
+    data = {f"blob{i}": "x" * 2_000 for i in range(3)}
+    before = await scrape(herald.base_url)  # the process's counters: other tests' hits too
+    for _ in range(150):  # 18 MB at most: the kernels' buffers (4 MB) and the queue's 1 MB, many times over
+        if conn.closing:
+            break
+        # return_exceptions: once it is closed, what was in flight expires (it does not come back)
+        await asyncio.gather(*(agent.signal("deaf", "fill", data) for _ in range(20)), return_exceptions=True)
+    assert conn.closing, "a client that never reads is a slow consumer"
+    after = await scrape(herald.base_url)
+
+    def hits(name: str, **labels: str) -> float:
+        return sample(after, name, **labels) - sample(before, name, **labels)
+
+    assert hits("herald_limit_hits_total", limit="max_queue_bytes") == 1
+    assert hits("herald_slow_consumer_disconnects_total", role="visitor") == 1  # closed 4001
+    sock.writer.close()
+    await assert_bystanders_served(herald.base_url)
