@@ -90,6 +90,7 @@ class Settings:
     message_burst: int = 100  # frames a connection may send at once above the rate
     message_bytes_rate: int = 64 * 1024  # bytes per second a connection may send, sustained (pings too)
     message_bytes_burst: int = 256 * 1024  # bytes a connection may send at once above it (>= the largest frame)
+    address_message_budget: int = 10  # an address's connections together: this many connections' frames and bytes
     connections_per_address: int = 60  # new websockets per client address per minute (per instance)
     max_connections_per_address: int = 256  # TCP connections open at once from one untrusted address (per instance)
     max_connections: int = 0  # TCP connections open at once per instance; 0: the open-file limit less a reserve
@@ -640,6 +641,8 @@ def _validate(settings: Settings) -> None:
         raise ConfigError("log_format must be text or json")
     if settings.max_frame_bytes < 1024 or settings.max_queue < 1 or settings.max_queue_bytes < 1024:
         raise ConfigError("max_frame_bytes and max_queue_bytes must be at least 1024 and max_queue at least 1")
+    if settings.address_message_budget < 1:
+        raise ConfigError("address_message_budget must be at least 1")
     if settings.max_session_frame_bytes < settings.max_frame_bytes:
         raise ConfigError("max_session_frame_bytes must be at least max_frame_bytes")
     largest = max(settings.max_frame_bytes, settings.max_session_frame_bytes)

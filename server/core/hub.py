@@ -21,7 +21,7 @@ from herald_presence.server import metrics
 from herald_presence.server.backends.base import Arrival, Backend, BackendUnavailable
 from herald_presence.server.config import Settings
 from herald_presence.server.model import names
-from herald_presence.server.model.limits import ConnectionRate
+from herald_presence.server.model.limits import AddressRates, ConnectionRate
 from herald_presence.server.model.records import HeldSignal, PresenceChange
 from herald_presence.server.tasks import TaskSupervisor
 
@@ -55,6 +55,7 @@ class Hub:
         self.watchers = Watchers(backend, settings, on_unfollowed=self.routes.forget)
         self.inbox = Inbox(backend, self.instance)
         self.load = Load(settings)
+        self.address_rates = AddressRates()  # what each client address's connections may send together
         # Events for the customer's back end: recorded by the services, delivered by webhooks.
         self.events = EventRecorder(settings, backend.events, self.tasks)
         self.webhooks = Webhooks(settings, backend.events, backend, self.tasks, self.instance)

@@ -74,6 +74,7 @@ class Verdict(Enum):
     REFUSED = "refused"  # dropped; the first of a streak is answered with rate_limited
     FIRST_REFUSED = "first_refused"  # by the frame rate
     FIRST_REFUSED_BYTES = "first_refused_bytes"  # by the byte budget
+    FIRST_REFUSED_ADDRESS = "first_refused_address"  # by its address's budget (its other connections spent it)
     FLOODING = "flooding"  # FLOOD_DROPS refused, net of those forgiven: close the connection
 
 
@@ -100,7 +101,7 @@ class FrameRate:
     the byte budget, refuse ~44). A client at twice its budget is slowed
     down, never closed."""
 
-    __slots__ = ("bytes", "dropped", "refilled", "refusing", "tokens")
+    __slots__ = ("bytes", "dropped", "refilled", "refusing", "shared", "tokens")
 
     def __init__(self) -> None:
         self.tokens = -1.0  # filled on first use
@@ -108,6 +109,7 @@ class FrameRate:
         self.refilled = 0.0
         self.dropped = 0  # refused frames, net of those forgiven
         self.refusing = False  # the last frame was refused: a streak is on
+        self.shared: AddressRate | None = None  # what its address's connections may send together
 
     def take(self, size: int, settings: Settings) -> Verdict:
         """One frame of ``size`` payload bytes."""
@@ -118,7 +120,8 @@ class FrameRate:
         elapsed, self.refilled = now - self.refilled, now
         self.tokens = refilled(self.tokens, elapsed, settings.message_rate, burst)
         self.bytes = refilled(self.bytes, elapsed, settings.message_bytes_rate, byte_burst)
-        if self.tokens >= 1 and self.bytes >= size:
+        own = self.tokens >= 1 and self.bytes >= size
+        if own and (self.shared is None or self.shared.take(size, now, settings)):
             self.tokens -= 1
             self.bytes -= size
             self.dropped = max(0, self.dropped - FLOOD_FORGIVEN)
@@ -127,12 +130,76 @@ class FrameRate:
         self.dropped += 1
         first, self.refusing = not self.refusing, True
         if first:
-            metrics.limit_hit("message_rate" if self.tokens < 1 else "message_bytes_rate")
+            metrics.limit_hit(
+                "address_message_budget" if own else "message_rate" if self.tokens < 1 else "message_bytes_rate"
+            )
         if self.dropped >= FLOOD_DROPS:
             return Verdict.FLOODING
-        if first:
-            return Verdict.FIRST_REFUSED if self.tokens < 1 else Verdict.FIRST_REFUSED_BYTES
-        return Verdict.REFUSED
+        if not first:
+            return Verdict.REFUSED
+        if own:
+            return Verdict.FIRST_REFUSED_ADDRESS
+        return Verdict.FIRST_REFUSED if self.tokens < 1 else Verdict.FIRST_REFUSED_BYTES
+
+
+class AddressRate:
+    """What one client address's connections may send together, on this
+    instance: ``address_message_budget`` connections' worth of the frame
+    rate and the byte budget (and their bursts). Without it an address
+    holding its 256 connections could send 256 budgets' worth of valid
+    frames, most of an instance's CPU; with it, as many as a few busy
+    clients, however many connections it spreads them over."""
+
+    __slots__ = ("address", "bytes", "refilled", "tokens", "users")
+
+    def __init__(self, address: str) -> None:
+        self.address = address
+        self.users = 0  # its connections (the entry goes with the last)
+        self.tokens = -1.0  # filled on first use
+        self.bytes = 0.0
+        self.refilled = 0.0
+
+    def take(self, size: int, now: float, settings: Settings) -> bool:
+        share = settings.address_message_budget
+        burst, byte_burst = float(settings.message_burst * share), float(settings.message_bytes_burst * share)
+        if self.tokens < 0:
+            self.tokens, self.bytes, self.refilled = burst, byte_burst, now
+        elapsed, self.refilled = now - self.refilled, now
+        self.tokens = refilled(self.tokens, elapsed, settings.message_rate * share, burst)
+        self.bytes = refilled(self.bytes, elapsed, settings.message_bytes_rate * share, byte_burst)
+        if self.tokens >= 1 and self.bytes >= size:
+            self.tokens -= 1
+            self.bytes -= size
+            return True
+        return False
+
+
+class AddressRates:
+    """The ``AddressRate`` of each address with connections here."""
+
+    __slots__ = ("_by_address",)
+
+    def __init__(self) -> None:
+        self._by_address: dict[str, AddressRate] = {}
+
+    def join(self, rate: FrameRate, address: str) -> None:
+        """``rate`` (a connection's) shares its address's budget from now on."""
+        shared = self._by_address.get(address)
+        if shared is None:
+            shared = self._by_address[address] = AddressRate(address)
+        shared.users += 1
+        rate.shared = shared
+
+    def leave(self, rate: FrameRate) -> None:
+        """Its connection is gone (once; again does nothing)."""
+        shared, rate.shared = rate.shared, None
+        if shared is not None:
+            shared.users -= 1
+            if not shared.users:
+                del self._by_address[shared.address]
+
+    def __len__(self) -> int:
+        return len(self._by_address)
 
 
 def queue_full(frames: int, size: int, max_queue: int, max_queue_bytes: int) -> bool:

@@ -46,6 +46,8 @@ HELP = {
     "message_burst": "frames a connection may send at once above the rate",
     "message_bytes_rate": "bytes per second a connection may send, sustained (token bucket; pings count)",
     "message_bytes_burst": "bytes a connection may send at once above the rate (at least the largest frame)",
+    "address_message_budget": "what one client address's connections may send together (per instance), in "
+    "connections' worth of the frame rate, the byte budget and their bursts",
     "connections_per_address": "new websocket connections per client address per minute, per instance",
     "max_connections_per_address": "TCP connections one client address may hold open at once, per instance",
     "max_connections": "TCP connections open at once per instance (0: the open-file limit less 256)",
@@ -133,6 +135,7 @@ SECTIONS: dict[str, tuple[str, ...]] = {
         "message_burst",
         "message_bytes_rate",
         "message_bytes_burst",
+        "address_message_budget",
         "max_connections_per_visitor",
         "max_subscriptions_per_agent",
         "max_presence_bytes",

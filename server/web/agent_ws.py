@@ -29,7 +29,7 @@ from herald_presence.server.core.connection import AgentConnection
 from herald_presence.server.core.signals import SignalRouter
 
 from . import auth
-from .http_common import error_response
+from .http_common import client_address, error_response
 from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, REVOCATIONS, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
     FrameServer,
@@ -69,7 +69,7 @@ async def agent_endpoint(request: web.Request) -> web.StreamResponse:
         return refuse(wire, exc)
     agent = AgentConnection(wire, group.id, agent_id, settings.queue_limits, issued=login.issued)
     logs.CONNECTION.set(agent.id)  # this handler's log lines (and its tasks') name it
-    return await app[FRAMES].serve_after(agent, _welcomed(app, agent, version, login.expires))
+    return await app[FRAMES].serve_after(agent, client_address(request), _welcomed(app, agent, version, login.expires))
 
 
 async def _welcomed(app: web.Application, agent: AgentConnection, version: int, expires: float) -> bool:

@@ -27,6 +27,7 @@ from herald_presence.server.core.sessions import CONSUMER_PREFIX, Sessions
 from herald_presence.server.model.presence_rules import is_consumer
 
 from . import auth
+from .http_common import client_address
 from .keys import CREDENTIALS, EXPIRY, HUB, PRESENCE, SESSION_SIGNALS, SESSIONS, SETTINGS, SIGNALS
 from .websocket import (
     FrameServer,
@@ -74,7 +75,7 @@ async def visitor_endpoint(request: web.Request) -> web.StreamResponse:
     except ProtocolError as exc:
         return refuse(wire, exc)
     rest = _welcomed(app, conn, version, expires, focused, consumer_session, hello.session, arrival)
-    return await app[FRAMES].serve_after(conn, rest)
+    return await app[FRAMES].serve_after(conn, client_address(request), rest)
 
 
 async def _welcomed(

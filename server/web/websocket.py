@@ -284,11 +284,13 @@ class FrameServer(Generic[C]):
         self._hub.keepalive.watch(conn)
         log.debug("%s %s/%s connected", conn.role, conn.group, conn.subject)
 
-    async def serve_after(self, conn: C, rest_of_handshake: Awaitable[bool]) -> Upgraded:
-        """Serve ``conn`` once the rest of its handshake is done (False: it
-        closed the connection). A handshake that ends otherwise (refused,
-        failed, its socket lost) closes the socket (1011 if nothing closed
-        it yet: an error of ours) and lets go of the connection at once."""
+    async def serve_after(self, conn: C, address: str, rest_of_handshake: Awaitable[bool]) -> Upgraded:
+        """Serve ``conn`` (from client ``address``, whose budget its frames
+        share) once the rest of its handshake is done (False: it closed the
+        connection). A handshake that ends otherwise (refused, failed, its
+        socket lost) closes the socket (1011 if nothing closed it yet: an
+        error of ours) and lets go of the connection at once."""
+        self._hub.address_rates.join(conn.rate, address)
         served = False
         try:
             if await rest_of_handshake:
@@ -308,6 +310,7 @@ class FrameServer(Generic[C]):
         """Its socket gone (or its handshake ended): the role's own ``gone``."""
         self._app[EXPIRY].forget(conn)
         self._hub.keepalive.forget(conn)
+        self._hub.address_rates.leave(conn.rate)
         await self._gone(self._app, conn)
 
     def frame(self, conn: C, opcode: int, payload: bytes | str) -> None:  # type: ignore[override]
@@ -397,6 +400,10 @@ def _within_rate(conn: Connection, settings: Settings, size: int) -> bool:
         conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_rate:g} frames per second; frames dropped")
     elif verdict is Verdict.FIRST_REFUSED_BYTES:
         conn.send_error(ErrorCode.RATE_LIMITED, f"over {settings.message_bytes_rate} bytes per second; frames dropped")
+    elif verdict is Verdict.FIRST_REFUSED_ADDRESS:
+        conn.send_error(
+            ErrorCode.RATE_LIMITED, "over what this address's connections may send together; frames dropped"
+        )
     elif verdict is Verdict.FLOODING:
         log.warning("closing %r: flooding", conn)
         conn.close(CloseCode.FLOODING, "flooding", flush=True)  # the streak's rate_limited goes first

@@ -36,6 +36,7 @@ RAISED_LIMITS = {
     "--max-connections-per-address": "1000000",
     "--message-rate": "1000000",
     "--message-burst": "1000000",
+    "--address-message-budget": "1000",  # every generator connects from 127.0.0.1
     "--visitor-signal-rate": "1000000",
     "--visitor-signal-burst": "1000000",
 }

@@ -5,6 +5,8 @@ matter for the threat model.)"""
 
 from __future__ import annotations
 
+import contextlib
+
 import aiohttp
 import msgpack
 import pytest
@@ -12,8 +14,10 @@ import pytest
 from herald_presence.protocol import RequestFailed, codec
 from herald_presence.protocol.errors import CloseCode, ErrorCode
 from herald_presence.protocol.messages import Error, Ping, Pong
+from herald_presence.server.web.keys import HUB
 
 from ..harness import HeraldServer, receive
+from ..test_cluster import eventually
 from .helpers import assert_bystanders_served, error_of, hello, session
 
 
@@ -86,6 +90,35 @@ async def test_message_flood(start_herald) -> None:  # type: ignore[no-untyped-d
         assert ws.close_code == CloseCode.FLOODING
         assert pongs <= 12  # the burst and at most a refill or two
     await assert_bystanders_served(herald.base_url)
+
+
+async def test_valid_frames_spread_over_many_connections_of_one_address(start_herald) -> None:  # type: ignore[no-untyped-def]
+    """Each connection within its own budgets, all of them together over
+    their address's: 5 connections of one address send 60 pings at once
+    each (their own bursts: 100); the address may send 2 connections'
+    worth (a burst of 200): the rest are dropped, answered with
+    ``rate_limited`` naming the address. Its entry goes with its last
+    connection; another address is served."""
+    herald = await start_herald(message_rate=50, message_burst=100, address_message_budget=2)
+    pongs, refusals = 0, []
+    async with contextlib.AsyncExitStack() as stack:
+        sockets = [await stack.enter_async_context(herald.raw_visitor(f"v-spread{n}")) for n in range(5)]
+        for ws in sockets:
+            for _ in range(60):
+                await ws.send_bytes(codec.encode(Ping()))
+        for ws in sockets:
+            with contextlib.suppress(TimeoutError):
+                while True:
+                    answer = codec.decode(await ws.receive_bytes(timeout=1))
+                    if isinstance(answer, Error):
+                        refusals.append(answer)
+                    else:
+                        pongs += isinstance(answer, Pong)
+        assert len(herald.app[HUB].address_rates) == 1
+    assert 200 <= pongs < 250, pongs  # the address's burst, and what it refilled meanwhile
+    assert refusals and all(r.code == ErrorCode.RATE_LIMITED and "address" in r.message for r in refusals)
+    await eventually(lambda: len(herald.app[HUB].address_rates) == 0, 5, "the address's entry gone with its sockets")
+    await assert_bystanders_served(herald.base_url, source="127.0.0.2")
 
 
 async def test_connection_flood_from_one_address(start_herald) -> None:  # type: ignore[no-untyped-def]
