@@ -8,6 +8,7 @@ setting                        checked by                             answer
 =============================  =====================================  ==========================
 ``message_rate``/``_burst``    ``FrameRate`` (each frame)             ``rate_limited``, then 4003
 ``message_bytes_rate/_burst``  ``FrameRate`` (each frame's bytes)     ``rate_limited``, then 4003
+``address_message_budget``     ``AddressRate`` (all its connections)  ``rate_limited``, then 4003
 ``connections_per_address``    ``ConnectionRate`` (each upgrade)      HTTP 429
 ``max_connections_per_address`` ``OpenConnections`` (each accept)     socket closed at once
 ``max_connections``            ``OpenConnections`` (each accept)      socket closed at once
