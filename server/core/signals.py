@@ -274,7 +274,8 @@ class SignalRouter:
                 delivered += count
         finally:
             self._load.in_flight -= len(waits)
-        self._load.delivery_took(time.monotonic() - published)
+        now = time.monotonic()
+        self._load.delivery_took(now - published, now)
         return delivered
 
     async def deliver_later(self, instance: str, connections: list[str], frame: bytes) -> Coroutine[Any, Any, int]:
