@@ -84,14 +84,41 @@ def refilled(level: float, elapsed: float, rate: float, burst: float) -> float:
     return min(burst, level + elapsed * rate)
 
 
-class FrameRate:
-    """What a connection may send: two token buckets refilled together,
-    ``message_burst`` frames refilled at ``message_rate`` per second and
-    ``message_bytes_burst`` bytes at ``message_bytes_rate`` per second.
-    Every frame the client sends after its hello counts, websocket pings and
-    pongs too: the frame rate bounds the work per frame, the byte budget
-    what a frame's size costs (reading and decoding it). A frame is taken
-    from both or refused (and then takes nothing).
+class Budget:
+    """Two token buckets refilled together: ``message_burst`` frames
+    refilled at ``message_rate`` per second and ``message_bytes_burst``
+    bytes at ``message_bytes_rate`` per second, each times ``share``."""
+
+    __slots__ = ("bytes", "refilled", "tokens")
+
+    def __init__(self) -> None:
+        self.tokens = -1.0  # filled on first use
+        self.bytes = 0.0
+        self.refilled = 0.0
+
+    def refill(self, now: float, settings: Settings, share: int = 1) -> None:
+        burst, byte_burst = float(settings.message_burst * share), float(settings.message_bytes_burst * share)
+        if self.tokens < 0:
+            self.tokens, self.bytes, self.refilled = burst, byte_burst, now
+        elapsed, self.refilled = now - self.refilled, now
+        self.tokens = refilled(self.tokens, elapsed, settings.message_rate * share, burst)
+        self.bytes = refilled(self.bytes, elapsed, settings.message_bytes_rate * share, byte_burst)
+
+    def allows(self, size: int) -> bool:
+        return self.tokens >= 1 and self.bytes >= size
+
+    def spend(self, size: int) -> None:
+        self.tokens -= 1
+        self.bytes -= size
+
+
+class FrameRate(Budget):
+    """What a connection may send: its ``Budget``, and its address's
+    (``AddressRate``). Every frame the client sends after its hello counts,
+    websocket pings and pongs too: the frame rate bounds the work per
+    frame, the byte budget what a frame's size costs (reading and decoding
+    it). A frame is taken from every bucket or refused (and then takes
+    nothing).
 
     Refused frames are dropped; the first of each streak is answered. A
     connection is flooding once ``FLOOD_DROPS`` frames were refused net of
@@ -102,12 +129,10 @@ class FrameRate:
     the byte budget, refuse ~44). A client at twice its budget is slowed
     down, never closed."""
 
-    __slots__ = ("bytes", "dropped", "refilled", "refusing", "shared", "tokens")
+    __slots__ = ("dropped", "refusing", "shared")
 
     def __init__(self) -> None:
-        self.tokens = -1.0  # filled on first use
-        self.bytes = 0.0
-        self.refilled = 0.0
+        super().__init__()
         self.dropped = 0  # refused frames, net of those forgiven
         self.refusing = False  # the last frame was refused: a streak is on
         self.shared: AddressRate | None = None  # what its address's connections may send together
@@ -115,16 +140,14 @@ class FrameRate:
     def take(self, size: int, settings: Settings) -> Verdict:
         """One frame of ``size`` payload bytes."""
         now = time.monotonic()
-        burst, byte_burst = float(settings.message_burst), float(settings.message_bytes_burst)
-        if self.tokens < 0:
-            self.tokens, self.bytes, self.refilled = burst, byte_burst, now
-        elapsed, self.refilled = now - self.refilled, now
-        self.tokens = refilled(self.tokens, elapsed, settings.message_rate, burst)
-        self.bytes = refilled(self.bytes, elapsed, settings.message_bytes_rate, byte_burst)
-        own = self.tokens >= 1 and self.bytes >= size
-        if own and (self.shared is None or self.shared.take(size, now, settings)):
-            self.tokens -= 1
-            self.bytes -= size
+        self.refill(now, settings)
+        own, shared = self.allows(size), self.shared
+        if own and shared is not None:
+            shared.refill(now, settings, settings.address_message_budget)
+        if own and (shared is None or shared.allows(size)):
+            self.spend(size)
+            if shared is not None:
+                shared.spend(size)
             self.dropped = max(0, self.dropped - FLOOD_FORGIVEN)
             self.refusing = False
             return Verdict.ALLOWED
@@ -143,36 +166,20 @@ class FrameRate:
         return Verdict.FIRST_REFUSED if self.tokens < 1 else Verdict.FIRST_REFUSED_BYTES
 
 
-class AddressRate:
+class AddressRate(Budget):
     """What one client address's connections may send together, on this
-    instance: ``address_message_budget`` connections' worth of the frame
-    rate and the byte budget (and their bursts). Without it an address
-    holding its 256 connections could send 256 budgets' worth of valid
-    frames, most of an instance's CPU; with it, as many as a few busy
-    clients, however many connections it spreads them over."""
+    instance: a ``Budget`` of ``address_message_budget`` connections' worth.
+    Without it an address holding its 256 connections could send 256
+    budgets' worth of valid frames, most of an instance's CPU; with it, as
+    many as a few busy clients, however many connections it spreads them
+    over."""
 
-    __slots__ = ("address", "bytes", "refilled", "tokens", "users")
+    __slots__ = ("address", "users")
 
     def __init__(self, address: str) -> None:
+        super().__init__()
         self.address = address
         self.users = 0  # its connections (the entry goes with the last)
-        self.tokens = -1.0  # filled on first use
-        self.bytes = 0.0
-        self.refilled = 0.0
-
-    def take(self, size: int, now: float, settings: Settings) -> bool:
-        share = settings.address_message_budget
-        burst, byte_burst = float(settings.message_burst * share), float(settings.message_bytes_burst * share)
-        if self.tokens < 0:
-            self.tokens, self.bytes, self.refilled = burst, byte_burst, now
-        elapsed, self.refilled = now - self.refilled, now
-        self.tokens = refilled(self.tokens, elapsed, settings.message_rate * share, burst)
-        self.bytes = refilled(self.bytes, elapsed, settings.message_bytes_rate * share, byte_burst)
-        if self.tokens >= 1 and self.bytes >= size:
-            self.tokens -= 1
-            self.bytes -= size
-            return True
-        return False
 
 
 class AddressRates:
