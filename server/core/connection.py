@@ -120,8 +120,7 @@ class Connection:
                 self.wire.send(frame)
                 metrics.sent(self.role, frame)
                 return
-            queue = self._queue = FrameQueue()
-            self.wire.on_resume(self._write_queued)
+            queue = self._started_queue()
         elif queue_full(len(queue), queue.size + len(frame), self.max_queue, self.max_queue_bytes):
             log.warning("closing slow consumer %r: %d frames (%d bytes) queued", self, len(queue), queue.size)
             metrics.SLOW_CONSUMERS.labels(role=self.role).inc()
@@ -148,8 +147,13 @@ class Connection:
             return
         self._pong = payload
         if self._queue is None:
-            self._queue = FrameQueue()
-            self.wire.on_resume(self._write_queued)
+            self._started_queue()
+
+    def _started_queue(self) -> FrameQueue:
+        """What is sent while the transport takes no writes waits here, until it does."""
+        queue = self._queue = FrameQueue()
+        self.wire.on_resume(self._write_queued)
+        return queue
 
     def _write_queued(self) -> None:
         """The transport takes writes again: what waits goes out (a pong

@@ -330,8 +330,12 @@ class FrameServer(Generic[C]):
             conn.serving = self._hub.tasks.spawn(self._answer_inbox(conn), f"frames-{conn.id}")
         inbox.append(item)
         inbox.size += size
-        if len(inbox) >= INBOX_MAX or inbox.size >= self._settings.message_bytes_burst:
+        if self._full(inbox):
             conn.wire.pause_reading()
+
+    def _full(self, inbox: FrameQueue) -> bool:
+        """INBOX_MAX frames, or the connection's byte burst, wait: read no more."""
+        return len(inbox) >= INBOX_MAX or inbox.size >= self._settings.message_bytes_burst
 
     async def _answer_inbox(self, conn: C) -> None:
         logs.CONNECTION.set(conn.id)  # its log lines (and its tasks') name it
@@ -346,7 +350,7 @@ class FrameServer(Generic[C]):
                     return
                 opcode, payload = item
                 inbox.size -= len(payload)
-                if len(inbox) < INBOX_MAX and inbox.size < self._settings.message_bytes_burst:
+                if not self._full(inbox):
                     conn.wire.resume_reading()
                 await self._take(conn, opcode, payload)
         finally:
