@@ -17,6 +17,7 @@ from collections.abc import Awaitable, Callable
 
 from herald_presence.protocol import codec
 from herald_presence.protocol.messages import Signal, Welcome
+from herald_presence.server.core.connection import Connection
 from herald_presence.server.core.wire import CLOSE_TIMEOUT
 from herald_presence.server.web.keys import HUB
 
@@ -99,6 +100,11 @@ async def upgraded(herald: HeraldServer, *, also: bytes = b"", receive_buffer: i
     assert head.startswith(b"HTTP/1.1 101 "), head
     assert f"Sec-WebSocket-Accept: {ACCEPT}".encode() in head, head
     return RawSocket(reader, writer)
+
+
+def held(herald: HeraldServer, subject: str) -> list[Connection]:
+    """The server's connections of ``subject`` (a visitor ID)."""
+    return [conn for conn in herald.app[HUB].connections() if conn.subject == subject]
 
 
 async def welcomed(sock: RawSocket) -> None:
@@ -254,11 +260,8 @@ async def test_a_client_that_sends_its_close_and_never_reads_is_let_go(
     sock.send(client_frame(CLOSE, (1000).to_bytes(2, "big")))
     await sock.writer.drain()
 
-    def deaf_connections() -> list[object]:
-        return [conn for conn in herald.app[HUB].connections() if conn.subject == "deaf"]
-
-    assert deaf_connections(), "still held while its close is answered"
-    await eventually(lambda: not deaf_connections(), CLOSE_TIMEOUT + 3, "the deaf client's connection let go of")
+    assert held(herald, "deaf"), "still held while its close is answered"
+    await eventually(lambda: not held(herald, "deaf"), CLOSE_TIMEOUT + 3, "the deaf client's connection let go of")
     sock.writer.close()
     await assert_bystanders_served(herald.base_url)
 
@@ -280,7 +283,7 @@ async def test_a_client_that_pings_and_never_reads_is_owed_one_pong_not_a_pile(
     for start in range(0, pings, 1_000):
         sock.send(b"".join(client_frame(PING, n.to_bytes(8, "big") + padding) for n in range(start, start + 1_000)))
         await sock.writer.drain()
-    (conn,) = [conn for conn in herald.app[HUB].connections() if conn.subject == "pinger"]
+    (conn,) = held(herald, "pinger")
     await eventually(
         lambda: conn.inbox is None and time.monotonic() - conn.heard > 0.5, 30, "every ping taken by the server"
     )
@@ -315,7 +318,7 @@ async def test_frames_sent_while_redis_stalls_take_no_more_than_the_byte_burst()
     try:
         sock = await upgraded(herald)
         await welcomed_after_hello(sock, "stalled")
-        (conn,) = [conn for conn in herald.app[HUB].connections() if conn.subject == "stalled"]
+        (conn,) = held(herald, "stalled")
 
         def waiting() -> int:  # bytes of its frames read and not answered yet
             return sum(len(frame) for _opcode, frame in conn.inbox or ())
@@ -348,7 +351,7 @@ async def test_a_client_that_never_reads_is_closed_at_the_queues_byte_bound(
     herald = await start_herald(max_queue=100_000, max_queue_bytes=1_000_000)
     sock = await upgraded(herald, receive_buffer=4096)
     await welcomed_after_hello(sock, "deaf")
-    (conn,) = [conn for conn in herald.app[HUB].connections() if conn.subject == "deaf"]
+    (conn,) = held(herald, "deaf")
     agent = await herald.agent("alice")
     await agent.subscribe(["deaf"])
     data = {f"blob{i}": "x" * 2_000 for i in range(3)}
