@@ -40,6 +40,7 @@ import msgpack
 
 from . import clients
 
+SEND_TICK = 0.001  # seconds the sender sleeps at least between batches (those due are sent together)
 DRAIN_SECONDS = 3.0  # after a step's last signal, how long answers may still come (the server's delivery_timeout)
 
 
@@ -147,8 +148,8 @@ class PairsLoad:
             while i < total:
                 now = clock()
                 due = min(total, math.floor((now - t0) * rate) + 1)
-                if due <= i:
-                    await asyncio.sleep(t0 + i * interval - now)
+                if due <= i:  # at least SEND_TICK: a wake-up per signal would cost more than its send
+                    await asyncio.sleep(max(SEND_TICK, t0 + i * interval - now))
                     continue
                 while i < due:
                     pair = pairs[i % len(pairs)]
@@ -160,7 +161,7 @@ class PairsLoad:
                         self.counts["closed"] += 1
                     lags.append(clock() - scheduled)
                     i += 1
-                await asyncio.sleep(0)  # behind schedule or not, let the readers in
+                await asyncio.sleep(SEND_TICK)  # behind schedule or not, let the readers in (never spin)
             if pending:
                 self.answered.clear()
                 with contextlib.suppress(TimeoutError):
