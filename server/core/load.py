@@ -1,16 +1,32 @@
-"""How busy this instance is, and when it refuses new work.
+"""How busy this instance is, and which new work it refuses.
 
 Past what an instance can serve, every queue grows (the sockets' buffers,
 the event loop's ready callbacks, deliveries waiting for replies) and every
 message waits longer, until none is answered in time. An instance that
-refuses what it cannot serve in time keeps serving the rest: an agent's
-signal is refused at once with ``overloaded`` while the event loop runs
-late (it wakes more than ``overload_lag`` after it should), while
-deliveries through other instances take more than half of ``overload_lag``
-from publish to reply (a visitor's instance, Redis or the machine that
-cannot keep up: a late loop here is not the only queue a signal waits in),
-or while ``max_signals_in_flight`` deliveries already wait for replies. The
-refusal costs little; what is accepted is answered in time, and the
+refuses what it cannot serve in time keeps serving the rest.
+
+Agents' new signals are refused at once with ``overloaded``:
+
+* a share of them, while deliveries through other instances stand in a
+  queue: the fastest delivery of the last ``WINDOW_TICKS`` check-ins took
+  more than ``overload_lag / 10`` from publish to reply (a visitor's
+  instance, Redis or a machine that cannot keep up: a late loop here is not
+  the only queue a signal waits in). The share grows while that standing
+  delay is over its target and shrinks while it is under (a proportional-
+  integral controller, as in PIE, RFC 8033), and the refusals are spread
+  evenly over the signals. Senders do not slow down when refused, so
+  refusing all of them while the delay is high and none while it is low
+  would swing between an empty queue and a long one; refusing the excess
+  only keeps the queue short and accepts what the instances can serve.
+  Because only the fastest delivery of a window counts, one stall (a
+  collection, a process descheduled) that delays the deliveries in flight
+  refuses nothing: a standing queue delays all of them;
+* all of them while the event loop runs late (it wakes more than
+  ``overload_lag`` after it should, on average: a lone instance has no
+  deliveries to time) or while ``max_signals_in_flight`` deliveries wait
+  for replies.
+
+The refusal costs little; what is accepted is answered in time, and the
 instance is back to normal as soon as the excess stops.
 """
 
@@ -18,42 +34,74 @@ from __future__ import annotations
 
 import asyncio
 import math
+from collections import deque
 
 from herald_presence.server.config import Settings
 
 TICK = 0.01  # seconds between the event loop's check-ins
-# The lag is a moving average over check-ins (each one's lateness weighs
-# 1 - EASE): a sustained lag shows within half a second, a lone hiccup (a
-# collection, a moment descheduled on a busy machine) does not refuse anything.
+# The loop's lag is a moving average over check-ins (each one's lateness
+# weighs 1 - EASE): a sustained lag shows within half a second, a lone hiccup
+# does not refuse anything.
 EASE = 0.8
-# The delivery lag is a moving average over time: a delivery weighs what
-# DELIVERY_MEMORY says of the time since the one before (at most 1 - EASE,
-# when they are rare). One stall that holds up every delivery in flight at
-# once (a process descheduled for 40 ms at 600/s: 24 of them) moves it by a
-# few ms and refuses nothing; a lag that lasts shows within DELIVERY_MEMORY.
-DELIVERY_MEMORY = 0.25
+WINDOW_TICKS = 3  # check-ins whose fastest delivery is the standing delay
+TARGET_SHARE = 0.1  # the standing delay's target, a share of overload_lag
+# The accepted share's controller, per check-in, on its logarithm (so that it
+# answers alike at 1.1x and at 10x what the instances serve): INTEGRAL x the
+# standing delay's excess over its target, plus PROPORTIONAL x how much that
+# excess (if any) grew since the last; under the target the share grows back
+# RECOVERY times as fast as it would shrink (back to all within a second or so
+# at 1.5x, a few at 10x).
+INTEGRAL = 3.0  # per second of excess: 10 ms over the target takes 3 % off
+PROPORTIONAL = 30.0  # per second of growth: an excess 10 ms longer than before takes 30 % off
+RECOVERY = 1.5
+MIN_ACCEPTED = 0.01  # some signals are still accepted: their deliveries tell when the queue is gone
 
 
 class Load:
-    __slots__ = ("_delivered", "_last_delivery", "delivery_lag", "in_flight", "lag", "settings")
+    __slots__ = (
+        "_accepted_log",
+        "_fastest",
+        "_owed",
+        "_window",
+        "in_flight",
+        "lag",
+        "refused_share",
+        "settings",
+        "standing",
+    )
 
     def __init__(self, settings: Settings) -> None:
         self.settings = settings
         self.lag = 0.0  # seconds the event loop runs late, recently
         self.in_flight = 0  # deliveries to other instances waiting for their reply
-        # Seconds a delivery through another instance took, recently: a moving
-        # average over deliveries, eased toward 0 on each check-in that saw none
-        # (while everything is refused, nothing would bring it down again).
-        self.delivery_lag = 0.0
-        self._delivered = False
-        self._last_delivery = 0.0  # monotonic time of the last delivery_took
+        self.standing = 0.0  # seconds the fastest recent delivery through another instance took
+        self.refused_share = 0.0  # of agents' new signals, 0..1
+        self._accepted_log = 0.0  # log(1 - refused_share)
+        self._fastest = math.inf  # the fastest delivery since the last check-in
+        self._window: deque[float] = deque(maxlen=WINDOW_TICKS)
+        self._owed = 0.0  # refusals due and not yet made (spreads them evenly)
 
-    def delivery_took(self, seconds: float, now: float) -> None:
-        """A delivery through another instance took ``seconds`` (``now``: monotonic)."""
-        weight = min(1 - EASE, 1 - math.exp((self._last_delivery - now) / DELIVERY_MEMORY))
-        self._last_delivery = now
-        self.delivery_lag += (seconds - self.delivery_lag) * weight
-        self._delivered = True
+    def delivery_took(self, seconds: float) -> None:
+        """A delivery through another instance took ``seconds`` from publish to reply."""
+        self._fastest = min(self._fastest, seconds)
+
+    def check_in(self, late: float) -> None:
+        """One check-in: the event loop woke ``late`` seconds after it should."""
+        self.lag = self.lag * EASE + late * (1 - EASE)
+        self._window.append(self._fastest)
+        self._fastest = math.inf
+        standing = min(self._window)
+        if standing == math.inf:  # nothing came back lately: a queue only if something waits
+            standing = self.standing if self.in_flight else 0.0
+        target = self.settings.overload_lag * TARGET_SHARE
+        excess, excess_before = standing - target, max(0.0, self.standing - target)
+        less = INTEGRAL * excess + PROPORTIONAL * (max(0.0, excess) - excess_before)
+        less *= RECOVERY if less < 0 else 1.0
+        self._accepted_log = min(0.0, max(math.log(MIN_ACCEPTED), self._accepted_log - less))
+        self.refused_share = 1.0 - math.exp(self._accepted_log)
+        self.standing = standing
+        if not self.refused_share:
+            self._owed = 0.0
 
     async def measure(self) -> None:
         """Until cancelled: how late the event loop wakes from a short sleep."""
@@ -61,14 +109,17 @@ class Load:
         while True:
             started = loop.time()
             await asyncio.sleep(TICK)
-            late = max(0.0, loop.time() - started - TICK)
-            self.lag = self.lag * EASE + late * (1 - EASE)
-            if not self._delivered:
-                self.delivery_lag *= EASE
-            self._delivered = False
+            self.check_in(max(0.0, loop.time() - started - TICK))
 
-    def overloaded(self) -> bool:
+    def refuse(self) -> bool:
+        """Whether to refuse the agent's new signal now (``overloaded``)."""
         lag = self.settings.overload_lag
-        if lag > 0 and (self.lag > lag or self.delivery_lag > lag / 2):
+        if not lag:
+            return self.in_flight >= self.settings.max_signals_in_flight
+        if self.lag > lag or self.in_flight >= self.settings.max_signals_in_flight:
             return True
-        return self.in_flight >= self.settings.max_signals_in_flight
+        self._owed += self.refused_share
+        if self._owed >= 1.0:
+            self._owed -= 1.0
+            return True
+        return False

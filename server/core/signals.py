@@ -199,7 +199,7 @@ class SignalRouter:
     async def to_visitor(self, group: str, agent: str, message: Signal) -> int:
         """Deliver an agent's signal; the delivered count, or ProtocolError."""
         assert message.visitor is not None
-        if self._load.overloaded():  # refused at once: what is accepted is still answered in time
+        if self._load.refuse():  # refused at once: what is accepted is still answered in time
             metrics.limit_hit("overloaded")
             raise ProtocolError(ErrorCode.OVERLOADED, "this instance is overloaded; send it again in a moment")
         check_signal(message.data, self.settings)
@@ -274,8 +274,7 @@ class SignalRouter:
                 delivered += count
         finally:
             self._load.in_flight -= len(waits)
-        now = time.monotonic()
-        self._load.delivery_took(now - published, now)
+        self._load.delivery_took(time.monotonic() - published)
         return delivered
 
     async def deliver_later(self, instance: str, connections: list[str], frame: bytes) -> Coroutine[Any, Any, int]:
