@@ -115,6 +115,18 @@ def test_one_stall_of_the_deliveries_in_flight_refuses_nothing() -> None:
         assert not load.refused_share and not any(load.refuse() for _ in range(6)), tick
 
 
+def test_deliveries_that_wait_a_little_refuse_nothing() -> None:
+    """Near what the instances serve, every delivery waits a few ms (8 here:
+    the target is 5, refusing starts past 10); the accepted are answered well
+    in time, so nothing is refused for it."""
+    load = Load(settings(overload_lag=0.05))
+    for tick in range(200):
+        for _ in range(50):
+            load.delivery_took(0.008)
+        load.check_in(0.0)
+        assert not any(load.refuse() for _ in range(50)), tick
+
+
 def test_a_lasting_excess_is_refused_and_no_more() -> None:
     """Agents send 1.5x what the deliveries can take, and keep sending when
     refused (a queue model: each check-in serves what it can, the rest waits).

@@ -9,12 +9,13 @@ Agents' new signals are refused at once with ``overloaded``:
 
 * a share of them, while deliveries through other instances stand in a
   queue: the fastest delivery of the last ``WINDOW_TICKS`` check-ins took
-  more than ``overload_lag / 10`` from publish to reply (a visitor's
+  more than ``overload_lag / 5`` from publish to reply (a visitor's
   instance, Redis or a machine that cannot keep up: a late loop here is not
-  the only queue a signal waits in). The share grows while that standing
-  delay is over its target and shrinks while it is under (a proportional-
-  integral controller, as in PIE, RFC 8033), and the refusals are spread
-  evenly over the signals. Senders do not slow down when refused, so
+  the only queue a signal waits in). The share then grows while that
+  standing delay is over its target, ``overload_lag / 10``, and shrinks
+  while it is under (a proportional-integral controller, as in PIE, RFC
+  8033), until none is refused; the refusals are spread evenly over the
+  signals. Senders do not slow down when refused, so
   refusing all of them while the delay is high and none while it is low
   would swing between an empty queue and a long one; refusing the excess
   only keeps the queue short and accepts what the instances can serve.
@@ -54,6 +55,7 @@ TARGET_SHARE = 0.1  # the standing delay's target, a share of overload_lag
 INTEGRAL = 3.0  # per second of excess: 10 ms over the target takes 3 % off
 PROPORTIONAL = 30.0  # per second of growth: an excess 10 ms longer than before takes 30 % off
 RECOVERY = 1.5
+ONSET = 2.0  # while nothing is refused, a standing delay up to ONSET x the target is let be
 MIN_ACCEPTED = 0.01  # some signals are still accepted: their deliveries tell when the queue is gone
 
 
@@ -94,6 +96,9 @@ class Load:
         if standing == math.inf:  # nothing came back lately: a queue only if something waits
             standing = self.standing if self.in_flight else 0.0
         target = self.settings.overload_lag * TARGET_SHARE
+        if not self.refused_share and standing < ONSET * target:  # a queue that stays short: all accepted
+            self.standing = standing
+            return
         excess, excess_before = standing - target, max(0.0, self.standing - target)
         less = INTEGRAL * excess + PROPORTIONAL * (max(0.0, excess) - excess_before)
         less *= RECOVERY if less < 0 else 1.0

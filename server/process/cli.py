@@ -62,8 +62,8 @@ HELP = {
     "visitor_signal_burst": "signals one visitor may send one agent connection at once above the rate",
     "overload_lag": (
         "seconds the event loop may run late before agents' new signals are refused (overloaded); past a"
-        " tenth of it, deliveries through other instances that all wait (the fastest of 30 ms) refuse the"
-        " excess share of them; 0: never"
+        " fifth of it, deliveries through other instances that all wait (the fastest of 30 ms) refuse the"
+        " excess share of them, holding that wait near a tenth; 0: never"
     ),
     "max_signals_in_flight": "deliveries to other instances awaiting their reply before new signals are refused",
     "session_secret": "32 url-safe base64 bytes encrypting agent session cookies (random per start if empty)",
