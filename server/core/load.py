@@ -8,20 +8,20 @@ refuses what it cannot serve in time keeps serving the rest.
 Agents' new signals are refused at once with ``overloaded``:
 
 * a share of them, while deliveries through other instances stand in a
-  queue: the fastest delivery of the last ``WINDOW_TICKS`` check-ins took
+  queue: the fastest delivery of the last ``ONSET_TICKS`` check-ins took
   more than ``overload_lag / 5`` from publish to reply (a visitor's
-  instance, Redis or a machine that cannot keep up: a late loop here is not
-  the only queue a signal waits in). The share then grows while that
-  standing delay is over its target, ``overload_lag / 10``, and shrinks
-  while it is under (a proportional-integral controller, as in PIE, RFC
-  8033), until none is refused; the refusals are spread evenly over the
-  signals. Senders do not slow down when refused, so
-  refusing all of them while the delay is high and none while it is low
-  would swing between an empty queue and a long one; refusing the excess
-  only keeps the queue short and accepts what the instances can serve.
-  Because only the fastest delivery of a window counts, one stall (a
-  collection, a process descheduled) that delays the deliveries in flight
-  refuses nothing: a standing queue delays all of them;
+  instance, Redis or a machine that cannot keep up: a late loop here is
+  not the only queue a signal waits in). The share then grows while the
+  standing delay (the fastest of the last ``WINDOW_TICKS``) is over its
+  target, ``overload_lag / 10``, and shrinks while it is under (a
+  proportional-integral controller, as in PIE, RFC 8033), until none is
+  refused; the refusals are spread evenly over the signals. Senders do not
+  slow down when refused, so refusing all of them while the delay is high
+  and none while it is low would swing between an empty queue and a long
+  one; refusing the excess only keeps the queue short and accepts what the
+  instances can serve. Because only the fastest delivery of a window
+  counts, one stall (a collection, a process descheduled) that delays the
+  deliveries in flight refuses nothing: a standing queue delays all of them;
 * all of them while the event loop runs late (it wakes more than
   ``overload_lag`` after it should, on average: a lone instance has no
   deliveries to time) or while ``max_signals_in_flight`` deliveries wait
@@ -55,7 +55,11 @@ TARGET_SHARE = 0.1  # the standing delay's target, a share of overload_lag
 INTEGRAL = 3.0  # per second of excess: 10 ms over the target takes 3 % off
 PROPORTIONAL = 30.0  # per second of growth: an excess 10 ms longer than before takes 30 % off
 RECOVERY = 1.5
-ONSET = 2.0  # while nothing is refused, a standing delay up to ONSET x the target is let be
+# While nothing is refused, refusing starts only once the fastest delivery of
+# the last ONSET_TICKS check-ins took more than ONSET x the target: near what
+# the instances serve, one moment of the machine's (a process descheduled for
+# a few check-ins) is no queue, and the accepted are still answered in time.
+ONSET, ONSET_TICKS = 2.0, 6
 MIN_ACCEPTED = 0.01  # some signals are still accepted: their deliveries tell when the queue is gone
 
 
@@ -80,7 +84,7 @@ class Load:
         self.refused_share = 0.0  # of agents' new signals, 0..1
         self._accepted_log = 0.0  # log(1 - refused_share)
         self._fastest = math.inf  # the fastest delivery since the last check-in
-        self._window: deque[float] = deque(maxlen=WINDOW_TICKS)
+        self._window: deque[float] = deque(maxlen=ONSET_TICKS)
         self._owed = 0.0  # refusals due and not yet made (spreads them evenly)
 
     def delivery_took(self, seconds: float) -> None:
@@ -92,11 +96,11 @@ class Load:
         self.lag = self.lag * EASE + late * (1 - EASE)
         self._window.append(self._fastest)
         self._fastest = math.inf
-        standing = min(self._window)
+        standing = min(list(self._window)[-WINDOW_TICKS:])
         if standing == math.inf:  # nothing came back lately: a queue only if something waits
             standing = self.standing if self.in_flight else 0.0
         target = self.settings.overload_lag * TARGET_SHARE
-        if not self.refused_share and standing < ONSET * target:  # a queue that stays short: all accepted
+        if not self.refused_share and min(self._window) < ONSET * target:  # no queue that lasts: all accepted
             self.standing = standing
             return
         excess, excess_before = standing - target, max(0.0, self.standing - target)

@@ -62,7 +62,7 @@ HELP = {
     "visitor_signal_burst": "signals one visitor may send one agent connection at once above the rate",
     "overload_lag": (
         "seconds the event loop may run late before agents' new signals are refused (overloaded); past a"
-        " fifth of it, deliveries through other instances that all wait (the fastest of 30 ms) refuse the"
+        " fifth of it, deliveries through other instances that all wait (the fastest of 60 ms) refuse the"
         " excess share of them, holding that wait near a tenth; 0: never"
     ),
     "max_signals_in_flight": "deliveries to other instances awaiting their reply before new signals are refused",

@@ -202,7 +202,7 @@ STEP_HEADER = (
 def print_step(step: Step, label: str = "") -> None:
     cores = step.cores
     generators = sum(v for k, v in cores.items() if k.startswith("worker"))
-    errors = {k: v for k, v in step.counts.items() if k.startswith("error") or k in ("late", "closed")}
+    errors = {k: v for k, v in step.counts.items() if k.startswith("error") or k in ("late", "closed", "refused")}
     print(
         f"  {step.rate:>7.0f} {step.sent:>7} {step.missing:>5} {ms(step.percentile(0.5)):>7} "
         f"{ms(step.percentile(0.99)):>7} {ms(step.worst_ms):>7} {step.lag_p99_ms:>9.1f}ms  "
