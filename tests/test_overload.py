@@ -148,3 +148,25 @@ def test_a_lasting_excess_is_refused_and_no_more() -> None:
     assert 0.28 < sum(refused[100:200]) / 15_000 < 0.38
     assert max(refused[100:200]) - min(refused[100:200]) < 40  # spread out, not all or nothing
     assert not any(refused[250:])
+
+
+def test_deliveries_held_up_by_a_stall_refuse_for_a_moment_only() -> None:
+    """Redis frozen for 3 s: nothing comes back meanwhile, then every delivery
+    held up arrives at once, each having taken seconds. Fresh deliveries are
+    quick again: at most one check-in's signals are refused for it."""
+    load = Load(settings(overload_lag=0.05))
+    load.in_flight = 100
+    for _ in range(300):
+        load.check_in(0.0)
+    assert not load.refused_share
+    for _ in range(100):
+        load.delivery_took(3.0)
+    load.check_in(0.0)
+    load.in_flight = 0
+    refused = [sum(load.refuse() for _ in range(10))]
+    for _ in range(100):
+        for _ in range(10):
+            load.delivery_took(0.002)
+        load.check_in(0.0)
+        refused.append(sum(load.refuse() for _ in range(10)))
+    assert sum(refused) <= 10, refused
