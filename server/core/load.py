@@ -100,6 +100,8 @@ class Load:
         if standing == math.inf:  # nothing came back lately: a queue only if something waits
             standing = self.standing if self.in_flight else 0.0
         target = self.settings.overload_lag * TARGET_SHARE
+        if not target:
+            return
         if not self.refused_share and min(self._window) < ONSET * target:  # no queue that lasts: all accepted
             self.standing = standing
             return
@@ -122,10 +124,12 @@ class Load:
 
     def refuse(self) -> bool:
         """Whether to refuse the agent's new signal now (``overloaded``)."""
+        if self.in_flight >= self.settings.max_signals_in_flight:
+            return True
         lag = self.settings.overload_lag
-        if not lag:
-            return self.in_flight >= self.settings.max_signals_in_flight
-        if self.lag > lag or self.in_flight >= self.settings.max_signals_in_flight:
+        if not lag:  # no lag limit: the share is not computed either
+            return False
+        if self.lag > lag:
             return True
         self._owed += self.refused_share
         if self._owed >= 1.0:
