@@ -5,13 +5,20 @@ clear ``BackendUnavailable`` for every caller, never a hang."""
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 
 import pytest
 import redis
 import redis.asyncio as aioredis
 
 from herald_presence.server.backends.base import BackendUnavailable
-from herald_presence.server.backends.redis_batch import CommandBatcher, pack_commands, unpack_messages
+from herald_presence.server.backends.redis_batch import (
+    Command,
+    CommandBatcher,
+    pack_commands,
+    pack_commands_in_python,
+    unpack_messages,
+)
 
 from .processes import free_port
 from .redis_server import RedisServer
@@ -79,9 +86,11 @@ async def test_neighbouring_publishes_to_one_channel_go_out_as_one_message(redis
         await client.aclose()
 
 
-def test_commands_are_packed_as_redis_py_packs_them() -> None:
-    """The batcher's own packer gives redis-py's bytes for every kind of
-    argument Herald sends (and refuses what Redis would misread)."""
+@pytest.mark.parametrize("pack", [pack_commands, pack_commands_in_python])
+def test_commands_are_packed_as_redis_py_packs_them(pack: Callable[[list[Command]], bytes]) -> None:
+    """The batcher's packer (hiredis's when installed, its own otherwise)
+    gives redis-py's bytes for every kind of argument Herald sends (and
+    refuses what Redis would misread)."""
     commands = [
         ("EVALSHA", ("a" * 40, 2, "herald:{acme}:v:x", b"herald:{acme}:online", b"", 0, 3.25, "é", b"\x00\xff" * 300)),
         ("PUBLISH", ("herald:inbox:i1", b"\x93\x01\x02\x03")),
@@ -90,6 +99,7 @@ def test_commands_are_packed_as_redis_py_packs_them() -> None:
     ]
     reference = redis.Connection()  # a client-side connection object: only its packer is used, nothing connects
     expected = b"".join(reference.pack_commands([(c, *a) for c, a in commands]))
-    assert pack_commands(commands) == expected
-    with pytest.raises(TypeError):
-        pack_commands([("SET", ("k", True))])
+    assert pack(commands) == expected
+    for unfit in (True, None):
+        with pytest.raises(TypeError):
+            pack([("SET", ("k", unfit))])

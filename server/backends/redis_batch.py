@@ -28,6 +28,11 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .base import BackendUnavailable
 
+try:  # the fast extra's C packer
+    from hiredis import pack_command as _pack_command
+except ImportError:  # without the fast extra: pack_commands_in_python
+    _pack_command = None
+
 Queued = tuple[str, tuple[Any, ...], "asyncio.Future[Any]"]
 Command = tuple[str, tuple[Any, ...]]
 PUBLISHES = ("PUBLISH", "SPUBLISH")  # merged when neighbours in a batch name one channel (``coalesced``)
@@ -169,10 +174,20 @@ class CommandBatcher:
 
 
 def pack_commands(commands: list[Command]) -> bytes:
-    """The batch in Redis's wire format (RESP arrays of bulk strings), made in
-    one pass: redis-py's own packer, per argument, cost 8 % of an instance's
-    CPU under a connect storm (profiled). Arguments are what Herald sends:
-    bytes, str, int and float (a command name with a space is two words)."""
+    """The batch in Redis's wire format (RESP arrays of bulk strings).
+    Arguments are what Herald sends: bytes, str, int and float (a command
+    name with a space is two words); anything else (a bool, None) raises
+    ``TypeError``. hiredis's packer (in C, with the ``fast`` extra) when it
+    is installed: 1.1 against 3.0 µs for one of the hot path's scripts."""
+    if _pack_command is None:
+        return pack_commands_in_python(commands)
+    return b"".join(_pack_command((*command.split(), *args)) for command, args in commands)
+
+
+def pack_commands_in_python(commands: list[Command]) -> bytes:
+    """``pack_commands`` without hiredis, in one pass: redis-py's own Python
+    packer, per argument, cost 8 % of an instance's CPU under a connect storm
+    (profiled)."""
     out: list[bytes] = []
     for command, args in commands:
         words = command.split() if " " in command else (command,)
