@@ -65,7 +65,6 @@ MIN_ACCEPTED = 0.01  # some signals are still accepted: their deliveries tell wh
 
 class Load:
     __slots__ = (
-        "_accepted_log",
         "_fastest",
         "_owed",
         "_window",
@@ -81,8 +80,7 @@ class Load:
         self.lag = 0.0  # seconds the event loop runs late, recently
         self.in_flight = 0  # deliveries to other instances waiting for their reply
         self.standing = 0.0  # seconds the fastest recent delivery through another instance took
-        self.refused_share = 0.0  # of agents' new signals, 0..1
-        self._accepted_log = 0.0  # log(1 - refused_share)
+        self.refused_share = 0.0  # of agents' new signals, 0..1 - MIN_ACCEPTED
         self._fastest = math.inf  # the fastest delivery since the last check-in
         self._window: deque[float] = deque(maxlen=ONSET_TICKS)
         self._owed = 0.0  # refusals due and not yet made (spreads them evenly)
@@ -94,22 +92,22 @@ class Load:
     def check_in(self, late: float) -> None:
         """One check-in: the event loop woke ``late`` seconds after it should."""
         self.lag = self.lag * EASE + late * (1 - EASE)
+        target = self.settings.overload_lag * TARGET_SHARE
+        if not target:  # no lag limit: no share refused either
+            return
         self._window.append(self._fastest)
         self._fastest = math.inf
         standing = min(list(self._window)[-WINDOW_TICKS:])
         if standing == math.inf:  # nothing came back lately: a queue only if something waits
             standing = self.standing if self.in_flight else 0.0
-        target = self.settings.overload_lag * TARGET_SHARE
-        if not target:
-            return
         if not self.refused_share and min(self._window) < ONSET * target:  # no queue that lasts: all accepted
             self.standing = standing
             return
         excess, excess_before = standing - target, max(0.0, self.standing - target)
         less = INTEGRAL * excess + PROPORTIONAL * (max(0.0, excess) - excess_before)
         less *= RECOVERY if less < 0 else 1.0
-        self._accepted_log = min(0.0, max(math.log(MIN_ACCEPTED), self._accepted_log - less))
-        self.refused_share = 1.0 - math.exp(self._accepted_log)
+        accepted_log = min(0.0, max(math.log(MIN_ACCEPTED), math.log(1.0 - self.refused_share) - less))
+        self.refused_share = 1.0 - math.exp(accepted_log)
         self.standing = standing
         if not self.refused_share:
             self._owed = 0.0
@@ -127,7 +125,7 @@ class Load:
         if self.in_flight >= self.settings.max_signals_in_flight:
             return True
         lag = self.settings.overload_lag
-        if not lag:  # no lag limit: the share is not computed either
+        if not lag:  # no lag limit (check_in computes no share either)
             return False
         if self.lag > lag:
             return True
