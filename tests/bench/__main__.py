@@ -60,6 +60,7 @@ from .cluster import (
     loadavg,
     rss_kib,
     scrape,
+    steadiness,
     visitor_costs,
 )
 
@@ -156,6 +157,7 @@ def context(args: argparse.Namespace) -> None:
         f"redis-server {redis_version[2].removeprefix('v=') if len(redis_version) > 2 else '?'}"
     )
     print(f"  load average before the run: {loadavg()} (1, 5, 15 min; other work on this machine counts too)")
+    print(f"  steadiness of the idle machine: {steadiness().describe()}")
     acks = "no acks" if args.no_acks else "signals acked, as the SDK asks"
     keepalive = f"keepalive {args.keepalive:g} s" if args.keepalive else "its default keepalive, 25 s"
     print(

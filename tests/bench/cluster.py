@@ -10,6 +10,7 @@ stopped by its own PID, never by name.
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -76,6 +77,56 @@ def listen_overflows() -> int:
 
 def loadavg() -> str:
     return " ".join(Path("/proc/loadavg").read_text().split()[:3])
+
+
+@dataclass
+class Steadiness:
+    """How steadily this machine ran a fixed piece of work (``steadiness``)."""
+
+    median_ms: float
+    stalls: list[float]  # per stall: the time its pieces lost over the median, ms
+    seconds: float
+
+    def describe(self) -> str:
+        if not self.stalls:
+            return f"a {self.median_ms:.2f}-ms piece of work never took {STALL_FACTOR}x that in {self.seconds:g} s"
+        return (
+            f"{len(self.stalls)} stall{'s' if len(self.stalls) > 1 else ''} in {self.seconds:g} s "
+            f"(one every {self.seconds / len(self.stalls):.1f} s), "
+            f"each losing up to {max(self.stalls):.0f} ms of CPU (a {self.median_ms:.2f}-ms piece of work "
+            f"taking {STALL_FACTOR}x that or more)"
+        )
+
+
+STALL_FACTOR = 5
+STALL_GAP = 0.3  # seconds: slow pieces closer together than this are one stall
+
+
+def steadiness(seconds: float = 5.0, piece: int = 20_000) -> Steadiness:
+    """Time the same small piece of work, with a short sleep between, for
+    ``seconds`` on the otherwise idle machine. On a virtual machine whose host
+    takes its CPU away now and then, pieces take many times the median, in
+    stalls: every process of a round trip meets them, and neither Herald's
+    p99 nor the ceiling's can be shorter than they allow."""
+    took: list[tuple[float, float]] = []  # (when, how long)
+    end = time.monotonic() + seconds
+    while time.monotonic() < end:
+        started = time.perf_counter()
+        total = 0
+        for i in range(piece):
+            total += i
+        took.append((started, time.perf_counter() - started))
+        time.sleep(0.003)
+    median = sorted(length for _, length in took)[len(took) // 2]
+    stalls: list[float] = []
+    last = -math.inf
+    for when, length in took:
+        if length >= STALL_FACTOR * median:
+            if when - last > STALL_GAP:
+                stalls.append(0.0)
+            stalls[-1] += (length - median) * 1000
+            last = when
+    return Steadiness(median * 1000, stalls, seconds)
 
 
 class Worker:
