@@ -314,7 +314,8 @@ async def test_a_subscription_that_silently_stops_delivering_is_noticed(
     deliver = redis_backend._dispatch
     # The connection stays up but nothing arrives any more, as when Redis
     # drops a subscriber's messages or a middlebox eats them.
-    monkeypatch.setattr(redis_backend, "_dispatch", lambda message: None)
+    monkeypatch.setattr(redis_backend, "_dispatch", lambda kind, channel, data: None)
+    await redis_backend._restart_listener()  # its reader takes the dispatch it starts with
     restarted = redis_backend._listen_task
     await eventually(lambda: redis_backend._listen_task is not restarted, 10, "the probe noticed")
     monkeypatch.setattr(redis_backend, "_dispatch", deliver)

@@ -209,17 +209,19 @@ async def test_a_deaf_shard_is_noticed_by_its_own_probe(
         deaf_slots = next(s for _node, s in backend._topology.masters().values() if deaf in s)  # type: ignore[union-attr]
         deliver = backend._dispatch
 
-        def dispatch_but_one_shard(message: dict[str, object]) -> None:
-            channel = message["channel"]
-            if message["type"] == "smessage" and slot(channel) in deaf_slots:  # type: ignore[arg-type]
+        def dispatch_but_one_shard(kind: bytes, channel: bytes, data: object) -> None:
+            if kind == b"smessage" and slot(channel) in deaf_slots:
                 return
-            deliver(message)
+            deliver(kind, channel, data)
 
-        restarted = backend._listen_task
         monkeypatch.setattr(backend, "_dispatch", dispatch_but_one_shard)
+        await backend._restart_listener()  # its readers take the dispatch they start with
+        restarted = backend._listen_task
         await eventually(lambda: _true(backend._listen_task is not restarted), 10, "the deaf shard's probe noticed")
         monkeypatch.setattr(backend, "_dispatch", deliver)
-        await eventually(lambda: _true(listener.restores > 0), 10, "resubscribed and told the listener")
+        restores = listener.restores
+        await backend._restart_listener()  # readers that hear every shard again
+        await eventually(lambda: _true(listener.restores > restores), 10, "resubscribed and told the listener")
         await backend.publish("v:{acme}:v1", b"after")
         assert await listener.next_message() == ("v:{acme}:v1", b"after")
     finally:

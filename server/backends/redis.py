@@ -79,12 +79,15 @@ from .redis_batch import CommandBatcher, unpack_messages
 from .redis_cluster import REDIS_ERRORS, ClusterBatcher, Shards, Topology
 from .redis_connect import connect
 from .redis_events import LOG_LIB, LOG_WRITE, RedisEventLog
+from .redis_pubsub import read_messages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 Command = tuple[Any, ...]  # (name, key the command writes or None, arguments...)
 
 CONNECTION_FIELD = b"c:"
+MESSAGES = (b"message", b"smessage")  # pub/sub kinds of what a channel carried (``smessage``: a cluster shard's)
+SUBSCRIBED = (b"subscribe", b"ssubscribe")
 MAX_WATCH_RETRIES = 50
 # An instance's heartbeat, stamped with Redis's own clock (instances' clocks
 # may disagree; Redis's is the one every instance reads). Answers whether the
@@ -583,9 +586,8 @@ class RedisBackend(Backend):
                 self._pubsub = pubsub
                 if self._bus_lost:
                     self._tasks.spawn(self._restore(), f"redis-restore-{self.instance_id}")
-                async for message in pubsub.listen():
-                    self._dispatch(message)
-                    backoff = 0.05
+                backoff = 0.05
+                await read_messages(pubsub, self._dispatch)
             except REDIS_ERRORS as exc:
                 log.warning("Redis pub/sub connection lost: %r", exc)
             except Exception:
@@ -647,25 +649,23 @@ class RedisBackend(Backend):
             backoff = min(backoff * 2, 1.0)
 
     async def _read_shard(self, pubsub: Any) -> None:
-        async for message in pubsub.listen():
-            self._dispatch(message)
+        await read_messages(pubsub, self._dispatch)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
-        kind, channel = message["type"], message["channel"]
-        if kind in ("message", "smessage"):
+    def _dispatch(self, kind: bytes, channel: bytes, data: Any) -> None:
+        if kind in MESSAGES:
             if channel in self._probes:
                 self._probes[channel] = time.monotonic()
             elif self._listener is not None:
                 topic = self.names.topic(channel)
-                for data in unpack_messages(message["data"]):  # one, or a batch's (``coalesced``)
-                    self._listener.on_bus_message(topic, data)
-        elif kind in ("subscribe", "ssubscribe"):
+                for message in unpack_messages(data):  # one, or a batch's (``coalesced``)
+                    self._listener.on_bus_message(topic, message)
+        elif kind in SUBSCRIBED:
             confirmed = self._confirmed.get(channel)
             if confirmed is not None and not confirmed.done():
                 confirmed.set_result(None)
             if channel in self._probes:
                 self._probes[channel] = time.monotonic()
-        elif kind == "sunsubscribe":
+        elif kind == b"sunsubscribe":
             leaving = self._leaving.pop(channel, 0)
             if leaving > 1:
                 self._leaving[channel] = leaving - 1
