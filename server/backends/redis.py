@@ -79,7 +79,7 @@ from .redis_batch import CommandBatcher, unpack_messages
 from .redis_cluster import REDIS_ERRORS, ClusterBatcher, Shards, Topology
 from .redis_connect import connect
 from .redis_events import LOG_LIB, LOG_WRITE, RedisEventLog
-from .redis_pubsub import read_messages
+from .redis_socket import read_messages
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")

@@ -27,6 +27,7 @@ from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .base import BackendUnavailable
+from .redis_socket import read_replies
 
 try:  # the fast extra's C packer
     from hiredis import pack_command as _pack_command
@@ -150,7 +151,10 @@ class CommandBatcher:
         self._connection = connection
         try:
             await connection.send_packed_command(pack_commands(commands))
-            replies: list[Any] = []
+            replies = await read_replies(connection, commands)
+            if replies is not None:
+                return replies
+            replies = []
             for command, _args in commands:
                 try:
                     replies.append(await self._link.parse(connection, command))

@@ -1,21 +1,25 @@
-"""The bus's pub/sub reader against a real Redis, with hiredis (the fast
-extra: the socket read here) and without it (redis-py's ``listen``): the
-same messages in the same order, a refused subscribe and a lost connection
-raised as redis-py errors."""
+"""Replies read off Redis's socket against a real Redis, with hiredis (the
+fast extra: read here) and without it (redis-py reads): the bus's messages
+and the batcher's replies alike, the same in the same order; a refused
+subscribe, a lost connection and a Redis that does not answer raised as
+redis-py errors."""
 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import redis.asyncio as aioredis
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import RedisError
+from redis.exceptions import RedisError, ResponseError
 
-from herald_presence.server.backends import redis_pubsub
-from herald_presence.server.backends.redis_pubsub import read_messages
+from herald_presence.server.backends import redis_socket
+from herald_presence.server.backends.base import BackendUnavailable
+from herald_presence.server.backends.redis_batch import CommandBatcher
+from herald_presence.server.backends.redis_socket import read_messages
 
 from .redis_server import RedisServer
 
@@ -25,8 +29,8 @@ Received = list[tuple[bytes, bytes, Any]]
 @pytest.fixture(params=["hiredis", "listen"])
 def reader(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> Iterator[str]:
     if request.param == "listen":
-        monkeypatch.setattr(redis_pubsub, "Reader", None)
-    elif redis_pubsub.Reader is None:
+        monkeypatch.setattr(redis_socket, "Reader", None)
+    elif redis_socket.Reader is None:
         pytest.fail("hiredis is not installed (pip install -e '.[test,fast]')")
     yield request.param
 
@@ -116,4 +120,57 @@ async def test_a_refused_subscribe_is_a_redis_error(redis_server: RedisServer, r
         await pubsub.aclose()
         await client.aclose()
         await admin.acl_deluser("ps-reader")
+        await admin.aclose()
+
+
+async def test_batched_replies_are_redis_pys_own(redis_server: RedisServer, reader: str) -> None:
+    """What the batcher's callers get, read here or by redis-py alike: values,
+    HGETALL as a dict, a script Redis lacks loaded on the way, a refused
+    command as ``BackendUnavailable`` for its caller only; a command whose
+    reply redis-py makes over (SET's True) read by redis-py."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    batch = CommandBatcher(client, "test")
+    try:
+        await client.script_flush()
+        for key in ("rs:hash", "rs:text", "rs:set"):
+            await client.delete(key)
+        script = "return {KEYS[1], ARGV[1]}"
+        results = await asyncio.gather(
+            batch.call("HSET", "rs:hash", "a", b"1", "b", b"\x00\xff"),
+            batch.call("SADD", "rs:text", "a member"),
+            batch.call("SADD", "rs:hash", "not a set"),
+            batch.call("HGETALL", "rs:hash"),
+            batch.call("HGETALL", "rs:none"),
+            batch.script(script, 1, "rs:key", "value"),
+            batch.call("PUBLISH", "rs:nobody", b"x"),
+            return_exceptions=True,
+        )
+        assert await asyncio.gather(batch.call("SET", "rs:set", b"v"), batch.call("GET", "rs:set")) == [True, b"v"]
+        assert results[:2] == [2, 1]
+        assert isinstance(results[2], BackendUnavailable) and isinstance(results[2].__cause__, ResponseError)
+        assert results[3:] == [{b"a": b"1", b"b": b"\x00\xff"}, {}, [b"rs:key", b"value"], 0]
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+async def test_a_batch_redis_does_not_answer_fails_within_the_socket_timeout(
+    redis_server: RedisServer, reader: str
+) -> None:
+    client = aioredis.Redis.from_url(redis_server.url, socket_timeout=0.5)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    batch = CommandBatcher(client, "test")
+    try:
+        assert await batch.call("PUBLISH", "rs:nobody", b"x") == 0
+        await admin.client_pause(2000)
+        started = time.monotonic()
+        with pytest.raises(BackendUnavailable):
+            await batch.call("PUBLISH", "rs:nobody", b"x")
+        assert time.monotonic() - started < 1.5
+        await admin.client_unpause()
+        assert await batch.call("PUBLISH", "rs:nobody", b"x") == 0  # a new connection: the stalled one is dropped
+    finally:
+        await admin.client_unpause()
+        await batch.close()
+        await client.aclose()
         await admin.aclose()
