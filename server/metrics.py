@@ -140,17 +140,25 @@ for _role in ("visitor", "agent"):
     CONNECTIONS.labels(role=_role)
     CONNECTIONS_OPENED.labels(role=_role)
     SLOW_CONSUMERS.labels(role=_role)
-for _outcome in ("delivered", "error"):
-    SIGNAL_DELIVERY.labels(outcome=_outcome)
+_delivery = {outcome: SIGNAL_DELIVERY.labels(outcome=outcome) for outcome in ("delivered", "error")}
 for _outcome in ("delivered", "expired"):
     HELD_OUTCOMES.labels(outcome=_outcome)
 
 _received = {}  # (role, type) -> counter child: label lookups are the slow part
 _sent = {}
+_recorded = {}  # event type -> counter child (terms events: two a round trip)
 
 
 def event_recorded(event_type: str) -> None:
-    EVENTS_RECORDED.labels(type=event_type).inc()
+    child = _recorded.get(event_type)
+    if child is None:
+        child = _recorded[event_type] = EVENTS_RECORDED.labels(type=event_type)
+    child.inc()
+
+
+def signal_answered(outcome: str, seconds: float) -> None:
+    """An agent's signal answered (``delivered`` or ``error``) ``seconds`` after it arrived."""
+    _delivery[outcome].observe(seconds)
 
 
 def limit_hit(limit: str) -> None:

@@ -17,6 +17,7 @@ signal is never both delivered and reported expired.
 from __future__ import annotations
 
 import asyncio
+import itertools
 import logging
 import secrets
 import time
@@ -88,6 +89,11 @@ class Tally:
             self.done.set_result(None)
 
 
+def _unconfirmed(reply: asyncio.Future[int]) -> None:
+    if not reply.done():
+        reply.set_exception(ProtocolError(ErrorCode.DELIVERY_FAILED, "the visitor's instance did not confirm delivery"))
+
+
 async def _counted(delivered: int) -> int:
     return delivered
 
@@ -127,6 +133,10 @@ class SignalRouter:
         self._instance = inbox.instance
         self._replies: dict[str, asyncio.Future[int]] = {}
         self._tallies: dict[str, Tally] = {}
+        # Keys of replies and held signals: unique across instances (a random
+        # prefix per process) without a system call for randomness per signal.
+        self._key_prefix = secrets.token_hex(6)
+        self._keys = itertools.count()
 
     # -- visitor -> agents ---------------------------------------------------
     async def from_visitor(self, conn: Connection, message: Signal) -> int:
@@ -269,8 +279,8 @@ class SignalRouter:
         if not waits:
             return delivered
         self._load.in_flight += len(waits)
-        try:
-            for count in await asyncio.gather(*waits):
+        try:  # one instance, as a rule: awaited as it is, with no task around it
+            for count in [await waits[0]] if len(waits) == 1 else await asyncio.gather(*waits):
                 delivered += count
         finally:
             self._load.in_flight -= len(waits)
@@ -300,7 +310,7 @@ class SignalRouter:
 
     def expect_replies(self) -> tuple[str, Tally]:
         """A key for a publish that every instance it reaches answers with a ``REPLY``."""
-        key = secrets.token_hex(8)
+        key = self._new_key()
         self._tallies[key] = tally = Tally()
         return key, tally
 
@@ -386,18 +396,23 @@ class SignalRouter:
                 await self._inbox.send(held.reply_to, names.REPLY, held.key, 1)
 
     # -- replies ---------------------------------------------------------------
+    def _new_key(self) -> str:
+        return f"{self._key_prefix}{next(self._keys):x}"
+
     def _expect_reply(self) -> tuple[str, asyncio.Future[int]]:
-        key = secrets.token_hex(8)
+        key = self._new_key()
         future: asyncio.Future[int] = asyncio.get_running_loop().create_future()
         self._replies[key] = future
         return key, future
 
     async def _await_reply(self, key: str, future: asyncio.Future[int], seconds: float) -> int:
+        """The reply's count; ``delivery_failed`` once ``seconds`` passed without it
+        (a timer on the future itself: cheaper than ``wait_for``, on every signal)."""
+        timer = asyncio.get_running_loop().call_later(seconds, _unconfirmed, future)
         try:
-            return await asyncio.wait_for(future, seconds)
-        except TimeoutError:
-            raise ProtocolError(ErrorCode.DELIVERY_FAILED, "the visitor's instance did not confirm delivery") from None
+            return await future
         finally:
+            timer.cancel()
             self._replies.pop(key, None)
 
     def on_reply(self, key: str, delivered: int) -> None:

@@ -156,6 +156,6 @@ async def _signal(signals: SignalRouter, agent: AgentConnection, message: Signal
         delivered = await signals.to_visitor(agent.group, agent.subject, message)
         outcome = "delivered"
     finally:
-        metrics.SIGNAL_DELIVERY.labels(outcome=outcome).observe(time.perf_counter() - started)
+        metrics.signal_answered(outcome, time.perf_counter() - started)
     if message.id is not None:
         agent.send_message(Ack(id=message.id, delivered=delivered))
