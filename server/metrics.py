@@ -9,6 +9,8 @@ holds up. Hot paths count through children looked up once per label value.
 
 from __future__ import annotations
 
+from typing import Any
+
 from prometheus_client import (
     CONTENT_TYPE_LATEST,
     CollectorRegistry,
@@ -144,16 +146,20 @@ _delivery = {outcome: SIGNAL_DELIVERY.labels(outcome=outcome) for outcome in ("d
 for _outcome in ("delivered", "expired"):
     HELD_OUTCOMES.labels(outcome=_outcome)
 
-_received = {}  # (role, type) -> counter child: label lookups are the slow part
-_sent = {}
-_recorded = {}  # event type -> counter child (terms events: two a round trip)
+# Label children of the counters every message moves, by their label values:
+# label look-ups are the slow part (a lock and a dict per call).
+_children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
+
+
+def _count(counter: Counter, *values: str) -> None:
+    child = _children.get((counter, values))
+    if child is None:
+        child = _children[counter, values] = counter.labels(*values)
+    child.inc()
 
 
 def event_recorded(event_type: str) -> None:
-    child = _recorded.get(event_type)
-    if child is None:
-        child = _recorded[event_type] = EVENTS_RECORDED.labels(type=event_type)
-    child.inc()
+    _count(EVENTS_RECORDED, event_type)
 
 
 def signal_answered(outcome: str, seconds: float) -> None:
@@ -175,18 +181,11 @@ def connection_opened(role: str) -> None:
 
 
 def received(role: str, message_type: str) -> None:
-    child = _received.get((role, message_type))
-    if child is None:
-        child = _received[role, message_type] = MESSAGES_IN.labels(role=role, type=message_type)
-    child.inc()
+    _count(MESSAGES_IN, role, message_type)
 
 
 def sent(role: str, frame: bytes) -> None:
-    message_type = frame_type(frame)
-    child = _sent.get((role, message_type))
-    if child is None:
-        child = _sent[role, message_type] = MESSAGES_OUT.labels(role=role, type=message_type)
-    child.inc()
+    _count(MESSAGES_OUT, role, frame_type(frame))
 
 
 def exposition(backend_up: bool, draining: bool) -> tuple[bytes, str]:
