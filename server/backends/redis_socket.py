@@ -22,7 +22,7 @@ from collections.abc import Callable
 from typing import Any
 
 from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import ResponseError
+from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
 try:  # the fast extra's C parser
@@ -43,6 +43,11 @@ def _stream(connection: Any) -> asyncio.StreamReader | None:
     return stream if Reader is not None and isinstance(stream, asyncio.StreamReader) else None
 
 
+def _parser() -> Any:
+    """hiredis's parser, its errors redis-py's: a reply's ``ResponseError``, a garbled stream's ``InvalidResponse``."""
+    return Reader(protocolError=InvalidResponse, replyError=ResponseError)
+
+
 async def _more(stream: asyncio.StreamReader, reader: Any) -> None:
     data = await stream.read(READ_SIZE)
     if not data:
@@ -60,7 +65,7 @@ async def read_messages(pubsub: Any, on_message: OnMessage) -> None:
         async for message in pubsub.listen():
             on_message(message["type"].encode(), message["channel"], message["data"])
         return
-    reader = Reader(replyError=ResponseError)
+    reader = _parser()
     while True:
         await _more(stream, reader)
         while (reply := reader.gets()) is not False:
@@ -80,7 +85,7 @@ async def read_replies(connection: Any, commands: list[tuple[str, tuple[Any, ...
     parse_error = getattr(getattr(connection, "_parser", None), "parse_error", None)
     if stream is None or parse_error is None or any(command not in AS_REDIS_PY for command, _ in commands):
         return None
-    reader = Reader(replyError=ResponseError)
+    reader = _parser()
     replies: list[Any] = []
     try:
         async with asyncio.timeout(connection.socket_timeout):
