@@ -141,12 +141,12 @@ class SignalRouter:
     # -- visitor -> agents ---------------------------------------------------
     async def from_visitor(self, conn: Connection, message: Signal) -> int:
         """Relay a visitor's signal; returns how many instances it reached."""
-        check_signal(message.data, self.settings)
         frame = codec.encode(
             Signal(
                 event=message.event, data=message.data or {}, visitor=conn.subject, connection=conn.id, sid=message.sid
             )
         )
+        check_signal(message.data, self.settings, frame)
         envelope = names.envelope(names.EVENT, conn.group, conn.subject, frame, None)
         if message.agent is not None:
             topics = [names.agent_topic(conn.group, message.agent)]
@@ -212,9 +212,9 @@ class SignalRouter:
         if self._load.refuse():  # refused at once: what is accepted is still answered in time
             metrics.limit_hit("overloaded")
             raise ProtocolError(ErrorCode.OVERLOADED, "this instance is overloaded; send it again in a moment")
-        check_signal(message.data, self.settings)
         visitor, to_all = message.visitor, message.to == "all"
         frame = codec.encode(Signal(event=message.event, data=message.data or {}, agent=agent, sid=message.sid))
+        check_signal(message.data, self.settings, frame)
         try:  # where its connections are: known here when this instance follows the visitor
             record = await self._routes.record(group, visitor, self._store.visitor_record)
         except BackendUnavailable:

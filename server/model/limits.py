@@ -336,7 +336,12 @@ def session_frame_allowed(size: int, member: bool, settings: Settings) -> bool:
     return member and size <= settings.max_session_frame_bytes
 
 
-def check_signal(data: dict[str, Any] | None, settings: Settings) -> None:
+def check_signal(data: dict[str, Any] | None, settings: Settings, frame: bytes | None = None) -> None:
+    """Signal data within ``max_signal_bytes``. ``frame``: an encoded frame
+    that holds the data; when it is within the limit, so is the data, which
+    is then not packed once more to be measured (every signal's case)."""
+    if frame is not None and len(frame) <= settings.max_signal_bytes:
+        return
     _check_size(data, settings.max_signal_bytes, "max_signal_bytes", "signal data")
 
 
