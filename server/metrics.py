@@ -142,29 +142,30 @@ for _role in ("visitor", "agent"):
     CONNECTIONS.labels(role=_role)
     CONNECTIONS_OPENED.labels(role=_role)
     SLOW_CONSUMERS.labels(role=_role)
-_delivery = {outcome: SIGNAL_DELIVERY.labels(outcome=outcome) for outcome in ("delivered", "error")}
+for _outcome in ("delivered", "error"):
+    SIGNAL_DELIVERY.labels(outcome=_outcome)
 for _outcome in ("delivered", "expired"):
     HELD_OUTCOMES.labels(outcome=_outcome)
 
-# Label children of the counters every message moves, by their label values:
+# Label children of the metrics every message moves, by their label values:
 # label look-ups are the slow part (a lock and a dict per call).
-_children: dict[tuple[Counter, tuple[str, ...]], Any] = {}
+_children: dict[tuple[Counter | Histogram, tuple[str, ...]], Any] = {}
 
 
-def _count(counter: Counter, *values: str) -> None:
-    child = _children.get((counter, values))
+def _child(metric: Counter | Histogram, *values: str) -> Any:
+    child = _children.get((metric, values))
     if child is None:
-        child = _children[counter, values] = counter.labels(*values)
-    child.inc()
+        child = _children[metric, values] = metric.labels(*values)
+    return child
 
 
 def event_recorded(event_type: str) -> None:
-    _count(EVENTS_RECORDED, event_type)
+    _child(EVENTS_RECORDED, event_type).inc()
 
 
 def signal_answered(outcome: str, seconds: float) -> None:
     """An agent's signal answered (``delivered`` or ``error``) ``seconds`` after it arrived."""
-    _delivery[outcome].observe(seconds)
+    _child(SIGNAL_DELIVERY, outcome).observe(seconds)
 
 
 def limit_hit(limit: str) -> None:
@@ -181,11 +182,11 @@ def connection_opened(role: str) -> None:
 
 
 def received(role: str, message_type: str) -> None:
-    _count(MESSAGES_IN, role, message_type)
+    _child(MESSAGES_IN, role, message_type).inc()
 
 
 def sent(role: str, frame: bytes) -> None:
-    _count(MESSAGES_OUT, role, frame_type(frame))
+    _child(MESSAGES_OUT, role, frame_type(frame)).inc()
 
 
 def exposition(backend_up: bool, draining: bool) -> tuple[bytes, str]:

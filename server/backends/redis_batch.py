@@ -27,12 +27,7 @@ from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .base import BackendUnavailable
-from .redis_socket import read_replies
-
-try:  # the fast extra's C packer
-    from hiredis import pack_command as _pack_command
-except ImportError:  # without the fast extra: pack_commands_in_python
-    _pack_command = None
+from .redis_socket import hiredis_pack_command, read_replies
 
 Queued = tuple[str, tuple[Any, ...], "asyncio.Future[Any]"]
 Command = tuple[str, tuple[Any, ...]]
@@ -183,9 +178,9 @@ def pack_commands(commands: list[Command]) -> bytes:
     name with a space is two words); anything else (a bool, None) raises
     ``TypeError``. hiredis's packer (in C, with the ``fast`` extra) when it
     is installed: 1.1 against 3.0 µs for one of the hot path's scripts."""
-    if _pack_command is None:
+    if hiredis_pack_command is None:
         return pack_commands_in_python(commands)
-    return b"".join(_pack_command((*command.split(), *args)) for command, args in commands)
+    return b"".join(hiredis_pack_command((*command.split(), *args)) for command, args in commands)
 
 
 def pack_commands_in_python(commands: list[Command]) -> bytes:

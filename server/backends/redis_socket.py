@@ -9,6 +9,9 @@ are read here instead: one read of the socket, then every complete reply in
 the bytes it brought, with no await between them. redis-py still makes the
 connection (TLS, AUTH, Sentinel, RESP version) and sends the commands.
 
+This is also where hiredis is imported: its packer, when installed, packs
+the batcher's commands (``redis_batch.pack_commands``).
+
 Without hiredis, or on a connection that is not a plain stream, the callers
 keep redis-py's own reading (``read_messages`` falls back to ``listen``,
 ``read_replies`` answers None). Either way a lost connection, a timeout or
@@ -25,10 +28,12 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import InvalidResponse, ResponseError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-try:  # the fast extra's C parser
+try:  # the fast extra's C parser and packer
     from hiredis import Reader
-except ImportError:  # without it: redis-py reads
+    from hiredis import pack_command as hiredis_pack_command
+except ImportError:  # without it: redis-py reads, redis_batch packs in Python
     Reader = None
+    hiredis_pack_command = None
 
 READ_SIZE = 65536
 # The commands whose reply, as hiredis parses it, is what redis-py gives
