@@ -81,6 +81,10 @@ TARGETS = {
 }
 
 
+def nearest_rank(ordered: list[float], q: float) -> float:
+    return ordered[max(0, math.ceil(q * len(ordered)) - 1)] if ordered else math.inf
+
+
 @dataclass
 class Step:
     rate: float
@@ -92,6 +96,14 @@ class Step:
     counts: Counter[str]
     cores: dict[str, float]
     load: str
+    timeline: list[tuple[float, float]] = field(default_factory=list)  # (scheduled, s into the step; ms)
+
+    def p99_by_second(self) -> list[float]:
+        """p99 of the answered signals scheduled in each second of the step, ms."""
+        seconds: dict[int, list[float]] = {}
+        for at, took in self.timeline:
+            seconds.setdefault(int(at), []).append(took)
+        return [nearest_rank(sorted(seconds[s]), 0.99) for s in sorted(seconds)]
 
     def percentile(self, q: float) -> float:
         """Nearest rank over every signal sent; an unanswered one counts as infinitely slow."""
@@ -178,7 +190,12 @@ def run_step(cluster: Cluster, generators: list[Worker], rate: float, seconds: f
     time.sleep(seconds)
     cores, load = meter.cores(), loadavg()
     answers = [generator.answer() for generator in generators]
-    latencies = sorted(us / 1000 for answer in answers for us in answer["latencies_us"])
+    timeline = [
+        (at / 1000, us / 1000)
+        for answer in answers
+        for at, us in zip(answer["scheduled_ms"], answer["latencies_us"], strict=True)
+    ]
+    latencies = sorted(took for _, took in timeline)
     counts: Counter[str] = Counter()
     for answer in answers:
         counts.update(answer["counts"])
@@ -192,6 +209,7 @@ def run_step(cluster: Cluster, generators: list[Worker], rate: float, seconds: f
         counts=counts,
         cores=cores,
         load=load,
+        timeline=timeline,
     )
 
 
@@ -335,8 +353,9 @@ def overload(cluster: Cluster, generators: list[Worker], best: float, args: argp
     step = run_step(cluster, generators, best * OVERLOAD_FACTOR, args.step_seconds * 2)
     refused = step.counts.get("refused", 0)
     accepted = step.latencies_ms
-    p99 = accepted[max(0, math.ceil(0.99 * len(accepted)) - 1)] if accepted else math.inf
+    p99 = nearest_rank(accepted, 0.99)
     print_step(step, f"overload x{OVERLOAD_FACTOR:g}: {refused} refused (overloaded), accepted p99 {ms(p99)} ms")
+    print(f"  accepted p99 by second of the overload, ms: {', '.join(ms(v) for v in step.p99_by_second())}")
     recovered, waited = math.inf, 0.0
     while waited < RECOVERY_MAX_S:
         after = run_step(cluster, generators, best / 2, RECOVERY_STEP_S)

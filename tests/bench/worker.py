@@ -78,6 +78,8 @@ class PairsLoad:
         self.readers: list[asyncio.Task[None]] = []
         self.pending: dict[int, float] = {}  # sequence number -> scheduled send time (perf_counter)
         self.latencies: list[float] = []
+        self.scheduled: list[float] = []  # each latency's scheduled send, seconds into its step
+        self.t0 = 0.0  # the step's start (perf_counter)
         self.answered = asyncio.Event()  # set whenever nothing is pending any more
         self.next_seq = 1
         self.counts: Counter[str] = Counter()  # acks, errors by code, late answers
@@ -112,6 +114,7 @@ class PairsLoad:
                     self.counts["late"] += 1  # its step gave up on it already
                 else:
                     self.latencies.append(clock() - scheduled)
+                    self.scheduled.append(scheduled - self.t0)
                     if not pending:
                         self.answered.set()
             elif frame.get("type") == "error" and frame.get("code") == "overloaded":
@@ -137,8 +140,8 @@ class PairsLoad:
         """Send ``rate`` signals per second for ``seconds`` from ``start_wall``
         (unix time, shared by every generator), round-robin over the pairs."""
         clock, pending, pairs = time.perf_counter, self.pending, self.pairs
-        self.latencies, self.counts = [], Counter()
-        t0 = clock() + (start_wall - time.time())
+        self.latencies, self.scheduled, self.counts = [], [], Counter()
+        t0 = self.t0 = clock() + (start_wall - time.time())
         total, interval, base = max(1, round(rate * seconds)), 1.0 / rate, self.next_seq
         self.next_seq += total
         lags: list[float] = []
@@ -176,6 +179,7 @@ class PairsLoad:
             "sent": total,
             "missing": missing,
             "latencies_us": [round(x * 1e6) for x in self.latencies],
+            "scheduled_ms": [round(x * 1e3) for x in self.scheduled],
             "lag_p99_ms": lags[min(len(lags) - 1, int(len(lags) * 0.99))] * 1000,
             "lag_max_ms": lags[-1] * 1000,
             "counts": dict(self.counts),
