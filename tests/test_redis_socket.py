@@ -154,6 +154,73 @@ async def test_batched_replies_are_redis_pys_own(redis_server: RedisServer, read
         await client.aclose()
 
 
+BUSY_SCRIPT = """
+local start = redis.call('TIME')
+local deadline = start[1] * 1000000 + start[2] + tonumber(ARGV[1])
+repeat local now = redis.call('TIME') until now[1] * 1000000 + now[2] >= deadline
+return 1
+"""
+PUSH_SCRIPT = "return redis.call('RPUSH', KEYS[1], ARGV[1])"
+
+
+async def test_batches_called_while_others_wait_keep_their_order_and_replies(
+    redis_server: RedisServer, reader: str
+) -> None:
+    """A script that holds Redis 50 ms is in flight; callers in the turns of
+    the event loop after it (each turn its own batch, sent ahead of the
+    replies with hiredis) each get their own reply, in call order, and
+    those whose replies redis-py reads (SET's True) wait their turn."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    batch = CommandBatcher(client, "test")
+    try:
+        await client.delete("{rs}:order", "{rs}:plain")
+        for script in (BUSY_SCRIPT, PUSH_SCRIPT):
+            await client.script_load(script)  # loaded: no EVALSHA comes back for its EVAL, out of turn
+        calls = [asyncio.ensure_future(batch.script(BUSY_SCRIPT, 0, 50_000))]
+        for n in range(40):
+            await asyncio.sleep(0)  # the next turn of the loop: a batch of its own
+            calls.append(asyncio.ensure_future(batch.script(PUSH_SCRIPT, 1, "{rs}:order", n)))
+            if n % 10 == 5:
+                calls.append(asyncio.ensure_future(batch.call("SET", "{rs}:plain", n)))
+        replies = await asyncio.gather(*calls)
+        assert replies[0] == 1
+        assert [r for r in replies[1:] if r is not True] == list(range(1, 41))  # each its own, in call order
+        assert sum(r is True for r in replies) == 4
+        assert await client.lrange("{rs}:order", 0, -1) == [str(n).encode() for n in range(40)]
+        assert await client.get("{rs}:plain") == b"35"
+    finally:
+        await batch.close()
+        await client.aclose()
+
+
+async def test_scripts_keep_their_call_order_once_redis_has_lost_them(redis_server: RedisServer, reader: str) -> None:
+    """Redis forgot its scripts (restarted, failed over) and the batcher's
+    connection went with them: the calls of the next turns of the event loop
+    still run in call order, none answered NOSCRIPT and sent again behind
+    later ones (the scripts this process ran are loaded on the new
+    connection first)."""
+    client = aioredis.Redis.from_url(redis_server.url)
+    admin = aioredis.Redis.from_url(redis_server.url)
+    batch = CommandBatcher(client, "test")
+    try:
+        await client.delete("{rs}:again")
+        assert await batch.script(PUSH_SCRIPT, 1, "{rs}:again", -1) == 1
+        assert await batch.script(BUSY_SCRIPT, 0, 1) == 1
+        await admin.script_flush()
+        await admin.client_kill_filter(_type="normal", skipme=True)
+        assert await batch.call("PUBLISH", "rs:nobody", b"x") == 0  # on a new connection
+        calls = [asyncio.ensure_future(batch.script(BUSY_SCRIPT, 0, 20_000))]  # batches pile up behind it
+        for n in range(30):
+            calls.append(asyncio.ensure_future(batch.script(PUSH_SCRIPT, 1, "{rs}:again", n)))
+            await asyncio.sleep(0)
+        assert await asyncio.gather(*calls) == [1, *range(2, 32)]
+        assert await client.lrange("{rs}:again", 0, -1) == [str(n).encode() for n in range(-1, 30)]
+    finally:
+        await batch.close()
+        await client.aclose()
+        await admin.aclose()
+
+
 async def test_a_batch_redis_does_not_answer_fails_within_the_socket_timeout(
     redis_server: RedisServer, reader: str
 ) -> None:

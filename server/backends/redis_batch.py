@@ -4,19 +4,29 @@ Every ``PUBLISH`` of a signal, reply or event and every ``HGETALL`` of a
 signal's target went out as its own command: a pooled connection taken and
 given back, a socket write, a wake-up for its reply. On loopback the write
 is the expensive part (the kernel runs the receiver's side in the writer's
-system call), and it was most of an instance's CPU per round trip. Here a
-command waits while the batch before it is in flight and then goes out with
-every other command queued meanwhile, in one write: an idle instance sends
-each alone at once; a busy one sends fewer, larger writes.
+system call), and it was most of an instance's CPU per round trip. Here the
+commands called in one turn of the event loop go out together, in one
+write, on one connection, without waiting for the replies to earlier
+batches (a reader task hands those out in order): an idle instance sends
+each alone at once; a busy one sends one write per turn. Waiting for each
+batch's replies before the next (as this did before) left a command
+queued behind a whole round trip, most of it this instance's own event
+loop coming round to read: at 1,950 round trips a second on the
+benchmark's two-core machine the batchers had a batch in flight 80-94 % of
+the time and a command took 4-38 ms (p50) to be answered; sent ahead,
+1-2 ms, for the same CPU.
 
-Commands leave in the order they were called (one batch in flight at a
-time), which keeps the bus contract: publish order per publisher.
+Commands leave in the order they were called (one connection, written in
+turn), which keeps the bus contract: publish order per publisher.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
+from collections import deque
+from dataclasses import dataclass
 from typing import Any
 
 import msgpack
@@ -27,7 +37,7 @@ from redis.exceptions import AskError, ClusterDownError, NoScriptError, RedisErr
 from redis.exceptions import ConnectionError as RedisConnectionError
 
 from .base import BackendUnavailable
-from .redis_socket import hiredis_pack_command, read_replies
+from .redis_socket import hiredis_pack_command, read_replies, reads_replies, reply_parser
 
 Queued = tuple[str, tuple[Any, ...], "asyncio.Future[Any]"]
 Command = tuple[str, tuple[Any, ...]]
@@ -36,6 +46,7 @@ PUBLISHES = ("PUBLISH", "SPUBLISH")  # merged when neighbours in a batch name on
 # an AskError): passed to the caller as they are, to follow (redis_cluster.py).
 REDIRECTS = (AskError, TryAgainError, ClusterDownError)
 _SHAS: dict[str, str] = {}  # script -> its SHA1, for EVALSHA
+MAX_SENT = 8  # batches written ahead on one connection, their replies not read yet
 
 
 class PoolLink:
@@ -71,11 +82,27 @@ class NodeLink:
         return await self.node.parse_response(connection, command)
 
 
+@dataclass(slots=True)
+class _Sent:
+    """A batch written on the held connection, its replies not read yet."""
+
+    batch: list[Queued]
+    commands: list[Command]
+    callers: list[list[asyncio.Future[Any]]]
+    first: bool  # written with nothing else in flight: if the socket proves dead, nothing on it ran
+
+
 class CommandBatcher:
     """Commands in Redis's own words (``call("HGETALL", key)``), sent in
     batches on one connection of the pool, held while it works: a batch is
-    one write of every command and one read of every reply, with none of a
-    pipeline object's per-batch set-up."""
+    one write of every command queued since the last, with none of a
+    pipeline object's per-batch set-up.
+
+    A batch whose replies are read here (hiredis: ``reads_replies``) is
+    written at once, while earlier ones still wait for their replies (up to
+    ``MAX_SENT`` of them), and a reader task hands the replies out in order:
+    a command waits one turn of the event loop, not a batch's round trip.
+    Any other batch waits until nothing is in flight, then goes alone."""
 
     def __init__(self, redis: aioredis.Redis | PoolLink | NodeLink, name: str) -> None:
         self._link = PoolLink(redis) if isinstance(redis, aioredis.Redis) else redis
@@ -83,6 +110,13 @@ class CommandBatcher:
         self._queue: list[Queued] = []
         self._sender: asyncio.Task[None] | None = None
         self._connection: Connection | None = None
+        self._parser: Any = None  # hiredis's parser of the held connection's replies
+        self._sent: deque[_Sent] = deque()
+        self._reader: asyncio.Task[None] | None = None
+        self._broken: BaseException | None = None  # what the reader met: the held connection is done
+        self._progress = asyncio.Event()  # a batch answered, or the connection broken
+        self._fresh_socket = False  # the next connection is a new socket (the last one died while idle)
+        self._retrying = False  # the queue starts with batches sent once already, on a socket that died
 
     async def call(self, command: str, *args: Any) -> Any:
         """The command's reply (as redis-py's own call would give it), or
@@ -112,10 +146,27 @@ class CommandBatcher:
     async def _send(self) -> None:
         batch: list[Queued] = []
         try:
-            while self._queue:
+            while self._queue or self._broken is not None:
+                if self._broken is not None:
+                    await self._recover()
+                    continue
+                if len(self._sent) >= MAX_SENT:
+                    await self._next_progress()
+                    continue
                 batch, self._queue = self._queue, []
                 commands, callers = coalesced(batch)
+                first, self._retrying = not self._sent and not self._retrying, False
                 try:
+                    connection = await self._held()
+                    if reads_replies(connection, commands):
+                        await self._send_ahead(connection, _Sent(batch, commands, callers, first))
+                        batch = []
+                        continue
+                    while self._sent and self._broken is None:  # alone: redis-py reads its replies
+                        await self._next_progress()
+                    if self._broken is not None:
+                        self._queue, batch = batch + self._queue, []
+                        continue
                     replies = await self._execute(commands)
                 except (RedisError, OSError) as exc:
                     _fail(batch, exc)
@@ -131,22 +182,125 @@ class CommandBatcher:
         finally:
             self._sender = None
 
+    async def _held(self) -> Connection:
+        """The connection batches go out on (taken from the pool when none is
+        held, the scripts loaded on it)."""
+        if self._connection is None:
+            fresh = self._fresh_socket
+            try:
+                await self._take()
+            except RedisConnectionError:
+                if fresh:
+                    raise
+                # An idle socket of the pool died (Redis restarted, a proxy
+                # timed it out): once more, on a new one.
+                self._fresh_socket = True
+                await self._take()
+        assert self._connection is not None
+        return self._connection
+
+    async def _take(self) -> None:
+        connection = await self._link.acquire()
+        if self._fresh_socket:  # the pool's idle sockets may be as dead as the last one
+            self._fresh_socket = False
+            await connection.disconnect()
+        self._connection, self._parser = connection, reply_parser()
+        try:
+            await self._load_scripts(connection)
+        except BaseException:
+            await self._drop()
+            raise
+
+    async def _load_scripts(self, connection: Connection) -> None:
+        """The scripts this process has run, loaded on a new connection
+        before its first batch: a Redis that restarted or failed over has
+        none, and an ``EVALSHA`` answered ``NOSCRIPT`` goes once more as an
+        ``EVAL`` behind the calls sent ahead after it, out of turn."""
+        scripts = list(_SHAS)
+        if not scripts:
+            return
+        await connection.send_packed_command(pack_commands([("SCRIPT LOAD", (script,)) for script in scripts]))
+        for _script in scripts:
+            with contextlib.suppress(ResponseError):  # refused (an ACL): its first EVALSHA loads it as before
+                await self._link.parse(connection, "SCRIPT LOAD")
+
+    async def _send_ahead(self, connection: Connection, sent: _Sent) -> None:
+        """Write a batch whose replies the reader task reads, in order."""
+        self._sent.append(sent)
+        try:
+            await connection.send_packed_command(pack_commands(sent.commands))
+        except (RedisError, OSError) as exc:
+            self._broken = self._broken or exc
+            return
+        if self._reader is None and self._broken is None:
+            self._reader = asyncio.create_task(self._read(connection), name=f"redis-replies-{self._name}")
+
+    async def _read(self, connection: Connection) -> None:
+        """The replies of the batches sent ahead, in order, to their callers."""
+        try:
+            while self._sent and self._broken is None:
+                sent = self._sent[0]
+                replies = await read_replies(connection, sent.commands, self._parser)
+                assert replies is not None, "only batches whose replies are read here are sent ahead"
+                self._sent.popleft()
+                for futures, reply in zip(sent.callers, replies, strict=True):
+                    for future in futures:
+                        _answer(future, reply)
+                self._progress.set()
+        except Exception as exc:  # a lost or stalled connection, or a reply that makes no sense: done with it
+            self._broken = self._broken or exc
+            self._progress.set()
+            if self._sender is None:  # nothing queued: the sender still answers those in flight
+                self._sender = asyncio.create_task(self._send(), name=f"redis-batch-{self._name}")
+        finally:
+            self._reader = None
+
+    async def _next_progress(self) -> None:
+        self._progress.clear()
+        await self._progress.wait()
+
+    async def _recover(self) -> None:
+        """The held connection broke with batches in flight: drop it; the
+        batches go once more on a new socket, in order and ahead of the
+        queue, if it died while idle (nothing on it ran, as ``_execute``
+        assumes), else their callers hear ``BackendUnavailable``."""
+        exc, self._broken = self._broken, None
+        assert exc is not None
+        sent, self._sent = list(self._sent), deque()
+        if self._reader is not None:
+            self._reader.cancel()
+            await asyncio.wait([self._reader])
+        await self._drop()
+        if sent and sent[0].first and isinstance(exc, RedisConnectionError):
+            self._fresh_socket = self._retrying = True
+            self._queue = [queued for each in sent for queued in each.batch] + self._queue
+            return
+        for each in sent:
+            _fail(each.batch, exc)
+
+    async def _drop(self, close: bool = True) -> None:
+        """Give the held connection back to the pool, closed first if
+        replies may be left unread on it."""
+        connection, self._connection, self._parser = self._connection, None, None
+        if connection is not None:
+            if close:
+                await connection.disconnect()
+            await self._link.release(connection)
+
     async def _execute(self, commands: list[Command]) -> list[Any]:
         try:
-            return await self._execute_on(self._connection or await self._link.acquire(), commands)
+            return await self._execute_on(await self._held(), commands)
         except RedisConnectionError:
             # The connection died while idle (Redis restarted, a proxy timed
             # it out): nothing was executed on it; once more, on a new socket
             # (the pool's idle ones may be as dead).
-            connection = await self._link.acquire()
-            await connection.disconnect()
-            return await self._execute_on(connection, commands)
+            self._fresh_socket = True
+            return await self._execute_on(await self._held(), commands)
 
     async def _execute_on(self, connection: Connection, commands: list[Command]) -> list[Any]:
-        self._connection = connection
         try:
             await connection.send_packed_command(pack_commands(commands))
-            replies = await read_replies(connection, commands)
+            replies = await read_replies(connection, commands, self._parser)
             if replies is not None:
                 return replies
             replies = []
@@ -157,19 +311,18 @@ class CommandBatcher:
                     replies.append(exc)
             return replies
         except BaseException:
-            # Replies may be left unread on it: never reuse it.
-            self._connection = None
-            await connection.disconnect()
-            await self._link.release(connection)
+            await self._drop()  # replies may be left unread on it: never reused
             raise
 
     async def close(self) -> None:
-        if self._sender is not None:
-            self._sender.cancel()
-            await asyncio.wait([self._sender])
-        if self._connection is not None:
-            connection, self._connection = self._connection, None
-            await self._link.release(connection)
+        for task in (self._sender, self._reader):
+            if task is not None:
+                task.cancel()
+                await asyncio.wait([task])
+        unanswered, self._sent = self._sent, deque()
+        for each in unanswered:
+            _fail(each.batch, asyncio.CancelledError())
+        await self._drop(close=bool(unanswered))
 
 
 def pack_commands(commands: list[Command]) -> bytes:

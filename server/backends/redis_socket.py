@@ -80,17 +80,39 @@ async def read_messages(pubsub: Any, on_message: OnMessage) -> None:
                 on_message(*reply)
 
 
-async def read_replies(connection: Any, commands: list[tuple[str, tuple[Any, ...]]]) -> list[Any] | None:
-    """The replies to ``commands``, just sent on ``connection``, as redis-py
-    would give them (an error reply as its exception, not raised; HGETALL
-    as a dict), read within the connection's socket timeout; None when
-    redis-py must read them (no hiredis, not a plain stream, a command not
-    in ``AS_REDIS_PY``)."""
-    stream = _stream(connection)
+def reads_replies(connection: Any, commands: list[tuple[str, tuple[Any, ...]]]) -> bool:
+    """Whether the replies to ``commands`` on ``connection`` are read here
+    (hiredis, a plain stream, every command in ``AS_REDIS_PY``): only those
+    are sent ahead of the replies before them (``redis_batch``)."""
     parse_error = getattr(getattr(connection, "_parser", None), "parse_error", None)
-    if stream is None or parse_error is None or any(command not in AS_REDIS_PY for command, _ in commands):
+    return (
+        _stream(connection) is not None
+        and parse_error is not None
+        and all(command in AS_REDIS_PY for command, _ in commands)
+    )
+
+
+def reply_parser() -> Any:
+    """A parser for one connection's replies, kept while it lives: bytes of
+    later replies that one read brought stay in it for the next call (None
+    without hiredis: redis-py reads them)."""
+    return None if Reader is None else _parser()
+
+
+async def read_replies(
+    connection: Any, commands: list[tuple[str, tuple[Any, ...]]], parser: Any = None
+) -> list[Any] | None:
+    """The replies to ``commands``, sent on ``connection`` (after those of
+    earlier commands that ``parser``, the connection's own, already read),
+    as redis-py would give them (an error reply as its exception, not
+    raised; HGETALL as a dict), read within the connection's socket
+    timeout; None when redis-py must read them (``reads_replies``)."""
+    if not reads_replies(connection, commands):
         return None
-    reader = _parser()
+    stream = _stream(connection)
+    assert stream is not None
+    parse_error = connection._parser.parse_error
+    reader = parser if parser is not None else _parser()
     replies: list[Any] = []
     try:
         async with asyncio.timeout(connection.socket_timeout):
