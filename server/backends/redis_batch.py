@@ -241,7 +241,6 @@ class CommandBatcher:
             while self._sent and self._broken is None:
                 sent = self._sent[0]
                 replies = await read_replies(connection, sent.commands, self._parser)
-                assert replies is not None, "only batches whose replies are read here are sent ahead"
                 self._sent.popleft()
                 for futures, reply in zip(sent.callers, replies, strict=True):
                     for future in futures:
@@ -300,10 +299,7 @@ class CommandBatcher:
     async def _execute_on(self, connection: Connection, commands: list[Command]) -> list[Any]:
         try:
             await connection.send_packed_command(pack_commands(commands))
-            replies = await read_replies(connection, commands, self._parser)
-            if replies is not None:
-                return replies
-            replies = []
+            replies: list[Any] = []  # read by redis-py: the batches hiredis reads were sent ahead
             for command, _args in commands:
                 try:
                     replies.append(await self._link.parse(connection, command))

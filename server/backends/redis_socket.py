@@ -14,7 +14,7 @@ the batcher's commands (``redis_batch.pack_commands``).
 
 Without hiredis, or on a connection that is not a plain stream, the callers
 keep redis-py's own reading (``read_messages`` falls back to ``listen``,
-``read_replies`` answers None). Either way a lost connection, a timeout or
+``reads_replies`` says no and redis-py reads the batch's replies). Either way a lost connection, a timeout or
 a refusal raises redis-py's own errors.
 """
 
@@ -99,26 +99,20 @@ def reply_parser() -> Any:
     return None if Reader is None else _parser()
 
 
-async def read_replies(
-    connection: Any, commands: list[tuple[str, tuple[Any, ...]]], parser: Any = None
-) -> list[Any] | None:
-    """The replies to ``commands``, sent on ``connection`` (after those of
-    earlier commands that ``parser``, the connection's own, already read),
-    as redis-py would give them (an error reply as its exception, not
-    raised; HGETALL as a dict), read within the connection's socket
-    timeout; None when redis-py must read them (``reads_replies``)."""
-    if not reads_replies(connection, commands):
-        return None
-    stream = _stream(connection)
-    assert stream is not None
+async def read_replies(connection: Any, commands: list[tuple[str, tuple[Any, ...]]], parser: Any) -> list[Any]:
+    """The replies to ``commands``, sent on ``connection`` (one that
+    ``reads_replies``; ``parser`` is its own, from ``reply_parser``, holding
+    what one read brought beyond earlier replies), as redis-py would give
+    them (an error reply as its exception, not raised; HGETALL as a dict),
+    read within the connection's socket timeout."""
+    stream = connection._reader
     parse_error = connection._parser.parse_error
-    reader = parser if parser is not None else _parser()
     replies: list[Any] = []
     try:
         async with asyncio.timeout(connection.socket_timeout):
             for command, _args in commands:
-                while (reply := reader.gets()) is False:
-                    await _more(stream, reader)
+                while (reply := parser.gets()) is False:
+                    await _more(stream, parser)
                 if isinstance(reply, ResponseError):  # NOSCRIPT, MOVED, OOM…: redis-py's class for it
                     reply = parse_error(str(reply))
                     if not isinstance(reply, ResponseError):  # "max number of clients reached": the connection's
